@@ -1,0 +1,57 @@
+"""Checkpoint files that rebuild their own network.
+
+A checkpoint is ``{"network": state_dict, "settings": {...}}``: the settings are the network's
+constructor choices (kind, timm names, channels, side, extra timm arguments) and the image size
+it was trained at, so evaluation, inference and export need nothing but the file. Files load
+with ``weights_only=True`` and a ``map_location``, so GPU checkpoints open on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class SettingsRecord:
+    """The ``settings`` entry of a checkpoint, in the form Ignite's ``Checkpoint`` saves.
+
+    Used in ``CheckpointSaver``'s ``save_dict`` beside the network.
+    """
+
+    def __init__(self, network: nn.Module, image_size: int) -> None:
+        self.network = network
+        self.image_size = image_size
+
+    def state_dict(self) -> dict[str, Any]:
+        model = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
+        return {**model.settings, "image_size": int(self.image_size)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Settings are fixed at construction; loading only checks they agree."""
+        mismatched = {k for k, v in self.state_dict().items() if k in state and state[k] != v}
+        if mismatched:
+            raise ValueError(f"checkpoint settings differ from this network's: {sorted(mismatched)}")
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, Any]]:
+    """Return ``(state_dict, settings)`` of a checkpoint written by this bundle."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist; train first or pass its path.")
+    try:
+        content = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except Exception as error:  # torch raises several types for corrupt or foreign files
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error}).") from error
+    if not isinstance(content, dict) or "network" not in content or "settings" not in content:
+        raise ValueError(
+            f"{path}: checkpoint has no 'network' and 'settings' entries; it was not written by this bundle."
+        )
+    return content["network"], dict(content["settings"])
+
+
+def recorded_setting(path: str | Path, key: str, default: Any = None) -> Any:
+    """One recorded setting of a checkpoint (for configs, e.g. the image size for inference)."""
+    return read_checkpoint(path)[1].get(key, default)

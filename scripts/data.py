@@ -1,0 +1,253 @@
+"""Datalists for the two dataset layouts, checked before any training starts.
+
+- KADID-10k (phase 1): ``images/*.png`` and ``dmos.csv`` (dist_img, ref_img, dmos, var), MOS 1..5.
+- LDCTIQA (phase 2): ``image/*.tif`` + ``train.json``, or ``images/*.tiff`` + ``test.json``;
+  a flat map ``{"0000.tif": 2.8, ...}``, scores 0..4.
+
+Every problem found (missing files, bad labels, unreadable images) is collected and raised
+together as one ``DatasetError`` that names each file and its reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import load_decathlon_datalist
+
+from scripts.transforms import ImageReadError, find_slices, read_slice
+
+logger = logging.getLogger(__name__)
+
+LDCT_LAYOUTS = (("image", "train.json"), ("images", "test.json"))
+LDCT_RANGE = (0.0, 4.0)
+KADID_RANGE = (1.0, 5.0)
+SETTING_A_SEED = 48
+SETTING_A_HELD_OUT = 0.2
+MAX_LISTED_PROBLEMS = 20
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used; ``problems`` lists ``(path, reason)`` pairs."""
+
+    def __init__(self, problems: Sequence[tuple[str, str]]) -> None:
+        self.problems = list(problems)
+        lines = [f"  {path}: {reason}" for path, reason in self.problems[:MAX_LISTED_PROBLEMS]]
+        more = len(self.problems) - MAX_LISTED_PROBLEMS
+        if more > 0:
+            lines.append(f"  ... and {more} more")
+        super().__init__(f"{len(self.problems)} problem(s) in the dataset:\n" + "\n".join(lines))
+
+
+def _require_dir(dataset_dir: str | Path) -> Path:
+    root = Path(dataset_dir).expanduser()
+    if not root.is_dir():
+        raise DatasetError([(str(root), "dataset folder does not exist (set dataset_dir)")])
+    return root
+
+
+def _check_label(value: Any, valid_range: tuple[float, float]) -> str | None:
+    """The reason a label is unusable, or None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f"label {value!r} is not a number"
+    if not math.isfinite(value) or not valid_range[0] <= value <= valid_range[1]:
+        return f"label {value} is outside [{valid_range[0]:g}, {valid_range[1]:g}]"
+    return None
+
+
+def _check_images(items: list[dict], problems: list[tuple[str, str]]) -> None:
+    for item in items:
+        try:
+            read_slice(item["image"])
+        except ImageReadError as error:
+            problems.append((error.path, error.reason))
+
+
+def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> list[dict]:
+    """``[{"image": path, "label": score}]`` for an LDCTIQA train or test folder, checked."""
+    root = _require_dir(dataset_dir)
+    layout = next(((img, lab) for img, lab in LDCT_LAYOUTS if (root / lab).is_file()), None)
+    if layout is None:
+        expected = " or ".join(f"{img}/ + {lab}" for img, lab in LDCT_LAYOUTS)
+        raise DatasetError([(str(root), f"no LDCTIQA label file found (expected {expected})")])
+    image_dir, label_name = layout
+    label_file = root / label_name
+    try:
+        labels = json.loads(label_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DatasetError([(str(label_file), f"not a readable JSON file ({error})")]) from error
+    if not isinstance(labels, dict) or not labels:
+        raise DatasetError([(str(label_file), 'expected a non-empty flat map {"0000.tif": 2.8, ...}')])
+    problems: list[tuple[str, str]] = []
+    items = []
+    for name, value in sorted(labels.items()):
+        path = root / image_dir / name
+        reason = _check_label(value, LDCT_RANGE)
+        if reason:
+            problems.append((f"{label_file} [{name}]", reason))
+        elif not path.is_file():
+            problems.append((str(path), f"named in {label_name} but the image does not exist"))
+        else:
+            items.append({"image": str(path), "label": float(value)})
+    if check_images:
+        _check_images(items, problems)
+    if problems:
+        raise DatasetError(problems)
+    return items
+
+
+def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> list[dict]:
+    """``[{"image": path, "label": mos, "ref": reference}]`` for a KADID-10k folder, checked."""
+    root = _require_dir(dataset_dir)
+    label_file = root / "dmos.csv"
+    if not label_file.is_file():
+        raise DatasetError([(str(label_file), "KADID-10k label file not found (expected images/ + dmos.csv)")])
+    with open(label_file, newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    missing_columns = {"dist_img", "ref_img", "dmos"} - set(rows[0] if rows else {})
+    if missing_columns:
+        raise DatasetError([(str(label_file), f"missing column(s) {sorted(missing_columns)}")])
+    problems: list[tuple[str, str]] = []
+    items = []
+    for line, row in enumerate(rows, start=2):
+        try:
+            value: Any = float(row["dmos"])
+        except (TypeError, ValueError):
+            value = row["dmos"]
+        reason = _check_label(value, KADID_RANGE)
+        path = root / "images" / row["dist_img"]
+        if reason:
+            problems.append((f"{label_file}:{line} [{row['dist_img']}]", reason))
+        elif not path.is_file():
+            problems.append((str(path), "named in dmos.csv but the image does not exist"))
+        else:
+            items.append({"image": str(path), "label": value, "ref": row["ref_img"]})
+    if check_images:
+        _check_images(items, problems)
+    if problems:
+        raise DatasetError(problems)
+    return items
+
+
+def split_items(items: list[dict], split: str | float, seed: int, group_key: str | None = None) -> tuple[list, list]:
+    """Split into (train, validation).
+
+    ``split="A"`` is LDCTIQA Setting A: a fixed 80/20 split (800/200 of the 1000 training
+    slices), the permutation of ``numpy.random.default_rng(48)`` over the file names, whatever
+    ``seed`` is. A number is the validation fraction, drawn with ``seed``. ``group_key`` keeps
+    groups whole (KADID: all distortions of one reference image on one side).
+    """
+    if str(split).upper() == "A":
+        fraction, seed = SETTING_A_HELD_OUT, SETTING_A_SEED
+    else:
+        fraction = float(split)
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"split must be 'A' or a validation fraction in (0, 1), got {split!r}")
+    groups = sorted({item[group_key] if group_key else item["image"] for item in items})
+    order = np.random.default_rng(seed).permutation(len(groups))
+    n_val = max(1, round(fraction * len(groups)))
+    val_groups = {groups[i] for i in order[len(groups) - n_val :]}
+    train = [it for it in items if (it[group_key] if group_key else it["image"]) not in val_groups]
+    val = [it for it in items if (it[group_key] if group_key else it["image"]) in val_groups]
+    if not train:
+        raise ValueError(f"split {split!r} leaves no training data ({len(items)} items)")
+    return train, val
+
+
+def write_json_atomic(path: str | Path, content: Any) -> None:
+    """Write JSON so readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as stream:
+        json.dump(content, stream, indent=2)
+    os.replace(stream.name, path)
+
+
+def _relative(items: list[dict], root: Path) -> list[dict]:
+    return [{**it, "image": os.path.relpath(it["image"], root)} for it in items]
+
+
+def training_datalists(
+    dataset_dir: str | Path,
+    layout: str = "ldct",
+    split: str | float = 0.1,
+    seed: int = 48,
+    output_dir: str | Path | None = None,
+    check_images: bool = True,
+) -> dict[str, list[dict]]:
+    """Checked ``{"training": [...], "validation": [...]}`` for ``layout`` "ldct" or "kadid".
+
+    The split is also written to ``output_dir/datalist.json`` (paths relative to the dataset,
+    MONAI's decathlon form) so it can be reproduced and evaluated later.
+    """
+    if layout == "ldct":
+        items = ldct_labelled_items(dataset_dir, check_images)
+        train, val = split_items(items, split, seed)
+    elif layout == "kadid":
+        items = kadid_labelled_items(dataset_dir, check_images)
+        train, val = split_items(items, split, seed, group_key="ref")
+    else:
+        raise ValueError(f"layout must be 'ldct' or 'kadid', got {layout!r}")
+    if output_dir is not None:
+        root = Path(dataset_dir).expanduser()
+        record = {
+            "dataset_dir": str(root.resolve()),
+            "split": str(split),
+            "seed": seed,
+            "training": _relative(train, root),
+            "validation": _relative(val, root),
+        }
+        write_json_atomic(Path(output_dir) / "datalist.json", record)
+    return {"training": train, "validation": val}
+
+
+def evaluation_items(
+    dataset_dir: str | Path, datalist: str | Path | None = None, key: str = "validation"
+) -> list[dict]:
+    """The labelled slices to evaluate: all of an LDCTIQA folder, or one list of a datalist file."""
+    if datalist:
+        if not Path(datalist).is_file():
+            raise DatasetError([(str(datalist), "datalist file does not exist")])
+        root = _require_dir(dataset_dir)
+        items = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=key, base_dir=root)
+        problems = [
+            (it["image"], "listed in the datalist but the image does not exist")
+            for it in items
+            if not Path(it["image"]).is_file()
+        ]
+        if problems:
+            raise DatasetError(problems)
+        return items
+    return ldct_labelled_items(dataset_dir)
+
+
+def inference_items(dataset_dir: str | Path, output_dir: str | Path | None = None) -> list[dict]:
+    """``[{"image": path}]`` for every readable TIFF/PNG slice under ``dataset_dir``.
+
+    Unreadable slices are skipped, not fatal: each is logged and listed with its reason in
+    ``output_dir/errors.json``, so one bad file never stops the rest.
+    """
+    root = _require_dir(dataset_dir)
+    items, problems = [], []
+    for path in find_slices(root):
+        try:
+            read_slice(path)
+            items.append({"image": str(path)})
+        except ImageReadError as error:
+            logger.warning("skipped %s", error)
+            problems.append({"path": error.path, "reason": error.reason})
+    if output_dir is not None:
+        write_json_atomic(Path(output_dir) / "errors.json", problems)
+    if not items:
+        raise DatasetError(
+            [(str(root), "no readable TIFF/PNG slices found")] + [(p["path"], p["reason"]) for p in problems]
+        )
+    return items

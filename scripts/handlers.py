@@ -1,0 +1,145 @@
+"""Ignite handlers that write what evaluation and inference produce.
+
+``PredictionWriter`` collects one score per slice and, when the run ends, writes
+``predictions.csv`` and, for labelled data, ``metrics.json`` and ``scatter.png``. Every file
+is written to a temporary name and renamed, so a crash never leaves a half-written output.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ignite.engine import Engine, Events
+
+from scripts.data import write_json_atomic
+from scripts.metrics import METRIC_NAMES, correlations, logistic_plcc
+
+logger = logging.getLogger(__name__)
+
+
+def write_bytes_atomic(path: str | Path, content: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(content)
+    os.replace(temporary, path)
+
+
+def _source_name(item: dict, root: Path | None) -> str:
+    image = item.get("image")
+    meta = getattr(image, "meta", None) or {}
+    name = str(meta.get("filename_or_obj", ""))
+    if root is not None and name:
+        try:
+            return str(Path(name).resolve().relative_to(root))
+        except ValueError:
+            pass
+    return name
+
+
+def scatter_png(predictions: np.ndarray, labels: np.ndarray, metrics: dict[str, float], label_range: tuple) -> bytes:
+    """Predicted against true scores with the metrics in the title, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=120)
+    axes.scatter(labels, predictions, s=12, alpha=0.6)
+    low, high = label_range
+    axes.plot([low, high], [low, high], color="grey", linewidth=1, linestyle="--")
+    axes.set_xlabel("true score")
+    axes.set_ylabel("predicted score")
+    axes.set_title(
+        f"PLCC {metrics['plcc']:.4f}  SROCC {metrics['srocc']:.4f}  KROCC {metrics['krocc']:.4f}\n"
+        f"aggregate {metrics['aggregate']:.4f}  (n={metrics['n']})",
+        fontsize=9,
+    )
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+class PredictionWriter:
+    """Write ``predictions.csv`` (file, [label,] prediction), and metrics for labelled data.
+
+    Args:
+        output_dir: folder for the outputs.
+        dataset_dir: file names are written relative to it when they lie under it.
+        clip_range: clamp written predictions to this range (inference); None keeps them raw
+            (evaluation, where metrics use raw values).
+        logistic_fit: also report ``plcc_logistic`` (VQEG logistic fit before PLCC).
+        label_range: the score scale, for the scatter plot's axes.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        dataset_dir: str | Path | None = None,
+        clip_range: tuple[float, float] | None = None,
+        logistic_fit: bool = False,
+        label_range: tuple[float, float] = (0.0, 4.0),
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.root = Path(dataset_dir).resolve() if dataset_dir else None
+        self.clip_range = clip_range
+        self.logistic_fit = logistic_fit
+        self.label_range = tuple(label_range)
+        self.rows: list[tuple[str, float | None, float]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.rows = []
+
+    def collect(self, engine: Engine) -> None:
+        for item in engine.state.output:
+            prediction = float(item["pred"].reshape(-1)[0])
+            label = item.get("label")
+            label_value = None if label is None else float(np.asarray(label.detach().cpu()).reshape(-1)[0])
+            self.rows.append((_source_name(item, self.root), label_value, prediction))
+
+    def write(self, engine: Engine | None = None) -> dict[str, Any] | None:
+        labelled = bool(self.rows) and all(label is not None for _, label, _ in self.rows)
+        predictions = np.array([p for _, _, p in self.rows], dtype=np.float64)
+        if self.clip_range is not None:
+            predictions = np.clip(predictions, *self.clip_range)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["file", "label", "prediction"] if labelled else ["file", "prediction"])
+        for (name, label, _), prediction in zip(self.rows, predictions, strict=True):
+            writer.writerow([name, label, f"{prediction:.6f}"] if labelled else [name, f"{prediction:.6f}"])
+        write_bytes_atomic(self.output_dir / "predictions.csv", buffer.getvalue().encode())
+        logger.info("wrote %d predictions to %s", len(self.rows), self.output_dir / "predictions.csv")
+        if not labelled or len(self.rows) < 2:
+            return None
+        labels = np.array([label for _, label, _ in self.rows], dtype=np.float64)
+        metrics = self._metrics(engine, predictions, labels)
+        write_json_atomic(self.output_dir / "metrics.json", metrics)
+        write_bytes_atomic(self.output_dir / "scatter.png", scatter_png(predictions, labels, metrics, self.label_range))
+        logger.info("metrics: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n"))
+        return metrics
+
+    def _metrics(self, engine: Engine | None, predictions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+        """The engine's Ignite metrics when attached, else the same numbers from scipy."""
+        engine_metrics = engine.state.metrics if engine is not None else {}
+        if all(name in engine_metrics for name in METRIC_NAMES):
+            metrics: dict[str, Any] = {name: float(engine_metrics[name]) for name in METRIC_NAMES}
+            metrics["aggregate"] = sum(metrics[name] for name in METRIC_NAMES)
+            metrics["n"] = int(labels.size)
+        else:
+            metrics = correlations(predictions, labels)
+        if self.logistic_fit:
+            metrics["plcc_logistic"] = logistic_plcc(predictions, labels)
+        return metrics

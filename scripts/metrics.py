@@ -1,0 +1,72 @@
+"""PLCC, SROCC, KROCC and their sum, as the LDCTIQA challenge computes them.
+
+Raw predictions, absolute correlation values, no logistic fitting by default. The Ignite
+metrics feed the workflows; ``correlations`` is the same computation on plain arrays
+(scipy's pearsonr, spearmanr and kendalltau). The VQEG logistic fit before PLCC, common in
+natural-image IQA, is offered by ``logistic_plcc`` and never used for LDCTIQA numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from ignite.metrics import Metric, MetricsLambda
+from ignite.metrics.regression import KendallRankCorrelation, PearsonCorrelation, SpearmanRankCorrelation
+from monai.handlers import from_engine
+from scipy import optimize, stats
+
+METRIC_NAMES = ("plcc", "srocc", "krocc")
+
+
+def correlations(predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
+    """``{"plcc", "srocc", "krocc", "aggregate", "n"}`` from scipy, absolute values."""
+    pred = np.asarray(predictions, dtype=np.float64)
+    true = np.asarray(labels, dtype=np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # constant inputs give NaN, reported as such
+        values = {
+            "plcc": abs(float(stats.pearsonr(pred, true)[0])),
+            "srocc": abs(float(stats.spearmanr(pred, true)[0])),
+            "krocc": abs(float(stats.kendalltau(pred, true)[0])),
+        }
+    values["aggregate"] = values["plcc"] + values["srocc"] + values["krocc"]
+    return {**values, "n": int(pred.size)}
+
+
+def vqeg_logistic(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
+    """The VQEG 4-parameter logistic mapping of objective scores to the subjective scale."""
+    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4) - 1e-12)) + b2
+
+
+def logistic_plcc(predictions: Sequence[float], labels: Sequence[float]) -> float:
+    """PLCC after fitting the VQEG logistic from predictions to labels (an option, not the default)."""
+    pred = np.asarray(predictions, dtype=np.float64)
+    true = np.asarray(labels, dtype=np.float64)
+    start = [true.max(), true.min(), float(np.mean(pred)), float(np.std(pred)) or 1.0]
+    try:
+        params, _ = optimize.curve_fit(vqeg_logistic, pred, true, p0=start, maxfev=20000)
+    except (RuntimeError, optimize.OptimizeWarning, ValueError):
+        return abs(float(stats.pearsonr(pred, true)[0]))
+    return abs(float(stats.pearsonr(vqeg_logistic(pred, *params), true)[0]))
+
+
+def _absolute(metric: Metric) -> MetricsLambda:
+    return MetricsLambda(lambda value: abs(float(value)), metric)
+
+
+def correlation_metrics(output_transform: Callable[[Any], Any] | None = None) -> dict[str, Metric]:
+    """Ignite metrics ``plcc``, ``srocc``, ``krocc`` (absolute) for an evaluator's ``pred``/``label``."""
+    transform = output_transform or from_engine(["pred", "label"])
+    return {
+        "plcc": _absolute(PearsonCorrelation(output_transform=transform)),
+        "srocc": _absolute(SpearmanRankCorrelation(output_transform=transform, check_compute_fn=False)),
+        "krocc": _absolute(KendallRankCorrelation(output_transform=transform, check_compute_fn=False)),
+    }
+
+
+def aggregate_metric(metrics: dict[str, Metric]) -> MetricsLambda:
+    """PLCC + SROCC + KROCC over the same three metric objects (computed once, not twice)."""
+    return MetricsLambda(lambda *values: float(sum(values)), *(metrics[name] for name in METRIC_NAMES))

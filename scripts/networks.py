@@ -1,0 +1,288 @@
+"""TFKT networks: the EfficientNetV2 regressor F, the connector C and the SwinV2 scorer S.
+
+TFKT = S(C(F(x))): F reads the whole CT slice and gives pooled features, C maps them to a
+one-channel side x side "feature image", S reads that image and a linear head gives one score
+(Rifa et al., SPIE Medical Imaging 2024; the serial connector follows the authors' code).
+
+Every module keeps the constructor arguments that decide its shape in ``self.settings``, so a
+checkpoint can rebuild it from the file alone (see ``scripts.checkpoints``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from scripts.checkpoints import read_checkpoint
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_F_NAME = "tf_efficientnetv2_l"
+DEFAULT_S_NAME = "swinv2_base_window8_256"
+NETWORK_KINDS = ("tfkt", "f_only")
+NETWORK_SETTING_KEYS = ("network", "f_name", "s_name", "in_channels", "side", "f_kwargs", "s_kwargs")
+
+OFFLINE_HINT = (
+    "Pretrained ImageNet weights for '{name}' could not be loaded ({error}). Either run once on a "
+    "machine with internet so timm caches them (~/.cache/huggingface), or download the weights "
+    "file and pass its local path ({path_id}=/path/to/weights.safetensors), or train without "
+    "them (pretrained=false)."
+)
+
+
+def create_timm_model(
+    model_name: str,
+    pretrained: bool = False,
+    weights_path: str | None = None,
+    path_id: str = "weights_path",
+    **kwargs: Any,
+) -> nn.Module:
+    """Create a timm model; ImageNet weights come from the hub or from a local file.
+
+    A local ``weights_path`` implies ``pretrained``; timm adapts the stem to ``in_chans`` and the
+    position tables to ``img_size`` either way. Download failures name both ways out.
+    """
+    if weights_path:
+        if not Path(weights_path).is_file():
+            raise FileNotFoundError(f"{path_id}: weights file '{weights_path}' does not exist.")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights_path)}
+        pretrained = True
+    try:
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except (OSError, RuntimeError, ValueError) as error:
+        if not pretrained:
+            raise
+        message = OFFLINE_HINT.format(name=model_name, error=f"{type(error).__name__}: {error}", path_id=path_id)
+        raise RuntimeError(message) from error
+
+
+class EfficientNetRegressor(nn.Module):
+    """F: a timm EfficientNetV2 backbone with global pooling and a one-output linear head."""
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_F_NAME,
+        in_channels: int = 1,
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        drop_rate: float = 0.0,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        model_kwargs = dict(model_kwargs or {})
+        self.settings = {"f_name": model_name, "in_channels": in_channels, "f_kwargs": model_kwargs}
+        self.backbone = create_timm_model(
+            model_name,
+            pretrained=pretrained,
+            weights_path=weights_path,
+            path_id="f_weights",
+            in_chans=in_channels,
+            num_classes=0,
+            drop_rate=drop_rate,
+            **model_kwargs,
+        )
+        self.num_features: int = self.backbone.num_features
+        self.head = nn.Linear(self.num_features, 1)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, (B, num_features)."""
+        return self.backbone(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class Connector(nn.Module):
+    """C: a linear map from F's pooled features to a one-channel side x side feature image."""
+
+    def __init__(self, in_features: int = 1280, side: int = 64) -> None:
+        super().__init__()
+        self.side = side
+        self.linear = nn.Linear(in_features, side * side)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(features).view(-1, 1, self.side, self.side)
+
+
+class SwinScorer(nn.Module):
+    """S: a timm SwinV2 built for a one-channel side x side input with a one-output head."""
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_S_NAME,
+        side: int = 64,
+        pretrained: bool = False,
+        weights_path: str | None = None,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = create_timm_model(
+            model_name,
+            pretrained=pretrained,
+            weights_path=weights_path,
+            path_id="s_weights",
+            img_size=side,
+            in_chans=1,
+            num_classes=1,
+            **dict(model_kwargs or {}),
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+class TFKT(nn.Module):
+    """S(C(F(x))): scores a (B, in_channels, H, W) slice batch as (B, 1).
+
+    ``freeze_f`` keeps F's weights and batch-norm statistics fixed (the paper's "F frozen"
+    ablation). F's own regression head is kept so a phase-1 checkpoint loads exactly, but it is
+    unused here and never trained.
+    """
+
+    def __init__(
+        self,
+        f_name: str = DEFAULT_F_NAME,
+        s_name: str = DEFAULT_S_NAME,
+        in_channels: int = 1,
+        side: int = 64,
+        f_pretrained: bool = False,
+        s_pretrained: bool = False,
+        f_weights: str | None = None,
+        s_weights: str | None = None,
+        freeze_f: bool = False,
+        drop_rate: float = 0.0,
+        f_kwargs: dict[str, Any] | None = None,
+        s_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.f = EfficientNetRegressor(f_name, in_channels, f_pretrained, f_weights, drop_rate, f_kwargs)
+        self.connector = Connector(self.f.num_features, side)
+        self.s = SwinScorer(s_name, side, s_pretrained, s_weights, s_kwargs)
+        self.f.head.requires_grad_(False)
+        self.settings = {**self.f.settings, "s_name": s_name, "side": side, "s_kwargs": dict(s_kwargs or {})}
+        self.freeze_f = False
+        self.set_f_frozen(freeze_f)
+
+    def set_f_frozen(self, frozen: bool) -> None:
+        self.freeze_f = frozen
+        self.f.backbone.requires_grad_(not frozen)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> TFKT:
+        super().train(mode)
+        if self.freeze_f:
+            self.f.eval()
+        return self
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.s.forward_features(self.connector(self.f.forward_features(x)))
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.s.forward_head(features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def build_network(
+    network: str = "tfkt",
+    f_name: str = DEFAULT_F_NAME,
+    s_name: str = DEFAULT_S_NAME,
+    in_channels: int = 1,
+    side: int = 64,
+    pretrained: bool = False,
+    f_weights: str | None = None,
+    s_weights: str | None = None,
+    f_checkpoint: str | None = None,
+    freeze_f: bool = False,
+    drop_rate: float = 0.0,
+    f_kwargs: dict[str, Any] | None = None,
+    s_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Build one of the paper's networks by name (the configs' ``network_def``).
+
+    - ``network="tfkt"``: S(C(F)); F starts from ``f_checkpoint`` (phase 1) when that file
+      exists, else from ImageNet (``pretrained``) or random weights: the "no phase 1" ablation
+      (``f_checkpoint=None``). S starts from ImageNet when ``pretrained``. ``freeze_f`` gives
+      the "F frozen" ablation.
+    - ``network="f_only"``: the EfficientNetV2 regressor alone (phase 1, and the ablation).
+    """
+    if network not in NETWORK_KINDS:
+        raise ValueError(f"network must be one of {NETWORK_KINDS}, got '{network}'.")
+    if network == "f_only":
+        model: nn.Module = EfficientNetRegressor(f_name, in_channels, pretrained, f_weights, drop_rate, f_kwargs)
+        model.settings = {"network": "f_only", **model.settings}
+        if f_checkpoint and Path(f_checkpoint).is_file():
+            load_f_weights(model, f_checkpoint)
+        return model
+    has_phase1 = bool(f_checkpoint) and Path(f_checkpoint).is_file()
+    model = TFKT(
+        f_name,
+        s_name,
+        in_channels,
+        side,
+        pretrained and not has_phase1,
+        pretrained,
+        None if has_phase1 else f_weights,
+        s_weights,
+        False,
+        drop_rate,
+        f_kwargs,
+        s_kwargs,
+    )
+    model.settings = {"network": "tfkt", **model.settings}
+    if has_phase1:
+        load_f_weights(model.f, f_checkpoint)
+        logger.info("F initialised from the phase-1 checkpoint %s", f_checkpoint)
+    else:
+        source = "ImageNet" if pretrained or f_weights else "random"
+        logger.warning("No phase-1 checkpoint (f_checkpoint=%s): F starts from %s weights.", f_checkpoint, source)
+    model.set_f_frozen(freeze_f)
+    return model
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def load_f_weights(f: EfficientNetRegressor, path: str) -> None:
+    """Copy a phase-1 checkpoint into F (the TFKT handover).
+
+    The checkpoint may hold F alone (phase 1) or a whole TFKT; an RGB phase-1 stem is summed to
+    F's channel count with timm's ``adapt_input_conv``.
+    """
+    state, settings = read_checkpoint(path)
+    if settings.get("network") == "tfkt":
+        state = {k[len("f.") :]: v for k, v in state.items() if k.startswith("f.")}
+    if settings.get("f_name", f.settings["f_name"]) != f.settings["f_name"]:
+        raise ValueError(
+            f"{path}: phase-1 checkpoint holds F '{settings['f_name']}', but this network's F is "
+            f"'{f.settings['f_name']}'; set f_name to match or point f_checkpoint elsewhere."
+        )
+    stem_key = next(k for k, v in f.state_dict().items() if v.ndim == 4)
+    if stem_key in state and state[stem_key].shape[1] != f.settings["in_channels"]:
+        state[stem_key] = timm.models.adapt_input_conv(f.settings["in_channels"], state[stem_key])
+    f.load_state_dict(state)
+
+
+def load_network(path: str, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the network a checkpoint was trained with, from the file alone, in eval mode."""
+    state, settings = read_checkpoint(path, map_location)
+    settings = {k: v for k, v in settings.items() if k in NETWORK_SETTING_KEYS}
+    model = build_network(**settings)
+    model.load_state_dict(state)
+    return model.eval()
