@@ -119,7 +119,7 @@ class PredictionWriter:
         writer = csv.writer(buffer)
         writer.writerow(["file", "label", "prediction"] if labelled else ["file", "prediction"])
         for (name, label, _), prediction in zip(self.rows, predictions, strict=True):
-            writer.writerow([name, label, f"{prediction:.6f}"] if labelled else [name, f"{prediction:.6f}"])
+            writer.writerow([name, f"{label:.6g}", f"{prediction:.6f}"] if labelled else [name, f"{prediction:.6f}"])
         write_bytes_atomic(self.output_dir / "predictions.csv", buffer.getvalue().encode())
         logger.info("wrote %d predictions to %s", len(self.rows), self.output_dir / "predictions.csv")
         if not labelled or len(self.rows) < 2:

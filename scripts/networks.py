@@ -248,9 +248,9 @@ def build_network(
     if has_phase1:
         load_f_weights(model.f, f_checkpoint)
         logger.info("F initialised from the phase-1 checkpoint %s", f_checkpoint)
-    else:
+    elif f_checkpoint:
         source = "ImageNet" if pretrained or f_weights else "random"
-        logger.warning("No phase-1 checkpoint (f_checkpoint=%s): F starts from %s weights.", f_checkpoint, source)
+        logger.warning("No phase-1 checkpoint at %s: F starts from %s weights.", f_checkpoint, source)
     model.set_f_frozen(freeze_f)
     return model
 
