@@ -55,3 +55,14 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def recorded_setting(path: str | Path, key: str, default: Any = None) -> Any:
     """One recorded setting of a checkpoint (for configs, e.g. the image size for inference)."""
     return read_checkpoint(path)[1].get(key, default)
+
+
+def save_checkpoint(path: str | Path, network: nn.Module, image_size: int) -> Path:
+    """Write ``network`` in the form the training workflows write (for tools, benchmarks and tests)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    content = {"network": network.state_dict(), "settings": SettingsRecord(network, image_size).state_dict()}
+    temporary = path.with_name(path.name + ".partial")
+    torch.save(content, temporary)
+    temporary.replace(path)
+    return path

@@ -251,3 +251,25 @@ def inference_items(dataset_dir: str | Path, output_dir: str | Path | None = Non
             [(str(root), "no readable TIFF/PNG slices found")] + [(p["path"], p["reason"]) for p in problems]
         )
     return items
+
+
+def check_dataset(dataset_dir: str, layout: str = "ldct") -> dict[str, Any]:
+    """Check a dataset folder the way training will, and summarise it (``python -m scripts check_data``).
+
+    Raises ``DatasetError`` listing every problem; on success returns the image count and the
+    label range.
+    """
+    readers = {"ldct": ldct_labelled_items, "kadid": kadid_labelled_items}
+    if layout not in readers:
+        raise ValueError(f"layout must be one of {sorted(readers)}, got {layout!r}")
+    items = readers[layout](dataset_dir)
+    labels = [item["label"] for item in items]
+    summary = {
+        "dataset_dir": str(dataset_dir),
+        "layout": layout,
+        "images": len(items),
+        "label_min": min(labels),
+        "label_max": max(labels),
+    }
+    print(json.dumps(summary, indent=2))
+    return summary

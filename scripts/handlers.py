@@ -31,16 +31,31 @@ def write_bytes_atomic(path: str | Path, content: bytes) -> None:
     os.replace(temporary, path)
 
 
-def _source_name(item: dict, root: Path | None) -> str:
-    image = item.get("image")
-    meta = getattr(image, "meta", None) or {}
-    name = str(meta.get("filename_or_obj", ""))
-    if root is not None and name:
+def _item_source(item: Any) -> str:
+    image = item.get("image") if isinstance(item, dict) else None
+    return str((getattr(image, "meta", None) or {}).get("filename_or_obj", ""))
+
+
+def _batch_sources(batch: Any, size: int, root: Path | None) -> list[str]:
+    """The source file of each item of a batch, from its image's ``filename_or_obj``.
+
+    Workflows decollate ``engine.state.batch`` into a list of items; a collated dictionary is
+    read too.
+    """
+    if isinstance(batch, dict):
+        names = (getattr(batch.get("image"), "meta", None) or {}).get("filename_or_obj", [""] * size)
+        names = [str(name) for name in ([names] if isinstance(names, str) else names)]
+    else:
+        names = [_item_source(item) for item in batch]
+    if root is None:
+        return names
+    relative = []
+    for name in names:
         try:
-            return str(Path(name).resolve().relative_to(root))
+            relative.append(str(Path(name).resolve().relative_to(root)) if name else name)
         except ValueError:
-            pass
-    return name
+            relative.append(name)
+    return relative
 
 
 def scatter_png(predictions: np.ndarray, labels: np.ndarray, metrics: dict[str, float], label_range: tuple) -> bytes:
@@ -104,11 +119,12 @@ class PredictionWriter:
         self.rows = []
 
     def collect(self, engine: Engine) -> None:
-        for item in engine.state.output:
+        outputs = engine.state.output
+        for name, item in zip(_batch_sources(engine.state.batch, len(outputs), self.root), outputs, strict=True):
             prediction = float(item["pred"].reshape(-1)[0])
             label = item.get("label")
             label_value = None if label is None else float(np.asarray(label.detach().cpu()).reshape(-1)[0])
-            self.rows.append((_source_name(item, self.root), label_value, prediction))
+            self.rows.append((name, label_value, prediction))
 
     def write(self, engine: Engine | None = None) -> dict[str, Any] | None:
         labelled = bool(self.rows) and all(label is not None for _, label, _ in self.rows)
@@ -119,7 +135,7 @@ class PredictionWriter:
         writer = csv.writer(buffer)
         writer.writerow(["file", "label", "prediction"] if labelled else ["file", "prediction"])
         for (name, label, _), prediction in zip(self.rows, predictions, strict=True):
-            writer.writerow([name, f"{label:.6g}", f"{prediction:.6f}"] if labelled else [name, f"{prediction:.6f}"])
+            writer.writerow([name, f"{label:.6g}", f"{prediction:.9g}"] if labelled else [name, f"{prediction:.9g}"])
         write_bytes_atomic(self.output_dir / "predictions.csv", buffer.getvalue().encode())
         logger.info("wrote %d predictions to %s", len(self.rows), self.output_dir / "predictions.csv")
         if not labelled or len(self.rows) < 2:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from ignite.metrics import Metric, MetricsLambda
+from ignite.metrics.metric import reinit__is_reduced
 from ignite.metrics.regression import KendallRankCorrelation, PearsonCorrelation, SpearmanRankCorrelation
 from monai.handlers import from_engine
 from scipy import optimize, stats
@@ -53,15 +54,38 @@ def logistic_plcc(predictions: Sequence[float], labels: Sequence[float]) -> floa
     return abs(float(stats.pearsonr(vqeg_logistic(pred, *params), true)[0]))
 
 
+class PearsonCorrelation64(PearsonCorrelation):
+    """Ignite's Pearson correlation with float64 running sums.
+
+    The parent keeps its sums in float32; E[x^2] - E[x]^2 then cancels away the variance of
+    predictions that vary little (an early or weak model) and the PLCC drifts from scipy's.
+    """
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        super().reset()
+        for name in self._state_dict_all_req_keys[:-1]:  # the five sums; the last key is the count
+            setattr(self, name, getattr(self, name).double())
+
+
 def _absolute(metric: Metric) -> MetricsLambda:
     return MetricsLambda(lambda value: abs(float(value)), metric)
 
 
+def pred_label_float64(output: Any) -> tuple[list, list]:
+    """``pred`` and ``label`` of each decollated item, in float64.
+
+    Products of float32 inputs lose the digits that matter when predictions vary little.
+    """
+    predictions, labels = from_engine(["pred", "label"])(output)
+    return [p.double() for p in predictions], [y.double() for y in labels]
+
+
 def correlation_metrics(output_transform: Callable[[Any], Any] | None = None) -> dict[str, Metric]:
     """Ignite metrics ``plcc``, ``srocc``, ``krocc`` (absolute) for an evaluator's ``pred``/``label``."""
-    transform = output_transform or from_engine(["pred", "label"])
+    transform = output_transform or pred_label_float64
     return {
-        "plcc": _absolute(PearsonCorrelation(output_transform=transform)),
+        "plcc": _absolute(PearsonCorrelation64(output_transform=transform)),
         "srocc": _absolute(SpearmanRankCorrelation(output_transform=transform, check_compute_fn=False)),
         "krocc": _absolute(KendallRankCorrelation(output_transform=transform, check_compute_fn=False)),
     }

@@ -1,0 +1,223 @@
+"""Throughput of the bundle's workflows against bare PyTorch on the same model and batch.
+
+For each profile (network names, image size, batch size) on the current device:
+
+- inference: slices/s of the bare network forward on a ready batch, against the slices/s of
+  ``inference.json``'s evaluator reading the same number of slices from TIFF files (loading,
+  resizing, batching, writing predictions.csv included), and their ratio;
+- training: iterations/s of a plain PyTorch loop (forward, MSE, backward, Adam step) on one ready
+  batch, against ``train.json``'s ``SupervisedTrainer`` reading cached data with its random
+  transforms and handlers, and their ratio.
+
+Ratios near 1 mean the bundle adds little on top of the network itself; the targets are >= 0.9.
+Weights are random (never downloaded): speed does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigWorkflow
+
+from scripts.checkpoints import save_checkpoint
+from scripts.networks import build_network, count_parameters
+from scripts.synthetic import write_ldct_dataset
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "bundle" / "configs"
+
+TINY_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
+PROFILES: dict[str, dict[str, Any]] = {
+    # the paper's networks at the paper's resolution
+    "paper": {"f_name": "tf_efficientnetv2_l", "s_name": "swinv2_base_window8_256", "image_size": 512, "batch_size": 2},
+    # the demo's networks at half resolution
+    "small": {
+        "f_name": "tf_efficientnetv2_b0",
+        "s_name": "swinv2_tiny_window8_256",
+        "image_size": 256,
+        "batch_size": 8,
+    },
+    # a seconds-long smoke run of the benchmark itself
+    "tiny": {
+        "f_name": "test_efficientnet",
+        "s_name": "swinv2_tiny_window8_256",
+        "s_kwargs": TINY_SWIN,
+        "side": 32,
+        "image_size": 64,
+        "batch_size": 4,
+    },
+}
+NETWORK_KEYS = ("f_name", "s_name", "side", "f_kwargs", "s_kwargs")
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(step: Callable[[], Any], repeats: int, device: torch.device, rounds: int = 2, warmup: int = 1) -> float:
+    """Seconds per call of ``step``: the best of ``rounds`` rounds of ``repeats`` calls, after ``warmup`` calls.
+
+    The best round is the least disturbed by whatever else the machine is doing.
+    """
+    for _ in range(warmup):
+        step()
+    best = float("inf")
+    for _ in range(rounds):
+        _synchronize(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            step()
+        _synchronize(device)
+        best = min(best, (time.perf_counter() - start) / repeats)
+    return best
+
+
+def _autocast(device: torch.device, amp: bool) -> torch.autocast:
+    return torch.autocast(device.type, enabled=amp and device.type == "cuda")
+
+
+def bench_inference(
+    profile: dict[str, Any], device: torch.device, batches: int, rounds: int, workdir: Path, amp: bool
+) -> dict:
+    """Bare forward vs the inference workflow, in slices/s."""
+    batch_size, image_size = profile["batch_size"], profile["image_size"]
+    network = build_network(pretrained=False, **{k: v for k, v in profile.items() if k in NETWORK_KEYS})
+    checkpoint = save_checkpoint(workdir / "model.pt", network, image_size)
+    slices = write_ldct_dataset(workdir / "slices", n=batches * batch_size, size=512, seed=0)
+    workflow = ConfigWorkflow(
+        str(CONFIG_DIR / "inference.json"),
+        logging_file=False,
+        workflow_type="inference",
+        checkpoint=str(checkpoint),
+        dataset_dir=str(slices),
+        output_dir=str(workdir / "inference"),
+        device=device,
+        batch_size=batch_size,
+        amp=amp,
+    )
+    workflow.initialize()
+    model = workflow.parser.get_parsed_content("model")
+    evaluator = workflow.parser.get_parsed_content("evaluator")
+
+    batch = torch.rand(batch_size, profile.get("in_channels", 1), image_size, image_size, device=device)
+
+    def forward() -> None:
+        with torch.inference_mode(), _autocast(device, amp):
+            model(batch)
+
+    bare = batch_size / _timed(forward, batches, device, rounds)
+    workflow_rate = batches * batch_size / _timed(evaluator.run, 1, device, rounds)
+    return {
+        "parameters": count_parameters(model),
+        "bare_slices_per_s": bare,
+        "workflow_slices_per_s": workflow_rate,
+        "ratio": workflow_rate / bare,
+    }
+
+
+def bench_training(
+    profile: dict[str, Any], device: torch.device, iterations: int, rounds: int, workdir: Path, amp: bool
+) -> dict:
+    """A plain PyTorch loop vs the training workflow's SupervisedTrainer, in iterations/s."""
+    batch_size, image_size = profile["batch_size"], profile["image_size"]
+    n_train = iterations * batch_size
+    data = write_ldct_dataset(workdir / "labelled", n=n_train + 2, size=image_size, seed=1)
+    workflow = ConfigWorkflow(
+        str(CONFIG_DIR / "train.json"),
+        logging_file=False,
+        workflow_type="train",
+        dataset_dir=str(data),
+        output_dir=str(workdir / "train"),
+        ckpt_dir=str(workdir / "models"),
+        device=device,
+        pretrained=False,
+        f_checkpoint=None,
+        split=2 / (n_train + 2),
+        max_epochs=1,
+        val_interval=10**6,
+        batch_size=batch_size,
+        num_workers=0,
+        amp=amp,
+        image_size=image_size,
+        **{k: v for k, v in profile.items() if k in NETWORK_KEYS},
+    )
+    workflow.initialize()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    model = workflow.parser.get_parsed_content("model")
+    trainer_rate = iterations / _timed(trainer.run, 1, device, rounds)  # one epoch = ``iterations`` steps
+
+    first = next(iter(workflow.parser.get_parsed_content("train#dataloader")))
+    images, labels = first["image"].as_tensor().to(device), first["label"].to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    loss_function = torch.nn.MSELoss()
+    model.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            loss = loss_function(model(images), labels)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    plain_rate = 1.0 / _timed(step, iterations, device, rounds)
+    return {"plain_it_per_s": plain_rate, "trainer_it_per_s": trainer_rate, "ratio": trainer_rate / plain_rate}
+
+
+def run_benchmark(
+    profiles: str | tuple[str, ...] = ("paper", "small"),
+    device: str | None = None,
+    batches: int = 4,
+    iterations: int = 4,
+    rounds: int = 2,
+    batch_size: int | None = None,
+    amp: bool = False,
+    output: str | None = None,
+) -> dict[str, dict]:
+    """Run the benchmark for ``profiles`` and print one block per profile."""
+    names = [profiles] if isinstance(profiles, str) else list(profiles)
+    names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
+    unknown = [n for n in names if n not in PROFILES]
+    if unknown:
+        raise ValueError(f"unknown profiles {unknown}; choose from {sorted(PROFILES)}")
+    target = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    results: dict[str, dict] = {}
+    for name in names:
+        profile = dict(PROFILES[name])
+        if batch_size:
+            profile["batch_size"] = int(batch_size)
+        with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as workdir:
+            inference = bench_inference(profile, target, batches, rounds, Path(workdir), amp)
+            training = bench_training(profile, target, iterations, rounds, Path(workdir), amp)
+        results[name] = {
+            "profile": profile,
+            "device": str(target),
+            "amp": amp,
+            "inference": inference,
+            "training": training,
+        }
+        _print_block(name, results[name])
+    if output:
+        Path(output).write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _print_block(name: str, result: dict) -> None:
+    profile, inference, training = result["profile"], result["inference"], result["training"]
+    print(
+        f"\n{name}: {profile['f_name']} + {profile['s_name']} ({inference['parameters'] / 1e6:.1f} M parameters), "
+        f"{profile['image_size']} px, batch {profile['batch_size']}, {result['device']}, amp={result['amp']}\n"
+        f"  inference  bare forward {inference['bare_slices_per_s']:9.2f} slices/s | "
+        f"workflow {inference['workflow_slices_per_s']:9.2f} slices/s | ratio {inference['ratio']:.2f} (target >= 0.9)"
+        "\n"
+        f"  training   plain loop   {training['plain_it_per_s']:9.3f} it/s     | "
+        f"trainer  {training['trainer_it_per_s']:9.3f} it/s     | ratio {training['ratio']:.2f} (target >= 0.9)",
+        flush=True,
+    )

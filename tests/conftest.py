@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny learnable datasets in both layouts, tiny networks, and trained checkpoints.
+
+Everything is made once per test session in a temporary folder; no test downloads anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from scripts.synthetic import write_kadid_dataset, write_ldct_dataset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "bundle" / "configs"
+TRAIN_CONFIG = str(CONFIG_DIR / "train.json")
+PRETRAIN_CONFIG = str(CONFIG_DIR / "pretrain.json")
+EVALUATE_CONFIGS = [TRAIN_CONFIG, str(CONFIG_DIR / "evaluate.json")]
+INFERENCE_CONFIG = str(CONFIG_DIR / "inference.json")
+METADATA = str(CONFIG_DIR / "metadata.json")
+
+# timm networks small enough to train in seconds on a CPU: a test EfficientNet and a one-block SwinV2
+TINY_NETWORKS: dict[str, Any] = {
+    "f_name": "test_efficientnet",
+    "s_name": "swinv2_tiny_window8_256",
+    "s_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
+    "side": 32,
+}
+# the same, as workflow overrides: small images, no downloads, CPU, no worker processes
+TINY_OVERRIDES: dict[str, Any] = {
+    **TINY_NETWORKS,
+    "pretrained": False,
+    "image_size": 64,
+    "batch_size": 4,
+    "num_workers": 0,
+    "device": torch.device("cpu"),
+}
+
+
+@pytest.fixture(autouse=True)
+def _run_from_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bundle's commands run from the repository root; so do the tests."""
+    monkeypatch.chdir(REPO_ROOT)
+
+
+@pytest.fixture(scope="session")
+def ldct_train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LDCTIQA training layout: image/NNNN.tif + train.json, 32 slices of 64 px."""
+    return write_ldct_dataset(tmp_path_factory.mktemp("ldct_train"), n=32, size=64, seed=0)
+
+
+@pytest.fixture(scope="session")
+def ldct_test_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """LDCTIQA test layout: images/testNNN.tiff + test.json, 12 slices of 64 px."""
+    return write_ldct_dataset(tmp_path_factory.mktemp("ldct_test"), n=12, size=64, seed=1, layout="test")
+
+
+@pytest.fixture(scope="session")
+def kadid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """KADID-10k layout: 4 references x 2 distortion types x 5 levels."""
+    return write_kadid_dataset(tmp_path_factory.mktemp("kadid"), n_refs=4, size=64, seed=0)
+
+
+def make_workflow(config_file: str | list[str], workflow_type: str, **overrides: Any) -> ConfigWorkflow:
+    """A bundle workflow as ``monai.bundle run`` builds it, with the tiny settings unless overridden."""
+    workflow = ConfigWorkflow(
+        config_file, meta_file=METADATA, logging_file=False, workflow_type=workflow_type, **overrides
+    )
+    workflow.initialize()
+    return workflow
+
+
+@pytest.fixture(scope="session")
+def pretrained_bundle(tmp_path_factory: pytest.TempPathFactory, kadid_dir: Path) -> Path:
+    """Phase 1 on the tiny KADID layout: the folder holding ``pretrain.pt`` (grey input)."""
+    root = tmp_path_factory.mktemp("phase1")
+    workflow = make_workflow(
+        PRETRAIN_CONFIG,
+        "train",
+        **{**TINY_OVERRIDES, "dataset_dir": str(kadid_dir), "ckpt_dir": str(root), "output_dir": str(root / "out")},
+        max_epochs=2,
+    )
+    workflow.run()
+    workflow.finalize()
+    assert (root / "pretrain.pt").is_file()
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory: pytest.TempPathFactory, ldct_train_dir: Path, pretrained_bundle: Path) -> Path:
+    """Phase 2 from the phase-1 checkpoint on the tiny LDCTIQA layout: the folder holding ``model.pt``."""
+    root = tmp_path_factory.mktemp("phase2")
+    workflow = make_workflow(
+        TRAIN_CONFIG,
+        "train",
+        **TINY_OVERRIDES,
+        dataset_dir=str(ldct_train_dir),
+        ckpt_dir=str(root),
+        output_dir=str(root / "out"),
+        f_checkpoint=str(pretrained_bundle / "pretrain.pt"),
+        max_epochs=3,
+    )
+    workflow.run()
+    workflow.finalize()
+    assert (root / "model.pt").is_file()
+    return root

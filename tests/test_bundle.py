@@ -1,0 +1,96 @@
+"""The bundle as the Model Zoo checks it: metadata, network input/output, layout and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from monai.bundle import verify_metadata, verify_net_in_out
+
+from tests.conftest import CONFIG_DIR, METADATA, REPO_ROOT, TINY_NETWORKS, TRAIN_CONFIG
+
+SCHEMA = str(REPO_ROOT / "bundle" / "docs" / "metadata_schema.json")
+
+
+def test_metadata_passes_verify_metadata() -> None:
+    verify_metadata(meta_file=METADATA, filepath=SCHEMA)  # raises on any violation
+    metadata = json.loads(Path(METADATA).read_text())
+    assert metadata["network_data_format"]["outputs"]["pred"]["value_range"] == [0, 4]
+    assert metadata["version"] in metadata["changelog"]
+
+
+def test_network_passes_verify_net_in_out() -> None:
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=METADATA,
+        config_file=TRAIN_CONFIG,
+        device="cpu",
+        **{**TINY_NETWORKS, "pretrained": False, "f_checkpoint": None},
+    )
+
+
+def test_command_line_verify_metadata() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", METADATA, "--filepath", SCHEMA],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_every_user_knob_is_a_top_level_id() -> None:
+    knobs = {
+        "dataset_dir",
+        "output_dir",
+        "device",
+        "image_size",
+        "batch_size",
+        "max_epochs",
+        "learning_rate",
+        "val_interval",
+        "pretrained",
+        "network",
+        "f_name",
+        "amp",
+        "split",
+        "seed",
+        "num_workers",
+    }
+    train = json.loads((CONFIG_DIR / "train.json").read_text())
+    assert knobs | {"s_name", "freeze_f"} <= set(train)
+    assert knobs <= set(json.loads((CONFIG_DIR / "pretrain.json").read_text()))
+
+
+def test_layout_and_ignored_weights() -> None:
+    for path in [
+        "bundle/configs/logging.conf",
+        "bundle/docs/README.md",
+        "bundle/docs/data_license.txt",
+        "bundle/models/.gitkeep",
+        "LICENSE",
+        "README.md",
+        ".ci/run",
+    ]:
+        assert (REPO_ROOT / path).is_file(), path
+    ignored = subprocess.run(
+        ["git", "check-ignore", "bundle/models/model.pt", "bundle/models/pretrain.pt"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert ignored.stdout.split() == ["bundle/models/model.pt", "bundle/models/pretrain.pt"]
+
+
+def test_benchmark_prints_both_ratios() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts", "bench", "--profiles", "tiny", "--batches", "2", "--iterations", "2"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line for line in result.stdout.splitlines() if "ratio" in line]
+    assert len(lines) == 2 and lines[0].lstrip().startswith("inference") and lines[1].lstrip().startswith("training")

@@ -1,0 +1,175 @@
+"""Dataset checks: every bad input is a clear error naming the file and the reason."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from scripts.data import (
+    DatasetError,
+    check_dataset,
+    inference_items,
+    kadid_labelled_items,
+    ldct_labelled_items,
+    split_items,
+    training_datalists,
+)
+from scripts.transforms import ImageReadError, LoadSliced, read_slice
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture
+def ldct_copy(ldct_train_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny LDCTIQA training set that a test may break."""
+    return Path(shutil.copytree(ldct_train_dir, tmp_path / "ldct"))
+
+
+def _rewrite_labels(root: Path, edit) -> None:
+    labels = json.loads((root / "train.json").read_text())
+    edit(labels)
+    (root / "train.json").write_text(json.dumps(labels))
+
+
+def test_both_ldct_layouts_are_read(ldct_train_dir: Path, ldct_test_dir: Path) -> None:
+    train = ldct_labelled_items(ldct_train_dir)
+    test = ldct_labelled_items(ldct_test_dir)
+    assert len(train) == 32 and Path(train[0]["image"]).name == "0000.tif"
+    assert len(test) == 12 and Path(test[0]["image"]).name == "test000.tiff"
+    assert all(0.0 <= item["label"] <= 4.0 for item in train + test)
+
+
+def test_missing_dataset_folder(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"nowhere: dataset folder does not exist"):
+        ldct_labelled_items(tmp_path / "nowhere")
+
+
+def test_folder_without_label_file(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match=r"no LDCTIQA label file found \(expected image/ \+ train.json"):
+        ldct_labelled_items(tmp_path)
+
+
+def test_label_file_naming_missing_images(ldct_copy: Path) -> None:
+    _rewrite_labels(ldct_copy, lambda labels: labels.update({"9999.tif": 2.0}))
+    with pytest.raises(DatasetError, match=r"image/9999.tif: named in train.json but the image does not exist"):
+        ldct_labelled_items(ldct_copy)
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        (4.2, r"label 4.2 is outside \[0, 4\]"),
+        (-0.2, r"label -0.2 is outside"),
+        ("good", r"label 'good' is not a number"),
+        (None, r"label None is not a number"),
+        (True, r"label True is not a number"),
+    ],
+)
+def test_labels_outside_range_or_not_numbers(ldct_copy: Path, value, reason: str) -> None:
+    _rewrite_labels(ldct_copy, lambda labels: labels.update({"0003.tif": value}))
+    with pytest.raises(DatasetError, match=r"train.json \[0003.tif\]: " + reason):
+        ldct_labelled_items(ldct_copy)
+
+
+def test_label_file_not_json(ldct_copy: Path) -> None:
+    (ldct_copy / "train.json").write_text("{'0000.tif': 2.0")
+    with pytest.raises(DatasetError, match=r"train.json: not a readable JSON file"):
+        ldct_labelled_items(ldct_copy)
+
+
+def test_unreadable_image(ldct_copy: Path) -> None:
+    (ldct_copy / "image" / "0005.tif").write_bytes(b"not an image at all")
+    with pytest.raises(DatasetError, match=r"0005.tif: unreadable image"):
+        ldct_labelled_items(ldct_copy)
+
+
+def test_every_problem_is_listed_together(ldct_copy: Path) -> None:
+    (ldct_copy / "image" / "0005.tif").write_bytes(b"")
+    _rewrite_labels(ldct_copy, lambda labels: labels.update({"0001.tif": 7, "4444.tif": 1.0}))
+    with pytest.raises(DatasetError) as caught:
+        ldct_labelled_items(ldct_copy)
+    assert [Path(path.split(" ")[0]).name for path, _ in caught.value.problems] == [
+        "train.json",
+        "4444.tif",
+        "0005.tif",
+    ]
+    assert str(caught.value).startswith("3 problem(s) in the dataset:")
+
+
+def test_kadid_layout_and_its_errors(kadid_dir: Path, tmp_path: Path) -> None:
+    items = kadid_labelled_items(kadid_dir)
+    assert len(items) == 40 and all(1.0 <= item["label"] <= 5.0 for item in items)
+    broken = Path(shutil.copytree(kadid_dir, tmp_path / "kadid"))
+    lines = (broken / "dmos.csv").read_text().splitlines()
+    lines[2] = lines[2].replace(lines[2].split(",")[2], "5.5")
+    (broken / "dmos.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DatasetError, match=r"dmos.csv:3 \[I01_01_02.png\]: label 5.5 is outside \[1, 5\]"):
+        kadid_labelled_items(broken)
+    (broken / "dmos.csv").write_text("image,score\nI01_01_01.png,3\n")
+    with pytest.raises(DatasetError, match=r"missing column\(s\) \['dist_img', 'dmos', 'ref_img'\]"):
+        kadid_labelled_items(broken)
+
+
+def test_setting_a_is_a_fixed_800_200_split() -> None:
+    items = [{"image": f"image/{i:04d}.tif", "label": 0.0} for i in range(1000)]
+    train, held_out = split_items(items, "A", seed=1)
+    assert (len(train), len(held_out)) == (800, 200)
+    assert split_items(items, "A", seed=12345)[1] == held_out  # the seed id does not move Setting A
+    assert {it["image"] for it in train}.isdisjoint(it["image"] for it in held_out)
+    other_train, other_val = split_items(items, 0.1, seed=48)
+    assert (len(other_train), len(other_val)) == (900, 100)
+    assert split_items(items, 0.1, seed=49)[1] != other_val
+
+
+def test_invalid_split(ldct_train_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"split must be 'A' or a validation fraction"):
+        training_datalists(ldct_train_dir, split=1.5)
+
+
+def test_read_slice_rejects_bad_pixels(tmp_path: Path) -> None:
+    cases = {
+        "volume.tif": (np.zeros((4, 32, 32), np.float32), r"expected a 2-D grey or RGB slice"),
+        "nan.tif": (np.full((32, 32), np.nan, np.float32), r"pixels contain NaN or Inf"),
+        "tiny.tif": (np.zeros((4, 4), np.float32), r"image too small"),
+    }
+    for name, (pixels, reason) in cases.items():
+        tifffile.imwrite(tmp_path / name, pixels)
+        with pytest.raises(ImageReadError, match=rf"{name}: {reason}"):
+            read_slice(tmp_path / name)
+    with pytest.raises(ImageReadError, match=r"missing.png: file does not exist"):
+        read_slice(tmp_path / "missing.png")
+
+
+def test_integer_slices_are_scaled_by_their_type(tmp_path: Path) -> None:
+    tifffile.imwrite(tmp_path / "u16.tif", np.array([[0, 65535] * 8] * 16, dtype=np.uint16))
+    pixels = read_slice(tmp_path / "u16.tif")
+    assert pixels.dtype == np.float32 and pixels.min() == 0.0 and pixels.max() == 1.0
+    image = LoadSliced("image", channels=3)({"image": str(tmp_path / "u16.tif")})["image"]
+    assert tuple(image.shape) == (3, 16, 16) and image.meta["filename_or_obj"].endswith("u16.tif")
+
+
+def test_inference_items_skip_bad_files_and_list_them(ldct_test_dir: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(ldct_test_dir / "images", tmp_path / "slices"))
+    (folder / "test001.tiff").write_bytes(b"truncated")
+    items = inference_items(folder, tmp_path / "out")
+    assert len(items) == 11
+    errors = json.loads((tmp_path / "out" / "errors.json").read_text())
+    assert [Path(e["path"]).name for e in errors] == ["test001.tiff"]
+    with pytest.raises(DatasetError, match=r"no readable TIFF/PNG slices found"):
+        inference_items(tmp_path / "out")
+
+
+def test_check_data_command(ldct_train_dir: Path, ldct_copy: Path) -> None:
+    assert check_dataset(str(ldct_train_dir))["images"] == 32
+    (ldct_copy / "image" / "0002.tif").unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts", "check_data", str(ldct_copy)], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert "0002.tif: named in train.json but the image does not exist" in result.stderr
