@@ -11,9 +11,9 @@ from scripts.data import check_dataset
 def bench(
     profiles: str = "paper,small",
     device: str | None = None,
-    batches: int = 4,
-    iterations: int = 4,
-    rounds: int = 2,
+    batches: int = 6,
+    iterations: int = 3,
+    rounds: int = 3,
     batch_size: int | None = None,
     amp: bool = False,
     output: str | None = None,

@@ -60,22 +60,24 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(step: Callable[[], Any], repeats: int, device: torch.device, rounds: int = 2, warmup: int = 1) -> float:
-    """Seconds per call of ``step``: the best of ``rounds`` rounds of ``repeats`` calls, after ``warmup`` calls.
+def _best_times(
+    baseline: Callable[[], Any], candidate: Callable[[], Any], device: torch.device, rounds: int
+) -> tuple[float, float]:
+    """Best seconds of ``baseline`` and of ``candidate`` over ``rounds`` alternating calls, after one of each.
 
-    The best round is the least disturbed by whatever else the machine is doing.
+    Alternating gives both the same machine conditions, and the best round is the one least
+    disturbed by whatever else the machine is doing.
     """
-    for _ in range(warmup):
-        step()
-    best = float("inf")
-    for _ in range(rounds):
-        _synchronize(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
+    best = [float("inf"), float("inf")]
+    for round_index in range(rounds + 1):  # round 0 warms up: allocator, kernels, worker start-up code
+        for slot, step in enumerate((baseline, candidate)):
+            _synchronize(device)
+            start = time.perf_counter()
             step()
-        _synchronize(device)
-        best = min(best, (time.perf_counter() - start) / repeats)
-    return best
+            _synchronize(device)
+            if round_index:
+                best[slot] = min(best[slot], time.perf_counter() - start)
+    return best[0], best[1]
 
 
 def _autocast(device: torch.device, amp: bool) -> torch.autocast:
@@ -111,8 +113,13 @@ def bench_inference(
         with torch.inference_mode(), _autocast(device, amp):
             model(batch)
 
-    bare = batch_size / _timed(forward, batches, device, rounds)
-    workflow_rate = batches * batch_size / _timed(evaluator.run, 1, device, rounds)
+    def bare_batches() -> None:
+        for _ in range(batches):
+            forward()
+
+    bare_seconds, workflow_seconds = _best_times(bare_batches, evaluator.run, device, rounds)
+    bare = batches * batch_size / bare_seconds
+    workflow_rate = batches * batch_size / workflow_seconds
     return {
         "parameters": count_parameters(model),
         "bare_slices_per_s": bare,
@@ -150,7 +157,6 @@ def bench_training(
     workflow.initialize()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     model = workflow.parser.get_parsed_content("model")
-    trainer_rate = iterations / _timed(trainer.run, 1, device, rounds)  # one epoch = ``iterations`` steps
 
     first = next(iter(workflow.parser.get_parsed_content("train#dataloader")))
     images, labels = first["image"].as_tensor().to(device), first["label"].to(device)
@@ -167,16 +173,21 @@ def bench_training(
         scaler.step(optimizer)
         scaler.update()
 
-    plain_rate = 1.0 / _timed(step, iterations, device, rounds)
+    def plain_epoch() -> None:
+        for _ in range(iterations):
+            step()
+
+    plain_seconds, trainer_seconds = _best_times(plain_epoch, trainer.run, device, rounds)  # an epoch = iterations
+    plain_rate, trainer_rate = iterations / plain_seconds, iterations / trainer_seconds
     return {"plain_it_per_s": plain_rate, "trainer_it_per_s": trainer_rate, "ratio": trainer_rate / plain_rate}
 
 
 def run_benchmark(
     profiles: str | tuple[str, ...] = ("paper", "small"),
     device: str | None = None,
-    batches: int = 4,
-    iterations: int = 4,
-    rounds: int = 2,
+    batches: int = 6,
+    iterations: int = 3,
+    rounds: int = 3,
     batch_size: int | None = None,
     amp: bool = False,
     output: str | None = None,

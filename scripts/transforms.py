@@ -109,6 +109,33 @@ class LoadSliced(MapTransform):
         return d
 
 
+class ResizeSliced(MapTransform):
+    """Resize channel-first slices to ``spatial_size``: bilinear, with PyTorch's anti-aliasing.
+
+    Downscaling (512 -> 256) averages over each output pixel's footprint, as PIL does, about ten
+    times faster than MONAI's Gaussian pre-filter with bilinear ``Resized``; on a CPU that time is
+    taken from the network. Slices already at the size pass through untouched. The source file
+    stays in the meta.
+    """
+
+    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.spatial_size = tuple(int(size) for size in spatial_size)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if tuple(image.shape[-2:]) == self.spatial_size:
+                continue
+            pixels = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+            resized = torch.nn.functional.interpolate(
+                pixels[None].float(), size=self.spatial_size, mode="bilinear", antialias=True, align_corners=False
+            )[0]
+            d[key] = MetaTensor(resized, meta=dict(image.meta)) if isinstance(image, MetaTensor) else resized
+        return d
+
+
 class ScoreToTensord(MapTransform):
     """Turn each key's number into a float32 tensor of shape (1,), the form the losses and metrics take."""
 
