@@ -83,6 +83,32 @@ def scatter_png(predictions: np.ndarray, labels: np.ndarray, metrics: dict[str, 
     return buffer.getvalue()
 
 
+def training_curves_png(epochs: list[dict[str, float]]) -> bytes:
+    """Training loss and validation metrics per epoch (records with ``epoch``, ``loss``, metrics), as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (loss_axes, metric_axes) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
+    numbers = [record["epoch"] for record in epochs]
+    loss_axes.plot(numbers, [record["loss"] for record in epochs], marker="o")
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("training loss (MSE)")
+    for name in ("plcc", "srocc", "krocc"):
+        if epochs and name in epochs[0]:
+            metric_axes.plot(numbers, [record[name] for record in epochs], marker="o", label=name.upper())
+    metric_axes.set_xlabel("epoch")
+    metric_axes.set_ylabel("validation correlation")
+    metric_axes.set_ylim(0, 1)
+    metric_axes.legend(loc="lower right")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
 class PredictionWriter:
     """Write ``predictions.csv`` (file, [label,] prediction), and metrics for labelled data.
 

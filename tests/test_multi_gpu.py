@@ -1,0 +1,56 @@
+"""The multi-GPU overlay, run as users run it (torchrun), with two CPU processes over gloo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from scripts.checkpoints import read_checkpoint
+from tests.conftest import CONFIG_DIR, REPO_ROOT, TINY_NETWORKS
+
+
+def test_two_process_training_writes_one_plain_checkpoint(ldct_train_dir: Path, tmp_path: Path) -> None:
+    configs = [str(CONFIG_DIR / "train.json"), str(CONFIG_DIR / "multi_gpu_train.json")]
+    tiny = [
+        f"--{key} {value!r}" if isinstance(value, dict) else f"--{key} {value}" for key, value in TINY_NETWORKS.items()
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(configs),
+        "--dataset_dir",
+        str(ldct_train_dir),
+        "--ckpt_dir",
+        str(tmp_path / "models"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_epochs",
+        "2",
+        "--pretrained",
+        "False",
+        "--image_size",
+        "64",
+        "--num_workers",
+        "0",
+    ]
+    for option in tiny:
+        key, value = option.split(" ", 1)
+        command += [key, value]
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    state, settings = read_checkpoint(tmp_path / "models" / "model.pt")
+    assert not any(key.startswith("module.") for key in state)  # saved unwrapped from DistributedDataParallel
+    assert settings["f_name"] == "test_efficientnet"
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt"]
