@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import fire
+import sys
 
-from scripts.bench import run_benchmark
-from scripts.data import check_dataset
+import fire
 
 
 def bench(
@@ -19,16 +18,47 @@ def bench(
     output: str | None = None,
 ) -> None:
     """Bundle workflows against bare PyTorch: slices/s and iterations/s, with their ratios."""
+    from scripts.bench import run_benchmark
+
     run_benchmark(profiles, device, batches, iterations, rounds, batch_size, amp, output)
 
 
 def check_data(dataset_dir: str, layout: str = "ldct") -> None:
     """Check a KADID-10k (layout=kadid) or LDCTIQA (layout=ldct) folder; every problem is listed."""
-    check_dataset(dataset_dir, layout)
+    from scripts.data import DatasetError, check_dataset
+
+    try:
+        check_dataset(dataset_dir, layout)
+    except DatasetError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def synth_ct(output_dir: str, n: int = 600, size: int = 256, seed: int = 0, layout: str = "train") -> None:
+    """Simulated low-dose CT slices with simulated radiologists' scores, in the LDCTIQA layout."""
+    from scripts.synth_ct import write_ct_dataset
+
+    print(write_ct_dataset(output_dir, n=n, size=size, seed=seed, layout=layout))
+
+
+def synth_natural(output_dir: str, n_refs: int = 12, size: int = 128, seed: int = 0) -> None:
+    """Distorted photographs with mean opinion scores, in the KADID-10k layout."""
+    from scripts.synth_natural import write_natural_dataset
+
+    print(write_natural_dataset(output_dir, n_refs=n_refs, size=size, seed=seed))
+
+
+def demo(output_dir: str | None = None, seed: int = 0) -> None:
+    """The whole pipeline offline on synthetic data: phase 1, phase 2, evaluation, scoring, baseline."""
+    from scripts.demo import DEFAULT_OUTPUT, run_demo
+
+    run_demo(output_dir or DEFAULT_OUTPUT, seed=seed)
 
 
 def main() -> None:
-    fire.Fire({"bench": bench, "check_data": check_data})
+    fire.Fire(
+        {"bench": bench, "check_data": check_data, "synth_ct": synth_ct, "synth_natural": synth_natural, "demo": demo}
+    )
 
 
 if __name__ == "__main__":

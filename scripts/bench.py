@@ -22,12 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import tifffile
 import torch
 from monai.bundle import ConfigWorkflow
 
 from scripts.checkpoints import save_checkpoint
+from scripts.data import write_json_atomic
 from scripts.networks import build_network, count_parameters
-from scripts.synthetic import write_ldct_dataset
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "bundle" / "configs"
 
@@ -53,6 +55,18 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 NETWORK_KEYS = ("f_name", "s_name", "side", "f_kwargs", "s_kwargs")
+
+
+def write_timing_slices(folder: Path, n: int, size: int, seed: int) -> Path:
+    """``n`` random float32 slices with random scores, in the LDCTIQA training layout: speed needs no content."""
+    rng = np.random.default_rng(seed)
+    (folder / "image").mkdir(parents=True, exist_ok=True)
+    labels = {}
+    for index in range(n):
+        tifffile.imwrite(folder / "image" / f"{index:04d}.tif", rng.random((size, size), dtype=np.float32))
+        labels[f"{index:04d}.tif"] = round(float(rng.integers(0, 21)) / 5, 1)
+    write_json_atomic(folder / "train.json", labels)
+    return folder
 
 
 def _synchronize(device: torch.device) -> None:
@@ -91,7 +105,7 @@ def bench_inference(
     batch_size, image_size = profile["batch_size"], profile["image_size"]
     network = build_network(pretrained=False, **{k: v for k, v in profile.items() if k in NETWORK_KEYS})
     checkpoint = save_checkpoint(workdir / "model.pt", network, image_size)
-    slices = write_ldct_dataset(workdir / "slices", n=batches * batch_size, size=512, seed=0)
+    slices = write_timing_slices(workdir / "slices", n=batches * batch_size, size=512, seed=0)
     workflow = ConfigWorkflow(
         str(CONFIG_DIR / "inference.json"),
         logging_file=False,
@@ -134,7 +148,7 @@ def bench_training(
     """A plain PyTorch loop vs the training workflow's SupervisedTrainer, in iterations/s."""
     batch_size, image_size = profile["batch_size"], profile["image_size"]
     n_train = iterations * batch_size
-    data = write_ldct_dataset(workdir / "labelled", n=n_train + 2, size=image_size, seed=1)
+    data = write_timing_slices(workdir / "labelled", n=n_train + 2, size=image_size, seed=1)
     workflow = ConfigWorkflow(
         str(CONFIG_DIR / "train.json"),
         logging_file=False,

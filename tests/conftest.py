@@ -1,6 +1,7 @@
-"""Shared fixtures: tiny learnable datasets in both layouts, tiny networks, and trained checkpoints.
+"""Shared fixtures: tiny datasets in both layouts, tiny networks, and trained checkpoints.
 
-Everything is made once per test session in a temporary folder; no test downloads anything.
+The datasets come from the demo's own generators (``scripts.synth_natural``, ``scripts.synth_ct``)
+at tiny sizes, made once per test session in a temporary folder; no test downloads anything.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts.synthetic import write_kadid_dataset, write_ldct_dataset
+from scripts.synth_ct import write_ct_dataset
+from scripts.synth_natural import write_natural_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "bundle" / "configs"
@@ -48,20 +50,20 @@ def _run_from_repo_root(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session")
 def ldct_train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LDCTIQA training layout: image/NNNN.tif + train.json, 32 slices of 64 px."""
-    return write_ldct_dataset(tmp_path_factory.mktemp("ldct_train"), n=32, size=64, seed=0)
+    """LDCTIQA training layout: image/NNNN.tif + train.json, 32 simulated low-dose slices of 64 px."""
+    return write_ct_dataset(tmp_path_factory.mktemp("ldct_train"), n=32, size=64, seed=0)
 
 
 @pytest.fixture(scope="session")
 def ldct_test_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """LDCTIQA test layout: images/testNNN.tiff + test.json, 12 slices of 64 px."""
-    return write_ldct_dataset(tmp_path_factory.mktemp("ldct_test"), n=12, size=64, seed=1, layout="test")
+    """LDCTIQA test layout: images/testNNN.tiff + test.json, 12 simulated low-dose slices of 64 px."""
+    return write_ct_dataset(tmp_path_factory.mktemp("ldct_test"), n=12, size=64, seed=1, layout="test")
 
 
 @pytest.fixture(scope="session")
 def kadid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """KADID-10k layout: 4 references x 2 distortion types x 5 levels."""
-    return write_kadid_dataset(tmp_path_factory.mktemp("kadid"), n_refs=4, size=64, seed=0)
+    """KADID-10k layout: 4 references x 2 distortion types (01 blur, 11 white noise) x 5 levels."""
+    return write_natural_dataset(tmp_path_factory.mktemp("kadid"), n_refs=4, size=64, seed=0, kinds=(1, 11))
 
 
 def make_workflow(config_file: str | list[str], workflow_type: str, **overrides: Any) -> ConfigWorkflow:

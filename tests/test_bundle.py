@@ -86,7 +86,20 @@ def test_layout_and_ignored_weights() -> None:
 
 def test_benchmark_prints_both_ratios() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "scripts", "bench", "--profiles", "tiny", "--batches", "2", "--iterations", "2"],
+        [
+            sys.executable,
+            "-m",
+            "scripts",
+            "bench",
+            "--profiles",
+            "tiny",
+            "--batches",
+            "2",
+            "--iterations",
+            "2",
+            "--rounds",
+            "1",
+        ],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,

@@ -107,9 +107,11 @@ def test_kadid_layout_and_its_errors(kadid_dir: Path, tmp_path: Path) -> None:
     assert len(items) == 40 and all(1.0 <= item["label"] <= 5.0 for item in items)
     broken = Path(shutil.copytree(kadid_dir, tmp_path / "kadid"))
     lines = (broken / "dmos.csv").read_text().splitlines()
-    lines[2] = lines[2].replace(lines[2].split(",")[2], "5.5")
+    line = next(i for i, text in enumerate(lines) if text.startswith("I01_01_02.png,"))
+    fields = lines[line].split(",")
+    lines[line] = ",".join([*fields[:2], "5.5", *fields[3:]])
     (broken / "dmos.csv").write_text("\n".join(lines) + "\n")
-    with pytest.raises(DatasetError, match=r"dmos.csv:3 \[I01_01_02.png\]: label 5.5 is outside \[1, 5\]"):
+    with pytest.raises(DatasetError, match=rf"dmos.csv:{line + 1} \[I01_01_02.png\]: label 5.5 is outside \[1, 5\]"):
         kadid_labelled_items(broken)
     (broken / "dmos.csv").write_text("image,score\nI01_01_01.png,3\n")
     with pytest.raises(DatasetError, match=r"missing column\(s\) \['dist_img', 'dmos', 'ref_img'\]"):
