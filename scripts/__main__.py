@@ -48,6 +48,27 @@ def synth_natural(output_dir: str, n_refs: int = 12, size: int = 128, seed: int 
     print(write_natural_dataset(output_dir, n_refs=n_refs, size=size, seed=seed))
 
 
+def score(
+    *paths: str,
+    output_dir: str,
+    ckpt: str = "bundle/models/model.pt",
+    window: tuple[float, float] = (-1000.0, 400.0),
+    device: str | None = None,
+) -> None:
+    """Score DICOM files/folders, NIfTI volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir.
+
+    Exits non-zero when no input could be scored.
+    """
+    from scripts.score import score_paths
+
+    summary = score_paths(paths, output_dir, ckpt=ckpt, window=window, device=device)
+    slices = sum(entry["n_slices"] for entry in summary["series"].values())
+    print(f"scored {slices} slices in {len(summary['series'])} series; {len(summary['errors'])} inputs not scored")
+    print(f"  {output_dir}/scores.csv\n  {output_dir}/summary.json")
+    if not slices:
+        raise SystemExit(1)
+
+
 def demo(output_dir: str | None = None, seed: int = 0) -> None:
     """The whole pipeline offline on synthetic data: phase 1, phase 2, evaluation, scoring, baseline."""
     from scripts.demo import DEFAULT_OUTPUT, run_demo
@@ -57,7 +78,14 @@ def demo(output_dir: str | None = None, seed: int = 0) -> None:
 
 def main() -> None:
     fire.Fire(
-        {"bench": bench, "check_data": check_data, "synth_ct": synth_ct, "synth_natural": synth_natural, "demo": demo}
+        {
+            "bench": bench,
+            "check_data": check_data,
+            "synth_ct": synth_ct,
+            "synth_natural": synth_natural,
+            "score": score,
+            "demo": demo,
+        }
     )
 
 

@@ -26,10 +26,11 @@ from ignite.handlers import ProgressBar
 from monai.bundle import ConfigWorkflow
 
 from scripts.baseline import baseline_scores
+from scripts.ct_io import frames_hu, window_hu
 from scripts.data import ldct_labelled_items, write_json_atomic
 from scripts.handlers import training_curves_png, write_bytes_atomic
 from scripts.metrics import correlations
-from scripts.synth_ct import window_hu, write_ct_dataset
+from scripts.synth_ct import write_ct_dataset
 from scripts.synth_natural import write_natural_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -58,13 +59,12 @@ def real_ct_slice(output_dir: Path) -> Path:
     """A real CT slice from pydicom-data, in Hounsfield units, windowed as LDCTIQA's slices are."""
     import pydicom
     from pydicom.data import get_testdata_file
-    from pydicom.pixels import apply_rescale
 
     source = get_testdata_file(REAL_CT_SLICE)
     if source is None:
         raise FileNotFoundError(f"{REAL_CT_SLICE} not found: install pydicom-data (pip install pydicom-data)")
     dataset = pydicom.dcmread(source)
-    hu = apply_rescale(dataset.pixel_array, dataset).astype(np.float32)
+    hu = frames_hu(dataset)[0]
     output_dir.mkdir(parents=True, exist_ok=True)
     target = output_dir / f"{Path(source).stem}.tif"
     tifffile.imwrite(target, window_hu(hu).astype(np.float32))

@@ -42,7 +42,7 @@ import math
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import tifffile
@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from scripts.ct_io import frames_hu, window_hu
 from scripts.data import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -68,36 +69,7 @@ RATERS, RATER_BIAS_SD, RATER_NOISE_SD = 5, 0.15, 0.5
 BATCH = 32  # slices simulated together
 STREAMS = ("plan", "anatomy", "raters")  # independent random streams of one seed
 
-ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
-
-
-def window_hu(hu: ArrayT, low: float = -1000.0, high: float = 400.0) -> ArrayT:
-    """The LDCTIQA display window: HU in [low, high] -> [0, 1], clipped (works on arrays and tensors)."""
-    scaled = (hu - low) / (high - low)
-    return scaled.clamp(0.0, 1.0) if isinstance(scaled, torch.Tensor) else np.clip(scaled, 0.0, 1.0)
-
-
 # ---------------------------------------------------------------- sources
-
-
-def _rescale(ds: Any, frame: int) -> tuple[float, float]:
-    """Slope and intercept to HU: the dataset's own, else the frame's or the shared functional groups' (enhanced CT)."""
-    if "RescaleSlope" in ds:
-        return float(ds.RescaleSlope), float(ds.get("RescaleIntercept", 0.0))
-    groups = [*ds.get("PerFrameFunctionalGroupsSequence", [])[frame : frame + 1]]
-    groups += ds.get("SharedFunctionalGroupsSequence", [])[:1]
-    for group in groups:
-        if "PixelValueTransformationSequence" in group:
-            item = group.PixelValueTransformationSequence[0]
-            return float(item.RescaleSlope), float(item.RescaleIntercept)
-    return 1.0, 0.0
-
-
-def _frames_hu(ds: Any) -> list[np.ndarray]:
-    """Every frame of a CT dataset, in HU."""
-    pixels = ds.pixel_array.astype(np.float32)
-    frames = pixels if pixels.ndim == 3 else pixels[None]
-    return [frame * slope + intercept for i, frame in enumerate(frames) for slope, intercept in [_rescale(ds, i)]]
 
 
 def _complete_head(hu: np.ndarray, pixel_mm: float) -> np.ndarray:
@@ -125,7 +97,7 @@ def load_sources() -> tuple[np.ndarray, ...]:
         if path is None:
             logger.warning("%s not found (install pydicom-data): synthetic CT uses fewer real slices", name)
             continue
-        for hu in _frames_hu(pydicom.dcmread(path)):
+        for hu in frames_hu(pydicom.dcmread(path)):
             slices.append(np.clip(_complete_head(hu, ECT_PIXEL_MM) if name.startswith("eCT") else hu, -1000, 3000))
     return tuple(s.astype(np.float32) for s in slices)
 

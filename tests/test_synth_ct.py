@@ -11,6 +11,7 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
+from scripts.ct_io import window_hu
 from scripts.data import ldct_labelled_items
 from scripts.synth_ct import (
     fbp,
@@ -23,7 +24,6 @@ from scripts.synth_ct import (
     project,
     rate,
     synthesize_slices,
-    window_hu,
     write_ct_dataset,
 )
 
