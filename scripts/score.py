@@ -85,6 +85,22 @@ def _frame_positions(ds: Any, count: int) -> list[float]:
     return [float(i) for i in range(count)]
 
 
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """Files without file meta (raw datasets) name no transfer syntax: record the encoding they were read with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    ds.file_meta = meta if meta is not None else FileMetaDataset()
+    implicit, little = ds.original_encoding
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
 def read_dicom(path: Path, window: Sequence[float]) -> tuple[str, list[float], list[np.ndarray]]:
     """(series UID, slice positions, windowed slices) of one CT DICOM file; ``InputError`` otherwise."""
     import pydicom
@@ -99,6 +115,7 @@ def read_dicom(path: Path, window: Sequence[float]) -> tuple[str, list[float], l
             raise InputError("not a DICOM file (no DICOM elements found)")
         kind = ds.get("Modality", "") or str(ds.get("SOPClassUID", "unknown"))
         raise InputError(f"no pixel data (a {kind} object, not an image)")
+    _ensure_transfer_syntax(ds)
     modality = str(ds.get("Modality", ""))
     if modality != "CT":
         raise InputError(f"modality {modality or 'missing'} is not CT; only CT is scored")
@@ -195,13 +212,46 @@ class SliceScorer:
         return scores
 
 
+def series_png(entry: Series, scores: Sequence[float]) -> bytes:
+    """The score along the slice axis, with thumbnails of the best and the worst slice, as PNG bytes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    best, worst = int(np.argmax(scores)), int(np.argmin(scores))
+    figure = plt.figure(figsize=(9, 3.2), dpi=100)
+    curve = figure.add_axes((0.07, 0.16, 0.5, 0.72))
+    curve.plot(range(len(scores)), scores, marker="o" if len(scores) < 60 else None)
+    curve.set_ylim(*SCORE_RANGE)
+    curve.set_xlabel("slice index")
+    curve.set_ylabel("score (0 bad .. 4 excellent)")
+    curve.set_title(entry.name[-60:], fontsize=8)
+    for column, (label, index) in enumerate((("best", best), ("worst", worst))):
+        thumbnail = figure.add_axes((0.62 + 0.19 * column, 0.16, 0.17, 0.72))
+        thumbnail.imshow(entry.slices[index], cmap="gray", vmin=0.0, vmax=1.0)
+        thumbnail.set_title(f"{label}: slice {index}, {scores[index]:.2f}", fontsize=8)
+        thumbnail.axis("off")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _plot_name(number: int, name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in Path(name).name)[-60:]
+    return f"series/{number:03d}_{safe}.png"
+
+
 def write_report(output_dir: Path, series: list[Series], scores: list[list[float]], errors: list[dict]) -> dict:
-    """``scores.csv`` and ``summary.json`` in ``output_dir``, atomically; returns the summary."""
+    """``scores.csv``, ``summary.json`` and a plot per series in ``output_dir``, atomically; returns the summary."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["source", "series", "slice_index", "score"])
     summary: dict[str, Any] = {"series": {}, "errors": errors}
-    for entry, values in zip(series, scores, strict=True):
+    for number, (entry, values) in enumerate(zip(series, scores, strict=True)):
+        plot = _plot_name(number, entry.name)
+        write_bytes_atomic(output_dir / plot, series_png(entry, values))
         for index, (source, value) in enumerate(zip(entry.sources, values, strict=True)):
             writer.writerow([source, entry.name, index, f"{value:.4f}"])
         worst = np.argsort(values, kind="stable")[:WORST_LISTED]
@@ -211,6 +261,7 @@ def write_report(output_dir: Path, series: list[Series], scores: list[list[float
             "min": float(np.min(values)),
             "max": float(np.max(values)),
             "worst": [{"slice_index": int(i), "source": entry.sources[i], "score": values[i]} for i in worst],
+            "plot": plot,
         }
     write_bytes_atomic(output_dir / "scores.csv", buffer.getvalue().encode())
     write_json_atomic(output_dir / "summary.json", summary)

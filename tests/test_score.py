@@ -10,6 +10,7 @@ from pathlib import Path
 
 import nibabel
 import numpy as np
+import pydicom
 import pytest
 import tifffile
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -85,6 +86,8 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(checkpoint: Path, mixed_fol
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     series = summary["series"]["1.2.3.4"]
     assert series["min"] <= series["mean"] <= series["max"] and len(series["worst"]) == 3
+    plots = [entry["plot"] for entry in summary["series"].values()]
+    assert len(set(plots)) == 3 and all((tmp_path / plot).read_bytes()[:4] == b"\x89PNG" for plot in plots)
 
 
 def test_dicom_goes_to_hu_then_through_the_window(checkpoint: Path, tmp_path: Path) -> None:
@@ -127,3 +130,13 @@ def test_real_and_enhanced_ct_from_pydicom(checkpoint: Path, tmp_path: Path) -> 
     summary = score_paths([folder], tmp_path / "out", ckpt=checkpoint, device="cpu")
     assert sorted(entry["n_slices"] for entry in summary["series"].values()) == [1, 2]  # the enhanced CT's two frames
     assert summary["errors"] == []
+
+
+def test_dicom_without_preamble_or_file_meta(checkpoint: Path, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(write_dicom(tmp_path / "full.dcm", "CT", "7.7", 0.0, np.full((32, 32), 40.0)))
+    del ds.file_meta
+    ds.preamble = None
+    pydicom.dcmwrite(tmp_path / "raw.dcm", ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
+    assert (tmp_path / "raw.dcm").read_bytes()[128:132] != b"DICM"
+    uid, _, slices = read_dicom(tmp_path / "raw.dcm", window=(-1000.0, 400.0))
+    assert uid == "7.7" and np.allclose(slices[0], 1040.0 / 1400.0)
