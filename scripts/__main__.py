@@ -2,25 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import fire
 
+from scripts.bench import run_benchmark
 
-def bench(
-    profiles: str = "paper,small",
-    device: str | None = None,
-    batches: int = 6,
-    iterations: int = 3,
-    rounds: int = 3,
-    batch_size: int | None = None,
-    amp: bool = False,
-    output: str | None = None,
-) -> None:
-    """Bundle workflows against bare PyTorch: slices/s and iterations/s, with their ratios."""
-    from scripts.bench import run_benchmark
 
-    run_benchmark(profiles, device, batches, iterations, rounds, batch_size, amp, output)
+def _without_result(function: Callable[..., Any]) -> Callable[..., None]:
+    """``function`` for fire, which would otherwise print what it returns after its own report."""
+
+    @functools.wraps(function)
+    def run(*args: Any, **kwargs: Any) -> None:
+        function(*args, **kwargs)
+
+    return run
 
 
 def check_data(dataset_dir: str, layout: str = "ldct") -> None:
@@ -79,7 +78,7 @@ def demo(output_dir: str | None = None, seed: int = 0) -> None:
 def main() -> None:
     fire.Fire(
         {
-            "bench": bench,
+            "bench": _without_result(run_benchmark),
             "check_data": check_data,
             "synth_ct": synth_ct,
             "synth_natural": synth_natural,

@@ -58,13 +58,27 @@ def _batch_sources(batch: Any, size: int, root: Path | None) -> list[str]:
     return relative
 
 
-def scatter_png(predictions: np.ndarray, labels: np.ndarray, metrics: dict[str, float], label_range: tuple) -> bytes:
-    """Predicted against true scores with the metrics in the title, as PNG bytes."""
+def pyplot() -> Any:
+    """matplotlib's pyplot on the headless Agg backend (imported only when a plot is drawn)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    return plt
+
+
+def figure_png(figure: Any) -> bytes:
+    """A figure as PNG bytes, closed afterwards."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def scatter_png(predictions: np.ndarray, labels: np.ndarray, metrics: dict[str, float], label_range: tuple) -> bytes:
+    """Predicted against true scores with the metrics in the title, as PNG bytes."""
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(5, 5), dpi=120)
     axes.scatter(labels, predictions, s=12, alpha=0.6)
     low, high = label_range
@@ -77,19 +91,12 @@ def scatter_png(predictions: np.ndarray, labels: np.ndarray, metrics: dict[str, 
         fontsize=9,
     )
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def training_curves_png(epochs: list[dict[str, float]]) -> bytes:
     """Training loss and validation metrics per epoch (records with ``epoch``, ``loss``, metrics), as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     figure, (loss_axes, metric_axes) = plt.subplots(1, 2, figsize=(9, 3.6), dpi=120)
     numbers = [record["epoch"] for record in epochs]
     loss_axes.plot(numbers, [record["loss"] for record in epochs], marker="o")
@@ -103,10 +110,7 @@ def training_curves_png(epochs: list[dict[str, float]]) -> bytes:
     metric_axes.set_ylim(0, 1)
     metric_axes.legend(loc="lower right")
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 class PredictionWriter:

@@ -33,7 +33,7 @@ from monai.transforms import ScaleIntensity
 from scripts.checkpoints import read_checkpoint
 from scripts.ct_io import HU_WINDOW, frames_hu, window_hu
 from scripts.data import write_json_atomic
-from scripts.handlers import write_bytes_atomic
+from scripts.handlers import figure_png, pyplot, write_bytes_atomic
 from scripts.networks import load_network
 from scripts.transforms import SLICE_SUFFIXES, ImageReadError, ResizeSliced, read_slice
 
@@ -56,6 +56,11 @@ class Series:
     sources: list[str] = field(default_factory=list)
     slices: list[np.ndarray] = field(default_factory=list)
     positions: list[float] = field(default_factory=list)
+
+    def add(self, source: str, slices: list[np.ndarray], positions: list[float]) -> None:
+        self.sources += [source] * len(slices)
+        self.slices += slices
+        self.positions += positions
 
 
 def _files(paths: Iterable[str | Path]) -> list[Path]:
@@ -157,22 +162,16 @@ def read_inputs(paths: Iterable[str | Path], window: Sequence[float] = HU_WINDOW
                 raise InputError("file does not exist")
             if name.endswith(NIFTI_SUFFIXES):
                 slices = read_nifti(path, window)
-                entry = series.setdefault(str(path), Series(str(path)))
-                entry.sources += [str(path)] * len(slices)
-                entry.slices += slices
-                entry.positions += [float(k) for k in range(len(slices))]
+                series.setdefault(str(path), Series(str(path))).add(
+                    str(path), slices, list(map(float, range(len(slices))))
+                )
             elif path.suffix.lower() in SLICE_SUFFIXES:
                 pixels = read_slice(path)
-                entry = series.setdefault(str(path), Series(str(path)))
-                entry.sources.append(str(path))
-                entry.slices.append(pixels if pixels.ndim == 2 else pixels.mean(axis=-1))
-                entry.positions.append(0.0)
+                grey = pixels if pixels.ndim == 2 else pixels.mean(axis=-1)
+                series.setdefault(str(path), Series(str(path))).add(str(path), [grey], [0.0])
             else:
                 uid, positions, slices = read_dicom(path, window)
-                entry = series.setdefault(uid, Series(uid))
-                entry.sources += [str(path)] * len(slices)
-                entry.slices += slices
-                entry.positions += positions
+                series.setdefault(uid, Series(uid)).add(str(path), slices, positions)
         except (InputError, ImageReadError) as error:
             reason = error.reason if isinstance(error, ImageReadError) else str(error)
             logger.warning("not scored: %s: %s", path, reason)
@@ -214,11 +213,7 @@ class SliceScorer:
 
 def series_png(entry: Series, scores: Sequence[float]) -> bytes:
     """The score along the slice axis, with thumbnails of the best and the worst slice, as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
+    plt = pyplot()
     best, worst = int(np.argmax(scores)), int(np.argmin(scores))
     figure = plt.figure(figsize=(9, 3.2), dpi=100)
     curve = figure.add_axes((0.07, 0.16, 0.5, 0.72))
@@ -232,10 +227,7 @@ def series_png(entry: Series, scores: Sequence[float]) -> bytes:
         thumbnail.imshow(entry.slices[index], cmap="gray", vmin=0.0, vmax=1.0)
         thumbnail.set_title(f"{label}: slice {index}, {scores[index]:.2f}", fontsize=8)
         thumbnail.axis("off")
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return figure_png(figure)
 
 
 def _plot_name(number: int, name: str) -> str:
