@@ -1,0 +1,12 @@
+"""The TFKT CT quality bundle's Python package (``scripts.*``), used by the configs in ``configs/``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def bundle_root() -> Path:
+    """The bundle folder (``configs/``, ``models/``, ``docs/``): ``bundle/`` in the repository, or the folder
+    holding this package in an exported Model Zoo bundle."""
+    parent = Path(__file__).resolve().parent.parent
+    return parent / "bundle" if (parent / "bundle" / "configs").is_dir() else parent

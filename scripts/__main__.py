@@ -50,22 +50,45 @@ def synth_natural(output_dir: str, n_refs: int = 12, size: int = 128, seed: int 
 def score(
     *paths: str,
     output_dir: str,
-    ckpt: str = "bundle/models/model.pt",
+    ckpt: str | None = None,
     window: tuple[float, float] = (-1000.0, 400.0),
     device: str | None = None,
 ) -> None:
     """Score DICOM files/folders, NIfTI volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir.
 
-    Exits non-zero when no input could be scored.
+    ``ckpt`` defaults to the bundle's ``models/model.pt``. Exits non-zero when no input could be scored.
     """
+    from scripts import bundle_root
     from scripts.score import score_paths
 
+    ckpt = ckpt or str(bundle_root() / "models" / "model.pt")
     summary = score_paths(paths, output_dir, ckpt=ckpt, window=window, device=device)
     slices = sum(entry["n_slices"] for entry in summary["series"].values())
     print(f"scored {slices} slices in {len(summary['series'])} series; {len(summary['errors'])} inputs not scored")
     print(f"  {output_dir}/scores.csv\n  {output_dir}/summary.json")
     if not slices:
         raise SystemExit(1)
+
+
+def export(
+    output_dir: str,
+    ckpt: str | None = None,
+    metrics: str | None = None,
+    weights_url: str = "",
+    torchscript: bool = True,
+    overwrite: bool = False,
+) -> None:
+    """A self-contained Model Zoo bundle folder (configs, models with model.ts, docs, scripts, LICENSE)."""
+    from scripts.export import ExportError, export_bundle
+
+    try:
+        result = export_bundle(output_dir, ckpt, metrics, weights_url, torchscript, overwrite)
+    except ExportError as error:
+        print(f"export failed: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"exported the bundle to {result['output_dir']}")
+    if result["torchscript_max_difference"] is not None:
+        print(f"  models/model.ts matches the eager network within {result['torchscript_max_difference']:.2g}")
 
 
 def demo(output_dir: str | None = None, seed: int = 0) -> None:
@@ -83,6 +106,7 @@ def main() -> None:
             "synth_ct": synth_ct,
             "synth_natural": synth_natural,
             "score": score,
+            "export": export,
             "demo": demo,
         }
     )

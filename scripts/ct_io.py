@@ -8,6 +8,7 @@ groups.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -37,8 +38,61 @@ def rescale(ds: Any, frame: int = 0) -> tuple[float, float]:
     return 1.0, 0.0
 
 
+def frame_count(ds: Any) -> int:
+    """How many frames a dataset's pixel data holds (1 for a classic slice)."""
+    return int(ds.get("NumberOfFrames", 1) or 1)
+
+
+def frame_hu(ds: Any, index: int = 0) -> np.ndarray:
+    """One frame of a CT dataset in HU; only that frame is decoded (enhanced CT holds several)."""
+    from pydicom.pixels import pixel_array
+
+    pixels = pixel_array(ds, index=index) if frame_count(ds) > 1 else ds.pixel_array
+    slope, intercept = rescale(ds, index)
+    return pixels.astype(np.float32) * slope + intercept
+
+
 def frames_hu(ds: Any) -> list[np.ndarray]:
     """Every frame of a CT dataset, in HU (one for a classic slice, several for enhanced CT)."""
-    pixels = ds.pixel_array.astype(np.float32)
-    frames = pixels if pixels.ndim == 3 else pixels[None]
-    return [frame * slope + intercept for i, frame in enumerate(frames) for slope, intercept in [rescale(ds, i)]]
+    return [frame_hu(ds, index) for index in range(frame_count(ds))]
+
+
+def write_dicom_slice(
+    path: str | Path,
+    hu: np.ndarray | None,
+    series_uid: str,
+    position: float = 0.0,
+    modality: str = "CT",
+    floats: bool = False,
+) -> Path:
+    """Write one slice as a scanner would: uint16 pixels with a rescale to HU (or float32 HU with ``floats``).
+
+    ``hu=None`` writes an object without pixel data. Used by the benchmark's test series and by the tests.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, RTStructureSetStorage, generate_uid
+
+    sop_class = {"CT": CTImageStorage, "MR": MRImageStorage, "RTSTRUCT": RTStructureSetStorage}[modality]
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series_uid, "1.2.3"
+    if hu is not None:
+        ds.Rows, ds.Columns = hu.shape[:2]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.ImagePositionPatient = [0.0, 0.0, float(position)]
+        if floats:
+            ds.BitsAllocated = 32
+            ds.FloatPixelData = hu.astype(np.float32).tobytes()
+        else:
+            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+            ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+            ds.PixelData = np.clip(np.rint(hu + 1024), 0, 65535).astype(np.uint16).tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path

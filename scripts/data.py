@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 
-from scripts.transforms import ImageReadError, find_slices, read_slice
+from scripts.transforms import ImageReadError, read_slice
 
 logger = logging.getLogger(__name__)
 
@@ -227,30 +227,6 @@ def evaluation_items(
             raise DatasetError(problems)
         return items
     return ldct_labelled_items(dataset_dir)
-
-
-def inference_items(dataset_dir: str | Path, output_dir: str | Path | None = None) -> list[dict]:
-    """``[{"image": path}]`` for every readable TIFF/PNG slice under ``dataset_dir``.
-
-    Unreadable slices are skipped, not fatal: each is logged and listed with its reason in
-    ``output_dir/errors.json``, so one bad file never stops the rest.
-    """
-    root = _require_dir(dataset_dir)
-    items, problems = [], []
-    for path in find_slices(root):
-        try:
-            read_slice(path)
-            items.append({"image": str(path)})
-        except ImageReadError as error:
-            logger.warning("skipped %s", error)
-            problems.append({"path": error.path, "reason": error.reason})
-    if output_dir is not None:
-        write_json_atomic(Path(output_dir) / "errors.json", problems)
-    if not items:
-        raise DatasetError(
-            [(str(root), "no readable TIFF/PNG slices found")] + [(p["path"], p["reason"]) for p in problems]
-        )
-    return items
 
 
 def check_dataset(dataset_dir: str, layout: str = "ldct") -> dict[str, Any]:

@@ -19,14 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 import torch
 from ignite.engine import Events
 from ignite.handlers import ProgressBar
 from monai.bundle import ConfigWorkflow
 
+from scripts import bundle_root
 from scripts.baseline import baseline_scores
-from scripts.ct_io import frames_hu, window_hu
 from scripts.data import ldct_labelled_items, write_json_atomic
 from scripts.handlers import training_curves_png, write_bytes_atomic
 from scripts.metrics import correlations
@@ -34,7 +33,7 @@ from scripts.synth_ct import write_ct_dataset
 from scripts.synth_natural import write_natural_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "bundle" / "configs"
+CONFIG_DIR = bundle_root() / "configs"
 DEFAULT_OUTPUT = REPO_ROOT / "demo_outputs"
 REAL_CT_SLICE = "693_UNCI.dcm"  # a 512 x 512 head CT slice shipped by pydicom-data
 STAMP = "generator.json"
@@ -56,19 +55,14 @@ def ensure_dataset(folder: Path, generator: Callable[..., Path], **settings: Any
 
 
 def real_ct_slice(output_dir: Path) -> Path:
-    """A real CT slice from pydicom-data, in Hounsfield units, windowed as LDCTIQA's slices are."""
-    import pydicom
+    """A real CT slice from pydicom-data (a DICOM file in HU), copied to ``output_dir`` for the inference config."""
     from pydicom.data import get_testdata_file
 
     source = get_testdata_file(REAL_CT_SLICE)
     if source is None:
         raise FileNotFoundError(f"{REAL_CT_SLICE} not found: install pydicom-data (pip install pydicom-data)")
-    dataset = pydicom.dcmread(source)
-    hu = frames_hu(dataset)[0]
     output_dir.mkdir(parents=True, exist_ok=True)
-    target = output_dir / f"{Path(source).stem}.tif"
-    tifffile.imwrite(target, window_hu(hu).astype(np.float32))
-    return target
+    return Path(shutil.copyfile(source, output_dir / Path(source).name))
 
 
 class History:

@@ -36,6 +36,16 @@ def _item_source(item: Any) -> str:
     return str((getattr(image, "meta", None) or {}).get("filename_or_obj", ""))
 
 
+def _batch_field(batch: Any, key: str, size: int) -> list[Any]:
+    """Each item's ``key`` (None where absent), from a decollated list of items or a collated dictionary."""
+    if isinstance(batch, dict):
+        values = batch.get(key)
+        if values is None:
+            return [None] * size
+        return [values] * size if isinstance(values, str) else list(values)
+    return [item.get(key) if isinstance(item, dict) else None for item in batch]
+
+
 def _batch_sources(batch: Any, size: int, root: Path | None) -> list[str]:
     """The source file of each item of a batch, from its image's ``filename_or_obj``.
 
@@ -114,7 +124,11 @@ def training_curves_png(epochs: list[dict[str, float]]) -> bytes:
 
 
 class PredictionWriter:
-    """Write ``predictions.csv`` (file, [label,] prediction), and metrics for labelled data.
+    """Write ``predictions.csv`` (file, [slice,] [label,] prediction), and metrics for labelled data.
+
+    Items carrying a ``frame`` (slices of DICOM or NIfTI files) get a ``slice`` column. Items
+    whose ``error`` is set (inputs that could not be read) get no prediction: with
+    ``errors_file`` they are listed there as ``{path, reason}``.
 
     Args:
         output_dir: folder for the outputs.
@@ -123,6 +137,7 @@ class PredictionWriter:
             (evaluation, where metrics use raw values).
         logistic_fit: also report ``plcc_logistic`` (VQEG logistic fit before PLCC).
         label_range: the score scale, for the scatter plot's axes.
+        errors_file: file name in ``output_dir`` for the inputs not scored, or None.
     """
 
     def __init__(
@@ -132,13 +147,16 @@ class PredictionWriter:
         clip_range: tuple[float, float] | None = None,
         logistic_fit: bool = False,
         label_range: tuple[float, float] = (0.0, 4.0),
+        errors_file: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.root = Path(dataset_dir).resolve() if dataset_dir else None
         self.clip_range = clip_range
         self.logistic_fit = logistic_fit
         self.label_range = tuple(label_range)
-        self.rows: list[tuple[str, float | None, float]] = []
+        self.errors_file = errors_file
+        self.rows: list[tuple[str, int | None, float | None, float]] = []
+        self.errors: list[dict[str, str]] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
@@ -147,30 +165,44 @@ class PredictionWriter:
 
     def reset(self, engine: Engine | None = None) -> None:
         self.rows = []
+        self.errors = []
 
     def collect(self, engine: Engine) -> None:
-        outputs = engine.state.output
-        for name, item in zip(_batch_sources(engine.state.batch, len(outputs), self.root), outputs, strict=True):
+        batch, outputs = engine.state.batch, engine.state.output
+        names = _batch_sources(batch, len(outputs), self.root)
+        frames = _batch_field(batch, "frame", len(outputs))
+        errors = _batch_field(batch, "error", len(outputs))
+        for name, frame, error, item in zip(names, frames, errors, outputs, strict=True):
+            if error:
+                entry = {"path": name, "reason": str(error)}
+                if entry not in self.errors:  # a volume's slices share one reason
+                    self.errors.append(entry)
+                continue
             prediction = float(item["pred"].reshape(-1)[0])
             label = item.get("label")
             label_value = None if label is None else float(np.asarray(label.detach().cpu()).reshape(-1)[0])
-            self.rows.append((name, label_value, prediction))
+            self.rows.append((name, None if frame is None else int(frame), label_value, prediction))
 
     def write(self, engine: Engine | None = None) -> dict[str, Any] | None:
-        labelled = bool(self.rows) and all(label is not None for _, label, _ in self.rows)
-        predictions = np.array([p for _, _, p in self.rows], dtype=np.float64)
+        labelled = bool(self.rows) and all(label is not None for _, _, label, _ in self.rows)
+        sliced = any(frame is not None for _, frame, _, _ in self.rows)
+        predictions = np.array([p for *_, p in self.rows], dtype=np.float64)
         if self.clip_range is not None:
             predictions = np.clip(predictions, *self.clip_range)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["file", "label", "prediction"] if labelled else ["file", "prediction"])
-        for (name, label, _), prediction in zip(self.rows, predictions, strict=True):
-            writer.writerow([name, f"{label:.6g}", f"{prediction:.9g}"] if labelled else [name, f"{prediction:.9g}"])
+        writer.writerow(["file"] + ["slice"] * sliced + ["label"] * labelled + ["prediction"])
+        for (name, frame, label, _), prediction in zip(self.rows, predictions, strict=True):
+            row = [name] + [frame] * sliced + ([f"{label:.6g}"] if labelled else []) + [f"{prediction:.9g}"]
+            writer.writerow(row)
         write_bytes_atomic(self.output_dir / "predictions.csv", buffer.getvalue().encode())
         logger.info("wrote %d predictions to %s", len(self.rows), self.output_dir / "predictions.csv")
+        if self.errors_file:
+            write_json_atomic(self.output_dir / self.errors_file, self.errors)
+            logger.info("%d inputs not scored, listed in %s", len(self.errors), self.output_dir / self.errors_file)
         if not labelled or len(self.rows) < 2:
             return None
-        labels = np.array([label for _, label, _ in self.rows], dtype=np.float64)
+        labels = np.array([label for _, _, label, _ in self.rows], dtype=np.float64)
         metrics = self._metrics(engine, predictions, labels)
         write_json_atomic(self.output_dir / "metrics.json", metrics)
         write_bytes_atomic(self.output_dir / "scatter.png", scatter_png(predictions, labels, metrics, self.label_range))

@@ -144,8 +144,3 @@ class ScoreToTensord(MapTransform):
         for key in self.key_iterator(d):
             d[key] = torch.as_tensor(d[key], dtype=torch.float32).reshape(1)
         return d
-
-
-def find_slices(root: str | Path, suffixes: Sequence[str] = SLICE_SUFFIXES) -> list[Path]:
-    """Every slice image under ``root`` (recursively), in a stable order."""
-    return sorted(p for p in Path(root).rglob("*") if p.is_file() and p.suffix.lower() in suffixes)

@@ -84,7 +84,7 @@ def test_layout_and_ignored_weights() -> None:
     assert ignored.stdout.split() == ["bundle/models/model.pt", "bundle/models/pretrain.pt"]
 
 
-def test_benchmark_prints_both_ratios() -> None:
+def test_benchmark_prints_the_three_ratios() -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -99,6 +99,8 @@ def test_benchmark_prints_both_ratios() -> None:
             "2",
             "--rounds",
             "1",
+            "--series_slices",
+            "6",
         ],
         cwd=REPO_ROOT,
         capture_output=True,
@@ -106,4 +108,5 @@ def test_benchmark_prints_both_ratios() -> None:
     )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [line for line in result.stdout.splitlines() if "ratio" in line]
-    assert len(lines) == 2 and lines[0].lstrip().startswith("inference") and lines[1].lstrip().startswith("training")
+    assert [line.split()[0] for line in lines] == ["inference", "DICOM", "training"]
+    assert "a 6-slice series" in lines[1]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import tifffile
 
+from scripts.ct_inputs import inference_items
 from scripts.data import (
     DatasetError,
     check_dataset,
-    inference_items,
     kadid_labelled_items,
     ldct_labelled_items,
     split_items,
@@ -156,15 +156,17 @@ def test_integer_slices_are_scaled_by_their_type(tmp_path: Path) -> None:
     assert tuple(image.shape) == (3, 16, 16) and image.meta["filename_or_obj"].endswith("u16.tif")
 
 
-def test_inference_items_skip_bad_files_and_list_them(ldct_test_dir: Path, tmp_path: Path) -> None:
+def test_inference_items_carry_bad_files_as_errors(ldct_test_dir: Path, tmp_path: Path) -> None:
     folder = Path(shutil.copytree(ldct_test_dir / "images", tmp_path / "slices"))
-    (folder / "test001.tiff").write_bytes(b"truncated")
-    items = inference_items(folder, tmp_path / "out")
-    assert len(items) == 11
-    errors = json.loads((tmp_path / "out" / "errors.json").read_text())
-    assert [Path(e["path"]).name for e in errors] == ["test001.tiff"]
-    with pytest.raises(DatasetError, match=r"no readable TIFF/PNG slices found"):
-        inference_items(tmp_path / "out")
+    (folder / "notes.txt").write_text("not an image")
+    items = inference_items(folder)
+    assert len(items) == 13 and sum(1 for item in items if not item["error"]) == 12
+    assert [(Path(item["image"]).name, item["error"]) for item in items if item["error"]] == [
+        ("notes.txt", "not a DICOM file (no DICOM elements found)")
+    ]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"no scorable CT or slice files found"):
+        inference_items(tmp_path / "empty")
 
 
 def test_check_data_command(ldct_train_dir: Path, ldct_copy: Path) -> None:

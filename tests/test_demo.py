@@ -33,7 +33,8 @@ def test_demo_runs_every_step_and_reports_both_metric_sets(tmp_path: Path, capsy
         assert Path(path).resolve().is_relative_to((tmp_path / "demo").resolve())  # everything under one folder
     with open(result["outputs"]["real_ct_scores"], newline="") as stream:
         rows = list(csv.DictReader(stream))
-    assert [row["file"] for row in rows] == ["693_UNCI.tif"] and 0.0 <= float(rows[0]["prediction"]) <= 4.0
+    assert [(row["file"], row["slice"]) for row in rows] == [("693_UNCI.dcm", "0")]
+    assert 0.0 <= float(rows[0]["prediction"]) <= 4.0
     assert Path(result["outputs"]["training_curves"]).read_bytes()[:4] == b"\x89PNG"
     assert json.loads(Path(result["outputs"]["metrics"]).read_text())["n"] == 10
 

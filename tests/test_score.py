@@ -13,33 +13,53 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, RTStructureSetStorage, generate_uid
+import torch
+from pydicom.data import get_testdata_file
+from pydicom.uid import (
+    CTImageStorage,
+    JPEG2000Lossless,
+    RLELossless,
+)
 
 from scripts.checkpoints import save_checkpoint
+from scripts.ct_inputs import index_inputs, read_scored_slice
+from scripts.ct_io import write_dicom_slice
 from scripts.networks import build_network
-from scripts.score import read_dicom, score_paths
-from tests.conftest import REPO_ROOT, TINY_NETWORKS
+from scripts.score import score_paths
+from tests.conftest import INFERENCE_CONFIG, REPO_ROOT, TINY_NETWORKS, make_workflow
+
+WINDOW = (-1000.0, 400.0)
 
 
-def write_dicom(path: Path, modality: str, series: str, z: float, pixels: np.ndarray | None = None) -> Path:
-    """A minimal DICOM file as a scanner would write it (uint16 with rescale to HU)."""
-    sop_class = {"CT": CTImageStorage, "MR": MRImageStorage, "RTSTRUCT": RTStructureSetStorage}[modality]
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.SeriesInstanceUID, ds.StudyInstanceUID = modality, series, "1.2.3"
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.ImagePositionPatient = [0, 0, z]
-        ds.PixelData = (pixels + 1024).astype(np.uint16).tobytes()
+def write_dicom(
+    path: Path, modality: str, series: str, z: float, pixels: np.ndarray | None = None, floats: bool = False
+) -> Path:
+    return write_dicom_slice(path, pixels, series, z, modality, floats)
+
+
+def write_rgb_ct(path: Path) -> Path:
+    """A CT-labelled file whose pixels are RGB: three samples per pixel, not a CT slice."""
+    ds = pydicom.dcmread(write_dicom(path, "CT", "8.8", 0.0, np.zeros((16, 16))))
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = np.zeros((16, 16, 3), dtype=np.uint8).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_compressed_ct(path: Path, transfer_syntax: str) -> Path:
+    """pydicom's CT_small.dcm re-encoded with a compressed transfer syntax."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.compress(transfer_syntax)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def write_jpeg_lossless_ct(path: Path) -> Path:
+    """pydicom-data's JPEG Lossless (process 14, SV1) image, labelled CT with a rescale to HU."""
+    ds = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
+    ds.Modality, ds.SOPClassUID = "CT", CTImageStorage
+    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -52,15 +72,26 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory: pytest.TempPathFactory, ldct_test_dir: Path) -> Path:
-    """A CT series written out of order, an MR, an RTSTRUCT, a corrupt file, a NIfTI volume and a TIFF slice."""
+    """Every kind of file a PACS export or a research folder holds, good and bad."""
     root = tmp_path_factory.mktemp("mixed")
     rng = np.random.default_rng(0)
     for z in (30.0, 10.0, 20.0):  # file names not in slice order
         write_dicom(root / f"ct_{int(z)}.dcm", "CT", "1.2.3.4", z, rng.normal(40, 20, (48, 48)))
+    truncated = write_dicom(root / "ct_truncated.dcm", "CT", "1.2.3.4", 40.0, rng.normal(40, 20, (48, 48))).read_bytes()
+    (root / "ct_truncated.dcm").write_bytes(truncated[: len(truncated) - 2000])
+    (root / "enhanced.dcm").write_bytes(Path(get_testdata_file("eCT_Supplemental.dcm")).read_bytes())
+    write_compressed_ct(root / "ct_rle.dcm", RLELossless)
+    write_jpeg_lossless_ct(root / "ct_jpeg_lossless.dcm")
     write_dicom(root / "mr.dcm", "MR", "1.2.3.5", 0.0, rng.normal(500, 50, (48, 48)))
     write_dicom(root / "rtstruct.dcm", "RTSTRUCT", "1.2.3.6", 0.0)
+    write_rgb_ct(root / "rgb_ct.dcm")
+    write_dicom(root / "float_inf.dcm", "CT", "1.2.3.7", 0.0, np.where(np.eye(16) > 0, np.inf, 40.0), floats=True)
     (root / "corrupt.dcm").write_bytes(b"\x00" * 50 + b"garbage")
-    nibabel.save(nibabel.Nifti1Image(rng.normal(0, 30, (40, 40, 5)).astype(np.float32), np.eye(4)), root / "vol.nii.gz")
+    volume = rng.normal(0, 30, (40, 40, 5)).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "vol.nii.gz")
+    volume[3, 3, 2] = np.nan
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "vol_nan.nii")
+    nibabel.save(nibabel.Nifti1Image(volume[:, :, 0], np.eye(4)), root / "flat_2d.nii")
     source = sorted((ldct_test_dir / "images").glob("*.tiff"))[0]
     tifffile.imwrite(root / "slice.tif", tifffile.imread(source))
     return root
@@ -68,36 +99,112 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory, ldct_test_dir: Path) 
 
 def test_mixed_folder_scores_ct_and_reports_the_rest(checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
     summary = score_paths([mixed_folder], tmp_path, ckpt=checkpoint, device="cpu")
+    names = ("enhanced.dcm", "ct_rle.dcm", "ct_jpeg_lossless.dcm")
+    series_uid = {name: str(pydicom.dcmread(mixed_folder / name).SeriesInstanceUID) for name in names}
     assert {name: entry["n_slices"] for name, entry in summary["series"].items()} == {
-        "1.2.3.4": 3,
+        "1.2.3.4": 3,  # the truncated fourth slice is reported, the other three scored
+        series_uid["enhanced.dcm"]: 2,  # enhanced CT: two frames
+        series_uid["ct_rle.dcm"]: 1,
+        series_uid["ct_jpeg_lossless.dcm"]: 1,
         str(mixed_folder / "slice.tif"): 1,
         str(mixed_folder / "vol.nii.gz"): 5,
+        str(mixed_folder / "vol_nan.nii"): 4,  # its slice 2 is reported
     }
     reasons = {Path(error["path"]).name: error["reason"] for error in summary["errors"]}
-    assert set(reasons) == {"mr.dcm", "rtstruct.dcm", "corrupt.dcm"}
-    assert reasons["mr.dcm"] == "modality MR is not CT; only CT is scored"
-    assert reasons["rtstruct.dcm"].startswith("no pixel data")
-    assert reasons["corrupt.dcm"].startswith("not a DICOM file") or "readable" in reasons["corrupt.dcm"]
+    assert len(summary["errors"]) == len(reasons)  # one entry per file, even for a volume's many slices
+    assert reasons == {
+        "mr.dcm": "modality MR is not CT; only CT is scored",
+        "rtstruct.dcm": "no pixel data (a RTSTRUCT object, not an image)",
+        "rgb_ct.dcm": "3 samples per pixel: a colour image, not a CT slice (wrong dimensionality)",
+        "float_inf.dcm": "pixel data contains NaN or Inf",
+        "corrupt.dcm": "not a DICOM file (no DICOM elements found)",
+        "vol_nan.nii": "slice 2: pixel data contains NaN or Inf",
+        "flat_2d.nii": "expected a 3-D volume, got shape (40, 40) (wrong dimensionality)",
+        "ct_truncated.dcm": reasons["ct_truncated.dcm"],
+    }
+    assert reasons["ct_truncated.dcm"].startswith("pixel data cannot be decoded")
     with open(tmp_path / "scores.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     ct_rows = [row for row in rows if row["series"] == "1.2.3.4"]
     assert [Path(row["source"]).name for row in ct_rows] == ["ct_10.dcm", "ct_20.dcm", "ct_30.dcm"]  # by position
-    assert len(rows) == 9 and all(0.0 <= float(row["score"]) <= 4.0 for row in rows)
+    assert len(rows) == 17 and all(0.0 <= float(row["score"]) <= 4.0 for row in rows)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     series = summary["series"]["1.2.3.4"]
     assert series["min"] <= series["mean"] <= series["max"] and len(series["worst"]) == 3
     plots = [entry["plot"] for entry in summary["series"].values()]
-    assert len(set(plots)) == 3 and all((tmp_path / plot).read_bytes()[:4] == b"\x89PNG" for plot in plots)
+    assert len(set(plots)) == 7 and all((tmp_path / plot).read_bytes()[:4] == b"\x89PNG" for plot in plots)
+
+
+def test_scores_do_not_depend_on_reading_workers(checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
+    in_process = score_paths([mixed_folder], tmp_path / "a", ckpt=checkpoint, device="cpu", num_workers=0)
+    workers = score_paths([mixed_folder], tmp_path / "b", ckpt=checkpoint, device="cpu", num_workers=2, batch_size=3)
+    assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
+    assert in_process["errors"] == workers["errors"]
+
+
+def test_bundle_inference_config_scores_the_same_files(checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
+    summary = score_paths([mixed_folder], tmp_path / "score", ckpt=checkpoint, device="cpu")
+    workflow = make_workflow(
+        INFERENCE_CONFIG,
+        "inference",
+        checkpoint=str(checkpoint),
+        dataset_dir=str(mixed_folder),
+        output_dir=str(tmp_path / "bundle"),
+        device=torch.device("cpu"),
+        num_workers=0,
+        batch_size=4,
+    )
+    workflow.run()
+    with open(tmp_path / "score" / "scores.csv", newline="") as stream:
+        expected = {(Path(row["source"]).name, float(row["score"])) for row in csv.DictReader(stream)}
+    with open(tmp_path / "bundle" / "predictions.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert {(Path(row["file"]).name, round(float(row["prediction"]), 4)) for row in rows} == expected
+    assert sorted(row["slice"] for row in rows if row["file"] == "enhanced.dcm") == ["0", "1"]
+    errors = json.loads((tmp_path / "bundle" / "errors.json").read_text())
+    assert sorted(map(json.dumps, errors)) == sorted(
+        json.dumps({"path": Path(error["path"]).name, "reason": error["reason"]}) for error in summary["errors"]
+    )
+
+
+@pytest.mark.parametrize("transfer_syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "jpeg2000"])
+def test_compressed_ct_decodes_to_the_same_hu(transfer_syntax: str, tmp_path: Path) -> None:
+    path = write_compressed_ct(tmp_path / "compressed.dcm", transfer_syntax)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == transfer_syntax
+    expected = read_scored_slice(get_testdata_file("CT_small.dcm"), 0, WINDOW)
+    assert np.array_equal(read_scored_slice(path, 0, WINDOW), expected)
+
+
+def test_jpeg_lossless_ct_decodes(tmp_path: Path) -> None:
+    path = write_jpeg_lossless_ct(tmp_path / "jpeg_ll.dcm")
+    original = pydicom.dcmread(get_testdata_file("JPEG-LL.dcm"))
+    pixels = read_scored_slice(path, 0, WINDOW)[0]
+    assert pixels.shape == (original.Rows, original.Columns)
+    hu = original.pixel_array.astype(np.float32) - 1024
+    assert np.allclose(pixels, np.clip((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1))
 
 
 def test_dicom_goes_to_hu_then_through_the_window(checkpoint: Path, tmp_path: Path) -> None:
     path = write_dicom(tmp_path / "flat.dcm", "CT", "9.9", 0.0, np.full((32, 32), 40.0))  # 40 HU everywhere
-    uid, positions, slices = read_dicom(path, window=(-1000.0, 400.0))
-    assert (uid, positions) == ("9.9", [0.0])
-    assert np.allclose(slices[0], 1040.0 / 1400.0)
-    assert np.allclose(read_dicom(path, window=(0.0, 80.0))[2][0], 0.5)
+    items, errors = index_inputs([path])
+    assert errors == [] and [(item["series"], item["position"]) for item in items] == [("9.9", 0.0)]
+    assert np.allclose(read_scored_slice(path, 0, WINDOW), 1040.0 / 1400.0)
+    assert np.allclose(read_scored_slice(path, 0, (0.0, 80.0)), 0.5)
     with pytest.raises(ValueError, match="window must be two HU values"):
         score_paths([path], tmp_path, ckpt=checkpoint, window=(400, -1000))
+
+
+def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
+    volume = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3) - 60
+    flipped = np.diag([-1.0, 1.0, -1.0, 1.0])  # stored left-to-right and top-down: reoriented to RAS
+    nibabel.save(nibabel.Nifti1Image(volume, flipped), tmp_path / "vol.nii")
+    items, _ = index_inputs([tmp_path / "vol.nii"])
+    assert [item["frame"] for item in items] == [0, 1, 2]
+    first = read_scored_slice(tmp_path / "vol.nii", 0, (-100.0, 100.0))[0]
+    ras = volume[::-1, :, ::-1]
+    assert np.allclose(first, (ras[:, :, 0].T[::-1] + 100.0) / 200.0)
+    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 3, 2), np.float32), np.eye(4)), tmp_path / "4d.nii")
+    assert index_inputs([tmp_path / "4d.nii"])[1][0]["reason"].endswith("(wrong dimensionality)")
 
 
 def test_command_exits_non_zero_when_nothing_is_scored(checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
@@ -132,11 +239,12 @@ def test_real_and_enhanced_ct_from_pydicom(checkpoint: Path, tmp_path: Path) -> 
     assert summary["errors"] == []
 
 
-def test_dicom_without_preamble_or_file_meta(checkpoint: Path, tmp_path: Path) -> None:
+def test_dicom_without_preamble_or_file_meta(tmp_path: Path) -> None:
     ds = pydicom.dcmread(write_dicom(tmp_path / "full.dcm", "CT", "7.7", 0.0, np.full((32, 32), 40.0)))
     del ds.file_meta
     ds.preamble = None
     pydicom.dcmwrite(tmp_path / "raw.dcm", ds, enforce_file_format=False, implicit_vr=True, little_endian=True)
     assert (tmp_path / "raw.dcm").read_bytes()[128:132] != b"DICM"
-    uid, _, slices = read_dicom(tmp_path / "raw.dcm", window=(-1000.0, 400.0))
-    assert uid == "7.7" and np.allclose(slices[0], 1040.0 / 1400.0)
+    items, errors = index_inputs([tmp_path / "raw.dcm"])
+    assert errors == [] and items[0]["series"] == "7.7"
+    assert np.allclose(read_scored_slice(tmp_path / "raw.dcm", 0, WINDOW), 1040.0 / 1400.0)

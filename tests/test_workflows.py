@@ -199,7 +199,7 @@ def test_inference_scores_every_readable_slice(trained_bundle: Path, ldct_test_d
     )
     workflow.run()
     rows = _read_csv(output / "predictions.csv")
-    assert list(rows[0]) == ["file", "prediction"]
+    assert list(rows[0]) == ["file", "slice", "prediction"]
     assert sorted(row["file"] for row in rows) == ["nested/grey.png", "slice0.tif", "slice1.tif", "slice2.tif"]
     assert all(0.0 <= float(row["prediction"]) <= 4.0 for row in rows)
     errors = json.loads((output / "errors.json").read_text())

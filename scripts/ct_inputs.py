@@ -1,0 +1,292 @@
+"""Real CT inputs to score: DICOM files and folders, NIfTI volumes and rendered TIFF/PNG slices.
+
+Scoring runs in two steps so that reading can overlap with the network (DataLoader workers):
+
+1. ``index_inputs`` reads headers only. DICOM files (no preamble or file meta needed) are
+   grouped into series by SeriesInstanceUID and sorted by slice position; enhanced (multi-frame)
+   CT gives one item per frame; a NIfTI volume gives one item per axial slice (after
+   reorienting to RAS); a TIFF/PNG file is one already-rendered slice. Each item is
+   ``{"image": path, "frame": k, "series": name, "position": z, "error": ""}``. Inputs that cannot
+   be scored (other modalities, no pixel data, unreadable, wrong dimensionality) are listed as
+   ``{path, reason}`` instead.
+2. ``LoadCTSliced`` reads one item's pixels: CT to HU (rescale slope and intercept), through the
+   training window to [0, 1]. Problems only found in the pixels (truncated or undecodable data,
+   NaN/Inf) are recorded in the item's ``error`` instead of stopping the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+
+from scripts.ct_io import HU_WINDOW, frame_count, frame_hu, window_hu
+from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice, to_channels
+
+logger = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the file while indexing
+PLACEHOLDER_SIZE = 8
+
+
+class InputError(ValueError):
+    """An input that cannot be scored, with the reason."""
+
+
+def find_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The files named, and every file under the folders named, in a stable order."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        found.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
+    return found
+
+
+def _is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(NIFTI_SUFFIXES)
+
+
+def _is_rendered(path: Path) -> bool:
+    return path.suffix.lower() in SLICE_SUFFIXES
+
+
+# --- DICOM -------------------------------------------------------------------------------------
+
+
+def _ensure_transfer_syntax(ds: Any) -> None:
+    """Files without file meta (raw datasets) name no transfer syntax: record the encoding they were read with."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    ds.file_meta = meta if meta is not None else FileMetaDataset()
+    implicit, little = ds.original_encoding
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
+def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
+    """A CT DICOM dataset (pixels left in the file when ``header_only``); ``InputError`` for anything else."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(path, force=True, defer_size=HEADER_DEFER_SIZE if header_only else None)
+    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
+        raise InputError(f"not a readable DICOM file ({type(error).__name__}: {error})") from error
+    if not any(tag in ds for tag in PIXEL_TAGS):
+        if len(ds) == 0 or ("SOPClassUID" not in ds and "Modality" not in ds):
+            raise InputError("not a DICOM file (no DICOM elements found)")
+        kind = ds.get("Modality", "") or str(ds.get("SOPClassUID", "unknown"))
+        raise InputError(f"no pixel data (a {kind} object, not an image)")
+    modality = str(ds.get("Modality", ""))
+    if modality != "CT":
+        raise InputError(f"modality {modality or 'missing'} is not CT; only CT is scored")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if samples != 1:
+        raise InputError(f"{samples} samples per pixel: a colour image, not a CT slice (wrong dimensionality)")
+    if not ds.get("Rows") or not ds.get("Columns"):
+        raise InputError("no Rows/Columns: the pixel data has no 2-D shape")
+    _ensure_transfer_syntax(ds)
+    return ds
+
+
+def _frame_positions(ds: Any, count: int) -> list[float]:
+    """Slice positions along z: per-frame plane positions (enhanced CT), the slice's own, or the order."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+    if len(per_frame) == count and all("PlanePositionSequence" in group for group in per_frame):
+        return [float(group.PlanePositionSequence[0].ImagePositionPatient[2]) for group in per_frame]
+    if count == 1 and "ImagePositionPatient" in ds:
+        return [float(ds.ImagePositionPatient[2])]
+    if count == 1 and "InstanceNumber" in ds:
+        return [float(ds.InstanceNumber)]
+    return [float(i) for i in range(count)]
+
+
+# --- NIfTI -------------------------------------------------------------------------------------
+
+
+def _nifti_image(path: Path) -> Any:
+    """The volume reoriented to RAS (lazily: pixels are not read); ``InputError`` unless it is one 3-D volume."""
+    import nibabel
+
+    try:
+        image = nibabel.as_closest_canonical(nibabel.load(str(path)))
+    except Exception as error:  # nibabel raises several types for corrupt or truncated headers
+        raise InputError(f"not a readable NIfTI volume ({type(error).__name__}: {error})") from error
+    shape = image.shape[:3] if len(image.shape) == 4 and image.shape[3] == 1 else image.shape
+    if len(shape) != 3:
+        raise InputError(f"expected a 3-D volume, got shape {tuple(image.shape)} (wrong dimensionality)")
+    return image
+
+
+@functools.lru_cache(maxsize=1)
+def _nifti_volume(path: str, modified: float) -> np.ndarray:
+    """The whole RAS volume in HU, kept for the next slices of the same file (one per process)."""
+    image = _nifti_image(Path(path))
+    try:
+        volume = np.asarray(image.get_fdata(dtype=np.float32))
+    except Exception as error:  # truncated or corrupt data blocks
+        raise InputError(f"NIfTI pixel data cannot be read ({type(error).__name__}: {error})") from error
+    return volume.reshape(volume.shape[:3])
+
+
+# --- both steps --------------------------------------------------------------------------------
+
+
+def _index_file(path: Path) -> tuple[str, list[float]]:
+    """(series name, slice positions) of one input, from its header."""
+    if not path.is_file():
+        raise InputError("file does not exist")
+    if _is_nifti(path):
+        depth = _nifti_image(path).shape[2]
+        return str(path), [float(k) for k in range(depth)]
+    if _is_rendered(path):
+        return str(path), [0.0]
+    ds = read_dicom_ct(path, header_only=True)
+    series = str(ds.get("SeriesInstanceUID", "")) or f"{path.name} (no SeriesInstanceUID)"
+    return series, _frame_positions(ds, frame_count(ds))
+
+
+def index_inputs(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
+    """Slice items of every scorable input, grouped by series and sorted by position; ``{path, reason}`` for the rest.
+
+    Only headers are read, so this is quick even for large folders.
+    """
+    by_series: dict[str, list[dict]] = {}
+    errors: list[dict] = []
+    for path in find_files(paths):
+        try:
+            series, positions = _index_file(path)
+        except InputError as error:
+            logger.warning("not scored: %s: %s", path, error)
+            errors.append({"path": str(path), "reason": str(error)})
+            continue
+        by_series.setdefault(series, []).extend(
+            {"image": str(path), "frame": frame, "series": series, "position": position, "error": ""}
+            for frame, position in enumerate(positions)
+        )
+    items = [item for group in by_series.values() for item in sorted(group, key=lambda item: item["position"])]
+    return items, errors
+
+
+def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:
+    """The pixels if they are one finite 2-D slice; ``where`` names the slice of a multi-slice file."""
+    if pixels.ndim != 2:
+        raise InputError(f"{where}pixel data has shape {pixels.shape}, not a 2-D slice (wrong dimensionality)")
+    if not np.isfinite(pixels).all():
+        raise InputError(f"{where}pixel data contains NaN or Inf")
+    return pixels
+
+
+def read_scored_slice(
+    path: str | Path, frame: int = 0, window: Sequence[float] = HU_WINDOW, channels: int = 1
+) -> np.ndarray:
+    """One slice as the network sees it before resizing: (channels, H, W) float32 in [0, 1].
+
+    CT (DICOM, NIfTI) goes from HU through ``window``; TIFF/PNG are taken as rendered.
+    Raises ``InputError`` with the reason when the pixels cannot be used.
+    """
+    path = Path(path)
+    low, high = (float(value) for value in window)
+    if _is_rendered(path):
+        try:
+            return to_channels(read_slice(path), channels)
+        except ImageReadError as error:
+            raise InputError(error.reason) from error
+    if _is_nifti(path):
+        volume = _nifti_volume(str(path), path.stat().st_mtime)
+        if not 0 <= frame < volume.shape[2]:
+            raise InputError(f"slice {frame} is outside the volume's {volume.shape[2]} slices")
+        hu = np.ascontiguousarray(volume[:, :, frame].T[::-1])
+        where = f"slice {frame}: "
+    else:
+        ds = read_dicom_ct(path)
+        try:
+            hu = frame_hu(ds, frame)
+        except Exception as error:  # decoders raise many types for truncated or unsupported data
+            raise InputError(f"pixel data cannot be decoded ({type(error).__name__}: {error})") from error
+        where = f"frame {frame}: " if frame_count(ds) > 1 else ""
+    return to_channels(window_hu(_finite_2d(hu, where), low, high).astype(np.float32), channels)
+
+
+class LoadCTSliced(MapTransform):
+    """Replace each key's path with the slice ``frame`` of that file as a channel-first ``MetaTensor``.
+
+    With ``error_key`` set, a slice that cannot be read becomes a small zero placeholder and its
+    reason goes to ``data[error_key]`` (items already carrying an error are passed through the
+    same way), so a DataLoader batch survives one bad file; without it, ``InputError`` is raised.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        window: Sequence[float] = HU_WINDOW,
+        channels: int = 1,
+        frame_key: str = "frame",
+        error_key: str | None = "error",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}")
+        self.window = tuple(float(value) for value in window)
+        if len(self.window) != 2 or self.window[0] >= self.window[1]:
+            raise ValueError(f"window must be two HU values low, high with low < high, got {self.window}")
+        self.channels = channels
+        self.frame_key = frame_key
+        self.error_key = error_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        frame = int(d.get(self.frame_key, 0))
+        for key in self.key_iterator(d):
+            path = str(d[key])
+            error = d.get(self.error_key, "") if self.error_key else ""
+            pixels = None
+            if not error:
+                try:
+                    pixels = read_scored_slice(path, frame, self.window, self.channels)
+                except InputError as caught:
+                    if self.error_key is None:
+                        raise InputError(f"{path}: {caught}") from caught
+                    error = str(caught)
+                    logger.warning("not scored: %s [slice %d]: %s", path, frame, error)
+            if pixels is None:
+                pixels = np.zeros((self.channels, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE), dtype=np.float32)
+            d[key] = MetaTensor(torch.from_numpy(pixels), meta={"filename_or_obj": path, "frame": frame})
+            if self.error_key:
+                d[self.error_key] = error
+        return d
+
+
+def inference_items(dataset_dir: str | Path) -> list[dict]:
+    """Slice items for the bundle's inference config: every input under ``dataset_dir``.
+
+    Inputs that cannot be scored come along as items with their ``error`` set, so the
+    prediction writer lists them in ``errors.json`` next to the scores of the others.
+    """
+    from scripts.data import DatasetError
+
+    root = Path(dataset_dir)
+    if not root.exists():
+        raise DatasetError([(str(root), "folder does not exist")])
+    items, errors = index_inputs([root])
+    if not items:
+        problems = [(error["path"], error["reason"]) for error in errors]
+        raise DatasetError([(str(root), "no scorable CT or slice files found"), *problems])
+    failed = [{"image": e["path"], "frame": 0, "series": "", "position": 0.0, "error": e["reason"]} for e in errors]
+    return items + failed

@@ -1,0 +1,150 @@
+"""Assemble a self-contained MONAI Model Zoo bundle folder from this repository and a trained checkpoint.
+
+``python -m scripts export --output_dir DIST [--ckpt bundle/models/model.pt] [--metrics eval/metrics.json]``
+
+DIST holds what the Model Zoo expects::
+
+    configs/   the bundle's configs, with paths made relative to DIST (run from inside it)
+    models/    model.pt (the checkpoint) and model.ts (TorchScript with metadata and inference config)
+    docs/      the model card, data licence and metadata schema
+    scripts/   this package, which the configs import
+    LICENSE
+    large_files.yml   where to fetch models/* with their sha256 (the weights are not committed)
+
+The metadata records the checkpoint's input size and channels, and, with ``--metrics``, its
+evaluation figures. The folder is built under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scripts import bundle_root
+from scripts.checkpoints import read_checkpoint
+from scripts.networks import load_network
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+CONFIG_FILES = ("metadata.json", "train.json", "pretrain.json", "evaluate.json", "multi_gpu_train.json",
+                "inference.json", "demo.json", "logging.conf")  # fmt: skip
+TORCHSCRIPT_ATOL = 1e-4
+
+
+class ExportError(RuntimeError):
+    """The bundle cannot be exported, with the reason."""
+
+
+def _relative_config(text: str) -> str:
+    """Config text with repository paths (``bundle/...``) made relative to the exported bundle's root."""
+    return text.replace('"bundle_root": "bundle"', '"bundle_root": "."').replace("%bundle/configs/", "%configs/")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _metadata(source: Path, settings: dict[str, Any], metrics: dict[str, float] | None) -> dict[str, Any]:
+    """metadata.json with the checkpoint's input size and channels and, when given, its evaluation metrics."""
+    meta = json.loads(source.read_text())
+    image = meta["network_data_format"]["inputs"]["image"]
+    size = int(settings.get("image_size", image["spatial_shape"][0]))
+    image["spatial_shape"] = [size, size]
+    image["num_channels"] = int(settings.get("in_channels", 1))
+    image["channel_def"] = {str(c): "image" for c in range(image["num_channels"])}
+    if metrics:
+        meta["eval_metrics"] = {name: float(metrics[name]) for name in ("plcc", "srocc", "krocc", "aggregate")}
+    return meta
+
+
+def export_torchscript(dist: Path, checkpoint: Path) -> float:
+    """``models/model.ts`` through ``monai.bundle ckpt_export`` (traced), with the metadata and inference config
+    embedded; returns the largest difference from the eager network on a random batch."""
+    from monai.bundle import ckpt_export
+
+    settings = read_checkpoint(checkpoint)[1]
+    size, channels = int(settings.get("image_size", 512)), int(settings.get("in_channels", 1))
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(dist / "models" / "model.ts"),
+        ckpt_file=str(checkpoint),
+        meta_file=str(dist / "configs" / "metadata.json"),
+        config_file=str(dist / "configs" / "inference.json"),
+        key_in_ckpt="network",
+        use_trace=True,
+        input_shape=[1, channels, size, size],
+        bundle_root=str(dist),
+    )
+    eager = load_network(str(checkpoint), map_location="cpu").eval()
+    scripted = torch.jit.load(str(dist / "models" / "model.ts"), map_location="cpu").eval()
+    batch = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        difference = float((scripted(batch) - eager(batch)).abs().max())
+    if difference > TORCHSCRIPT_ATOL:
+        raise ExportError(f"TorchScript outputs differ from eager by {difference:.3g} (> {TORCHSCRIPT_ATOL})")
+    return difference
+
+
+def _large_files(dist: Path, weights_url: str) -> str:
+    lines = ["# where to fetch the weights (not kept in git); fill in url with where you host them", "large_files:"]
+    for name in ("model.pt", "model.ts"):
+        path = dist / "models" / name
+        if path.is_file():
+            url = f"{weights_url.rstrip('/')}/{name}" if weights_url else ""
+            lines += [f'  - path: "models/{name}"', f'    url: "{url}"', f'    hash_val: "{_sha256(path)}"',
+                      '    hash_type: "sha256"']  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def export_bundle(
+    output_dir: str | Path,
+    ckpt: str | Path | None = None,
+    metrics: str | Path | None = None,
+    weights_url: str = "",
+    torchscript: bool = True,
+    overwrite: bool = False,
+) -> dict[str, Any]:
+    """Write the Model Zoo folder; returns what was written (paths, TorchScript difference)."""
+    source = bundle_root()
+    checkpoint = Path(ckpt) if ckpt else source / "models" / "model.pt"
+    if not checkpoint.is_file():
+        raise ExportError(f"checkpoint {checkpoint} not found: train one first, or give --ckpt FILE")
+    settings = read_checkpoint(checkpoint)[1]
+    dist = Path(output_dir)
+    if dist.exists() and not overwrite:
+        raise ExportError(f"{dist} already exists: choose another --output_dir or pass --overwrite")
+    dist.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dist.name}.", dir=dist.parent))
+    try:
+        (staging / "configs").mkdir()
+        for name in CONFIG_FILES:
+            text = (source / "configs" / name).read_text()
+            if name == "metadata.json":
+                figures = json.loads(Path(metrics).read_text()) if metrics else None
+                text = json.dumps(_metadata(source / "configs" / name, settings, figures), indent=4) + "\n"
+            (staging / "configs" / name).write_text(_relative_config(text))
+        shutil.copytree(source / "docs", staging / "docs")
+        shutil.copytree(PACKAGE_DIR, staging / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        licence = source / "LICENSE" if (source / "LICENSE").is_file() else source.parent / "LICENSE"
+        shutil.copyfile(licence, staging / "LICENSE")
+        (staging / "models").mkdir()
+        shutil.copyfile(checkpoint, staging / "models" / "model.pt")
+        difference = export_torchscript(staging, staging / "models" / "model.pt") if torchscript else None
+        (staging / "large_files.yml").write_text(_large_files(staging, weights_url))
+        if dist.exists():
+            shutil.rmtree(dist)
+        os.replace(staging, dist)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {"output_dir": str(dist), "torchscript_max_difference": difference, "image_size": settings.get("image_size")}
