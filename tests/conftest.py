@@ -13,6 +13,8 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from scripts.checkpoints import save_checkpoint
+from scripts.networks import build_network
 from scripts.synth_ct import write_ct_dataset
 from scripts.synth_natural import write_natural_dataset
 
@@ -109,3 +111,10 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory, ldct_train_dir: Pat
     workflow.finalize()
     assert (root / "model.pt").is_file()
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny TFKT checkpoint at 64 px: enough to run scoring, export and deployment code."""
+    network = build_network(**TINY_NETWORKS).eval()
+    return save_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint") / "model.pt", network, image_size=64)

@@ -21,12 +21,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from scripts.checkpoints import save_checkpoint
 from scripts.ct_inputs import index_inputs, read_scored_slice
 from scripts.ct_io import write_dicom_slice
-from scripts.networks import build_network
 from scripts.score import score_paths
-from tests.conftest import INFERENCE_CONFIG, REPO_ROOT, TINY_NETWORKS, make_workflow
+from tests.conftest import INFERENCE_CONFIG, REPO_ROOT, make_workflow
 
 WINDOW = (-1000.0, 400.0)
 
@@ -65,12 +63,6 @@ def write_jpeg_lossless_ct(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    network = build_network(**TINY_NETWORKS).eval()
-    return save_checkpoint(tmp_path_factory.mktemp("score") / "model.pt", network, image_size=64)
-
-
-@pytest.fixture(scope="module")
 def mixed_folder(tmp_path_factory: pytest.TempPathFactory, ldct_test_dir: Path) -> Path:
     """Every kind of file a PACS export or a research folder holds, good and bad."""
     root = tmp_path_factory.mktemp("mixed")
@@ -97,8 +89,8 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory, ldct_test_dir: Path) 
     return root
 
 
-def test_mixed_folder_scores_ct_and_reports_the_rest(checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
-    summary = score_paths([mixed_folder], tmp_path, ckpt=checkpoint, device="cpu")
+def test_mixed_folder_scores_ct_and_reports_the_rest(tiny_checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
+    summary = score_paths([mixed_folder], tmp_path, ckpt=tiny_checkpoint, device="cpu")
     names = ("enhanced.dcm", "ct_rle.dcm", "ct_jpeg_lossless.dcm")
     series_uid = {name: str(pydicom.dcmread(mixed_folder / name).SeriesInstanceUID) for name in names}
     assert {name: entry["n_slices"] for name, entry in summary["series"].items()} == {
@@ -135,19 +127,23 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(checkpoint: Path, mixed_fol
     assert len(set(plots)) == 7 and all((tmp_path / plot).read_bytes()[:4] == b"\x89PNG" for plot in plots)
 
 
-def test_scores_do_not_depend_on_reading_workers(checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
-    in_process = score_paths([mixed_folder], tmp_path / "a", ckpt=checkpoint, device="cpu", num_workers=0)
-    workers = score_paths([mixed_folder], tmp_path / "b", ckpt=checkpoint, device="cpu", num_workers=2, batch_size=3)
+def test_scores_do_not_depend_on_reading_workers(tiny_checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
+    in_process = score_paths([mixed_folder], tmp_path / "a", ckpt=tiny_checkpoint, device="cpu", num_workers=0)
+    workers = score_paths(
+        [mixed_folder], tmp_path / "b", ckpt=tiny_checkpoint, device="cpu", num_workers=2, batch_size=3
+    )
     assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
     assert in_process["errors"] == workers["errors"]
 
 
-def test_bundle_inference_config_scores_the_same_files(checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
-    summary = score_paths([mixed_folder], tmp_path / "score", ckpt=checkpoint, device="cpu")
+def test_bundle_inference_config_scores_the_same_files(
+    tiny_checkpoint: Path, mixed_folder: Path, tmp_path: Path
+) -> None:
+    summary = score_paths([mixed_folder], tmp_path / "score", ckpt=tiny_checkpoint, device="cpu")
     workflow = make_workflow(
         INFERENCE_CONFIG,
         "inference",
-        checkpoint=str(checkpoint),
+        checkpoint=str(tiny_checkpoint),
         dataset_dir=str(mixed_folder),
         output_dir=str(tmp_path / "bundle"),
         device=torch.device("cpu"),
@@ -184,14 +180,14 @@ def test_jpeg_lossless_ct_decodes(tmp_path: Path) -> None:
     assert np.allclose(pixels, np.clip((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1))
 
 
-def test_dicom_goes_to_hu_then_through_the_window(checkpoint: Path, tmp_path: Path) -> None:
+def test_dicom_goes_to_hu_then_through_the_window(tiny_checkpoint: Path, tmp_path: Path) -> None:
     path = write_dicom(tmp_path / "flat.dcm", "CT", "9.9", 0.0, np.full((32, 32), 40.0))  # 40 HU everywhere
     items, errors = index_inputs([path])
     assert errors == [] and [(item["series"], item["position"]) for item in items] == [("9.9", 0.0)]
     assert np.allclose(read_scored_slice(path, 0, WINDOW), 1040.0 / 1400.0)
     assert np.allclose(read_scored_slice(path, 0, (0.0, 80.0)), 0.5)
     with pytest.raises(ValueError, match="window must be two HU values"):
-        score_paths([path], tmp_path, ckpt=checkpoint, window=(400, -1000))
+        score_paths([path], tmp_path, ckpt=tiny_checkpoint, window=(400, -1000))
 
 
 def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
@@ -207,7 +203,9 @@ def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
     assert index_inputs([tmp_path / "4d.nii"])[1][0]["reason"].endswith("(wrong dimensionality)")
 
 
-def test_command_exits_non_zero_when_nothing_is_scored(checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
+def test_command_exits_non_zero_when_nothing_is_scored(
+    tiny_checkpoint: Path, mixed_folder: Path, tmp_path: Path
+) -> None:
     command = [
         sys.executable,
         "-m",
@@ -217,7 +215,7 @@ def test_command_exits_non_zero_when_nothing_is_scored(checkpoint: Path, mixed_f
         str(mixed_folder / "corrupt.dcm"),
     ]
     result = subprocess.run(
-        [*command, "--output_dir", str(tmp_path), "--ckpt", str(checkpoint), "--device", "cpu"],
+        [*command, "--output_dir", str(tmp_path), "--ckpt", str(tiny_checkpoint), "--device", "cpu"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -227,14 +225,14 @@ def test_command_exits_non_zero_when_nothing_is_scored(checkpoint: Path, mixed_f
     assert len(json.loads((tmp_path / "summary.json").read_text())["errors"]) == 2
 
 
-def test_real_and_enhanced_ct_from_pydicom(checkpoint: Path, tmp_path: Path) -> None:
+def test_real_and_enhanced_ct_from_pydicom(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file
 
     folder = tmp_path / "real"
     folder.mkdir()
     for name in ("CT_small.dcm", "eCT_Supplemental.dcm"):
         (folder / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
-    summary = score_paths([folder], tmp_path / "out", ckpt=checkpoint, device="cpu")
+    summary = score_paths([folder], tmp_path / "out", ckpt=tiny_checkpoint, device="cpu")
     assert sorted(entry["n_slices"] for entry in summary["series"].values()) == [1, 2]  # the enhanced CT's two frames
     assert summary["errors"] == []
 

@@ -1,0 +1,102 @@
+"""The exported Model Zoo folder: self-contained, verified metadata, inference from inside it, TorchScript."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import verify_metadata
+from monai.data import load_net_with_metadata
+from pydicom.data import get_testdata_file
+
+from scripts.export import TORCHSCRIPT_ATOL, ExportError, export_bundle
+from scripts.networks import load_network
+from tests.conftest import REPO_ROOT
+
+
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    # the exported folder must work on its own: its own `scripts` package, found from the working directory
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    metrics = tmp_path_factory.mktemp("metrics") / "metrics.json"
+    metrics.write_text(json.dumps({"plcc": 0.9, "srocc": 0.8, "krocc": 0.7, "aggregate": 2.4, "n": 5}))
+    dist = tmp_path_factory.mktemp("export") / "ct_iqa_tfkt"
+    command = [sys.executable, "-m", "scripts", "export", "--output_dir", str(dist), "--ckpt", str(tiny_checkpoint)]
+    result = _run([*command, "--metrics", str(metrics)], REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "models/model.ts matches the eager network" in result.stdout
+    return dist
+
+
+def test_export_is_a_self_contained_model_zoo_folder(exported: Path, tiny_checkpoint: Path) -> None:
+    assert sorted(p.name for p in exported.iterdir()) == [
+        "LICENSE",
+        "configs",
+        "docs",
+        "large_files.yml",
+        "models",
+        "scripts",
+    ]
+    assert (exported / "models" / "model.pt").read_bytes() == tiny_checkpoint.read_bytes()
+    assert {p.name for p in (exported / "docs").iterdir()} >= {"README.md", "data_license.txt"}
+    assert (exported / "scripts" / "ct_inputs.py").is_file() and not list(exported.rglob("__pycache__"))
+    for config in (exported / "configs").glob("*.json"):
+        assert "bundle/" not in config.read_text(), config.name  # no path into the repository is left
+    large_files = (exported / "large_files.yml").read_text()
+    assert 'path: "models/model.pt"' in large_files and 'hash_type: "sha256"' in large_files
+    meta = json.loads((exported / "configs" / "metadata.json").read_text())
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
+    assert meta["eval_metrics"] == {"plcc": 0.9, "srocc": 0.8, "krocc": 0.7, "aggregate": 2.4}
+    verify_metadata(
+        meta_file=str(exported / "configs" / "metadata.json"),
+        filepath=str(exported / "docs" / "metadata_schema.json"),
+    )
+
+
+def test_inference_runs_from_inside_the_export(exported: Path, tmp_path: Path) -> None:
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    shutil.copyfile(get_testdata_file("CT_small.dcm"), slices / "CT_small.dcm")
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json"]
+    command += ["--meta_file", "configs/metadata.json", "--logging_file", "configs/logging.conf"]
+    result = _run([*command, "--dataset_dir", str(slices), "--output_dir", str(tmp_path / "out")], exported)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "out" / "predictions.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(row["file"], row["slice"]) for row in rows] == [("CT_small.dcm", "0")]
+    # pretraining reaches train.json's sections from inside the export too
+    parse = "from monai.bundle import ConfigParser; p = ConfigParser(); p.read_config('configs/pretrain.json'); "
+    parse += "p.parse(); print(type(p.get('train')).__name__)"
+    result = _run([sys.executable, "-c", parse], exported)
+    assert result.returncode == 0 and result.stdout.strip() == "dict", result.stderr[-3000:]
+
+
+def test_torchscript_embeds_metadata_and_matches_eager(exported: Path) -> None:
+    scripted, meta, extra = load_net_with_metadata(
+        str(exported / "models" / "model.ts"), map_location="cpu", more_extra_files=("inference.json",)
+    )
+    assert meta["version"] == json.loads((exported / "configs" / "metadata.json").read_text())["version"]
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "scripts.networks.load_network"
+    eager = load_network(str(exported / "models" / "model.pt"), map_location="cpu").eval()
+    batch = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        assert torch.allclose(scripted(batch), eager(batch), atol=TORCHSCRIPT_ATOL, rtol=0.0)
+
+
+def test_export_refuses_to_overwrite_and_needs_a_checkpoint(exported: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="already exists: choose another --output_dir or pass --overwrite"):
+        export_bundle(exported, exported / "models" / "model.pt")
+    with pytest.raises(ExportError, match="missing.pt not found: train one first, or give --ckpt FILE"):
+        export_bundle(tmp_path / "dist", tmp_path / "missing.pt")
+    assert not (tmp_path / "dist").exists() and list(tmp_path.iterdir()) == []
