@@ -139,18 +139,9 @@ def write_report(
     for number, entry in enumerate(series):
         plot = _plot_name(number, entry.name)
         write_bytes_atomic(output_dir / plot, series_png(entry, window))
-        sources = [item["image"] for item in entry.items]
-        for index, (source, value) in enumerate(zip(sources, entry.scores, strict=True)):
-            writer.writerow([source, entry.name, index, f"{value:.4f}"])
-        worst = np.argsort(entry.scores, kind="stable")[:WORST_LISTED]
-        summary["series"][entry.name] = {
-            "n_slices": len(entry.scores),
-            "mean": float(np.mean(entry.scores)),
-            "min": float(np.min(entry.scores)),
-            "max": float(np.max(entry.scores)),
-            "worst": [{"slice_index": int(i), "source": sources[i], "score": entry.scores[i]} for i in worst],
-            "plot": plot,
-        }
+        for index, (item, value) in enumerate(zip(entry.items, entry.scores, strict=True)):
+            writer.writerow([item["image"], entry.name, index, f"{value:.4f}"])
+        summary["series"][entry.name] = {**series_summary(entry), "plot": plot}
     write_bytes_atomic(output_dir / "scores.csv", buffer.getvalue().encode())
     write_json_atomic(output_dir / "summary.json", summary)
     return summary
@@ -172,6 +163,26 @@ def group_scores(items: Sequence[dict], results: Sequence[tuple[float | None, st
     return list(series.values()), errors
 
 
+def score_inputs(paths: Sequence[str | Path], scorer: SliceScorer) -> tuple[list[Series], list[dict]]:
+    """Every input scored slice by slice and grouped into series, and ``{path, reason}`` for what was not scored."""
+    items, errors = index_inputs(paths)
+    series, pixel_errors = group_scores(items, scorer(items) if items else [])
+    return series, errors + pixel_errors
+
+
+def series_summary(entry: Series) -> dict[str, Any]:
+    """Slices, mean/min/max score and the worst slices of one scored series."""
+    sources = [item["image"] for item in entry.items]
+    worst = np.argsort(entry.scores, kind="stable")[:WORST_LISTED]
+    return {
+        "n_slices": len(entry.scores),
+        "mean": float(np.mean(entry.scores)),
+        "min": float(np.min(entry.scores)),
+        "max": float(np.max(entry.scores)),
+        "worst": [{"slice_index": int(i), "source": sources[i], "score": entry.scores[i]} for i in worst],
+    }
+
+
 def score_paths(
     paths: Sequence[str | Path],
     output_dir: str | Path,
@@ -181,9 +192,8 @@ def score_paths(
     batch_size: int = 16,
     num_workers: int = 2,
 ) -> dict:
-    """Score every input; returns the summary (``summary["series"]`` is empty when nothing could be scored)."""
+    """Score every input and write the report; returns the summary (``series`` is empty when nothing was scored)."""
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     scorer = SliceScorer(ckpt, device, batch_size, num_workers, window)
-    items, errors = index_inputs(paths)
-    series, pixel_errors = group_scores(items, scorer(items) if items else [])
-    return write_report(Path(output_dir), series, errors + pixel_errors, window)
+    series, errors = score_inputs(paths, scorer)
+    return write_report(Path(output_dir), series, errors, window)
