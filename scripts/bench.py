@@ -172,7 +172,7 @@ def bench_scoring(
     batch_size, image_size = profile["batch_size"], profile["image_size"]
     checkpoint = workdir / "model.pt"  # written by bench_inference for the same profile
     series = write_timing_series(workdir / "series", series_slices)
-    scorer = SliceScorer(checkpoint, device, batch_size=batch_size, num_workers=num_workers)
+    scorer = SliceScorer.from_checkpoint(checkpoint, device, batch_size=batch_size, num_workers=num_workers)
     batches = [
         torch.rand(min(batch_size, series_slices - start), 1, image_size, image_size, device=device)
         for start in range(0, series_slices, batch_size)

@@ -62,27 +62,69 @@ def preprocessing(image_size: int, channels: int = 1, window: Sequence[float] = 
 
 
 class SliceScorer:
-    """The network of a checkpoint behind the bundle's preprocessing; scores are clipped to [0, 4].
+    """A network behind the bundle's preprocessing; scores are clipped to [0, 4].
 
     Slices are read in ``num_workers`` DataLoader workers (0: in this process), so reading
-    and decoding overlap with the network.
+    and decoding overlap with the network. Build one from a checkpoint (``from_checkpoint``) or
+    from a bundle folder's inference config (``from_bundle``: its network, preprocessing and window).
     """
 
     def __init__(
         self,
-        checkpoint: str | Path,
+        network: torch.nn.Module,
+        transform: Compose,
         device: str | torch.device = "cpu",
         batch_size: int = 16,
         num_workers: int = 2,
         window: Sequence[float] = HU_WINDOW,
     ) -> None:
         self.device = torch.device(device)
-        self.network = load_network(str(checkpoint), map_location=self.device).to(self.device).eval()
-        settings = read_checkpoint(checkpoint)[1]
-        size, channels = int(settings.get("image_size", 512)), int(settings.get("in_channels", 1))
-        self.transform = preprocessing(size, channels, window)
+        self.network = network.to(self.device).eval()
+        self.transform = transform
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.window = tuple(float(value) for value in window)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        checkpoint: str | Path,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        num_workers: int = 2,
+        window: Sequence[float] = HU_WINDOW,
+    ) -> SliceScorer:
+        """The network rebuilt from the checkpoint alone, with the preprocessing its recorded settings ask for."""
+        settings = read_checkpoint(checkpoint)[1]
+        size, channels = int(settings.get("image_size", 512)), int(settings.get("in_channels", 1))
+        network = load_network(str(checkpoint), map_location=torch.device(device))
+        return cls(network, preprocessing(size, channels, window), device, batch_size, num_workers, window)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        bundle_dir: str | Path,
+        device: str | torch.device | None = None,
+        batch_size: int = 16,
+        num_workers: int = 2,
+        config_file: str = "configs/inference.json",
+        **overrides: Any,
+    ) -> SliceScorer:
+        """``network_def``, ``preprocessing`` and ``window`` of a bundle's inference config (``models/model.pt``).
+
+        Works for this repository's ``bundle/`` and for an exported Model Zoo folder; ``overrides``
+        replace config ids (``checkpoint=...``, ``window=[...]``).
+        """
+        from monai.bundle import ConfigParser
+
+        device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        parser = ConfigParser()
+        parser.read_config(str(Path(bundle_dir) / config_file))
+        parser.update({"bundle_root": str(bundle_dir), "device": device, **overrides})
+        network = parser.get_parsed_content("network_def")
+        transform = parser.get_parsed_content("preprocessing")
+        window = parser.get_parsed_content("window")
+        return cls(network, transform, device, batch_size, num_workers, window)
 
     @torch.inference_mode()
     def __call__(self, items: Sequence[dict]) -> list[tuple[float | None, str]]:
@@ -194,6 +236,6 @@ def score_paths(
 ) -> dict:
     """Score every input and write the report; returns the summary (``series`` is empty when nothing was scored)."""
     device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
-    scorer = SliceScorer(ckpt, device, batch_size, num_workers, window)
+    scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window)
     series, errors = score_inputs(paths, scorer)
-    return write_report(Path(output_dir), series, errors, window)
+    return write_report(Path(output_dir), series, errors, scorer.window)

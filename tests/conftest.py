@@ -6,6 +6,7 @@ at tiny sizes, made once per test session in a temporary folder; no test downloa
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,24 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory, ldct_train_dir: Pat
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny TFKT checkpoint at 64 px: enough to run scoring, export and deployment code."""
+    """An untrained tiny TFKT checkpoint at 64 px: enough to run scoring, export and deployment code.
+
+    Its head is rescaled so that scores land around 2 and differ between slices (an untrained
+    head gives values just below 0 for every slice, clipped to 0).
+    """
     network = build_network(**TINY_NETWORKS).eval()
+    head = network.s.model.head.fc
+    with torch.no_grad():
+        head.weight.mul_(50.0)
+        head.bias.sub_(network(torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))).mean() - 2.0)
     return save_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint") / "model.pt", network, image_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle folder as deployment code sees one: the repository's configs and the tiny checkpoint as model.pt."""
+    root = tmp_path_factory.mktemp("tiny_bundle")
+    shutil.copytree(CONFIG_DIR, root / "configs")
+    (root / "models").mkdir()
+    shutil.copyfile(tiny_checkpoint, root / "models" / "model.pt")
+    return root
