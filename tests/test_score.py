@@ -132,7 +132,13 @@ def test_scores_do_not_depend_on_reading_workers(tiny_checkpoint: Path, mixed_fo
     workers = score_paths(
         [mixed_folder], tmp_path / "b", ckpt=tiny_checkpoint, device="cpu", num_workers=2, batch_size=3
     )
-    assert (tmp_path / "a" / "scores.csv").read_text() == (tmp_path / "b" / "scores.csv").read_text()
+    rows = {}
+    for name in ("a", "b"):
+        with open(tmp_path / name / "scores.csv", newline="") as stream:
+            rows[name] = list(csv.DictReader(stream))
+    assert [row["source"] for row in rows["a"]] == [row["source"] for row in rows["b"]]
+    # batches of 16 and of 3 round differently in the last float bits; scores.csv keeps 4 decimals
+    assert np.allclose([float(r["score"]) for r in rows["a"]], [float(r["score"]) for r in rows["b"]], atol=2e-4)
     assert in_process["errors"] == workers["errors"]
 
 
