@@ -53,16 +53,19 @@ def score(
     ckpt: str | None = None,
     window: tuple[float, float] = (-1000.0, 400.0),
     device: str | None = None,
+    batch_size: int = 16,
+    num_workers: int = 2,
 ) -> None:
     """Score DICOM files/folders, NIfTI volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir.
 
-    ``ckpt`` defaults to the bundle's ``models/model.pt``. Exits non-zero when no input could be scored.
+    ``ckpt`` defaults to the bundle's ``models/model.pt``; ``num_workers`` processes read slices while the
+    network runs (0: read in this process). Exits non-zero when no input could be scored.
     """
     from scripts import bundle_root
     from scripts.score import score_paths
 
     ckpt = ckpt or str(bundle_root() / "models" / "model.pt")
-    summary = score_paths(paths, output_dir, ckpt=ckpt, window=window, device=device)
+    summary = score_paths(paths, output_dir, ckpt, window, device, batch_size, num_workers)
     slices = sum(entry["n_slices"] for entry in summary["series"].values())
     print(f"scored {slices} slices in {len(summary['series'])} series; {len(summary['errors'])} inputs not scored")
     print(f"  {output_dir}/scores.csv\n  {output_dir}/summary.json")

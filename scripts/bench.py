@@ -119,7 +119,7 @@ def bench_inference(
         logging_file=False,
         workflow_type="inference",
         checkpoint=str(checkpoint),
-        dataset_dir=str(slices),
+        dataset_dir=str(slices / "image"),
         output_dir=str(workdir / "inference"),
         device=device,
         batch_size=batch_size,

@@ -119,12 +119,12 @@ def _frame_positions(ds: Any, count: int) -> list[float]:
 # --- NIfTI -------------------------------------------------------------------------------------
 
 
-def _nifti_image(path: Path) -> Any:
-    """The volume reoriented to RAS (lazily: pixels are not read); ``InputError`` unless it is one 3-D volume."""
+def _nifti_header(path: Path) -> Any:
+    """The NIfTI image with its pixels left in the file; ``InputError`` unless it is one 3-D volume."""
     import nibabel
 
     try:
-        image = nibabel.as_closest_canonical(nibabel.load(str(path)))
+        image = nibabel.load(str(path))
     except Exception as error:  # nibabel raises several types for corrupt or truncated headers
         raise InputError(f"not a readable NIfTI volume ({type(error).__name__}: {error})") from error
     shape = image.shape[:3] if len(image.shape) == 4 and image.shape[3] == 1 else image.shape
@@ -133,12 +133,24 @@ def _nifti_image(path: Path) -> Any:
     return image
 
 
+def _nifti_depth(path: Path) -> int:
+    """How many axial slices the volume has once reoriented to RAS, from the header alone."""
+    import nibabel
+
+    image = _nifti_header(path)
+    axes = nibabel.io_orientation(image.affine)[:, 0]
+    axial = [axis for axis, target in enumerate(axes) if target == 2]
+    return int(image.shape[axial[0]] if axial else image.shape[2])
+
+
 @functools.lru_cache(maxsize=1)
-def _nifti_volume(path: str, modified: float) -> np.ndarray:
+def nifti_volume(path: str, modified: float) -> np.ndarray:
     """The whole RAS volume in HU, kept for the next slices of the same file (one per process)."""
-    image = _nifti_image(Path(path))
+    import nibabel
+
+    image = _nifti_header(Path(path))
     try:
-        volume = np.asarray(image.get_fdata(dtype=np.float32))
+        volume = np.asarray(nibabel.as_closest_canonical(image).get_fdata(dtype=np.float32))
     except Exception as error:  # truncated or corrupt data blocks
         raise InputError(f"NIfTI pixel data cannot be read ({type(error).__name__}: {error})") from error
     return volume.reshape(volume.shape[:3])
@@ -152,8 +164,7 @@ def _index_file(path: Path) -> tuple[str, list[float]]:
     if not path.is_file():
         raise InputError("file does not exist")
     if _is_nifti(path):
-        depth = _nifti_image(path).shape[2]
-        return str(path), [float(k) for k in range(depth)]
+        return str(path), [float(k) for k in range(_nifti_depth(path))]
     if _is_rendered(path):
         return str(path), [0.0]
     ds = read_dicom_ct(path, header_only=True)
@@ -208,7 +219,7 @@ def read_scored_slice(
         except ImageReadError as error:
             raise InputError(error.reason) from error
     if _is_nifti(path):
-        volume = _nifti_volume(str(path), path.stat().st_mtime)
+        volume = nifti_volume(str(path), path.stat().st_mtime)
         if not 0 <= frame < volume.shape[2]:
             raise InputError(f"slice {frame} is outside the volume's {volume.shape[2]} slices")
         hu = np.ascontiguousarray(volume[:, :, frame].T[::-1])

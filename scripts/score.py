@@ -28,7 +28,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, ScaleIntensityd
 
 from scripts.checkpoints import read_checkpoint
-from scripts.ct_inputs import LoadCTSliced, index_inputs, read_scored_slice
+from scripts.ct_inputs import LoadCTSliced, index_inputs, nifti_volume, read_scored_slice
 from scripts.ct_io import HU_WINDOW
 from scripts.data import write_json_atomic
 from scripts.handlers import figure_png, pyplot, write_bytes_atomic
@@ -141,6 +141,7 @@ class SliceScorer:
             scores = self.network(images).clamp(*SCORE_RANGE).flatten().tolist()
             errors = batch["error"]
             results += [(None, error) if error else (score, "") for score, error in zip(scores, errors, strict=True)]
+        nifti_volume.cache_clear()  # the last volume read in this process (num_workers=0)
         return results
 
 

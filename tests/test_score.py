@@ -172,6 +172,25 @@ def test_bundle_inference_config_scores_the_same_files(
     )
 
 
+@pytest.mark.parametrize("modality", ["MR", "US", "CR", "DX", "PT", "MG", "XA"])
+def test_other_modalities_are_reported_not_scored(modality: str, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(write_dicom(tmp_path / "image.dcm", "CT", "5.5", 0.0, np.zeros((16, 16))))
+    ds.Modality = modality
+    ds.save_as(tmp_path / "image.dcm", enforce_file_format=True)
+    items, errors = index_inputs([tmp_path])
+    assert items == [] and errors == [
+        {"path": str(tmp_path / "image.dcm"), "reason": f"modality {modality} is not CT; only CT is scored"}
+    ]
+
+
+@pytest.mark.parametrize("modality", ["RTSTRUCT", "SR", "KO", "PR"])
+def test_objects_without_pixel_data_are_reported(modality: str, tmp_path: Path) -> None:
+    ds = pydicom.dcmread(write_dicom(tmp_path / "object.dcm", "RTSTRUCT", "6.6", 0.0))
+    ds.Modality = modality
+    ds.save_as(tmp_path / "object.dcm", enforce_file_format=True)
+    assert index_inputs([tmp_path])[1][0]["reason"] == f"no pixel data (a {modality} object, not an image)"
+
+
 @pytest.mark.parametrize("transfer_syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "jpeg2000"])
 def test_compressed_ct_decodes_to_the_same_hu(transfer_syntax: str, tmp_path: Path) -> None:
     path = write_compressed_ct(tmp_path / "compressed.dcm", transfer_syntax)
@@ -208,6 +227,11 @@ def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
     first = read_scored_slice(tmp_path / "vol.nii", 0, (-100.0, 100.0))[0]
     ras = volume[::-1, :, ::-1]
     assert np.allclose(first, (ras[:, :, 0].T[::-1] + 100.0) / 200.0)
+    permuted = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # voxel axis 0 is S
+    nibabel.save(nibabel.Nifti1Image(volume, permuted), tmp_path / "permuted.nii")
+    items, _ = index_inputs([tmp_path / "permuted.nii"])
+    assert len(items) == 4  # the header's axis 0 is axial: 4 slices of 3 x 5
+    assert read_scored_slice(tmp_path / "permuted.nii", 3, (-100.0, 100.0)).shape == (1, 5, 3)
     nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 3, 2), np.float32), np.eye(4)), tmp_path / "4d.nii")
     assert index_inputs([tmp_path / "4d.nii"])[1][0]["reason"].endswith("(wrong dimensionality)")
 
