@@ -182,9 +182,10 @@ def index_inputs(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
     for path in find_files(paths):
         try:
             series, positions = _index_file(path)
-        except InputError as error:
-            logger.warning("not scored: %s: %s", path, error)
-            errors.append({"path": str(path), "reason": str(error)})
+        except Exception as error:  # one odd file never stops the others
+            reason = str(error) if isinstance(error, InputError) else f"unreadable ({type(error).__name__}: {error})"
+            logger.warning("not scored: %s: %s", path, reason)
+            errors.append({"path": str(path), "reason": reason})
             continue
         by_series.setdefault(series, []).extend(
             {"image": str(path), "frame": frame, "series": series, "position": position, "error": ""}
@@ -271,10 +272,10 @@ class LoadCTSliced(MapTransform):
             if not error:
                 try:
                     pixels = read_scored_slice(path, frame, self.window, self.channels)
-                except InputError as caught:
+                except Exception as caught:  # one odd file never stops the batch
                     if self.error_key is None:
                         raise InputError(f"{path}: {caught}") from caught
-                    error = str(caught)
+                    error = str(caught) if isinstance(caught, InputError) else f"{type(caught).__name__}: {caught}"
                     logger.warning("not scored: %s [slice %d]: %s", path, frame, error)
             if pixels is None:
                 pixels = np.zeros((self.channels, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE), dtype=np.float32)

@@ -191,6 +191,17 @@ def test_objects_without_pixel_data_are_reported(modality: str, tmp_path: Path) 
     assert index_inputs([tmp_path])[1][0]["reason"] == f"no pixel data (a {modality} object, not an image)"
 
 
+def test_a_malformed_header_is_reported_and_the_rest_indexed(tmp_path: Path) -> None:
+    write_dicom(tmp_path / "good.dcm", "CT", "4.4", 0.0, np.zeros((16, 16)))
+    ds = pydicom.dcmread(write_dicom(tmp_path / "odd.dcm", "CT", "4.4", 1.0, np.zeros((16, 16))))
+    ds.ImagePositionPatient = [0.0, 0.0]  # two coordinates instead of three
+    ds.save_as(tmp_path / "odd.dcm", enforce_file_format=True)
+    items, errors = index_inputs([tmp_path])
+    assert [Path(item["image"]).name for item in items] == ["good.dcm"]
+    assert [Path(error["path"]).name for error in errors] == ["odd.dcm"]
+    assert errors[0]["reason"].startswith("unreadable (IndexError")
+
+
 @pytest.mark.parametrize("transfer_syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "jpeg2000"])
 def test_compressed_ct_decodes_to_the_same_hu(transfer_syntax: str, tmp_path: Path) -> None:
     path = write_compressed_ct(tmp_path / "compressed.dcm", transfer_syntax)
