@@ -28,7 +28,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.ct_io import HU_WINDOW, frame_count, frame_hu, window_hu
+from scripts.ct_io import HU_WINDOW, check_window, frame_count, frame_hu, window_hu
 from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice, to_channels
 
 logger = logging.getLogger(__name__)
@@ -255,9 +255,7 @@ class LoadCTSliced(MapTransform):
         super().__init__(keys, allow_missing_keys)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.window = tuple(float(value) for value in window)
-        if len(self.window) != 2 or self.window[0] >= self.window[1]:
-            raise ValueError(f"window must be two HU values low, high with low < high, got {self.window}")
+        self.window = check_window(window)
         self.channels = channels
         self.frame_key = frame_key
         self.error_key = error_key

@@ -20,7 +20,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from holoscan.conditions import CountCondition
+from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, ConditionType, Fragment, Operator, OperatorSpec
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
 

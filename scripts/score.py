@@ -25,15 +25,13 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import DataLoader, Dataset
-from monai.transforms import Compose, ScaleIntensityd
+from monai.transforms import Compose
 
-from scripts.checkpoints import read_checkpoint
-from scripts.ct_inputs import LoadCTSliced, index_inputs, nifti_volume, read_scored_slice
-from scripts.ct_io import HU_WINDOW
+from scripts import bundle_root
+from scripts.ct_inputs import index_inputs, nifti_volume, read_scored_slice
+from scripts.ct_io import HU_WINDOW, check_window
 from scripts.data import write_json_atomic
 from scripts.handlers import figure_png, pyplot, write_bytes_atomic
-from scripts.networks import load_network
-from scripts.transforms import ResizeSliced
 
 logger = logging.getLogger(__name__)
 
@@ -50,23 +48,14 @@ class Series:
     scores: list[float] = field(default_factory=list)
 
 
-def preprocessing(image_size: int, channels: int = 1, window: Sequence[float] = HU_WINDOW) -> Compose:
-    """The bundle's inference preprocessing (``configs/inference.json``): read + window, resize, min-max scale."""
-    return Compose(
-        [
-            LoadCTSliced("image", window=window, channels=channels),
-            ResizeSliced("image", (image_size, image_size)),
-            ScaleIntensityd("image", minv=0.0, maxv=1.0),
-        ]
-    )
-
-
 class SliceScorer:
     """A network behind the bundle's preprocessing; scores are clipped to [0, 4].
 
     Slices are read in ``num_workers`` DataLoader workers (0: in this process), so reading
-    and decoding overlap with the network. Build one from a checkpoint (``from_checkpoint``) or
-    from a bundle folder's inference config (``from_bundle``: its network, preprocessing and window).
+    and decoding overlap with the network. Both constructors take the network, preprocessing and
+    window from a bundle's inference config, so scoring and ``monai.bundle run`` cannot drift apart:
+    ``from_bundle`` for a bundle folder (its ``models/model.pt``), ``from_checkpoint`` for this
+    bundle with any checkpoint.
     """
 
     def __init__(
@@ -83,7 +72,7 @@ class SliceScorer:
         self.transform = transform
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.window = tuple(float(value) for value in window)
+        self.window = check_window(window)
 
     @classmethod
     def from_checkpoint(
@@ -94,11 +83,10 @@ class SliceScorer:
         num_workers: int = 2,
         window: Sequence[float] = HU_WINDOW,
     ) -> SliceScorer:
-        """The network rebuilt from the checkpoint alone, with the preprocessing its recorded settings ask for."""
-        settings = read_checkpoint(checkpoint)[1]
-        size, channels = int(settings.get("image_size", 512)), int(settings.get("in_channels", 1))
-        network = load_network(str(checkpoint), map_location=torch.device(device))
-        return cls(network, preprocessing(size, channels, window), device, batch_size, num_workers, window)
+        """The bundle's inference config with this checkpoint: the network and the input size it records."""
+        low, high = check_window(window)
+        overrides = {"checkpoint": str(checkpoint), "window": [low, high]}
+        return cls.from_bundle(bundle_root(), device, batch_size, num_workers, **overrides)
 
     @classmethod
     def from_bundle(
