@@ -88,9 +88,10 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
         raise InputError(f"not a readable DICOM file ({type(error).__name__}: {error})") from error
     if not any(tag in ds for tag in PIXEL_TAGS):
-        if len(ds) == 0 or ("SOPClassUID" not in ds and "Modality" not in ds):
+        sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+        if len(ds) == 0 or (sop_class is None and "Modality" not in ds):
             raise InputError("not a DICOM file (no DICOM elements found)")
-        kind = ds.get("Modality", "") or str(ds.get("SOPClassUID", "unknown"))
+        kind = ds.get("Modality", "") or getattr(sop_class, "name", str(sop_class))  # e.g. a DICOMDIR
         raise InputError(f"no pixel data (a {kind} object, not an image)")
     modality = str(ds.get("Modality", ""))
     if modality != "CT":

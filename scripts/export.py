@@ -32,8 +32,6 @@ from scripts.checkpoints import read_checkpoint
 from scripts.networks import load_network
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CONFIG_FILES = ("metadata.json", "train.json", "pretrain.json", "evaluate.json", "multi_gpu_train.json",
-                "inference.json", "demo.json", "logging.conf")  # fmt: skip
 TORCHSCRIPT_ATOL = 1e-4
 
 
@@ -101,8 +99,12 @@ def _large_files(dist: Path, weights_url: str) -> str:
         path = dist / "models" / name
         if path.is_file():
             url = f"{weights_url.rstrip('/')}/{name}" if weights_url else ""
-            lines += [f'  - path: "models/{name}"', f'    url: "{url}"', f'    hash_val: "{_sha256(path)}"',
-                      '    hash_type: "sha256"']  # fmt: skip
+            lines += [
+                f'  - path: "models/{name}"',
+                f'    url: "{url}"',
+                f'    hash_val: "{_sha256(path)}"',
+                '    hash_type: "sha256"',
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -127,12 +129,12 @@ def export_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{dist.name}.", dir=dist.parent))
     try:
         (staging / "configs").mkdir()
-        for name in CONFIG_FILES:
-            text = (source / "configs" / name).read_text()
-            if name == "metadata.json":
+        for config in sorted(p for p in (source / "configs").iterdir() if p.is_file()):
+            text = config.read_text()
+            if config.name == "metadata.json":
                 figures = json.loads(Path(metrics).read_text()) if metrics else None
-                text = json.dumps(_metadata(source / "configs" / name, settings, figures), indent=4) + "\n"
-            (staging / "configs" / name).write_text(_relative_config(text))
+                text = json.dumps(_metadata(config, settings, figures), indent=4) + "\n"
+            (staging / "configs" / config.name).write_text(_relative_config(text))
         shutil.copytree(source / "docs", staging / "docs")
         shutil.copytree(PACKAGE_DIR, staging / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         licence = source / "LICENSE" if (source / "LICENSE").is_file() else source.parent / "LICENSE"

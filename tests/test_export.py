@@ -18,7 +18,7 @@ from pydicom.data import get_testdata_file
 
 from scripts.export import TORCHSCRIPT_ATOL, ExportError, export_bundle
 from scripts.networks import load_network
-from tests.conftest import REPO_ROOT
+from tests.conftest import CONFIG_DIR, REPO_ROOT
 
 
 def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -51,6 +51,7 @@ def test_export_is_a_self_contained_model_zoo_folder(exported: Path, tiny_checkp
     assert (exported / "models" / "model.pt").read_bytes() == tiny_checkpoint.read_bytes()
     assert {p.name for p in (exported / "docs").iterdir()} >= {"README.md", "data_license.txt"}
     assert (exported / "scripts" / "ct_inputs.py").is_file() and not list(exported.rglob("__pycache__"))
+    assert sorted(p.name for p in (exported / "configs").iterdir()) == sorted(p.name for p in CONFIG_DIR.iterdir())
     for config in (exported / "configs").glob("*.json"):
         assert "bundle/" not in config.read_text(), config.name  # no path into the repository is left
     large_files = (exported / "large_files.yml").read_text()

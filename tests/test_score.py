@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -189,6 +190,16 @@ def test_objects_without_pixel_data_are_reported(modality: str, tmp_path: Path) 
     ds.Modality = modality
     ds.save_as(tmp_path / "object.dcm", enforce_file_format=True)
     assert index_inputs([tmp_path])[1][0]["reason"] == f"no pixel data (a {modality} object, not an image)"
+
+
+def test_a_dicomdir_is_reported_by_its_sop_class(tmp_path: Path) -> None:
+    shutil.copyfile(get_testdata_file("DICOMDIR"), tmp_path / "DICOMDIR")
+    assert index_inputs([tmp_path])[1] == [
+        {
+            "path": str(tmp_path / "DICOMDIR"),
+            "reason": "no pixel data (a Media Storage Directory Storage object, not an image)",
+        }
+    ]
 
 
 def test_a_malformed_header_is_reported_and_the_rest_indexed(tmp_path: Path) -> None:
