@@ -84,3 +84,18 @@ def test_monai_deploy_app_scores_the_ct_series(
     expected_mean = np.mean([expected_scores[f"ct_{z}.dcm"] for z in (1, 2, 3)])
     assert ct_series["mean"] == pytest.approx(expected_mean, abs=1e-5)
     assert report["errors"] == []
+
+
+def test_monai_deploy_reads_the_torchscript_bundle(tiny_bundle: Path, tmp_path: Path) -> None:
+    reason = "MONAI Deploy is not installed (optional: pip install monai-deploy-app-sdk highdicom)"
+    pytest.importorskip("monai.deploy.core", reason=reason)
+    from monai.deploy.operators.monai_bundle_inference_operator import get_bundle_config
+
+    from scripts.export import export_torchscript
+
+    bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    assert export_torchscript(bundle, bundle / "models" / "model.pt") <= 1e-4
+    # what the SDK's own bundle inference operator reads from a TorchScript bundle
+    parser = get_bundle_config(str(bundle / "models" / "model.ts"), ["inference"])
+    assert parser.get("window") == [-1000.0, 400.0]
+    assert parser.get("_meta_")["network_data_format"]["inputs"]["image"]["num_channels"] == 1
