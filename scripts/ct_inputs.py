@@ -29,6 +29,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.ct_io import HU_WINDOW, check_window, frame_count, frame_hu, window_hu
+from scripts.data import DatasetError
 from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice, to_channels
 
 logger = logging.getLogger(__name__)
@@ -290,8 +291,6 @@ def inference_items(dataset_dir: str | Path) -> list[dict]:
     Inputs that cannot be scored come along as items with their ``error`` set, so the
     prediction writer lists them in ``errors.json`` next to the scores of the others.
     """
-    from scripts.data import DatasetError
-
     root = Path(dataset_dir)
     if not root.exists():
         raise DatasetError([(str(root), "folder does not exist")])
