@@ -106,13 +106,17 @@ def _autocast(device: torch.device, amp: bool) -> torch.autocast:
     return torch.autocast(device.type, enabled=amp and device.type == "cuda")
 
 
+def profile_checkpoint(profile: dict[str, Any], workdir: Path) -> Path:
+    """A checkpoint of the profile's networks with random weights (never downloaded)."""
+    network = build_network(pretrained=False, **{k: v for k, v in profile.items() if k in NETWORK_KEYS})
+    return save_checkpoint(workdir / "model.pt", network, profile["image_size"])
+
+
 def bench_inference(
-    profile: dict[str, Any], device: torch.device, batches: int, rounds: int, workdir: Path, amp: bool
+    profile: dict[str, Any], checkpoint: Path, device: torch.device, batches: int, rounds: int, workdir: Path, amp: bool
 ) -> dict:
     """Bare forward vs the inference workflow, in slices/s."""
     batch_size, image_size = profile["batch_size"], profile["image_size"]
-    network = build_network(pretrained=False, **{k: v for k, v in profile.items() if k in NETWORK_KEYS})
-    checkpoint = save_checkpoint(workdir / "model.pt", network, image_size)
     slices = write_timing_slices(workdir / "slices", n=batches * batch_size, size=512, seed=0)
     workflow = ConfigWorkflow(
         str(CONFIG_DIR / "inference.json"),
@@ -161,6 +165,7 @@ def write_timing_series(folder: Path, n: int, size: int = 512, seed: int = 0) ->
 
 def bench_scoring(
     profile: dict[str, Any],
+    checkpoint: Path,
     device: torch.device,
     series_slices: int,
     rounds: int,
@@ -170,7 +175,6 @@ def bench_scoring(
 ) -> dict:
     """Bare forward vs scoring a DICOM series from its files (``scripts.score.SliceScorer``), in slices/s."""
     batch_size, image_size = profile["batch_size"], profile["image_size"]
-    checkpoint = workdir / "model.pt"  # written by bench_inference for the same profile
     series = write_timing_series(workdir / "series", series_slices)
     scorer = SliceScorer.from_checkpoint(checkpoint, device, batch_size=batch_size, num_workers=num_workers)
     batches = [
@@ -187,7 +191,8 @@ def bench_scoring(
         with _autocast(device, amp):
             items, errors = index_inputs([series])
             results = scorer(items)
-        assert not errors and all(score is not None for score, _ in results)
+        if errors or any(score is None for score, _ in results):
+            raise RuntimeError(f"the timing series was not fully scored: {errors or results}")
 
     bare_seconds, scoring_seconds = _best_times(bare_forward, score_series, device, rounds)
     bare, scoring = series_slices / bare_seconds, series_slices / scoring_seconds
@@ -277,8 +282,9 @@ def run_benchmark(
         if batch_size:
             profile["batch_size"] = int(batch_size)
         with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as workdir:
-            inference = bench_inference(profile, target, batches, rounds, Path(workdir), amp)
-            scoring = bench_scoring(profile, target, series_slices, rounds, Path(workdir), amp)
+            checkpoint = profile_checkpoint(profile, Path(workdir))
+            inference = bench_inference(profile, checkpoint, target, batches, rounds, Path(workdir), amp)
+            scoring = bench_scoring(profile, checkpoint, target, series_slices, rounds, Path(workdir), amp)
             training = bench_training(profile, target, iterations, rounds, Path(workdir), amp)
         results[name] = {
             "profile": profile,

@@ -44,6 +44,13 @@ class InputError(ValueError):
     """An input that cannot be scored, with the reason."""
 
 
+def add_error(errors: list[dict], path: str, reason: str) -> None:
+    """Add ``{path, reason}`` to ``errors`` unless it is there already (a volume's slices share one reason)."""
+    entry = {"path": str(path), "reason": reason}
+    if entry not in errors:
+        errors.append(entry)
+
+
 def find_files(paths: Iterable[str | Path]) -> list[Path]:
     """The files named, and every file under the folders named, in a stable order."""
     found: list[Path] = []
@@ -187,7 +194,7 @@ def index_inputs(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
         except Exception as error:  # one odd file never stops the others
             reason = str(error) if isinstance(error, InputError) else f"unreadable ({type(error).__name__}: {error})"
             logger.warning("not scored: %s: %s", path, reason)
-            errors.append({"path": str(path), "reason": reason})
+            add_error(errors, str(path), reason)
             continue
         by_series.setdefault(series, []).extend(
             {"image": str(path), "frame": frame, "series": series, "position": position, "error": ""}
@@ -279,7 +286,7 @@ class LoadCTSliced(MapTransform):
                     logger.warning("not scored: %s [slice %d]: %s", path, frame, error)
             if pixels is None:
                 pixels = np.zeros((self.channels, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE), dtype=np.float32)
-            d[key] = MetaTensor(torch.from_numpy(pixels), meta={"filename_or_obj": path, "frame": frame})
+            d[key] = MetaTensor(torch.from_numpy(pixels), meta={"filename_or_obj": path})
             if self.error_key:
                 d[self.error_key] = error
         return d

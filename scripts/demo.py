@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from ignite.engine import Events
 from ignite.handlers import ProgressBar
 from monai.bundle import ConfigWorkflow
@@ -92,7 +91,7 @@ def run_phase(config_files: list[str], run_id: str, label: str, **overrides: Any
     )
     workflow.initialize()
     history = History()
-    if run_id != "evaluating":
+    if run_id in ("pretraining", "training"):
         trainer = workflow.parser.get_parsed_content("train#trainer")
         evaluator = workflow.parser.get_parsed_content("validate#evaluator")
         ProgressBar(desc=label, persist=True).attach(trainer, output_transform=lambda out: {"loss": out[0]["loss"]})
@@ -185,18 +184,15 @@ def run_demo(
     print("5/6 scoring a real CT slice", flush=True)
     slice_dir = out / "real_ct"
     real_ct_slice(slice_dir)
-    inference = ConfigWorkflow(
-        str(CONFIG_DIR / "inference.json"),
-        logging_file=False,
-        workflow_type="inference",
+    run_phase(
+        [str(CONFIG_DIR / "inference.json")],
+        "inference",
+        "scoring",
         checkpoint=str(models / "model.pt"),
         dataset_dir=str(slice_dir),
         output_dir=str(out / "inference"),
         num_workers=0,
-        device=torch.device("cpu") if not torch.cuda.is_available() else torch.device("cuda:0"),
     )
-    inference.initialize()
-    inference.run()
 
     print("6/6 no-learning baseline on the same held-out slices", flush=True)
     items = ldct_labelled_items(ct_heldout)

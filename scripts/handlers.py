@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from ignite.engine import Engine, Events
 
+from scripts.ct_inputs import add_error
 from scripts.data import write_json_atomic
 from scripts.metrics import METRIC_NAMES, correlations, logistic_plcc
 
@@ -174,9 +175,7 @@ class PredictionWriter:
         errors = _batch_field(batch, "error", len(outputs))
         for name, frame, error, item in zip(names, frames, errors, outputs, strict=True):
             if error:
-                entry = {"path": name, "reason": str(error)}
-                if entry not in self.errors:  # a volume's slices share one reason
-                    self.errors.append(entry)
+                add_error(self.errors, name, str(error))
                 continue
             prediction = float(item["pred"].reshape(-1)[0])
             label = item.get("label")

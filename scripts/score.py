@@ -28,7 +28,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 
 from scripts import bundle_root
-from scripts.ct_inputs import index_inputs, nifti_volume, read_scored_slice
+from scripts.ct_inputs import add_error, index_inputs, nifti_volume, read_scored_slice
 from scripts.ct_io import HU_WINDOW, check_window
 from scripts.data import write_json_atomic
 from scripts.handlers import figure_png, pyplot, write_bytes_atomic
@@ -78,7 +78,7 @@ class SliceScorer:
     def from_checkpoint(
         cls,
         checkpoint: str | Path,
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
         batch_size: int = 16,
         num_workers: int = 2,
         window: Sequence[float] = HU_WINDOW,
@@ -184,9 +184,7 @@ def group_scores(items: Sequence[dict], results: Sequence[tuple[float | None, st
     errors: list[dict] = []
     for item, (score, reason) in zip(items, results, strict=True):
         if score is None:
-            error = {"path": item["image"], "reason": reason}
-            if error not in errors:
-                errors.append(error)
+            add_error(errors, item["image"], reason)
             continue
         entry = series.setdefault(item["series"], Series(item["series"]))
         entry.items.append(item)
@@ -224,7 +222,6 @@ def score_paths(
     num_workers: int = 2,
 ) -> dict:
     """Score every input and write the report; returns the summary (``series`` is empty when nothing was scored)."""
-    device = device or ("cuda:0" if torch.cuda.is_available() else "cpu")
     scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window)
     series, errors = score_inputs(paths, scorer)
     return write_report(Path(output_dir), series, errors, scorer.window)

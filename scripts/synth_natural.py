@@ -40,7 +40,7 @@ import csv
 import io
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import MappingProxyType
@@ -279,13 +279,19 @@ def _count(coverage: float, side: int, image: np.ndarray) -> int:
     return max(1, round(coverage * image.shape[0] * image.shape[1] / side**2))
 
 
+def _squares(image: np.ndarray, side: int, coverage: float, rng: np.random.Generator) -> Iterator[tuple[int, int]]:
+    """Top-left corners of random ``side`` x ``side`` squares covering about ``coverage`` of the image."""
+    height, width = image.shape[:2]
+    for _ in range(_count(coverage, side, image)):
+        yield int(rng.integers(0, height - side)), int(rng.integers(0, width - side))
+
+
 def _non_eccentricity_patch(image: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
     """Small patches copied onto nearby positions."""
     height, width = image.shape[:2]
     side = max(3, min(height, width) // 12)
     damaged = image.copy()
-    for _ in range(_count(_pick((0.03, 0.08, 0.16, 0.27, 0.42), level), side, image)):
-        row, col = rng.integers(0, height - side), rng.integers(0, width - side)
+    for row, col in _squares(image, side, _pick((0.03, 0.08, 0.16, 0.27, 0.42), level), rng):
         to_row = int(np.clip(row + rng.integers(-3 * side, 3 * side + 1), 0, height - side))
         to_col = int(np.clip(col + rng.integers(-3 * side, 3 * side + 1), 0, width - side))
         damaged[to_row : to_row + side, to_col : to_col + side] = image[row : row + side, col : col + side]
@@ -308,11 +314,9 @@ def _quantization(image: np.ndarray, level: int, rng: np.random.Generator) -> np
 
 def _color_block(image: np.ndarray, level: int, rng: np.random.Generator) -> np.ndarray:
     """Solid squares of random colours pasted at random positions."""
-    height, width = image.shape[:2]
-    side = max(3, min(height, width) // 10)
+    side = max(3, min(image.shape[:2]) // 10)
     blocked = image.copy()
-    for _ in range(_count(_pick((0.02, 0.05, 0.1, 0.17, 0.27), level), side, image)):
-        row, col = rng.integers(0, height - side), rng.integers(0, width - side)
+    for row, col in _squares(image, side, _pick((0.02, 0.05, 0.1, 0.17, 0.27), level), rng):
         blocked[row : row + side, col : col + side] = rng.random(3)
     return blocked
 
