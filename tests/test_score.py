@@ -280,6 +280,23 @@ def test_command_exits_non_zero_when_nothing_is_scored(
     assert len(json.loads((tmp_path / "summary.json").read_text())["errors"]) == 2
 
 
+def test_command_exits_zero_when_something_is_scored(tiny_checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
+    # lung (-700 HU) beside soft tissue: the window (-160, 240) clips the lung, the default one does not
+    hu = np.where(np.arange(48)[None, :] < 24, -700.0, 60.0) + np.random.default_rng(1).normal(0, 20, (48, 48))
+    ct = write_dicom(tmp_path / "lung_tissue.dcm", "CT", "3.3", 0.0, hu)
+    command = [sys.executable, "-m", "scripts", "score", str(ct), str(mixed_folder / "mr.dcm")]
+    command += ["--output_dir", str(tmp_path / "out"), "--ckpt", str(tiny_checkpoint), "--device", "cpu"]
+    result = subprocess.run([*command, "--window=-160,240"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "scored 1 slices in 1 series; 1 inputs not scored" in result.stdout
+    written = json.loads((tmp_path / "out" / "summary.json").read_text())["series"]["3.3"]["mean"]
+    windowed, default = (
+        score_paths([ct], tmp_path / str(window), tiny_checkpoint, window, "cpu")["series"]["3.3"]["mean"]
+        for window in ((-160, 240), (-1000, 400))
+    )
+    assert written == pytest.approx(windowed, abs=1e-6) and abs(written - default) > 1e-4  # the flag reached scoring
+
+
 def test_real_and_enhanced_ct_from_pydicom(tiny_checkpoint: Path, tmp_path: Path) -> None:
     from pydicom.data import get_testdata_file
 
