@@ -10,3 +10,8 @@ def bundle_root() -> Path:
     holding this package in an exported Model Zoo bundle."""
     parent = Path(__file__).resolve().parent.parent
     return parent / "bundle" if (parent / "bundle" / "configs").is_dir() else parent
+
+
+def demo_output() -> Path:
+    """Where ``python -m scripts demo`` writes by default (its model is ``models/model.pt`` there)."""
+    return Path(__file__).resolve().parent.parent / "demo_outputs"

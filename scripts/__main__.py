@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import fire
@@ -20,6 +21,24 @@ def _without_result(function: Callable[..., Any]) -> Callable[..., None]:
         function(*args, **kwargs)
 
     return run
+
+
+def _checkpoint_or_exit(ckpt: str | None) -> str:
+    """``ckpt``, or the default model (saying which); one line and exit 1 when there is none."""
+    from scripts.checkpoints import default_checkpoint
+
+    if ckpt:
+        if not Path(ckpt).is_file():
+            print(f"checkpoint {ckpt} not found: pass the path of a model.pt (or omit --ckpt)", file=sys.stderr)
+            raise SystemExit(1)
+        return ckpt
+    try:
+        path, what = default_checkpoint()
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
+    print(f"using {what}: {path} (pass --ckpt FILE for another)")
+    return str(path)
 
 
 def check_data(dataset_dir: str, layout: str = "ldct") -> None:
@@ -58,19 +77,47 @@ def score(
 ) -> None:
     """Score DICOM files/folders, NIfTI volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir.
 
-    ``ckpt`` defaults to the bundle's ``models/model.pt``; ``num_workers`` processes read slices while the
-    network runs (0: read in this process). Exits non-zero when no input could be scored.
+    ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names);
+    ``num_workers`` processes read slices while the network runs (0: read in this process). Exits
+    non-zero when no input could be scored.
     """
-    from scripts import bundle_root
     from scripts.score import score_paths
 
-    ckpt = ckpt or str(bundle_root() / "models" / "model.pt")
+    ckpt = _checkpoint_or_exit(ckpt)
     summary = score_paths(paths, output_dir, ckpt, window, device, batch_size, num_workers)
     slices = sum(entry["n_slices"] for entry in summary["series"].values())
     print(f"scored {slices} slices in {len(summary['series'])} series; {len(summary['errors'])} inputs not scored")
     print(f"  {output_dir}/scores.csv\n  {output_dir}/summary.json")
     if not slices:
         raise SystemExit(1)
+
+
+def realcheck(
+    ckpt: str | None = None,
+    output_dir: str | None = None,
+    size: int | None = None,
+    seed: int = 0,
+    device: str | None = None,
+    batch_size: int = 16,
+) -> None:
+    """Does the model rank real CT slices (never used in training) by dose? Model and noise baseline side by side.
+
+    Three real slices from pydicom-data, dose lowered in the projection domain (fewer photons; fewer
+    views), scored through the scoring path. ``ckpt`` defaults to the bundle's ``models/model.pt``, else the
+    demo's model (which it names); ``size`` resamples the slices (default: their own 512 px);
+    ``output_dir`` gets ``realcheck.json``.
+    """
+    from scripts.realcheck import RealCheckError, realcheck_lines, run_realcheck
+
+    ckpt = _checkpoint_or_exit(ckpt)
+    try:
+        result = run_realcheck(ckpt, output_dir, size, seed, device, batch_size)
+    except RealCheckError as error:
+        print(f"real-data check failed: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print("\n".join(realcheck_lines(result)))
+    if output_dir:
+        print(f"  {output_dir}/realcheck.json")
 
 
 def export(
@@ -109,6 +156,7 @@ def main() -> None:
             "synth_ct": synth_ct,
             "synth_natural": synth_natural,
             "score": score,
+            "realcheck": realcheck,
             "export": export,
             "demo": demo,
         }

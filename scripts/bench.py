@@ -191,7 +191,7 @@ def bench_scoring(
         with _autocast(device, amp):
             items, errors = index_inputs([series])
             results = scorer(items)
-        if errors or any(score is None for score, _ in results):
+        if errors or any(score is None for score, _, _ in results):
             raise RuntimeError(f"the timing series was not fully scored: {errors or results}")
 
     bare_seconds, scoring_seconds = _best_times(bare_forward, score_series, device, rounds)

@@ -21,13 +21,14 @@ class SettingsRecord:
     Used in ``CheckpointSaver``'s ``save_dict`` beside the network.
     """
 
-    def __init__(self, network: nn.Module, image_size: int) -> None:
+    def __init__(self, network: nn.Module, image_size: int | None) -> None:
         self.network = network
         self.image_size = image_size
 
     def state_dict(self) -> dict[str, Any]:
         model = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
-        return {**model.settings, "image_size": int(self.image_size)}
+        size = None if self.image_size is None else int(self.image_size)  # None: the slice's own size (crops)
+        return {**model.settings, "image_size": size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Settings are fixed at construction; loading only checks they agree."""
@@ -52,12 +53,31 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return content["network"], dict(content["settings"])
 
 
+NO_MODEL = (
+    "no model found (neither {bundle} nor {demo}): run `python -m scripts demo` to train the embedded model "
+    "(about 10 minutes on a CPU), train one on your data (see README), or pass --ckpt FILE"
+)
+
+
+def default_checkpoint() -> tuple[Path, str]:
+    """The model to use when none is named, and what it is: the bundle's trained ``models/model.pt``, else the
+    demo's. ``FileNotFoundError`` with one line saying how to get one when there is neither."""
+    from scripts import bundle_root, demo_output
+
+    bundle, demo = bundle_root() / "models" / "model.pt", demo_output() / "models" / "model.pt"
+    if bundle.is_file():
+        return bundle, "the bundle's model"
+    if demo.is_file():
+        return demo, "the demo's model (trained on synthetic CT by `python -m scripts demo`)"
+    raise FileNotFoundError(NO_MODEL.format(bundle=bundle, demo=demo))
+
+
 def recorded_setting(path: str | Path, key: str, default: Any = None) -> Any:
     """One recorded setting of a checkpoint (for configs, e.g. the image size for inference)."""
     return read_checkpoint(path)[1].get(key, default)
 
 
-def save_checkpoint(path: str | Path, network: nn.Module, image_size: int) -> Path:
+def save_checkpoint(path: str | Path, network: nn.Module, image_size: int | None) -> Path:
     """Write ``network`` in the form the training workflows write (for tools, benchmarks and tests)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

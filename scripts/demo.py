@@ -23,7 +23,7 @@ from ignite.engine import Events
 from ignite.handlers import ProgressBar
 from monai.bundle import ConfigWorkflow
 
-from scripts import bundle_root
+from scripts import bundle_root, demo_output
 from scripts.baseline import baseline_scores
 from scripts.data import ldct_labelled_items, write_json_atomic
 from scripts.handlers import training_curves_png, write_bytes_atomic
@@ -31,9 +31,8 @@ from scripts.metrics import correlations
 from scripts.synth_ct import write_ct_dataset
 from scripts.synth_natural import write_natural_dataset
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = bundle_root() / "configs"
-DEFAULT_OUTPUT = REPO_ROOT / "demo_outputs"
+DEFAULT_OUTPUT = demo_output()
 REAL_CT_SLICE = "693_UNCI.dcm"  # a 512 x 512 head CT slice shipped by pydicom-data
 STAMP = "generator.json"
 

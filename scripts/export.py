@@ -56,7 +56,7 @@ def _metadata(source: Path, settings: dict[str, Any], metrics: dict[str, float] 
     """metadata.json with the checkpoint's input size and channels and, when given, its evaluation metrics."""
     meta = json.loads(source.read_text())
     image = meta["network_data_format"]["inputs"]["image"]
-    size = int(settings.get("image_size", image["spatial_shape"][0]))
+    size = int(settings.get("image_size") or image["spatial_shape"][0])  # None: crops of any slice size
     image["spatial_shape"] = [size, size]
     image["num_channels"] = int(settings.get("in_channels", 1))
     image["channel_def"] = {str(c): "image" for c in range(image["num_channels"])}
@@ -66,12 +66,17 @@ def _metadata(source: Path, settings: dict[str, Any], metrics: dict[str, float] 
 
 
 def export_torchscript(dist: Path, checkpoint: Path) -> float:
-    """``models/model.ts`` through ``monai.bundle ckpt_export`` (traced), with the metadata and inference config
-    embedded; returns the largest difference from the eager network on a random batch."""
+    """``models/model.ts`` through ``monai.bundle ckpt_export``, with the metadata and inference config embedded;
+    returns the largest difference from the eager network on a random batch.
+
+    Whole-slice networks are traced at their input size. Networks that score crops
+    (``scripts.patches.PatchScorer``) are scripted, with the inner network traced at the crop size,
+    so the TorchScript model scores slices of any size the way the eager one does.
+    """
     from monai.bundle import ckpt_export
 
     settings = read_checkpoint(checkpoint)[1]
-    size, channels = int(settings.get("image_size", 512)), int(settings.get("in_channels", 1))
+    size, channels = int(settings.get("image_size") or 512), int(settings.get("in_channels", 1))
     ckpt_export(
         net_id="network_def",
         filepath=str(dist / "models" / "model.ts"),
@@ -79,7 +84,7 @@ def export_torchscript(dist: Path, checkpoint: Path) -> float:
         meta_file=str(dist / "configs" / "metadata.json"),
         config_file=str(dist / "configs" / "inference.json"),
         key_in_ckpt="network",
-        use_trace=True,
+        use_trace=not settings.get("patch_size"),
         input_shape=[1, channels, size, size],
         bundle_root=str(dist),
     )

@@ -125,7 +125,10 @@ def training_curves_png(epochs: list[dict[str, float]]) -> bytes:
 
 
 class PredictionWriter:
-    """Write ``predictions.csv`` (file, [slice,] [label,] prediction), and metrics for labelled data.
+    """Write ``predictions.csv`` (file, [slice,] [label,] prediction, score_sd), and metrics for labelled data.
+
+    ``score_sd`` is the spread of the score over the crops a slice was scored from (the second column
+    of a ``scripts.patches.SpreadInferer`` prediction; 0 for networks that read whole slices).
 
     Items carrying a ``frame`` (slices of DICOM or NIfTI files) get a ``slice`` column. Items
     whose ``error`` is set (inputs that could not be read) get no prediction: with
@@ -156,7 +159,7 @@ class PredictionWriter:
         self.logistic_fit = logistic_fit
         self.label_range = tuple(label_range)
         self.errors_file = errors_file
-        self.rows: list[tuple[str, int | None, float | None, float]] = []
+        self.rows: list[tuple[str, int | None, float | None, float, float]] = []
         self.errors: list[dict[str, str]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -177,23 +180,24 @@ class PredictionWriter:
             if error:
                 add_error(self.errors, name, str(error))
                 continue
-            prediction = float(item["pred"].reshape(-1)[0])
+            pred = item["pred"].reshape(-1)
+            spread = float(pred[1]) if pred.numel() > 1 else 0.0
             label = item.get("label")
             label_value = None if label is None else float(np.asarray(label.detach().cpu()).reshape(-1)[0])
-            self.rows.append((name, None if frame is None else int(frame), label_value, prediction))
+            self.rows.append((name, None if frame is None else int(frame), label_value, float(pred[0]), spread))
 
     def write(self, engine: Engine | None = None) -> dict[str, Any] | None:
-        labelled = bool(self.rows) and all(label is not None for _, _, label, _ in self.rows)
-        sliced = any(frame is not None for _, frame, _, _ in self.rows)
-        predictions = np.array([p for *_, p in self.rows], dtype=np.float64)
+        labelled = bool(self.rows) and all(label is not None for _, _, label, _, _ in self.rows)
+        sliced = any(frame is not None for _, frame, _, _, _ in self.rows)
+        predictions = np.array([row[3] for row in self.rows], dtype=np.float64)
         if self.clip_range is not None:
             predictions = np.clip(predictions, *self.clip_range)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["file"] + ["slice"] * sliced + ["label"] * labelled + ["prediction"])
-        for (name, frame, label, _), prediction in zip(self.rows, predictions, strict=True):
-            row = [name] + [frame] * sliced + ([f"{label:.6g}"] if labelled else []) + [f"{prediction:.9g}"]
-            writer.writerow(row)
+        writer.writerow(["file"] + ["slice"] * sliced + ["label"] * labelled + ["prediction", "score_sd"])
+        for (name, frame, label, _, spread), prediction in zip(self.rows, predictions, strict=True):
+            row = [name] + [frame] * sliced + ([f"{label:.6g}"] if labelled else [])
+            writer.writerow(row + [f"{prediction:.9g}", f"{spread:.4g}"])
         write_bytes_atomic(self.output_dir / "predictions.csv", buffer.getvalue().encode())
         logger.info("wrote %d predictions to %s", len(self.rows), self.output_dir / "predictions.csv")
         if self.errors_file:
@@ -201,7 +205,7 @@ class PredictionWriter:
             logger.info("%d inputs not scored, listed in %s", len(self.errors), self.output_dir / self.errors_file)
         if not labelled or len(self.rows) < 2:
             return None
-        labels = np.array([label for _, _, label, _ in self.rows], dtype=np.float64)
+        labels = np.array([row[2] for row in self.rows], dtype=np.float64)
         metrics = self._metrics(engine, predictions, labels)
         write_json_atomic(self.output_dir / "metrics.json", metrics)
         write_bytes_atomic(self.output_dir / "scatter.png", scatter_png(predictions, labels, metrics, self.label_range))

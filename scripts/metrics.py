@@ -73,12 +73,13 @@ def _absolute(metric: Metric) -> MetricsLambda:
 
 
 def pred_label_float64(output: Any) -> tuple[list, list]:
-    """``pred`` and ``label`` of each decollated item, in float64.
+    """``pred`` (its first value: the score, see ``scripts.patches.SpreadInferer``) and ``label`` of each
+    decollated item, in float64.
 
     Products of float32 inputs lose the digits that matter when predictions vary little.
     """
     predictions, labels = from_engine(["pred", "label"])(output)
-    return [p.double() for p in predictions], [y.double() for y in labels]
+    return [p.double().reshape(-1)[:1] for p in predictions], [y.double() for y in labels]
 
 
 def correlation_metrics(output_transform: Callable[[Any], Any] | None = None) -> dict[str, Metric]:

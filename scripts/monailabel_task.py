@@ -66,6 +66,7 @@ class CTQualityTask(InferTask):
             "max": max(scores),
             "n_slices": len(scores),
             "slice_scores": scores,
+            "slice_score_sd": [spread for entry in series for spread in entry.spreads],
             "series": {entry.name: series_summary(entry) for entry in series},
             "errors": errors,
         }

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_F_NAME = "tf_efficientnetv2_l"
 DEFAULT_S_NAME = "swinv2_base_window8_256"
 NETWORK_KINDS = ("tfkt", "f_only")
-NETWORK_SETTING_KEYS = ("network", "f_name", "s_name", "in_channels", "side", "f_kwargs", "s_kwargs")
+NETWORK_SETTING_KEYS = ("network", "f_name", "s_name", "in_channels", "side", "f_kwargs", "s_kwargs", "patch_size")
 
 OFFLINE_HINT = (
     "Pretrained ImageNet weights for '{name}' could not be loaded ({error}). Either run once on a "
@@ -212,6 +212,7 @@ def build_network(
     drop_rate: float = 0.0,
     f_kwargs: dict[str, Any] | None = None,
     s_kwargs: dict[str, Any] | None = None,
+    patch_size: int | None = None,
 ) -> nn.Module:
     """Build one of the paper's networks by name (the configs' ``network_def``).
 
@@ -220,7 +221,37 @@ def build_network(
       (``f_checkpoint=None``). S starts from ImageNet when ``pretrained``. ``freeze_f`` gives
       the "F frozen" ablation.
     - ``network="f_only"``: the EfficientNetV2 regressor alone (phase 1, and the ablation).
+
+    With ``patch_size`` the network is wrapped in ``scripts.patches.PatchScorer``: it reads crops of
+    that size at the slice's own pixel grid and scores a slice as the mean over its crops on the body.
     """
+    model = _whole_slice_network(
+        network, f_name, s_name, in_channels, side, pretrained, f_weights, s_weights, f_checkpoint, freeze_f,
+        drop_rate, f_kwargs, s_kwargs,
+    )  # fmt: skip
+    if patch_size:
+        from scripts.patches import PatchScorer
+
+        return PatchScorer(model, int(patch_size))
+    return model
+
+
+def _whole_slice_network(
+    network: str,
+    f_name: str,
+    s_name: str,
+    in_channels: int,
+    side: int,
+    pretrained: bool,
+    f_weights: str | None,
+    s_weights: str | None,
+    f_checkpoint: str | None,
+    freeze_f: bool,
+    drop_rate: float,
+    f_kwargs: dict[str, Any] | None,
+    s_kwargs: dict[str, Any] | None,
+) -> nn.Module:
+    """``build_network`` without the crop wrapper."""
     if network not in NETWORK_KINDS:
         raise ValueError(f"network must be one of {NETWORK_KINDS}, got '{network}'.")
     if network == "f_only":
@@ -266,6 +297,8 @@ def load_f_weights(f: EfficientNetRegressor, path: str) -> None:
     F's channel count with timm's ``adapt_input_conv``.
     """
     state, settings = read_checkpoint(path)
+    if settings.get("patch_size"):  # a PatchScorer holds the network as ``network``
+        state = {k[len("network.") :]: v for k, v in state.items() if k.startswith("network.")}
     if settings.get("network") == "tfkt":
         state = {k[len("f.") :]: v for k, v in state.items() if k.startswith("f.")}
     if settings.get("f_name", f.settings["f_name"]) != f.settings["f_name"]:

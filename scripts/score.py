@@ -7,7 +7,8 @@ sorted by slice position, enhanced CT split into frames, NIfTI along its axial a
 as rendered); DataLoader workers then read, window and resize slices while the network scores
 the previous batch. The network is rebuilt from the checkpoint alone. Every input that cannot
 be scored becomes an ``errors`` entry ``{path, reason}``; the others are scored regardless.
-Outputs in OUT, written atomically: ``scores.csv`` (source, series, slice_index, score),
+Outputs in OUT, written atomically: ``scores.csv`` (source, series, slice_index, score, score_sd: the spread
+over the crops the slice was scored from, 0 for networks that read whole slices),
 ``summary.json`` (per series: slices, mean/min/max score, the worst slices, the plot; and
 ``errors``) and ``series/NNN_<name>.png`` (score along the slice axis, best and worst slices).
 """
@@ -32,6 +33,7 @@ from scripts.ct_inputs import add_error, index_inputs, nifti_volume, read_scored
 from scripts.ct_io import HU_WINDOW, check_window
 from scripts.data import write_json_atomic
 from scripts.handlers import figure_png, pyplot, write_bytes_atomic
+from scripts.patches import SpreadInferer
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +48,15 @@ class Series:
     name: str
     items: list[dict] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
+    spreads: list[float] = field(default_factory=list)
 
 
 class SliceScorer:
     """A network behind the bundle's preprocessing; scores are clipped to [0, 4].
 
     Slices are read in ``num_workers`` DataLoader workers (0: in this process), so reading
-    and decoding overlap with the network. Both constructors take the network, preprocessing and
-    window from a bundle's inference config, so scoring and ``monai.bundle run`` cannot drift apart:
+    and decoding overlap with the network. Both constructors take the network, preprocessing,
+    inferer and window from a bundle's inference config, so scoring and ``monai.bundle run`` cannot drift apart:
     ``from_bundle`` for a bundle folder (its ``models/model.pt``), ``from_checkpoint`` for this
     bundle with any checkpoint.
     """
@@ -66,8 +69,10 @@ class SliceScorer:
         batch_size: int = 16,
         num_workers: int = 2,
         window: Sequence[float] = HU_WINDOW,
+        inferer: Any = None,
     ) -> None:
         self.device = torch.device(device)
+        self.inferer = inferer or SpreadInferer()
         self.network = network.to(self.device).eval()
         self.transform = transform
         self.batch_size = batch_size
@@ -98,7 +103,8 @@ class SliceScorer:
         config_file: str = "configs/inference.json",
         **overrides: Any,
     ) -> SliceScorer:
-        """``network_def``, ``preprocessing`` and ``window`` of a bundle's inference config (``models/model.pt``).
+        """``network_def``, ``preprocessing``, ``inferer`` and ``window`` of a bundle's inference config
+        (``models/model.pt``).
 
         Works for this repository's ``bundle/`` and for an exported Model Zoo folder; ``overrides``
         replace config ids (``checkpoint=...``, ``window=[...]``).
@@ -112,23 +118,26 @@ class SliceScorer:
         network = parser.get_parsed_content("network_def")
         transform = parser.get_parsed_content("preprocessing")
         window = parser.get_parsed_content("window")
-        return cls(network, transform, device, batch_size, num_workers, window)
+        inferer = parser.get_parsed_content("inferer")
+        return cls(network, transform, device, batch_size, num_workers, window, inferer)
 
     @torch.inference_mode()
-    def __call__(self, items: Sequence[dict]) -> list[tuple[float | None, str]]:
-        """(score, "") for each item, or (None, reason) when its pixels could not be used."""
+    def __call__(self, items: Sequence[dict]) -> list[tuple[float | None, float, str]]:
+        """(score, spread over its crops, "") for each item, or (None, 0, reason) when its pixels could not be used."""
         loader = DataLoader(
             Dataset(list(items), self.transform),
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             shuffle=False,
         )
-        results: list[tuple[float | None, str]] = []
+        results: list[tuple[float | None, float, str]] = []
         for batch in loader:
             images = torch.as_tensor(batch["image"]).to(self.device, non_blocking=True)
-            scores = self.network(images).clamp(*SCORE_RANGE).flatten().tolist()
-            errors = batch["error"]
-            results += [(None, error) if error else (score, "") for score, error in zip(scores, errors, strict=True)]
+            predictions = self.inferer(images, self.network).reshape(len(images), -1).cpu()
+            scores = predictions[:, 0].clamp(*SCORE_RANGE).tolist()
+            spreads = predictions[:, 1].tolist() if predictions.shape[1] > 1 else [0.0] * len(scores)
+            for score, spread, error in zip(scores, spreads, batch["error"], strict=True):
+                results.append((None, 0.0, error) if error else (score, spread, ""))
         nifti_volume.cache_clear()  # the last volume read in this process (num_workers=0)
         return results
 
@@ -165,30 +174,33 @@ def write_report(
     """``scores.csv``, ``summary.json`` and a plot per series in ``output_dir``, atomically; returns the summary."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["source", "series", "slice_index", "score"])
+    writer.writerow(["source", "series", "slice_index", "score", "score_sd"])
     summary: dict[str, Any] = {"series": {}, "errors": errors}
     for number, entry in enumerate(series):
         plot = _plot_name(number, entry.name)
         write_bytes_atomic(output_dir / plot, series_png(entry, window))
-        for index, (item, value) in enumerate(zip(entry.items, entry.scores, strict=True)):
-            writer.writerow([item["image"], entry.name, index, f"{value:.4f}"])
+        for index, (item, value, spread) in enumerate(zip(entry.items, entry.scores, entry.spreads, strict=True)):
+            writer.writerow([item["image"], entry.name, index, f"{value:.4f}", f"{spread:.4f}"])
         summary["series"][entry.name] = {**series_summary(entry), "plot": plot}
     write_bytes_atomic(output_dir / "scores.csv", buffer.getvalue().encode())
     write_json_atomic(output_dir / "summary.json", summary)
     return summary
 
 
-def group_scores(items: Sequence[dict], results: Sequence[tuple[float | None, str]]) -> tuple[list[Series], list[dict]]:
+def group_scores(
+    items: Sequence[dict], results: Sequence[tuple[float | None, float, str]]
+) -> tuple[list[Series], list[dict]]:
     """Scored items into their series (order kept); one ``{path, reason}`` per file and reason for the rest."""
     series: dict[str, Series] = {}
     errors: list[dict] = []
-    for item, (score, reason) in zip(items, results, strict=True):
+    for item, (score, spread, reason) in zip(items, results, strict=True):
         if score is None:
             add_error(errors, item["image"], reason)
             continue
         entry = series.setdefault(item["series"], Series(item["series"]))
         entry.items.append(item)
         entry.scores.append(score)
+        entry.spreads.append(spread)
     return list(series.values()), errors
 
 
@@ -200,7 +212,7 @@ def score_inputs(paths: Sequence[str | Path], scorer: SliceScorer) -> tuple[list
 
 
 def series_summary(entry: Series) -> dict[str, Any]:
-    """Slices, mean/min/max score and the worst slices of one scored series."""
+    """Slices, mean/min/max score, the mean spread over crops and the worst slices of one scored series."""
     sources = [item["image"] for item in entry.items]
     worst = np.argsort(entry.scores, kind="stable")[:WORST_LISTED]
     return {
@@ -208,7 +220,11 @@ def series_summary(entry: Series) -> dict[str, Any]:
         "mean": float(np.mean(entry.scores)),
         "min": float(np.min(entry.scores)),
         "max": float(np.max(entry.scores)),
-        "worst": [{"slice_index": int(i), "source": sources[i], "score": entry.scores[i]} for i in worst],
+        "mean_score_sd": float(np.mean(entry.spreads)),
+        "worst": [
+            {"slice_index": int(i), "source": sources[i], "score": entry.scores[i], "score_sd": entry.spreads[i]}
+            for i in worst
+        ],
     }
 
 

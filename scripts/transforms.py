@@ -114,19 +114,23 @@ class ResizeSliced(MapTransform):
 
     Downscaling (512 -> 256) averages over each output pixel's footprint, as PIL does, about ten
     times faster than MONAI's Gaussian pre-filter with bilinear ``Resized``; on a CPU that time is
-    taken from the network. Slices already at the size pass through untouched. The source file
-    stays in the meta.
+    taken from the network. Slices already at the size pass through untouched, and so does every
+    slice when the size is None (profiles that read crops at the slice's own pixel grid). The source
+    file stays in the meta.
     """
 
-    def __init__(self, keys: KeysCollection, spatial_size: Sequence[int], allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, spatial_size: Sequence[int | None] | None, allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.spatial_size = tuple(int(size) for size in spatial_size)
+        sizes = [] if spatial_size is None else [size for size in spatial_size if size is not None]
+        self.spatial_size = tuple(int(size) for size in sizes) or None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            if tuple(image.shape[-2:]) == self.spatial_size:
+            if self.spatial_size is None or tuple(image.shape[-2:]) == self.spatial_size:
                 continue
             pixels = image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
             resized = torch.nn.functional.interpolate(

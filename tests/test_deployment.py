@@ -36,7 +36,7 @@ def expected_scores(tiny_checkpoint: Path, study: Path) -> dict[str, float]:
     """Each CT file's score from the checkpoint alone (what ``python -m scripts score`` computes)."""
     items, _ = index_inputs([study])
     results = SliceScorer.from_checkpoint(tiny_checkpoint, num_workers=0)(items)
-    return {Path(item["image"]).name: score for item, (score, _) in zip(items, results, strict=True)}
+    return {Path(item["image"]).name: score for item, (score, _, _) in zip(items, results, strict=True)}
 
 
 def test_scorer_from_bundle_config_matches_the_checkpoint(
@@ -45,7 +45,7 @@ def test_scorer_from_bundle_config_matches_the_checkpoint(
     items, errors = index_inputs([study])
     assert [Path(error["path"]).name for error in errors] == ["mr.dcm"]
     results = SliceScorer.from_bundle(tiny_bundle, "cpu", num_workers=0)(items)
-    scores = {Path(item["image"]).name: score for item, (score, _) in zip(items, results, strict=True)}
+    scores = {Path(item["image"]).name: score for item, (score, _, _) in zip(items, results, strict=True)}
     assert scores.keys() == expected_scores.keys()
     assert np.allclose([scores[name] for name in scores], [expected_scores[name] for name in scores], atol=1e-5)
     assert len(set(np.round(list(scores.values()), 5))) > 1

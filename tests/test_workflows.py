@@ -154,7 +154,7 @@ def test_evaluation_writes_metrics_predictions_and_scatter(
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert set(metrics) == {"plcc", "srocc", "krocc", "aggregate", "n", "plcc_logistic"}
     rows = _read_csv(tmp_path / "predictions.csv")
-    assert list(rows[0]) == ["file", "label", "prediction"]
+    assert list(rows[0]) == ["file", "label", "prediction", "score_sd"]
     assert sorted(row["file"] for row in rows) == [f"images/test{i:03d}.tiff" for i in range(12)]
     expected = correlations([float(r["prediction"]) for r in rows], [float(r["label"]) for r in rows])
     for name in ("plcc", "srocc", "krocc", "aggregate"):
@@ -199,7 +199,7 @@ def test_inference_scores_every_readable_slice(trained_bundle: Path, ldct_test_d
     )
     workflow.run()
     rows = _read_csv(output / "predictions.csv")
-    assert list(rows[0]) == ["file", "slice", "prediction"]
+    assert list(rows[0]) == ["file", "slice", "prediction", "score_sd"]
     assert sorted(row["file"] for row in rows) == ["nested/grey.png", "slice0.tif", "slice1.tif", "slice2.tif"]
     assert all(0.0 <= float(row["prediction"]) <= 4.0 for row in rows)
     errors = json.loads((output / "errors.json").read_text())

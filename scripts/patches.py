@@ -1,0 +1,201 @@
+"""Native-resolution crops: where a slice's quality is read.
+
+CT quantum noise lives at the scanner's own pixel grid: shrinking a 512-px slice to 128 px
+averages most of it away (a quarter-dose/full-dose noise ratio of 2.0 becomes 1.2), so a model
+that looks at shrunken slices cannot see dose. A profile with ``patch_size`` therefore trains on
+random crops taken at the image's own pixel grid, placed on the body rather than in air
+(``RandBodyCropd``), and scores a whole slice as the mean over a fixed grid of crops that cover
+the body (``PatchScorer``); the spread over those crops is reported beside the score.
+
+The body is every pixel above ``BODY_THRESHOLD`` in the network's input scale (the LDCTIQA
+window [-1000, 400] HU maps -300 HU to 0.5: air and lung lie below, fat and soft tissue above);
+a crop is "on the body" when at least ``MIN_BODY_FRACTION`` of its pixels are. A slice with no
+such crop (a thin limb, a phantom) uses its crops with the largest body fraction.
+
+``PatchScorer`` lives inside the network, so training's validation, evaluation, inference,
+``score``, the exported TorchScript and the deployment wrappers all score the same way, and the
+checkpoint records ``patch_size`` (one place for the setting).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.inferers import Inferer
+from monai.transforms import MapTransform, Randomizable
+from torch import nn
+
+BODY_THRESHOLD = 0.5
+MIN_BODY_FRACTION = 0.5
+
+
+def pad_to(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad (..., H, W) with zeros (air) to at least ``size`` each way, centred."""
+    pad_h, pad_w = max(size - image.shape[-2], 0), max(size - image.shape[-1], 0)
+    if pad_h == 0 and pad_w == 0:
+        return image
+    return F.pad(image, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2))
+
+
+def body_fraction(image: torch.Tensor, patch_size: int, threshold: float = BODY_THRESHOLD) -> torch.Tensor:
+    """Fraction of body pixels (first channel above ``threshold``) in the ``patch_size`` window at every
+    top-left corner of a (C, H, W) slice: (H - p + 1, W - p + 1), from an integral image (cheap at 512 px)."""
+    mask = (image[0] > threshold).double()
+    integral = F.pad(mask.cumsum(0).cumsum(1), (1, 0, 1, 0))
+    p = patch_size
+    sums = integral[p:, p:] - integral[:-p, p:] - integral[p:, :-p] + integral[:-p, :-p]
+    return (sums / (p * p)).float()
+
+
+def on_body(fraction: torch.Tensor, min_fraction: float = MIN_BODY_FRACTION) -> torch.Tensor:
+    """Which windows (B, n) count as on the body: at least ``min_fraction`` body, or the slice's best ones."""
+    best = fraction.amax(dim=1, keepdim=True)
+    return fraction >= torch.clamp(best, max=min_fraction)
+
+
+class RandBodyCropd(Randomizable, MapTransform):
+    """``num_samples`` random ``patch_size`` crops of each slice, centred on the body, at the slice's pixel grid.
+
+    Crop positions are drawn uniformly among the pixel positions whose window is on the body (see
+    the module docstring). Other keys (the label) are copied to every crop. With ``patch_size`` None
+    the slice passes through whole (the paper's profile), so one config serves both.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        patch_size: int | None,
+        num_samples: int = 4,
+        min_fraction: float = MIN_BODY_FRACTION,
+        threshold: float = BODY_THRESHOLD,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if patch_size is not None and int(patch_size) < 8:
+            raise ValueError(f"patch_size must be at least 8 pixels (or null for whole slices), got {patch_size}")
+        if int(num_samples) < 1:
+            raise ValueError(f"patches_per_slice must be at least 1, got {num_samples}")
+        self.patch_size = None if patch_size is None else int(patch_size)
+        self.num_samples = int(num_samples)
+        self.min_fraction = min_fraction
+        self.threshold = threshold
+
+    def randomize(self, data: Any = None) -> None:
+        pass
+
+    def _corners(self, image: torch.Tensor) -> list[tuple[int, int]]:
+        fraction = body_fraction(image.float(), self.patch_size, self.threshold)
+        columns = fraction.shape[1]
+        allowed = on_body(fraction.reshape(1, -1), self.min_fraction)[0].nonzero().flatten().tolist()
+        chosen = (allowed[self.R.randint(len(allowed))] for _ in range(self.num_samples))
+        return [(index // columns, index % columns) for index in chosen]
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any] | list[dict[Hashable, Any]]:
+        d = dict(data)
+        if self.patch_size is None:
+            return d
+        keys = list(self.key_iterator(d))
+        for key in keys:
+            d[key] = pad_to(d[key], self.patch_size)
+        corners = self._corners(torch.as_tensor(d[keys[0]]))
+        size = self.patch_size
+        crops = []
+        for top, left in corners:
+            crop = dict(d)
+            for key in keys:
+                crop[key] = d[key][..., top : top + size, left : left + size]
+            crops.append(crop)
+        return crops
+
+
+class PatchScorer(nn.Module):
+    """Scores whole slices (B, C, H, W) as the mean of ``network`` over a fixed grid of crops on the body.
+
+    The grid is the largest whole number of ``patch_size`` tiles each way, centred on the slice
+    (slices smaller than a tile are padded with air); tiles on the body (see the module docstring)
+    are scored, the others skipped. A tile-sized input is one crop, so training on crops and scoring
+    slices use the same module. ``score_with_spread`` also returns the standard deviation over the
+    crops. Scriptable for TorchScript at any input size (``__prepare_scriptable__`` traces the inner
+    network at the tile size).
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        patch_size: int,
+        min_fraction: float = MIN_BODY_FRACTION,
+        threshold: float = BODY_THRESHOLD,
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.patch_size = int(patch_size)
+        self.min_fraction = float(min_fraction)
+        self.threshold = float(threshold)
+        self.settings = {**getattr(network, "settings", {}), "patch_size": self.patch_size}
+
+    def tiles(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid's tiles (B, n, C, p, p) and which of them are on the body (B, n)."""
+        p = self.patch_size
+        x = pad_to(x, p)
+        batch, channels, height, width = x.shape
+        rows, cols = height // p, width // p
+        top, left = (height - rows * p) // 2, (width - cols * p) // 2
+        x = x[:, :, top : top + rows * p, left : left + cols * p]
+        patches = (
+            x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(batch, rows * cols, channels, p, p)
+        )
+        fraction = (patches[:, :, 0] > self.threshold).float().mean(dim=(-1, -2))
+        return patches, on_body(fraction, self.min_fraction)
+
+    def _tile_scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The body tiles' scores (K,), the slice each belongs to (K,) and each slice's mean score (B,)."""
+        patches, keep = self.tiles(x)
+        batch = patches.shape[0]
+        owner = torch.arange(batch, device=x.device).unsqueeze(1).expand_as(keep)[keep]
+        scores = self.network(patches[keep]).reshape(-1)
+        counts = keep.sum(dim=1).to(scores.dtype)
+        mean = torch.zeros(batch, dtype=scores.dtype, device=x.device).index_add(0, owner, scores) / counts
+        return scores, owner, mean
+
+    def score_with_spread(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2): the mean score over the slice's crops on the body, and their standard deviation."""
+        scores, owner, mean = self._tile_scores(x)
+        squares = torch.zeros_like(mean).index_add(0, owner, (scores - mean[owner]) ** 2)
+        counts = torch.zeros_like(mean).index_add(0, owner, torch.ones_like(scores))
+        return torch.stack([mean, torch.sqrt(squares / counts)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1): the mean score over the slice's crops on the body (no spread: its square root has no
+        gradient at zero, which a single crop would hit in training)."""
+        return self._tile_scores(x)[2].unsqueeze(1)
+
+    def __prepare_scriptable__(self) -> PatchScorer:
+        """A copy for ``torch.jit.script`` whose inner network is traced at the tile size (timm models
+        trace, they do not script); the tiling stays scripted, so any slice size works."""
+        parameter = next(self.network.parameters())
+        example = torch.zeros(2, self.network.settings.get("in_channels", 1), self.patch_size, self.patch_size)
+        with torch.no_grad():
+            traced = torch.jit.trace(self.network.eval(), example.to(parameter.device, parameter.dtype))
+        return PatchScorer(traced, self.patch_size, self.min_fraction, self.threshold)
+
+
+class SpreadInferer(Inferer):
+    """(B, 2) predictions: the score and its spread over the crops (0 for networks that read whole slices).
+
+    Evaluation and inference use it so that ``predictions.csv`` can report ``score_sd``; metrics and
+    writers read column 0 as the score.
+    """
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if isinstance(inputs, MetaTensor):
+            inputs = inputs.as_tensor()
+        scorer = getattr(network, "module", network)  # DistributedDataParallel
+        if hasattr(scorer, "score_with_spread"):
+            return scorer.score_with_spread(inputs)
+        scores = network(inputs, *args, **kwargs).reshape(len(inputs), 1)
+        return torch.cat([scores, torch.zeros_like(scores)], dim=1)

@@ -1,0 +1,198 @@
+"""Native-resolution crops: random crops on the body for training, a fixed grid of body crops for scoring."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Events
+
+from scripts.checkpoints import read_checkpoint
+from scripts.ct_io import write_dicom_slice
+from scripts.networks import build_network, load_network
+from scripts.patches import BODY_THRESHOLD, PatchScorer, RandBodyCropd, SpreadInferer
+from scripts.score import score_paths
+from tests.conftest import EVALUATE_CONFIGS, TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
+
+PATCH = 32
+
+
+def disc_slice(size: int = 256, radius: float = 70.0, value: float = 0.76) -> torch.Tensor:
+    """A (1, size, size) slice: a disc of soft tissue in air, off centre."""
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    inside = (x - size * 0.6) ** 2 + (y - size * 0.45) ** 2 < radius**2
+    return (inside.float() * value)[None]
+
+
+@pytest.fixture(scope="module")
+def patch_network() -> PatchScorer:
+    torch.manual_seed(0)
+    network = build_network(**TINY_NETWORKS, patch_size=PATCH).eval()
+    head = network.network.s.model.head.fc
+    with torch.no_grad():  # spread the untrained head's outputs so that tiles differ
+        head.weight.mul_(50.0)
+    return network
+
+
+def test_random_crops_lie_on_the_body() -> None:
+    crop = RandBodyCropd("image", patch_size=PATCH, num_samples=200)
+    crop.set_random_state(0)
+    crops = crop({"image": disc_slice(), "label": torch.tensor([2.4])})
+    assert len(crops) == 200
+    corners = set()
+    for item in crops:
+        assert item["image"].shape == (1, PATCH, PATCH)
+        assert (item["image"] > BODY_THRESHOLD).float().mean() >= 0.5
+        assert float(item["label"]) == pytest.approx(2.4)
+        corners.add(tuple(int(v) for v in (item["image"] > 0).nonzero()[0]))
+    assert len(corners) > 20  # positions vary over the body
+
+
+def test_a_tiny_body_or_a_small_slice_still_gives_crops() -> None:
+    crop = RandBodyCropd("image", patch_size=PATCH, num_samples=5)
+    crop.set_random_state(1)
+    tiny = crop({"image": disc_slice(radius=8.0)})  # no window is half body: the best ones are used
+    assert all((item["image"] > BODY_THRESHOLD).any() for item in tiny)
+    small = crop({"image": torch.full((1, 20, 24), 0.7)})  # padded with air to the crop size
+    assert all(item["image"].shape == (1, PATCH, PATCH) for item in small)
+
+
+def test_whole_slice_profiles_pass_through() -> None:
+    data = {"image": disc_slice()}
+    assert RandBodyCropd("image", patch_size=None)(data)["image"] is data["image"]
+    with pytest.raises(ValueError, match="patch_size"):
+        RandBodyCropd("image", patch_size=4)
+
+
+def test_slice_score_is_the_mean_over_its_body_tiles_and_sd_their_spread(patch_network: PatchScorer) -> None:
+    image = disc_slice(size=200)[None] + 0.05 * torch.rand(1, 1, 200, 200, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mean, spread = patch_network.score_with_spread(image)[0].tolist()
+        # by hand: the centred 6 x 6 grid of 32-px tiles (4 px of margin each side), those at least half body
+        tiles = [image[..., 4 + 32 * r : 36 + 32 * r, 4 + 32 * c : 36 + 32 * c] for r in range(6) for c in range(6)]
+        body = [tile for tile in tiles if (tile > BODY_THRESHOLD).float().mean() >= 0.5]
+        expected = patch_network.network(torch.cat(body)).flatten().numpy()
+    assert 4 < len(body) < 36
+    assert mean == pytest.approx(float(expected.mean()), abs=1e-5)
+    assert spread == pytest.approx(float(expected.std()), abs=1e-5) and spread > 0
+    assert patch_network(image).shape == (1, 1)
+
+
+def test_scoring_is_deterministic_and_ignores_air(patch_network: PatchScorer) -> None:
+    image = disc_slice()[None]
+    changed = image.clone()
+    changed[..., :40, :40] = torch.rand(1, 1, 40, 40) * 0.3  # noise in the air (below the body threshold)
+    with torch.no_grad():
+        first, again, in_air = (patch_network.score_with_spread(x) for x in (image, image, changed))
+    assert torch.equal(first, again)
+    assert torch.allclose(first, in_air)
+
+
+def test_a_tile_sized_input_is_one_crop(patch_network: PatchScorer) -> None:
+    crops = torch.rand(3, 1, PATCH, PATCH, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(patch_network(crops), patch_network.network(crops))
+        assert torch.all(patch_network.score_with_spread(crops)[:, 1] == 0)
+
+
+def test_whole_slice_networks_get_a_zero_spread() -> None:
+    network = build_network(**TINY_NETWORKS).eval()
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        predictions = SpreadInferer()(images, network)
+        assert torch.allclose(predictions[:, :1], network(images)) and torch.all(predictions[:, 1] == 0)
+
+
+@pytest.mark.parametrize("size", [256, 200])
+def test_torchscript_scores_any_slice_size_like_eager(patch_network: PatchScorer, size: int) -> None:
+    scripted = torch.jit.script(patch_network)
+    images = torch.cat([disc_slice(size)[None], disc_slice(size, radius=40)[None]]) + 0.02 * torch.rand(
+        2, 1, size, size
+    )
+    with torch.no_grad():
+        assert torch.allclose(scripted(images), patch_network(images), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def crop_bundle(ldct_train_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list, list]:
+    """Phase 2 with 32-px crops of the 64-px slices (no resizing): the folder, the shapes the trainer saw and
+    its losses."""
+    root = tmp_path_factory.mktemp("crop_bundle")
+    workflow = make_workflow(
+        TRAIN_CONFIG,
+        "train",
+        **{**TINY_OVERRIDES, "image_size": None},
+        patch_size=PATCH,
+        patches_per_slice=3,
+        dataset_dir=str(ldct_train_dir),
+        ckpt_dir=str(root),
+        output_dir=str(root / "out"),
+        f_checkpoint=None,
+        max_epochs=2,
+    )
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    shapes: list = []
+    losses: list = []
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda engine: shapes.append(engine.state.batch["image"].shape))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output[0]["loss"]))
+    workflow.run()
+    workflow.finalize()
+    return root, shapes, losses
+
+
+def test_crop_profile_trains_on_crops_and_records_the_patch_size(crop_bundle: tuple[Path, list, list]) -> None:
+    root, shapes, losses = crop_bundle
+    assert shapes and all(tuple(shape[-2:]) == (PATCH, PATCH) for shape in shapes)
+    assert np.isfinite(losses).all()
+    assert shapes[0][0] == TINY_OVERRIDES["batch_size"] * 3  # patches_per_slice crops of each slice
+    settings = read_checkpoint(root / "model.pt")[1]
+    assert settings["patch_size"] == PATCH and settings["image_size"] is None
+    assert isinstance(load_network(str(root / "model.pt")), PatchScorer)
+
+
+def test_evaluation_and_score_report_the_spread(
+    crop_bundle: tuple[Path, list, list], ldct_test_dir: Path, tmp_path: Path
+) -> None:
+    root, _, _ = crop_bundle
+    workflow = make_workflow(
+        EVALUATE_CONFIGS,
+        "train",
+        **{**TINY_OVERRIDES, "image_size": None},
+        ckpt_dir=str(root),
+        dataset_dir=str(ldct_test_dir),
+        output_dir=str(tmp_path / "eval"),
+    )
+    workflow.run()
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 12 and all(float(row["score_sd"]) >= 0 for row in rows)
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["n"] == 12
+
+    hu = np.full((96, 96), -1000.0)
+    hu[16:80, 10:90] = 40.0 + np.random.default_rng(0).normal(0, 30, (64, 80))
+    series = tmp_path / "series"
+    for index in range(2):
+        write_dicom_slice(series / f"{index}.dcm", hu, "1.2.3.4", position=float(index))
+    summary = score_paths([series], tmp_path / "score", root / "model.pt", device="cpu", num_workers=0)
+    with open(tmp_path / "score" / "scores.csv", newline="") as stream:
+        scored = list(csv.DictReader(stream))
+    assert list(scored[0]) == ["source", "series", "slice_index", "score", "score_sd"]
+    assert all(float(row["score_sd"]) > 0 for row in scored)  # several body tiles, which differ
+    assert summary["series"]["1.2.3.4"]["mean_score_sd"] > 0
+
+
+def test_exported_torchscript_scores_crops_like_eager(crop_bundle: tuple[Path, list, list], tmp_path: Path) -> None:
+    from scripts.export import export_bundle
+
+    root, _, _ = crop_bundle
+    result = export_bundle(tmp_path / "dist", ckpt=root / "model.pt")
+    assert result["torchscript_max_difference"] < 1e-4
+    scripted = torch.jit.load(str(tmp_path / "dist" / "models" / "model.ts"))
+    eager = load_network(str(root / "model.pt"))
+    images = disc_slice(96)[None] + 0.05 * torch.rand(1, 1, 96, 96, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.allclose(scripted(images), eager(images), atol=1e-5)
