@@ -28,6 +28,7 @@ from scripts.baseline import baseline_scores
 from scripts.data import ldct_labelled_items, write_json_atomic
 from scripts.handlers import training_curves_png, write_bytes_atomic
 from scripts.metrics import correlations
+from scripts.realcheck import realcheck_lines, run_realcheck
 from scripts.synth_ct import write_ct_dataset
 from scripts.synth_natural import write_natural_dataset
 
@@ -115,17 +116,19 @@ def run_demo(
     pretrain_epochs: int = 3,
     train_epochs: int | None = None,
     overrides: dict[str, Any] | None = None,
+    realcheck_size: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo end to end; returns both metric sets and the output paths.
 
     ``train_epochs`` defaults to demo.json's ``max_epochs``; ``overrides`` go to every workflow
-    (the tests use it for tiny networks).
+    (the tests use it for tiny networks); ``realcheck_size`` resamples the real-data check's slices
+    (default: their own 512 px).
     """
     out = Path(output_dir).resolve()
     started = time.perf_counter()
     configs = {name: str(CONFIG_DIR / f"{name}.json") for name in ("pretrain", "train", "evaluate", "demo")}
 
-    print("1/6 synthetic data", flush=True)
+    print("1/7 synthetic data", flush=True)
     natural, reused_natural = ensure_dataset(
         out / "data" / "natural", write_natural_dataset, n_refs=n_refs, size=natural_size, seed=seed
     )
@@ -145,7 +148,7 @@ def run_demo(
     common = {"ckpt_dir": str(models), "seed": seed, **(overrides or {})}
     phase2_epochs = {} if train_epochs is None else {"max_epochs": train_epochs}
 
-    print("2/6 phase 1: F learns the quality of distorted photographs", flush=True)
+    print("2/7 phase 1: F learns the quality of distorted photographs", flush=True)
     run_phase(
         [configs["pretrain"], configs["demo"]],
         "pretraining",
@@ -155,7 +158,7 @@ def run_demo(
         **common,
         max_epochs=pretrain_epochs,
     )
-    print("3/6 phase 2: TFKT learns the simulated radiologists' scores", flush=True)
+    print("3/7 phase 2: TFKT learns the simulated radiologists' scores", flush=True)
     _, history = run_phase(
         [configs["train"], configs["demo"]],
         "training",
@@ -169,7 +172,7 @@ def run_demo(
     curves = out / "train" / "training_curves.png"
     write_bytes_atomic(curves, training_curves_png(history.epochs))
 
-    print("4/6 evaluation on held-out synthetic CT", flush=True)
+    print("4/7 evaluation on held-out synthetic CT", flush=True)
     run_phase(
         [configs["train"], configs["demo"], configs["evaluate"]],
         "evaluating",
@@ -180,7 +183,7 @@ def run_demo(
     )
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
 
-    print("5/6 scoring a real CT slice", flush=True)
+    print("5/7 scoring a real CT slice", flush=True)
     slice_dir = out / "real_ct"
     real_ct_slice(slice_dir)
     run_phase(
@@ -193,15 +196,19 @@ def run_demo(
         num_workers=0,
     )
 
-    print("6/6 no-learning baseline on the same held-out slices", flush=True)
+    print("6/7 no-learning baseline on the same held-out slices", flush=True)
     items = ldct_labelled_items(ct_heldout)
     baseline = correlations(baseline_scores(item["image"] for item in items), [item["label"] for item in items])
     write_json_atomic(out / "eval" / "baseline_metrics.json", baseline)
+
+    print("7/7 real-data check: real CT slices never used in training, dose lowered in the projection domain")
+    check = run_realcheck(models / "model.pt", out / "realcheck", size=realcheck_size, seed=seed)
 
     minutes = (time.perf_counter() - started) / 60
     result = {
         "tfkt": metrics,
         "baseline": baseline,
+        "realcheck": check,
         "minutes": minutes,
         "outputs": {
             "metrics": str(out / "eval" / "metrics.json"),
@@ -209,6 +216,7 @@ def run_demo(
             "scatter": str(out / "eval" / "scatter.png"),
             "training_curves": str(curves),
             "real_ct_scores": str(out / "inference" / "predictions.csv"),
+            "realcheck": str(out / "realcheck" / "realcheck.json"),
             "checkpoints": str(models),
         },
     }
@@ -220,6 +228,7 @@ def run_demo(
         f"baseline  PLCC {baseline['plcc']:.4f}  SROCC {baseline['srocc']:.4f}  KROCC {baseline['krocc']:.4f}  "
         f"aggregate {baseline['aggregate']:.4f}  (noise level in flat regions, no learning)"
     )
+    print("\n".join(realcheck_lines(check)))
     for name, path in result["outputs"].items():
         print(f"  {name:16s} {path}")
     print(f"done in {minutes:.1f} min", flush=True)

@@ -22,9 +22,12 @@ def test_demo_runs_every_step_and_reports_both_metric_sets(tmp_path: Path, capsy
         pretrain_epochs=1,
         train_epochs=1,
         overrides={**TINY_NETWORKS, "image_size": 64, "batch_size": 4},
+        realcheck_size=96,
     )
     printed = capsys.readouterr().out
     assert "TFKT      PLCC" in printed and "baseline  PLCC" in printed
+    assert "real-data check" in printed and printed.count("baseline  Spearman") == 2
+    assert set(result["realcheck"]) >= {"noise", "views"}
     for name in ("plcc", "srocc", "krocc", "aggregate"):
         assert 0.0 <= result["baseline"][name] <= 3.0 and name in result["tfkt"]
     assert result["tfkt"]["n"] == result["baseline"]["n"] == 10
