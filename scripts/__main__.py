@@ -52,7 +52,7 @@ def check_data(dataset_dir: str, layout: str = "ldct") -> None:
         raise SystemExit(1) from None
 
 
-def synth_ct(output_dir: str, n: int = 600, size: int = 256, seed: int = 0, layout: str = "train") -> None:
+def synth_ct(output_dir: str, n: int = 600, size: int = 512, seed: int = 0, layout: str = "train") -> None:
     """Simulated low-dose CT slices with simulated radiologists' scores, in the LDCTIQA layout."""
     from scripts.synth_ct import write_ct_dataset
 

@@ -42,16 +42,10 @@ from scipy import ndimage, stats
 from scripts.baseline import baseline_score
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
 from scripts.data import write_json_atomic
+from scripts.synth_ct import CHECK_FILES
 
 logger = logging.getLogger(__name__)
 
-# Real CT slices shipped by pydicom / pydicom-data that no training set of this bundle uses.
-# TODO: import from scripts.synth_ct once it defines CHECK_FILES (kept out of its simulations there).
-CHECK_FILES = (
-    "explicit_VR-UN.dcm",  # abdomen, 512 px, 0.86 mm pixels, JPEG 2000
-    "J2K_pixelrep_mismatch.dcm",  # head, 512 px, 0.431 mm pixels
-    "bad_sequence.dcm",  # neck (cropped field of view), 512 px, 0.287 mm pixels
-)
 
 HU_CLIP = (-1000.0, 3000.0)
 MU_WATER = 0.02  # 1/mm
