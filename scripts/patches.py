@@ -45,11 +45,11 @@ def pad_to(image: torch.Tensor, size: int) -> torch.Tensor:
 def body_fraction(image: torch.Tensor, patch_size: int, threshold: float = BODY_THRESHOLD) -> torch.Tensor:
     """Fraction of body pixels (first channel above ``threshold``) in the ``patch_size`` window at every
     top-left corner of a (C, H, W) slice: (H - p + 1, W - p + 1), from an integral image (cheap at 512 px)."""
-    mask = (image[0] > threshold).double()
-    integral = F.pad(mask.cumsum(0).cumsum(1), (1, 0, 1, 0))
+    mask = (image[0] > threshold).int()
+    integral = F.pad(mask.cumsum(0).cumsum(1), (1, 0, 1, 0))  # exact: integer sums
     p = patch_size
     sums = integral[p:, p:] - integral[:-p, p:] - integral[p:, :-p] + integral[:-p, :-p]
-    return (sums / (p * p)).float()
+    return sums.float() / (p * p)
 
 
 def on_body(fraction: torch.Tensor, min_fraction: float = MIN_BODY_FRACTION) -> torch.Tensor:
@@ -91,8 +91,9 @@ class RandBodyCropd(Randomizable, MapTransform):
     def _corners(self, image: torch.Tensor) -> list[tuple[int, int]]:
         fraction = body_fraction(image.float(), self.patch_size, self.threshold)
         columns = fraction.shape[1]
-        allowed = on_body(fraction.reshape(1, -1), self.min_fraction)[0].nonzero().flatten().tolist()
-        chosen = (allowed[self.R.randint(len(allowed))] for _ in range(self.num_samples))
+        allowed = on_body(fraction.reshape(1, -1), self.min_fraction)[0].nonzero().flatten()
+        picks = torch.as_tensor(self.R.randint(len(allowed), size=self.num_samples), device=allowed.device)
+        chosen = allowed[picks].tolist()
         return [(index // columns, index % columns) for index in chosen]
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any] | list[dict[Hashable, Any]]:
@@ -102,7 +103,8 @@ class RandBodyCropd(Randomizable, MapTransform):
         keys = list(self.key_iterator(d))
         for key in keys:
             d[key] = pad_to(d[key], self.patch_size)
-        corners = self._corners(torch.as_tensor(d[keys[0]]))
+        first = d[keys[0]]
+        corners = self._corners(first.as_tensor() if isinstance(first, MetaTensor) else torch.as_tensor(first))
         size = self.patch_size
         crops = []
         for top, left in corners:
