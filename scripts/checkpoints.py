@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from scripts.transforms import optional_size
+
 
 class SettingsRecord:
     """The ``settings`` entry of a checkpoint, in the form Ignite's ``Checkpoint`` saves.
@@ -23,12 +25,11 @@ class SettingsRecord:
 
     def __init__(self, network: nn.Module, image_size: int | None) -> None:
         self.network = network
-        self.image_size = image_size
+        self.image_size = optional_size(image_size, "image_size")  # None: the slice's own size (crops)
 
     def state_dict(self) -> dict[str, Any]:
         model = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
-        size = None if self.image_size is None else int(self.image_size)  # None: the slice's own size (crops)
-        return {**model.settings, "image_size": size}
+        return {**model.settings, "image_size": self.image_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Settings are fixed at construction; loading only checks they agree."""

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from scripts.checkpoints import read_checkpoint
+from scripts.transforms import optional_size
 
 logger = logging.getLogger(__name__)
 
@@ -229,10 +230,11 @@ def build_network(
         network, f_name, s_name, in_channels, side, pretrained, f_weights, s_weights, f_checkpoint, freeze_f,
         drop_rate, f_kwargs, s_kwargs,
     )  # fmt: skip
+    patch_size = optional_size(patch_size, "patch_size")
     if patch_size:
         from scripts.patches import PatchScorer
 
-        return PatchScorer(model, int(patch_size))
+        return PatchScorer(model, patch_size)
     return model
 
 

@@ -30,6 +30,8 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform, Randomizable
 from torch import nn
 
+from scripts.transforms import optional_size
+
 BODY_THRESHOLD = 0.5
 MIN_BODY_FRACTION = 0.5
 
@@ -76,11 +78,11 @@ class RandBodyCropd(Randomizable, MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
-        if patch_size is not None and int(patch_size) < 8:
-            raise ValueError(f"patch_size must be at least 8 pixels (or null for whole slices), got {patch_size}")
+        self.patch_size = optional_size(patch_size, "patch_size")
+        if self.patch_size is not None and self.patch_size < 8:
+            raise ValueError(f"patch_size must be at least 8 pixels (or None for whole slices), got {patch_size}")
         if int(num_samples) < 1:
             raise ValueError(f"patches_per_slice must be at least 1, got {num_samples}")
-        self.patch_size = None if patch_size is None else int(patch_size)
         self.num_samples = int(num_samples)
         self.min_fraction = min_fraction
         self.threshold = threshold

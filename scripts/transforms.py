@@ -32,6 +32,16 @@ class ImageReadError(ValueError):
         self.reason = reason
 
 
+def optional_size(value: Any, name: str) -> int | None:
+    """A size in pixels, or None for "not set" (also the command line's "None"/"null" strings)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number of pixels or None, got {value!r}") from None
+
+
 def _scale_to_unit(pixels: np.ndarray) -> np.ndarray:
     """Integers by their type's range, bool as 0/1, floats unchanged; always float32."""
     if pixels.dtype == bool:
@@ -123,8 +133,8 @@ class ResizeSliced(MapTransform):
         self, keys: KeysCollection, spatial_size: Sequence[int | None] | None, allow_missing_keys: bool = False
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        sizes = [] if spatial_size is None else [size for size in spatial_size if size is not None]
-        self.spatial_size = tuple(int(size) for size in sizes) or None
+        sizes = [optional_size(size, "image_size") for size in ([] if spatial_size is None else spatial_size)]
+        self.spatial_size = tuple(size for size in sizes if size is not None) or None
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)

@@ -196,3 +196,17 @@ def test_exported_torchscript_scores_crops_like_eager(crop_bundle: tuple[Path, l
     images = disc_slice(96)[None] + 0.05 * torch.rand(1, 1, 96, 96, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert torch.allclose(scripted(images), eager(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("unset", [None, "None", "null", "NULL", ""])
+def test_sizes_from_the_command_line_may_be_unset(unset) -> None:
+    from scripts.networks import TFKT
+    from scripts.transforms import ResizeSliced, optional_size
+
+    assert optional_size(unset, "patch_size") is None and optional_size("64", "patch_size") == 64
+    data = {"image": disc_slice(48)}
+    assert RandBodyCropd("image", patch_size=unset)(data)["image"] is data["image"]
+    assert ResizeSliced("image", [unset, unset])(data)["image"] is data["image"]
+    assert isinstance(build_network(**TINY_NETWORKS, patch_size=unset), TFKT)
+    with pytest.raises(ValueError, match="patch_size must be a whole number of pixels or None, got 'big'"):
+        optional_size("big", "patch_size")
