@@ -19,13 +19,13 @@ checkpoint records ``patch_size`` (one place for the setting).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.data import MetaTensor
+from monai.data import MetaTensor, pad_list_data_collate
 from monai.inferers import Inferer
 from monai.transforms import MapTransform, Randomizable
 from torch import nn
@@ -120,9 +120,9 @@ class RandBodyCropd(Randomizable, MapTransform):
 class PatchScorer(nn.Module):
     """Scores whole slices (B, C, H, W) as the mean of ``network`` over a fixed grid of crops on the body.
 
-    The grid is the largest whole number of ``patch_size`` tiles each way, centred on the slice
-    (slices smaller than a tile are padded with air); tiles on the body (see the module docstring)
-    are scored, the others skipped. A tile-sized input is one crop, so training on crops and scoring
+    The grid covers the slice with ``patch_size`` tiles from its top-left corner (the last row and
+    column padded with air); tiles on the body (see the module docstring) are scored, the others
+    skipped. A tile-sized input is one crop, so training on crops and scoring
     slices use the same module. ``score_with_spread`` also returns the standard deviation over the
     crops. Scriptable for TorchScript at any input size (``__prepare_scriptable__`` traces the inner
     network at the tile size).
@@ -143,13 +143,17 @@ class PatchScorer(nn.Module):
         self.settings = {**getattr(network, "settings", {}), "patch_size": self.patch_size}
 
     def tiles(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The grid's tiles (B, n, C, p, p) and which of them are on the body (B, n)."""
+        """The grid's tiles (B, n, C, p, p) and which of them are on the body (B, n).
+
+        The grid starts at the top-left corner; the bottom and right edges are padded with air to
+        whole tiles. Air added at the end (``pad_collate`` batching slices of different sizes) only
+        adds air tiles, so a slice scores the same in any batch.
+        """
         p = self.patch_size
-        x = pad_to(x, p)
+        height, width = x.shape[-2], x.shape[-1]
+        x = F.pad(x, (0, (p - width % p) % p, 0, (p - height % p) % p))
         batch, channels, height, width = x.shape
         rows, cols = height // p, width // p
-        top, left = (height - rows * p) // 2, (width - cols * p) // 2
-        x = x[:, :, top : top + rows * p, left : left + cols * p]
         patches = (
             x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(batch, rows * cols, channels, p, p)
         )
@@ -186,6 +190,13 @@ class PatchScorer(nn.Module):
         with torch.no_grad():
             traced = torch.jit.trace(self.network.eval(), example.to(parameter.device, parameter.dtype))
         return PatchScorer(traced, self.patch_size, self.min_fraction, self.threshold)
+
+
+def pad_collate(batch: Sequence[Any]) -> Any:
+    """Collate slices of different sizes (no resizing with crops; placeholders of unreadable inputs) by
+    padding each with air at its bottom and right to the largest in the batch (MONAI's
+    ``pad_list_data_collate``); ``PatchScorer`` scores a padded slice exactly as the slice alone."""
+    return pad_list_data_collate(batch, method="end", mode="constant")
 
 
 class SpreadInferer(Inferer):

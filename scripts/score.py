@@ -33,7 +33,7 @@ from scripts.ct_inputs import add_error, index_inputs, nifti_volume, read_scored
 from scripts.ct_io import HU_WINDOW, check_window
 from scripts.data import write_json_atomic
 from scripts.handlers import figure_png, pyplot, write_bytes_atomic
-from scripts.patches import SpreadInferer
+from scripts.patches import SpreadInferer, pad_collate
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +129,7 @@ class SliceScorer:
             batch_size=self.batch_size,
             num_workers=self.num_workers,
             shuffle=False,
+            collate_fn=pad_collate,
         )
         results: list[tuple[float | None, float, str]] = []
         for batch in loader:

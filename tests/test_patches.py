@@ -72,11 +72,13 @@ def test_slice_score_is_the_mean_over_its_body_tiles_and_sd_their_spread(patch_n
     image = disc_slice(size=200)[None] + 0.05 * torch.rand(1, 1, 200, 200, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         mean, spread = patch_network.score_with_spread(image)[0].tolist()
-        # by hand: the centred 6 x 6 grid of 32-px tiles (4 px of margin each side), those at least half body
-        tiles = [image[..., 4 + 32 * r : 36 + 32 * r, 4 + 32 * c : 36 + 32 * c] for r in range(6) for c in range(6)]
+        # by hand: the 7 x 7 grid of 32-px tiles from the top-left corner, padded with air to 224 px; those at
+        # least half body
+        padded = torch.nn.functional.pad(image, (0, 24, 0, 24))
+        tiles = [padded[..., 32 * r : 32 * r + 32, 32 * c : 32 * c + 32] for r in range(7) for c in range(7)]
         body = [tile for tile in tiles if (tile > BODY_THRESHOLD).float().mean() >= 0.5]
         expected = patch_network.network(torch.cat(body)).flatten().numpy()
-    assert 4 < len(body) < 36
+    assert 4 < len(body) < 49
     assert mean == pytest.approx(float(expected.mean()), abs=1e-5)
     assert spread == pytest.approx(float(expected.std()), abs=1e-5) and spread > 0
     assert patch_network(image).shape == (1, 1)
@@ -210,3 +212,29 @@ def test_sizes_from_the_command_line_may_be_unset(unset) -> None:
     assert isinstance(build_network(**TINY_NETWORKS, patch_size=unset), TFKT)
     with pytest.raises(ValueError, match="patch_size must be a whole number of pixels or None, got 'big'"):
         optional_size("big", "patch_size")
+
+
+def test_slices_of_any_size_score_the_same_alone_or_batched(
+    crop_bundle: tuple[Path, list, list], tmp_path: Path
+) -> None:
+    """No resizing with crops: slices of different sizes (and placeholders of unreadable files) share batches,
+    padded with air, which changes no score."""
+    root, _, _ = crop_bundle
+    rng = np.random.default_rng(1)
+    for index, size in enumerate((96, 160, 72)):
+        hu = np.full((size, size), -1000.0)
+        hu[8:-8, 12:-12] = 40.0 + rng.normal(0, 20 * (index + 1), (size - 16, size - 24))
+        write_dicom_slice(tmp_path / "in" / f"{size}.dcm", hu, f"1.2.{index}")
+    (tmp_path / "in" / "broken.dcm").write_bytes(b"not a dicom file at all")
+    scores = {}
+    for batch_size in (1, 4):
+        out = tmp_path / f"out{batch_size}"
+        summary = score_paths([tmp_path / "in"], out, root / "model.pt", device="cpu", batch_size=batch_size)
+        assert len(summary["errors"]) == 1
+        with open(out / "scores.csv", newline="") as stream:
+            scores[batch_size] = {
+                row["series"]: (float(row["score"]), float(row["score_sd"])) for row in csv.DictReader(stream)
+            }
+    assert len(scores[1]) == 3
+    for series, (score, spread) in scores[1].items():
+        assert scores[4][series] == pytest.approx((score, spread), abs=1e-4)
