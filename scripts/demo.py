@@ -1,12 +1,14 @@
 """The embedded demo: the whole TFKT pipeline, offline, on a CPU, in minutes.
 
 ``python -m scripts demo`` makes (or reuses) a KADID-layout set of distorted photographs and an
-LDCTIQA-layout set of simulated low-dose CT slices, then runs the bundle's own workflows with the
-``demo.json`` overlay (small networks, small images, few epochs, no pretrained weights):
-phase 1 -> phase 2 -> evaluation on held-out synthetic CT -> scoring of a real CT slice from
-``pydicom-data``. It ends by printing TFKT's metrics beside a no-learning noise baseline's, and
-the paths of everything it wrote (all under one output folder).
-"""
+LDCTIQA-layout set of simulated low-dose CT slices at 512 px (``scripts.synth_ct``), then runs the
+bundle's own workflows with the ``demo.json`` overlay (small networks reading 64-px crops at the
+slices' own pixel grid, few epochs, no pretrained weights): phase 1 -> phase 2 -> evaluation on
+held-out synthetic CT -> scoring of a real CT slice from ``pydicom-data`` -> a no-learning noise
+baseline -> the real-data check (``scripts.realcheck``: real slices never used in training, dose
+lowered in the projection domain). It ends by printing TFKT's metrics beside the baseline's, the
+real-data check's lines, and the paths of everything it wrote (all under one output folder). Its
+model is the one ``python -m scripts score`` uses when the bundle has none of its own."""
 
 from __future__ import annotations
 
