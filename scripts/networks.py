@@ -135,6 +135,7 @@ class SwinScorer(nn.Module):
             num_classes=1,
             **dict(model_kwargs or {}),
         )
+        check_position_tables(self.model, model_name, side)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
@@ -144,6 +145,21 @@ class SwinScorer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def check_position_tables(model: nn.Module, model_name: str, side: int) -> None:
+    """Refuse a SwinV2 whose continuous position tables are not finite.
+
+    timm before 1.0.31 divides by (window - 1), so a stage whose feature map (and window) shrinks to
+    one token, as at side 32, gets NaN tables and scores every input as NaN.
+    """
+    for name, table in model.named_buffers():
+        if name.endswith("relative_coords_table") and not torch.isfinite(table).all():
+            raise ValueError(
+                f"{model_name} built for a {side} x {side} input has non-finite position tables ({name}): "
+                f"timm {timm.__version__} divides by zero for one-token windows; upgrade timm "
+                "(pip install 'timm>=1.0.31') or use a larger side"
+            )
 
 
 class TFKT(nn.Module):

@@ -118,3 +118,15 @@ def test_offline_pretrained_request_says_how_to_provide_weights(monkeypatch: pyt
         r".*machine with internet.*f_weights=/path/to/weights.safetensors.*pretrained=false",
     ):
         build_network(network="f_only", f_name="test_efficientnet", pretrained=True)
+
+
+def test_swinv2_with_non_finite_position_tables_is_refused() -> None:
+    """timm < 1.0.31 builds NaN position tables for one-token windows (side 32): refused with the fix."""
+    from scripts.networks import SwinScorer, check_position_tables
+
+    scorer = SwinScorer("swinv2_tiny_window8_256", side=32, model_kwargs=TINY_NETWORKS["s_kwargs"])
+    check_position_tables(scorer.model, "swinv2_tiny_window8_256", 32)  # this timm: finite
+    table = next(b for n, b in scorer.model.named_buffers() if n.endswith("relative_coords_table"))
+    table[0, 0, 0, 0] = float("nan")  # what an older timm computes
+    with pytest.raises(ValueError, match="upgrade timm"):
+        check_position_tables(scorer.model, "swinv2_tiny_window8_256", 32)
