@@ -34,6 +34,7 @@ from scripts.transforms import optional_size
 
 BODY_THRESHOLD = 0.5
 MIN_BODY_FRACTION = 0.5
+TILES_PER_CALL = 256  # the network sees at most this many tiles at once: memory stays bounded for large slices
 
 
 def pad_to(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -140,6 +141,7 @@ class PatchScorer(nn.Module):
         self.patch_size = int(patch_size)
         self.min_fraction = float(min_fraction)
         self.threshold = float(threshold)
+        self.chunk = TILES_PER_CALL
         self.settings = {**getattr(network, "settings", {}), "patch_size": self.patch_size}
 
     def tiles(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +167,9 @@ class PatchScorer(nn.Module):
         patches, keep = self.tiles(x)
         batch = patches.shape[0]
         owner = torch.arange(batch, device=x.device).unsqueeze(1).expand_as(keep)[keep]
-        scores = self.network(patches[keep]).reshape(-1)
+        body = patches[keep]
+        parts = [self.network(body[start : start + self.chunk]) for start in range(0, body.shape[0], self.chunk)]
+        scores = torch.cat(parts).reshape(-1)
         counts = keep.sum(dim=1).to(scores.dtype)
         mean = torch.zeros(batch, dtype=scores.dtype, device=x.device).index_add(0, owner, scores) / counts
         return scores, owner, mean

@@ -94,6 +94,20 @@ def test_scoring_is_deterministic_and_ignores_air(patch_network: PatchScorer) ->
     assert torch.allclose(first, in_air)
 
 
+def test_large_slices_are_scored_in_chunks_of_tiles(patch_network: PatchScorer) -> None:
+    image = torch.full((1, 1, 320, 320), 0.76) + 0.05 * torch.rand(
+        1, 1, 320, 320, generator=torch.Generator().manual_seed(4)
+    )
+    with torch.no_grad():
+        whole = patch_network.score_with_spread(image)
+        patch_network.chunk = 7  # 100 body tiles in 15 calls
+        try:
+            chunked = patch_network.score_with_spread(image)
+        finally:
+            patch_network.chunk = 256
+    assert torch.allclose(whole, chunked, atol=1e-5)
+
+
 def test_a_tile_sized_input_is_one_crop(patch_network: PatchScorer) -> None:
     crops = torch.rand(3, 1, PATCH, PATCH, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
