@@ -130,9 +130,11 @@ def export(
 ) -> None:
     """A self-contained Model Zoo bundle folder (configs, models with model.ts, docs, scripts, LICENSE)."""
     from scripts.export import ExportError, export_bundle
+    from scripts.options import as_bool
 
     try:
-        result = export_bundle(output_dir, ckpt, metrics, weights_url, torchscript, overwrite)
+        flags = as_bool(torchscript, "torchscript"), as_bool(overwrite, "overwrite")
+        result = export_bundle(output_dir, ckpt, metrics, weights_url, *flags)
     except ExportError as error:
         print(f"export failed: {error}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from scripts.transforms import optional_size
+from scripts.options import optional_size
 
 
 class SettingsRecord:

@@ -20,6 +20,7 @@ from ignite.engine import Engine, Events
 from scripts.ct_inputs import add_error
 from scripts.data import write_json_atomic
 from scripts.metrics import METRIC_NAMES, correlations, logistic_plcc
+from scripts.options import as_bool
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ class PredictionWriter:
         self.output_dir = Path(output_dir)
         self.root = Path(dataset_dir).resolve() if dataset_dir else None
         self.clip_range = clip_range
-        self.logistic_fit = logistic_fit
+        self.logistic_fit = as_bool(logistic_fit, "logistic_fit")
         self.label_range = tuple(label_range)
         self.errors_file = errors_file
         self.rows: list[tuple[str, int | None, float | None, float, float]] = []

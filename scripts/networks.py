@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from scripts.checkpoints import read_checkpoint
-from scripts.transforms import optional_size
+from scripts.options import as_bool, optional_size
 
 logger = logging.getLogger(__name__)
 
@@ -242,6 +242,7 @@ def build_network(
     With ``patch_size`` the network is wrapped in ``scripts.patches.PatchScorer``: it reads crops of
     that size at the slice's own pixel grid and scores a slice as the mean over its crops on the body.
     """
+    pretrained, freeze_f = as_bool(pretrained, "pretrained"), as_bool(freeze_f, "freeze_f")
     model = _whole_slice_network(
         network, f_name, s_name, in_channels, side, pretrained, f_weights, s_weights, f_checkpoint, freeze_f,
         drop_rate, f_kwargs, s_kwargs,

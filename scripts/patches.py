@@ -30,7 +30,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform, Randomizable
 from torch import nn
 
-from scripts.transforms import optional_size
+from scripts.options import optional_size
 
 BODY_THRESHOLD = 0.5
 MIN_BODY_FRACTION = 0.5

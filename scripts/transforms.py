@@ -19,6 +19,8 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 
+from scripts.options import optional_size
+
 SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
@@ -30,16 +32,6 @@ class ImageReadError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
-
-
-def optional_size(value: Any, name: str) -> int | None:
-    """A size in pixels, or None for "not set" (also the command line's "None"/"null" strings)."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number of pixels or None, got {value!r}") from None
 
 
 def _scale_to_unit(pixels: np.ndarray) -> np.ndarray:

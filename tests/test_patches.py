@@ -217,7 +217,8 @@ def test_exported_torchscript_scores_crops_like_eager(crop_bundle: tuple[Path, l
 @pytest.mark.parametrize("unset", [None, "None", "null", "NULL", ""])
 def test_sizes_from_the_command_line_may_be_unset(unset) -> None:
     from scripts.networks import TFKT
-    from scripts.transforms import ResizeSliced, optional_size
+    from scripts.options import optional_size
+    from scripts.transforms import ResizeSliced
 
     assert optional_size(unset, "patch_size") is None and optional_size("64", "patch_size") == 64
     data = {"image": disc_slice(48)}

@@ -1,0 +1,118 @@
+"""Boolean options mean what they say, however they arrive: JSON, Python or the command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from scripts.checkpoints import read_checkpoint
+from scripts.options import as_bool
+from tests.conftest import EVALUATE_CONFIGS, REPO_ROOT, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
+
+TINY_CLI = [
+    "--f_name", "test_efficientnet", "--s_name", "swinv2_tiny_window8_256", "--side", "32",
+    "--s_kwargs", "{'embed_dim': 16, 'depths': [1, 1, 1, 1], 'num_heads': [1, 1, 1, 1]}",
+    "--image_size", "64", "--batch_size", "4", "--num_workers", "0", "--device", "cpu", "--max_epochs", "1",
+]  # fmt: skip
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}  # a download attempt fails at once
+    command = [sys.executable, "-m", *args]
+    return subprocess.run(command, cwd=REPO_ROOT, env=environment, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [(True, True), (False, False), (1, True), (0, False), ("true", True), ("True", True), ("1", True),
+     ("false", False), ("False", False), ("0", False), (" TRUE ", True)],
+)  # fmt: skip
+def test_every_accepted_spelling(value, expected: bool) -> None:
+    assert as_bool(value, "amp") is expected
+
+
+@pytest.mark.parametrize("value", ["yes", "no", "maybe", "", 2, -1, 0.5, None, [True]])
+def test_anything_else_is_refused_with_the_option_named(value) -> None:
+    with pytest.raises(ValueError, match="amp must be true or false"):
+        as_bool(value, "amp")
+
+
+@pytest.mark.parametrize(("spelling", "expected"), [("false", False), ("0", False), ("True", True), ("1", True)])
+def test_workflows_receive_real_booleans(ldct_train_dir: Path, tmp_path: Path, spelling: str, expected: bool) -> None:
+    workflow = make_workflow(
+        TRAIN_CONFIG, "train", **{**TINY_OVERRIDES, "amp": spelling, "freeze_f": spelling},
+        dataset_dir=str(ldct_train_dir), ckpt_dir=str(tmp_path), f_checkpoint=None,
+    )  # fmt: skip
+    assert workflow.parser.get_parsed_content("train#trainer").amp is expected
+    assert workflow.parser.get_parsed_content("validate#evaluator").amp is expected
+    assert workflow.parser.get_parsed_content("model").freeze_f is expected
+
+
+def _f_backbone(path: Path) -> dict[str, torch.Tensor]:
+    state, settings = read_checkpoint(path)
+    prefix = "f.backbone." if settings["network"] == "tfkt" else "backbone."
+    return {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+@pytest.mark.parametrize(("freeze", "other"), [("false", "False"), ("0", "0"), ("true", "1"), ("True", "true")])
+def test_training_flags_from_the_command_line(
+    ldct_train_dir: Path, pretrained_bundle: Path, tmp_path: Path, freeze: str, other: str
+) -> None:
+    """``--freeze_f``, ``--pretrained`` and ``--amp`` as a shell passes them: strings."""
+    phase1 = pretrained_bundle / "pretrain.pt"
+    result = run_cli(
+        "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG, "--dataset_dir", str(ldct_train_dir),
+        "--ckpt_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--f_checkpoint", str(phase1),
+        "--freeze_f", freeze, "--pretrained", "false" if other in ("False", "0") else "0", "--amp", other, *TINY_CLI,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    trained, initial = _f_backbone(tmp_path / "model.pt"), _f_backbone(phase1)
+    unchanged = all(torch.equal(trained[key], initial[key]) for key in initial)
+    assert unchanged is as_bool(freeze, "freeze_f")
+
+
+def test_a_misspelt_flag_stops_with_its_name(ldct_train_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG, "--dataset_dir", str(ldct_train_dir),
+        "--ckpt_dir", str(tmp_path), "--freeze_f", "maybe", "--pretrained", "false", *TINY_CLI,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "freeze_f must be true or false (true/false/True/False/1/0), got 'maybe'" in result.stdout + result.stderr
+    assert not (tmp_path / "model.pt").exists()
+
+
+@pytest.mark.parametrize(("spelling", "expected"), [("false", False), ("True", True)])
+def test_logistic_fit_from_the_command_line(
+    trained_bundle: Path, ldct_test_dir: Path, tmp_path: Path, spelling: str, expected: bool
+) -> None:
+    result = run_cli(
+        "monai.bundle", "run", "evaluating", "--config_file", json.dumps(EVALUATE_CONFIGS),
+        "--ckpt_dir", str(trained_bundle), "--dataset_dir", str(ldct_test_dir), "--output_dir", str(tmp_path),
+        "--logistic_fit", spelling, *TINY_CLI,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("plcc_logistic" in json.loads((tmp_path / "metrics.json").read_text())) is expected
+
+
+def test_export_flags_from_the_command_line(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    dist = tmp_path / "dist"
+    first = run_cli(
+        "scripts", "export", "--output_dir", str(dist), "--ckpt", str(tiny_checkpoint), "--torchscript", "false"
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (dist / "models" / "model.pt").is_file() and not (dist / "models" / "model.ts").exists()
+    refused = run_cli(
+        "scripts", "export", "--output_dir", str(dist), "--ckpt", str(tiny_checkpoint), "--overwrite", "0"
+    )
+    assert refused.returncode == 1 and "already exists" in refused.stderr
+    again = run_cli(
+        "scripts", "export", "--output_dir", str(dist), "--ckpt", str(tiny_checkpoint),
+        "--overwrite", "True", "--torchscript", "0",
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
