@@ -35,7 +35,7 @@ from scripts import bundle_root
 from scripts.checkpoints import save_checkpoint
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
-from scripts.data import write_json_atomic
+from scripts.data import MIN_VALIDATION, write_json_atomic
 from scripts.networks import build_network, count_parameters
 from scripts.score import SliceScorer
 
@@ -209,8 +209,8 @@ def bench_training(
 ) -> dict:
     """A plain PyTorch loop vs the training workflow's SupervisedTrainer, in iterations/s."""
     batch_size, image_size = profile["batch_size"], profile["image_size"]
-    n_train = iterations * batch_size
-    data = write_timing_slices(workdir / "labelled", n=n_train + 2, size=image_size, seed=1)
+    n_train, n_val = iterations * batch_size, MIN_VALIDATION
+    data = write_timing_slices(workdir / "labelled", n=n_train + n_val, size=image_size, seed=1)
     workflow = ConfigWorkflow(
         str(CONFIG_DIR / "train.json"),
         logging_file=False,
@@ -221,7 +221,7 @@ def bench_training(
         device=device,
         pretrained=False,
         f_checkpoint=None,
-        split=2 / (n_train + 2),
+        split=n_val / (n_train + n_val),
         max_epochs=1,
         val_interval=10**6,
         batch_size=batch_size,

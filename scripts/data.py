@@ -33,6 +33,7 @@ KADID_RANGE = (1.0, 5.0)
 SETTING_A_SEED = 48
 SETTING_A_HELD_OUT = 0.2
 MAX_LISTED_PROBLEMS = 20
+MIN_VALIDATION = 3  # slices: fewer give no correlation (or a meaningless one)
 
 
 class DatasetError(ValueError):
@@ -137,13 +138,16 @@ def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> 
     return items
 
 
-def split_items(items: list[dict], split: str | float, seed: int, group_key: str | None = None) -> tuple[list, list]:
+def split_items(
+    items: list[dict], split: str | float, seed: int, group_key: str | None = None, allow_empty: bool = False
+) -> tuple[list, list]:
     """Split into (train, validation).
 
     ``split="A"`` is LDCTIQA Setting A: a fixed 80/20 split (800/200 of the 1000 training
     slices), the permutation of ``numpy.random.default_rng(48)`` over the file names, whatever
     ``seed`` is. A number is the validation fraction, drawn with ``seed``. ``group_key`` keeps
-    groups whole (KADID: all distortions of one reference image on one side).
+    groups whole (KADID: all distortions of one reference image on one side). With ``allow_empty`` an
+    empty training side is left to the caller's check (``check_validation``).
     """
     if str(split).upper() == "A":
         fraction, seed = SETTING_A_HELD_OUT, SETTING_A_SEED
@@ -157,9 +161,28 @@ def split_items(items: list[dict], split: str | float, seed: int, group_key: str
     val_groups = {groups[i] for i in order[len(groups) - n_val :]}
     train = [it for it in items if (it[group_key] if group_key else it["image"]) not in val_groups]
     val = [it for it in items if (it[group_key] if group_key else it["image"]) in val_groups]
-    if not train:
+    if not train and not allow_empty:
         raise ValueError(f"split {split!r} leaves no training data ({len(items)} items)")
     return train, val
+
+
+def check_validation(dataset_dir: str | Path, train: list[dict], val: list[dict], split: str | float) -> None:
+    """``DatasetError`` unless training has data and the validation slices can give correlations: at least
+    ``MIN_VALIDATION`` of them with labels that are not all the same (else every metric is NaN and the
+    best checkpoint would be chosen by chance)."""
+    where = str(dataset_dir)
+    if not train:
+        raise DatasetError([(where, f"split {split!r} leaves no training data ({len(val)} items in all)")])
+    if len(val) < MIN_VALIDATION:
+        reason = (
+            f"{len(val)} validation slice(s) with split {split!r}: PLCC/SROCC/KROCC need at least {MIN_VALIDATION}; "
+            "use more data or a larger split"
+        )
+        raise DatasetError([(where, reason)])
+    labels = {item["label"] for item in val}
+    if len(labels) == 1:
+        reason = f"every validation label is {labels.pop():g}: correlations are undefined; use another split or seed"
+        raise DatasetError([(where, reason)])
 
 
 def write_json_atomic(path: str | Path, content: Any) -> None:
@@ -190,12 +213,13 @@ def training_datalists(
     """
     if layout == "ldct":
         items = ldct_labelled_items(dataset_dir, check_images)
-        train, val = split_items(items, split, seed)
+        train, val = split_items(items, split, seed, allow_empty=True)
     elif layout == "kadid":
         items = kadid_labelled_items(dataset_dir, check_images)
-        train, val = split_items(items, split, seed, group_key="ref")
+        train, val = split_items(items, split, seed, group_key="ref", allow_empty=True)
     else:
         raise ValueError(f"layout must be 'ldct' or 'kadid', got {layout!r}")
+    check_validation(dataset_dir, train, val, split)
     if output_dir is not None:
         root = Path(dataset_dir).expanduser()
         record = {

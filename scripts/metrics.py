@@ -8,6 +8,7 @@ natural-image IQA, is offered by ``logistic_plcc`` and never used for LDCTIQA nu
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -92,6 +93,13 @@ def correlation_metrics(output_transform: Callable[[Any], Any] | None = None) ->
     }
 
 
+def _finite_sum(*values: float) -> float:
+    """The aggregate, or -inf when a correlation is NaN (constant predictions): NaN compares false with
+    everything, so it could never be beaten and would keep an epoch as the best."""
+    total = float(sum(values))
+    return total if math.isfinite(total) else -math.inf
+
+
 def aggregate_metric(metrics: dict[str, Metric]) -> MetricsLambda:
-    """PLCC + SROCC + KROCC over the same three metric objects (computed once, not twice)."""
-    return MetricsLambda(lambda *values: float(sum(values)), *(metrics[name] for name in METRIC_NAMES))
+    """PLCC + SROCC + KROCC over the same three metric objects (computed once, not twice); -inf instead of NaN."""
+    return MetricsLambda(_finite_sum, *(metrics[name] for name in METRIC_NAMES))

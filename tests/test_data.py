@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -177,3 +178,46 @@ def test_check_data_command(ldct_train_dir: Path, ldct_copy: Path) -> None:
     )
     assert result.returncode != 0
     assert "0002.tif: named in train.json but the image does not exist" in result.stderr
+
+
+def _tiny_layout(root: Path, source: Path, labels: list[float]) -> Path:
+    (root / "image").mkdir(parents=True)
+    names = sorted(p.name for p in (source / "image").glob("*.tif"))[: len(labels)]
+    for name in names:
+        (root / "image" / name).write_bytes((source / "image" / name).read_bytes())
+    (root / "train.json").write_text(json.dumps(dict(zip(names, labels, strict=True))))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("labels", "split", "reason"),
+    [
+        ([1.0] * 11 + [2.0], 0.1, "1 validation slice(s) with split 0.1: PLCC/SROCC/KROCC need at least 3"),
+        ([2.0], 0.1, "split 0.1 leaves no training data"),
+        (
+            [1.0, 2.0, 3.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0],
+            0.3,
+            "every validation label is 2: correlations are undefined",
+        ),
+    ],
+)
+def test_validation_that_cannot_decide_stops_before_training(
+    ldct_train_dir: Path, tmp_path: Path, labels: list[float], split: float, reason: str
+) -> None:
+    root = _tiny_layout(tmp_path / "ds", ldct_train_dir, labels)
+    if len(labels) == 10:  # the 3 drawn for validation: make them the constant ones
+        val = {Path(it["image"]).name for it in split_items(ldct_labelled_items(root), split, 48)[1]}
+        relabelled = {
+            name: (2.0 if name in val else float(i % 5))
+            for i, name in enumerate(sorted(json.loads((root / "train.json").read_text())))
+        }
+        (root / "train.json").write_text(json.dumps(relabelled))
+    with pytest.raises(DatasetError, match=re.escape(reason)):
+        training_datalists(root, split=split, seed=48)
+
+
+def test_nan_metrics_never_beat_a_real_one() -> None:
+    from scripts.metrics import _finite_sum
+
+    assert _finite_sum(0.5, 0.4, 0.3) == pytest.approx(1.2)
+    assert _finite_sum(float("nan"), 0.4, 0.3) == float("-inf") < -100

@@ -16,7 +16,7 @@ def test_demo_runs_every_step_and_reports_both_metric_sets(tmp_path: Path, capsy
         tmp_path / "demo",
         n_refs=2,
         natural_size=48,
-        n_ct=24,
+        n_ct=30,
         n_heldout=10,
         ct_size=64,
         pretrain_epochs=1,
