@@ -24,20 +24,23 @@ def _without_result(function: Callable[..., Any]) -> Callable[..., None]:
 
 
 def _checkpoint_or_exit(ckpt: str | None) -> str:
-    """``ckpt``, or the default model (saying which); one line and exit 1 when there is none."""
-    from scripts.checkpoints import default_checkpoint
+    """``ckpt``, or the default model (saying which), checked readable; one line and exit 1 when it is missing or
+    cannot be used (a folder, not a checkpoint, pickled code)."""
+    from scripts.checkpoints import CheckpointError, default_checkpoint, read_checkpoint
 
-    if ckpt:
-        if not Path(ckpt).is_file():
-            print(f"checkpoint {ckpt} not found: pass the path of a model.pt (or omit --ckpt)", file=sys.stderr)
-            raise SystemExit(1)
-        return ckpt
     try:
-        path, what = default_checkpoint()
-    except FileNotFoundError as error:
+        if ckpt:
+            if not Path(ckpt).exists():
+                raise FileNotFoundError(f"checkpoint {ckpt} not found: pass the path of a model.pt (or omit --ckpt)")
+            path, what = Path(ckpt), ""
+        else:
+            path, what = default_checkpoint()
+        read_checkpoint(path)
+    except (FileNotFoundError, CheckpointError) as error:
         print(error, file=sys.stderr)
         raise SystemExit(1) from None
-    print(f"using {what}: {path} (pass --ckpt FILE for another)")
+    if what:
+        print(f"using {what}: {path} (pass --ckpt FILE for another)")
     return str(path)
 
 
@@ -129,13 +132,14 @@ def export(
     overwrite: bool = False,
 ) -> None:
     """A self-contained Model Zoo bundle folder (configs, models with model.ts, docs, scripts, LICENSE)."""
+    from scripts.checkpoints import CheckpointError
     from scripts.export import ExportError, export_bundle
     from scripts.options import as_bool
 
     try:
         flags = as_bool(torchscript, "torchscript"), as_bool(overwrite, "overwrite")
         result = export_bundle(output_dir, ckpt, metrics, weights_url, *flags)
-    except ExportError as error:
+    except (ExportError, CheckpointError) as error:
         print(f"export failed: {error}", file=sys.stderr)
         raise SystemExit(1) from None
     print(f"exported the bundle to {result['output_dir']}")

@@ -8,6 +8,7 @@ with ``weights_only=True`` and a ``map_location``, so GPU checkpoints open on CP
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,10 @@ import torch
 from torch import nn
 
 from scripts.options import optional_size
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with the file and the reason in one line."""
 
 
 class SettingsRecord:
@@ -41,17 +46,38 @@ class SettingsRecord:
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, Any]]:
     """Return ``(state_dict, settings)`` of a checkpoint written by this bundle."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a folder, not a file: pass the model.pt inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; train first or pass its path.")
-    try:
-        content = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except Exception as error:  # torch raises several types for corrupt or foreign files
-        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({error}).") from error
+    content = _load_weights_only(path, map_location)
     if not isinstance(content, dict) or "network" not in content or "settings" not in content:
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: checkpoint has no 'network' and 'settings' entries; it was not written by this bundle."
         )
     return content["network"], dict(content["settings"])
+
+
+def _load_weights_only(path: Path, map_location: str | torch.device) -> Any:
+    """``torch.load`` with ``weights_only=True``: memory-mapped for today's zip format, read whole for the legacy
+    one; a file that holds pickled code is refused (loading it could run that code)."""
+    try:
+        with open(path, "rb") as stream:
+            zipped = stream.read(4) == b"PK\x03\x04"
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as error:
+        found = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+        if not found:  # not a pickle at all (a JSON or image file, say)
+            raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (not a torch.save file)") from error
+        raise CheckpointError(
+            f"{path}: refused for safety: it holds pickled code, which loading could run ({found[0][:160]}); "
+            "use a checkpoint written by this bundle (weights and settings only)"
+        ) from error
+    except Exception as error:  # torch raises several types for corrupt or foreign files
+        reason = " ".join(str(error).split())[:200]
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {reason})"
+        ) from error
 
 
 NO_MODEL = (

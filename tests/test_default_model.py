@@ -1,4 +1,5 @@
-"""``score`` without ``--ckpt``: the bundle's model, else the demo's (named), else one line saying how to get one."""
+"""Which model `score` uses: the bundle's, else the demo's (named), else one line saying how to get one; an
+unusable checkpoint (pickled code, a folder, not a checkpoint) is one line too; legacy-format files load."""
 
 from __future__ import annotations
 
@@ -54,3 +55,63 @@ def test_without_ckpt_the_demo_model_is_used_and_named(
     shutil.copyfile(tiny_checkpoint, bundle / "models" / "model.pt")
     score(str(tmp_path / "in"), output_dir=str(tmp_path / "out2"), num_workers=0)
     assert "using the bundle's model" in capsys.readouterr().out
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran while loading",))
+
+
+@pytest.fixture
+def bad_checkpoints(tiny_checkpoint: Path, tmp_path: Path) -> dict[str, Path]:
+    """A pickled-code file, a folder, a JSON file and a legacy-format copy of a good checkpoint."""
+    import torch
+
+    from scripts.checkpoints import read_checkpoint
+
+    torch.save({"network": {}, "settings": {}, "payload": _RunsCode()}, tmp_path / "code.pt")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "labels.json").write_text('{"0000.tif": 2.0}')
+    state, settings = read_checkpoint(tiny_checkpoint)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"network": state, "settings": settings}, legacy, _use_new_zipfile_serialization=False)
+    return {
+        "code": tmp_path / "code.pt",
+        "folder": tmp_path / "folder",
+        "json": tmp_path / "labels.json",
+        "legacy": legacy,
+    }
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("code", "refused for safety: it holds pickled code"),
+        ("folder", "is a folder, not a file: pass the model.pt inside it"),
+        ("json", "not a readable PyTorch checkpoint (not a torch.save file)"),
+    ],
+)
+def test_unusable_checkpoints_are_one_line(bad_checkpoints, tmp_path: Path, capsys, kind: str, message: str) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        score(str(tmp_path), output_dir=str(tmp_path / "out"), ckpt=str(bad_checkpoints[kind]))
+    assert stopped.value.code == 1
+    captured = capsys.readouterr()
+    assert "this ran while loading" not in captured.out
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and str(bad_checkpoints[kind]) in lines[0]
+
+
+def test_export_of_pickled_code_is_one_line(bad_checkpoints, tmp_path: Path, capsys) -> None:
+    from scripts.__main__ import export
+
+    with pytest.raises(SystemExit) as stopped:
+        export(str(tmp_path / "dist"), ckpt=str(bad_checkpoints["code"]))
+    assert stopped.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "refused for safety" in lines[0]
+
+
+def test_legacy_format_checkpoints_load(bad_checkpoints, tiny_checkpoint: Path) -> None:
+    from scripts.checkpoints import read_checkpoint
+
+    assert read_checkpoint(bad_checkpoints["legacy"])[1] == read_checkpoint(tiny_checkpoint)[1]
