@@ -6,7 +6,8 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
    grouped into series by SeriesInstanceUID and sorted by slice position; enhanced (multi-frame)
    CT gives one item per frame; a NIfTI volume gives one item per axial slice (after
    reorienting to RAS); a TIFF/PNG file is one already-rendered slice. Each item is
-   ``{"image": path, "frame": k, "series": name, "position": z, "error": ""}``. Inputs that cannot
+   ``{"image": path, "frame": k, "series": name, "position": z, "error": "", "warning": ""}`` (``warning``:
+   what was assumed to read it, e.g. a missing PhotometricInterpretation). Inputs that cannot
    be scored (other modalities, no pixel data, unreadable, wrong dimensionality) are listed as
    ``{path, reason}`` instead.
 2. ``LoadCTSliced`` reads one item's pixels: CT to HU (rescale slope and intercept), through the
@@ -28,7 +29,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.ct_io import HU_WINDOW, check_window, frame_count, frame_hu, window_hu
+from scripts.ct_io import HU_WINDOW, check_hu_mapping, check_window, frame_count, frame_hu, window_hu
 from scripts.data import DatasetError
 from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice, to_channels
 
@@ -38,6 +39,8 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the file while indexing
 PLACEHOLDER_SIZE = 8
+MIN_SIDE = 8  # pixels: smaller "slices" are not images a radiologist could score
+ASSUMED_MONOCHROME2 = "no PhotometricInterpretation: read as MONOCHROME2"
 
 
 class InputError(ValueError):
@@ -109,6 +112,15 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
         raise InputError(f"{samples} samples per pixel: a colour image, not a CT slice (wrong dimensionality)")
     if not ds.get("Rows") or not ds.get("Columns"):
         raise InputError("no Rows/Columns: the pixel data has no 2-D shape")
+    if min(int(ds.Rows), int(ds.Columns)) < MIN_SIDE:
+        raise InputError(f"slice of {ds.Rows} x {ds.Columns} pixels is too small (at least {MIN_SIDE} x {MIN_SIDE})")
+    try:
+        check_hu_mapping(ds)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    if "PhotometricInterpretation" not in ds:  # common in old implicit-VR files; viewers read them so too
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.photometric_assumed = True
     _ensure_transfer_syntax(ds)
     return ds
 
@@ -168,17 +180,18 @@ def nifti_volume(path: str, modified: float) -> np.ndarray:
 # --- both steps --------------------------------------------------------------------------------
 
 
-def _index_file(path: Path) -> tuple[str, list[float]]:
-    """(series name, slice positions) of one input, from its header."""
+def _index_file(path: Path) -> tuple[str, list[float], str]:
+    """(series name, slice positions, warning) of one input, from its header."""
     if not path.is_file():
         raise InputError("file does not exist")
     if _is_nifti(path):
-        return str(path), [float(k) for k in range(_nifti_depth(path))]
+        return str(path), [float(k) for k in range(_nifti_depth(path))], ""
     if _is_rendered(path):
-        return str(path), [0.0]
+        return str(path), [0.0], ""
     ds = read_dicom_ct(path, header_only=True)
     series = str(ds.get("SeriesInstanceUID", "")) or f"{path.name} (no SeriesInstanceUID)"
-    return series, _frame_positions(ds, frame_count(ds))
+    warning = ASSUMED_MONOCHROME2 if getattr(ds, "photometric_assumed", False) else ""
+    return series, _frame_positions(ds, frame_count(ds)), warning
 
 
 def index_inputs(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
@@ -190,14 +203,21 @@ def index_inputs(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
     errors: list[dict] = []
     for path in find_files(paths):
         try:
-            series, positions = _index_file(path)
+            series, positions, warning = _index_file(path)
         except Exception as error:  # one odd file never stops the others
             reason = str(error) if isinstance(error, InputError) else f"unreadable ({type(error).__name__}: {error})"
             logger.warning("not scored: %s: %s", path, reason)
             add_error(errors, str(path), reason)
             continue
         by_series.setdefault(series, []).extend(
-            {"image": str(path), "frame": frame, "series": series, "position": position, "error": ""}
+            {
+                "image": str(path),
+                "frame": frame,
+                "series": series,
+                "position": position,
+                "error": "",
+                "warning": warning,
+            }
             for frame, position in enumerate(positions)
         )
     items = [item for group in by_series.values() for item in sorted(group, key=lambda item: item["position"])]
@@ -305,5 +325,8 @@ def inference_items(dataset_dir: str | Path) -> list[dict]:
     if not items:
         problems = [(error["path"], error["reason"]) for error in errors]
         raise DatasetError([(str(root), "no scorable CT or slice files found"), *problems])
-    failed = [{"image": e["path"], "frame": 0, "series": "", "position": 0.0, "error": e["reason"]} for e in errors]
+    failed = [
+        {"image": e["path"], "frame": 0, "series": "", "position": 0.0, "error": e["reason"], "warning": ""}
+        for e in errors
+    ]
     return items + failed

@@ -2,8 +2,8 @@
 
 LDCTIQA's slices are CT windowed to [-1000, 400] HU and scaled to [0, 1]; a model trained on them
 must see raw CT (DICOM, NIfTI) the same way. DICOM frames go to HU with their rescale slope and
-intercept, read from the dataset itself or, for enhanced (multi-frame) CT, from its functional
-groups.
+intercept or Modality LUT (pydicom's ``apply_modality_lut``), read from the dataset itself or, for
+enhanced (multi-frame) CT, from its functional groups.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
 def check_window(window: Any) -> tuple[float, float]:
     """``window`` as (low, high) HU; ``ValueError`` unless it is two numbers with low < high."""
     values = tuple(float(value) for value in window)
-    if len(values) != 2 or values[0] >= values[1]:
-        raise ValueError(f"window must be two HU values low, high with low < high, got {values}")
+    if len(values) != 2 or not all(np.isfinite(values)) or values[0] >= values[1]:
+        raise ValueError(f"window must be two HU values low, high with low < high, both finite, got {values}")
     return values[0], values[1]
 
 
@@ -33,17 +33,26 @@ def window_hu(hu: ArrayT, low: float = HU_WINDOW[0], high: float = HU_WINDOW[1])
     return scaled.clamp(0.0, 1.0) if isinstance(scaled, torch.Tensor) else np.clip(scaled, 0.0, 1.0)
 
 
-def rescale(ds: Any, frame: int = 0) -> tuple[float, float]:
-    """Slope and intercept to HU: the dataset's own, else the frame's or the shared functional groups' (enhanced CT)."""
-    if "RescaleSlope" in ds:
-        return float(ds.RescaleSlope), float(ds.get("RescaleIntercept", 0.0))
+def _frame_transformation(ds: Any, frame: int = 0) -> Any:
+    """The dataset (or functional-group item) that maps one frame's stored values to HU, or None.
+
+    The top level's Modality LUT Sequence or Rescale Slope/Intercept first, else the frame's or the
+    shared functional groups' Pixel Value Transformation (enhanced CT).
+    """
+    if "ModalityLUTSequence" in ds or ("RescaleSlope" in ds and "RescaleIntercept" in ds):
+        return ds
     groups = [*ds.get("PerFrameFunctionalGroupsSequence", [])[frame : frame + 1]]
     groups += ds.get("SharedFunctionalGroupsSequence", [])[:1]
     for group in groups:
         if "PixelValueTransformationSequence" in group:
-            item = group.PixelValueTransformationSequence[0]
-            return float(item.RescaleSlope), float(item.RescaleIntercept)
-    return 1.0, 0.0
+            return group.PixelValueTransformationSequence[0]
+    return None
+
+
+def check_hu_mapping(ds: Any) -> None:
+    """``ValueError`` unless integer CT pixels have a way to HU (rescale or Modality LUT); float pixel data is HU."""
+    if "PixelData" in ds and _frame_transformation(ds) is None:
+        raise ValueError("no RescaleIntercept/RescaleSlope or Modality LUT: the HU of this CT cannot be known")
 
 
 def frame_count(ds: Any) -> int:
@@ -53,11 +62,14 @@ def frame_count(ds: Any) -> int:
 
 def frame_hu(ds: Any, index: int = 0) -> np.ndarray:
     """One frame of a CT dataset in HU; only that frame is decoded (enhanced CT holds several)."""
-    from pydicom.pixels import pixel_array
+    from pydicom.pixels import apply_modality_lut, pixel_array
 
     pixels = pixel_array(ds, index=index) if frame_count(ds) > 1 else ds.pixel_array
-    slope, intercept = rescale(ds, index)
-    return pixels.astype(np.float32) * slope + intercept
+    transformation = _frame_transformation(ds, index)
+    if transformation is None:
+        check_hu_mapping(ds)
+        return pixels.astype(np.float32)  # float pixel data holds the values themselves
+    return apply_modality_lut(pixels, transformation).astype(np.float32)
 
 
 def frames_hu(ds: Any) -> list[np.ndarray]:

@@ -175,13 +175,15 @@ def write_report(
     """``scores.csv``, ``summary.json`` and a plot per series in ``output_dir``, atomically; returns the summary."""
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["source", "series", "slice_index", "score", "score_sd"])
+    writer.writerow(["source", "series", "slice_index", "score", "score_sd", "warning"])
     summary: dict[str, Any] = {"series": {}, "errors": errors}
     for number, entry in enumerate(series):
         plot = _plot_name(number, entry.name)
         write_bytes_atomic(output_dir / plot, series_png(entry, window))
         for index, (item, value, spread) in enumerate(zip(entry.items, entry.scores, entry.spreads, strict=True)):
-            writer.writerow([item["image"], entry.name, index, f"{value:.4f}", f"{spread:.4f}"])
+            writer.writerow(
+                [item["image"], entry.name, index, f"{value:.4f}", f"{spread:.4f}", item.get("warning", "")]
+            )
         summary["series"][entry.name] = {**series_summary(entry), "plot": plot}
     write_bytes_atomic(output_dir / "scores.csv", buffer.getvalue().encode())
     write_json_atomic(output_dir / "summary.json", summary)

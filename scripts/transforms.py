@@ -22,6 +22,7 @@ from PIL import Image
 from scripts.options import optional_size
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
+FLOAT_SLACK = 0.01  # float slices are windowed to [0, 1]; a little overshoot from resampling is tolerated
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
@@ -77,6 +78,13 @@ def read_slice(path: str | Path) -> np.ndarray:
         raise ImageReadError(path, str(error)) from error
     if not np.isfinite(pixels).all():
         raise ImageReadError(path, "pixels contain NaN or Inf")
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < -FLOAT_SLACK or high > 1 + FLOAT_SLACK:
+        raise ImageReadError(
+            path,
+            f"float pixels span [{low:.4g}, {high:.4g}], not [0, 1]: not windowed (give raw CT as DICOM or NIfTI, "
+            "which are windowed from HU)",
+        )
     return pixels
 
 

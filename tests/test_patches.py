@@ -196,7 +196,7 @@ def test_evaluation_and_score_report_the_spread(
     summary = score_paths([series], tmp_path / "score", root / "model.pt", device="cpu", num_workers=0)
     with open(tmp_path / "score" / "scores.csv", newline="") as stream:
         scored = list(csv.DictReader(stream))
-    assert list(scored[0]) == ["source", "series", "slice_index", "score", "score_sd"]
+    assert list(scored[0]) == ["source", "series", "slice_index", "score", "score_sd", "warning"]
     assert all(float(row["score_sd"]) > 0 for row in scored)  # several body tiles, which differ
     assert summary["series"]["1.2.3.4"]["mean_score_sd"] > 0
 

@@ -22,7 +22,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from scripts.ct_inputs import index_inputs, read_scored_slice
+from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
 from scripts.ct_io import write_dicom_slice
 from scripts.score import score_paths
 from tests.conftest import INFERENCE_CONFIG, REPO_ROOT, make_workflow
@@ -318,3 +318,61 @@ def test_dicom_without_preamble_or_file_meta(tmp_path: Path) -> None:
     items, errors = index_inputs([tmp_path / "raw.dcm"])
     assert errors == [] and items[0]["series"] == "7.7"
     assert np.allclose(read_scored_slice(tmp_path / "raw.dcm", 0, WINDOW), 1040.0 / 1400.0)
+
+
+def _flat_ct(path: Path, hu: float = 40.0, size: int = 16) -> pydicom.Dataset:
+    return pydicom.dcmread(write_dicom(path, "CT", "7.7", 0.0, np.full((size, size), hu)))
+
+
+def test_a_modality_lut_sequence_gives_the_hu(tmp_path: Path) -> None:
+    """Stored 1063 -> LUT -> 39 HU (pydicom's modality LUT), not 1063 - 1024 or the raw value."""
+    from pydicom.dataset import Dataset
+
+    ds = _flat_ct(tmp_path / "lut.dcm")
+    del ds.RescaleSlope, ds.RescaleIntercept
+    ds.PixelData = np.full((16, 16), 1063, dtype=np.uint16).tobytes()
+    lut = Dataset()
+    lut.LUTDescriptor, lut.ModalityLUTType = [2048, 0, 16], "HU"
+    lut.add_new("LUTData", "US", [max(value - 1024, 0) for value in range(2048)])
+    ds.ModalityLUTSequence = [lut]
+    ds.save_as(tmp_path / "lut.dcm", enforce_file_format=True)
+    assert np.allclose(read_scored_slice(tmp_path / "lut.dcm", 0, (0.0, 78.0)), 0.5)
+
+
+def test_integer_ct_without_rescale_or_lut_is_refused(tmp_path: Path) -> None:
+    ds = _flat_ct(tmp_path / "no_intercept.dcm")
+    del ds.RescaleIntercept
+    ds.save_as(tmp_path / "no_intercept.dcm", enforce_file_format=True)
+    items, errors = index_inputs([tmp_path / "no_intercept.dcm"])
+    assert items == [] and "HU of this CT cannot be known" in errors[0]["reason"]
+
+
+def test_missing_photometric_interpretation_is_read_as_monochrome2_with_a_warning(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    ds = _flat_ct(tmp_path / "in" / "old.dcm", size=64)
+    del ds.PhotometricInterpretation
+    ds.save_as(tmp_path / "in" / "old.dcm", enforce_file_format=True)
+    summary = score_paths([tmp_path / "in"], tmp_path / "out", tiny_checkpoint, device="cpu", num_workers=0)
+    assert summary["errors"] == []
+    with open(tmp_path / "out" / "scores.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert rows[0]["warning"] == "no PhotometricInterpretation: read as MONOCHROME2"
+
+
+def test_tiny_slices_and_non_finite_windows_are_refused(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    _flat_ct(tmp_path / "one_pixel.dcm", size=1)
+    items, errors = index_inputs([tmp_path / "one_pixel.dcm"])
+    assert items == [] and "too small" in errors[0]["reason"]
+    for window in ((float("nan"), 400.0), (-1000.0, float("inf"))):
+        with pytest.raises(ValueError, match="both finite"):
+            score_paths([tmp_path], tmp_path / "out", ckpt=tiny_checkpoint, window=window)
+
+
+def test_float_tiff_outside_the_unit_range_is_not_windowed(tmp_path: Path) -> None:
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "hu.tif", np.full((32, 32), 40.0, dtype=np.float32))
+    items, _ = index_inputs([tmp_path / "hu.tif"])
+    with pytest.raises(InputError, match="not windowed"):
+        read_scored_slice(items[0]["image"])
