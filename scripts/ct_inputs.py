@@ -160,8 +160,13 @@ def _nifti_depth(path: Path) -> int:
 
     image = _nifti_header(path)
     axes = nibabel.io_orientation(image.affine)[:, 0]
-    axial = [axis for axis, target in enumerate(axes) if target == 2]
-    return int(image.shape[axial[0]] if axial else image.shape[2])
+    axial = next((axis for axis, target in enumerate(axes) if target == 2), 2)
+    in_plane = [int(image.shape[axis]) for axis in range(3) if axis != axial]
+    if min(in_plane) < MIN_SIDE:
+        raise InputError(
+            f"axial slices of {in_plane[0]} x {in_plane[1]} pixels are too small (at least {MIN_SIDE} x {MIN_SIDE})"
+        )
+    return int(image.shape[axial])
 
 
 @functools.lru_cache(maxsize=1)

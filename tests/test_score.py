@@ -241,20 +241,20 @@ def test_dicom_goes_to_hu_then_through_the_window(tiny_checkpoint: Path, tmp_pat
 
 
 def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
-    volume = np.arange(4 * 5 * 3, dtype=np.float32).reshape(4, 5, 3) - 60
+    volume = (np.arange(9 * 10 * 8, dtype=np.float32).reshape(9, 10, 8) - 360) / 4  # within the window
     flipped = np.diag([-1.0, 1.0, -1.0, 1.0])  # stored left-to-right and top-down: reoriented to RAS
     nibabel.save(nibabel.Nifti1Image(volume, flipped), tmp_path / "vol.nii")
     items, _ = index_inputs([tmp_path / "vol.nii"])
-    assert [item["frame"] for item in items] == [0, 1, 2]
+    assert [item["frame"] for item in items] == list(range(8))
     first = read_scored_slice(tmp_path / "vol.nii", 0, (-100.0, 100.0))[0]
     ras = volume[::-1, :, ::-1]
     assert np.allclose(first, (ras[:, :, 0].T[::-1] + 100.0) / 200.0)
     permuted = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # voxel axis 0 is S
     nibabel.save(nibabel.Nifti1Image(volume, permuted), tmp_path / "permuted.nii")
     items, _ = index_inputs([tmp_path / "permuted.nii"])
-    assert len(items) == 4  # the header's axis 0 is axial: 4 slices of 3 x 5
-    assert read_scored_slice(tmp_path / "permuted.nii", 3, (-100.0, 100.0)).shape == (1, 5, 3)
-    nibabel.save(nibabel.Nifti1Image(np.zeros((4, 5, 3, 2), np.float32), np.eye(4)), tmp_path / "4d.nii")
+    assert len(items) == 9  # the header's axis 0 is axial: 9 slices of 8 x 10
+    assert read_scored_slice(tmp_path / "permuted.nii", 3, (-100.0, 100.0)).shape == (1, 10, 8)
+    nibabel.save(nibabel.Nifti1Image(np.zeros((9, 10, 8, 2), np.float32), np.eye(4)), tmp_path / "4d.nii")
     assert index_inputs([tmp_path / "4d.nii"])[1][0]["reason"].endswith("(wrong dimensionality)")
 
 
@@ -376,3 +376,11 @@ def test_float_tiff_outside_the_unit_range_is_not_windowed(tmp_path: Path) -> No
     items, _ = index_inputs([tmp_path / "hu.tif"])
     with pytest.raises(InputError, match="not windowed"):
         read_scored_slice(items[0]["image"])
+
+
+def test_nifti_with_tiny_axial_slices_is_refused(tmp_path: Path) -> None:
+    import nibabel
+
+    nibabel.save(nibabel.Nifti1Image(np.zeros((32, 1, 6), dtype=np.float32), np.eye(4)), tmp_path / "thin.nii.gz")
+    items, errors = index_inputs([tmp_path / "thin.nii.gz"])
+    assert items == [] and "axial slices of 32 x 1 pixels are too small" in errors[0]["reason"]
