@@ -42,13 +42,12 @@ from scipy import ndimage, stats
 from scripts.baseline import baseline_score
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
 from scripts.data import write_json_atomic
-from scripts.synth_ct import CHECK_FILES
+from scripts.synth_ct import CHECK_FILES, hu_to_mu, mu_to_hu
 
 logger = logging.getLogger(__name__)
 
 
 HU_CLIP = (-1000.0, 3000.0)
-MU_WATER = 0.02  # 1/mm
 DOSES = (1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16)
 VIEW_DIVISORS = (1, 2, 4, 8, 16)
 VIEWS_PER_PIXEL = 1.0  # 1.4 would sample angles better, but costs 40% more time (see the module's docstring)
@@ -122,7 +121,7 @@ def forward_project(hu: np.ndarray, pixel_mm: float, views: int) -> tuple[np.nda
     """(line integrals of attenuation in detector bins x views, angles in degrees) of a full scan over [0, 180)."""
     from skimage.transform import radon
 
-    mu = np.maximum(MU_WATER * (1.0 + hu / 1000.0), 0.0)
+    mu = hu_to_mu(hu)
     theta = np.arange(views) * (180.0 / views)
     return radon(mu, theta, circle=False) * pixel_mm, theta
 
@@ -138,8 +137,7 @@ def reconstruct(p: np.ndarray, theta: np.ndarray, size: int, pixel_mm: float) ->
     """Filtered back-projection (Hann filter) of line integrals, in HU."""
     from skimage.transform import iradon
 
-    mu = iradon(p, theta, output_size=size, filter_name="hann", circle=False) / pixel_mm
-    return (mu / MU_WATER - 1.0) * 1000.0
+    return mu_to_hu(iradon(p, theta, output_size=size, filter_name="hann", circle=False) / pixel_mm)
 
 
 def degrade(hu: np.ndarray, pixel_mm: float, rng: np.random.Generator, views: int | None = None) -> dict[str, Any]:

@@ -89,7 +89,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from scripts.ct_io import frames_hu, window_hu
+from scripts.ct_io import ArrayT, frames_hu, window_hu
 from scripts.data import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -604,12 +604,13 @@ def fbp(sinogram: torch.Tensor, hann: bool = True, stride: int = 1, kernel: str 
     return image.reshape(batch, side, side)
 
 
-def hu_to_mu(hu: torch.Tensor) -> torch.Tensor:
-    """Linear attenuation (1/mm) of HU, air (-1000 HU and below) as zero."""
-    return (MU_WATER * (1.0 + hu / 1000.0)).clamp_min(0.0)
+def hu_to_mu(hu: ArrayT) -> ArrayT:
+    """Linear attenuation (1/mm) of HU, air (-1000 HU and below) as zero (tensors or arrays)."""
+    mu = MU_WATER * (1.0 + hu / 1000.0)
+    return mu.clamp_min(0.0) if isinstance(mu, torch.Tensor) else np.maximum(mu, 0.0)
 
 
-def mu_to_hu(mu: torch.Tensor) -> torch.Tensor:
+def mu_to_hu(mu: ArrayT) -> ArrayT:
     """HU of linear attenuation (1/mm)."""
     return (mu / MU_WATER - 1.0) * 1000.0
 
