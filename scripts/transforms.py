@@ -22,7 +22,7 @@ from PIL import Image
 from scripts.options import optional_size
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
-FLOAT_SLACK = 0.01  # float slices are windowed to [0, 1]; a little overshoot from resampling is tolerated
+FLOAT_SLACK = 0.1  # float slices are windowed to [0, 1]; overshoot from resampling or rounding is tolerated
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
