@@ -8,7 +8,12 @@ with ``weights_only=True`` and a ``map_location``, so GPU checkpoints open on CP
 
 from __future__ import annotations
 
+import logging
+import math
+import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +21,8 @@ import torch
 from torch import nn
 
 from scripts.options import optional_size
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -25,7 +32,7 @@ class CheckpointError(ValueError):
 class SettingsRecord:
     """The ``settings`` entry of a checkpoint, in the form Ignite's ``Checkpoint`` saves.
 
-    Used in ``CheckpointSaver``'s ``save_dict`` beside the network.
+    Used in ``BestCheckpointSaver``'s ``save_dict`` beside the network.
     """
 
     def __init__(self, network: nn.Module, image_size: int | None) -> None:
@@ -106,10 +113,83 @@ def recorded_setting(path: str | Path, key: str, default: Any = None) -> Any:
 
 def save_checkpoint(path: str | Path, network: nn.Module, image_size: int | None) -> Path:
     """Write ``network`` in the form the training workflows write (for tools, benchmarks and tests)."""
+    content = {"network": network.state_dict(), "settings": SettingsRecord(network, image_size).state_dict()}
+    return write_checkpoint_atomic(path, content)
+
+
+def write_checkpoint_atomic(path: str | Path, content: dict[str, Any]) -> Path:
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``: a
+    reader or a crash sees the old file or the new one, never a missing or truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    content = {"network": network.state_dict(), "settings": SettingsRecord(network, image_size).state_dict()}
-    temporary = path.with_name(path.name + ".partial")
-    torch.save(content, temporary)
-    temporary.replace(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(temporary, "wb") as stream:
+            torch.save(content, stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
     return path
+
+
+def check_checkpoint_folder(folder: str | Path, needed_bytes: int) -> None:
+    """``CheckpointError`` unless ``folder`` can be created, written and has room for a checkpoint of
+    ``needed_bytes`` (twice: the temporary file beside the old one)."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_check."):
+            pass
+    except OSError as error:
+        raise CheckpointError(
+            f"checkpoint folder {folder} is not writable ({error.strerror or error}): set ckpt_dir"
+        ) from None
+    free = shutil.disk_usage(folder).free
+    if free < 2 * needed_bytes:
+        raise CheckpointError(
+            f"checkpoint folder {folder} has {free / 2**20:.0f} MB free; a checkpoint needs about "
+            f"{2 * needed_bytes / 2**20:.0f} MB (written beside the previous one): free space or set ckpt_dir"
+        )
+
+
+class BestCheckpointSaver:
+    """Keep the best checkpoint by the evaluator's key metric as ``save_dir/filename``, written atomically.
+
+    Replaces MONAI's ``CheckpointSaver`` for the best model, which deletes the old file and then writes
+    the new one in place (a kill in between loses both). The folder is checked (writable, room for
+    two checkpoints) when the handler is built, before the first epoch. A NaN or infinite key metric
+    never selects a checkpoint, and a tie keeps the earlier one.
+    """
+
+    def __init__(self, save_dir: str | Path, save_dict: dict[str, Any], filename: str = "model.pt") -> None:
+        self.path = Path(save_dir) / filename
+        self.save_dict = {name: getattr(obj, "module", obj) for name, obj in save_dict.items()}  # unwrap DDP
+        self.best = -math.inf
+        size = sum(t.numel() * t.element_size() for t in self._content()["network"].values() if torch.is_tensor(t))
+        check_checkpoint_folder(self.path.parent, size)
+
+    def _content(self) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self.save_dict.items()}
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Any) -> None:
+        name = getattr(engine.state, "key_metric_name", None)
+        score = float(engine.state.metrics.get(name, math.nan)) if name else math.nan
+        if not math.isfinite(score) or score <= self.best:
+            return
+        self.best = score
+        write_checkpoint_atomic(self.path, self._content())
+        logger.info("best %s %.4f: saved %s", name, score, self.path)
