@@ -29,13 +29,8 @@ def _checkpoint_or_exit(ckpt: str | None) -> str:
     from scripts.checkpoints import CheckpointError, default_checkpoint, read_checkpoint
 
     try:
-        if ckpt:
-            if not Path(ckpt).exists():
-                raise FileNotFoundError(f"checkpoint {ckpt} not found: pass the path of a model.pt (or omit --ckpt)")
-            path, what = Path(ckpt), ""
-        else:
-            path, what = default_checkpoint()
-        read_checkpoint(path)
+        path, what = (Path(ckpt), "") if ckpt else default_checkpoint()
+        read_checkpoint(path)  # says what is wrong: missing, a folder, not a checkpoint, pickled code
     except (FileNotFoundError, CheckpointError) as error:
         print(error, file=sys.stderr)
         raise SystemExit(1) from None

@@ -20,7 +20,7 @@ ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
 
 
 def check_window(window: Any) -> tuple[float, float]:
-    """``window`` as (low, high) HU; ``ValueError`` unless it is two numbers with low < high."""
+    """``window`` as (low, high) HU; ``ValueError`` unless it is two finite numbers with low < high."""
     values = tuple(float(value) for value in window)
     if len(values) != 2 or not all(np.isfinite(values)) or values[0] >= values[1]:
         raise ValueError(f"window must be two HU values low, high with low < high, both finite, got {values}")
