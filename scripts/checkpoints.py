@@ -161,19 +161,48 @@ def check_checkpoint_folder(folder: str | Path, needed_bytes: int) -> None:
         )
 
 
+def last_state_path(save_dir: str | Path, ckpt_name: str) -> Path:
+    """Where a run that keeps its best model as ``ckpt_name`` keeps its last state (``model.pt``: ``model_last.pt``)."""
+    name = Path(ckpt_name)
+    return Path(save_dir) / f"{name.stem}_last{name.suffix or '.pt'}"
+
+
+def _recorded_best(save_dir: str | Path, ckpt_name: str) -> str:
+    """" (best metric 1.0400, after epoch 7)" from the run's last state, or "" when it has none."""
+    try:
+        state = _load_weights_only(last_state_path(save_dir, ckpt_name), "cpu")
+        epoch = int(state["trainer"]["iteration"]) // int(state["trainer"]["epoch_length"])
+        return f" (best metric {float(state['best_metric']):.4f}, after epoch {epoch})"
+    except Exception:  # no last state, or one this version cannot read: the path alone says enough
+        return ""
+
+
 class BestCheckpointSaver:
     """Keep the best checkpoint by the evaluator's key metric as ``save_dir/filename``, written atomically.
 
     Replaces MONAI's ``CheckpointSaver`` for the best model, which deletes the old file and then writes
     the new one in place (a kill in between loses both). The folder is checked (writable, room for
     two checkpoints) when the handler is built, before the first epoch. A NaN or infinite key metric
-    never selects a checkpoint, and a tie keeps the earlier one.
+    never selects a checkpoint, and a tie keeps the earlier one. A checkpoint already at the path
+    belongs to another run: it is replaced only with ``overwrite`` or continued with ``resume``.
     """
 
-    def __init__(self, save_dir: str | Path, save_dict: dict[str, Any], filename: str = "model.pt") -> None:
+    def __init__(
+        self,
+        save_dir: str | Path,
+        save_dict: dict[str, Any],
+        filename: str = "model.pt",
+        overwrite: bool = False,
+        resume: bool = False,
+    ) -> None:
         self.path = Path(save_dir) / filename
         self.save_dict = {name: getattr(obj, "module", obj) for name, obj in save_dict.items()}  # unwrap DDP
         self.best = -math.inf
+        if self.path.exists() and not (overwrite or resume):
+            raise CheckpointError(
+                f"{self.path} already holds the model of another run{_recorded_best(save_dir, filename)}: pass "
+                "--overwrite true to replace it, --resume true to continue that run, or set another --ckpt_dir"
+            )
         size = sum(t.numel() * t.element_size() for t in self._content()["network"].values() if torch.is_tensor(t))
         check_checkpoint_folder(self.path.parent, size)
 

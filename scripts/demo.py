@@ -147,7 +147,7 @@ def run_demo(
         flush=True,
     )
     models = out / "models"
-    common = {"ckpt_dir": str(models), "seed": seed, **(overrides or {})}
+    common = {"ckpt_dir": str(models), "seed": seed, "overwrite": True, **(overrides or {})}
     phase2_epochs = {} if train_epochs is None else {"max_epochs": train_epochs}
 
     print("2/7 phase 1: F learns the quality of distorted photographs", flush=True)
