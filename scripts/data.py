@@ -64,6 +64,25 @@ def _check_label(value: Any, valid_range: tuple[float, float]) -> str | None:
     return None
 
 
+def _check_name(name: str, folder: Path) -> str | None:
+    """The reason an image name in a label file is unusable (absolute, or leading out of its folder), or None."""
+    if Path(name).is_absolute():
+        return f"image name {name!r} is an absolute path; label files name images inside {folder.name}/"
+    if not (folder / name).resolve().is_relative_to(folder.resolve()):
+        return f"image name {name!r} leads outside {folder.name}/"
+    return None
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook: a key given twice is an error, not "the last one wins"."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"{key!r} is labelled twice ({seen[key]!r} and {value!r})")
+        seen[key] = value
+    return seen
+
+
 def _check_images(items: list[dict], problems: list[tuple[str, str]]) -> None:
     for item in items:
         try:
@@ -82,16 +101,18 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
     image_dir, label_name = layout
     label_file = root / label_name
     try:
-        labels = json.loads(label_file.read_text())
+        labels = json.loads(label_file.read_text(), object_pairs_hook=_pairs_without_duplicates)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError([(str(label_file), f"not a readable JSON file ({error})")]) from error
+    except ValueError as error:  # a duplicate key
+        raise DatasetError([(str(label_file), str(error))]) from None
     if not isinstance(labels, dict) or not labels:
         raise DatasetError([(str(label_file), 'expected a non-empty flat map {"0000.tif": 2.8, ...}')])
     problems: list[tuple[str, str]] = []
     items = []
     for name, value in sorted(labels.items()):
         path = root / image_dir / name
-        reason = _check_label(value, LDCT_RANGE)
+        reason = _check_name(name, root / image_dir) or _check_label(value, LDCT_RANGE)
         if reason:
             problems.append((f"{label_file} [{name}]", reason))
         elif not path.is_file():
@@ -118,13 +139,17 @@ def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> 
         raise DatasetError([(str(label_file), f"missing column(s) {sorted(missing_columns)}")])
     problems: list[tuple[str, str]] = []
     items = []
+    first_line: dict[str, int] = {}
     for line, row in enumerate(rows, start=2):
         try:
             value: Any = float(row["dmos"])
         except (TypeError, ValueError):
             value = row["dmos"]
-        reason = _check_label(value, KADID_RANGE)
-        path = root / "images" / row["dist_img"]
+        name = row["dist_img"]
+        duplicate = f"{name!r} is labelled twice (lines {first_line[name]} and {line})" if name in first_line else None
+        first_line.setdefault(name, line)
+        reason = _check_name(name, root / "images") or duplicate or _check_label(value, KADID_RANGE)
+        path = root / "images" / name
         if reason:
             problems.append((f"{label_file}:{line} [{row['dist_img']}]", reason))
         elif not path.is_file():

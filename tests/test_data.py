@@ -84,6 +84,32 @@ def test_label_file_not_json(ldct_copy: Path) -> None:
         ldct_labelled_items(ldct_copy)
 
 
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [("../../outside/x.tif", "leads outside image/"), ("/tmp/x.tif", "is an absolute path")],
+)
+def test_label_names_stay_inside_the_image_folder(ldct_copy: Path, name: str, reason: str) -> None:
+    outside = ldct_copy.parent / "outside"
+    outside.mkdir(exist_ok=True)
+    shutil.copy(ldct_copy / "image" / "0000.tif", outside / "x.tif")  # it exists: only the name is wrong
+    _rewrite_labels(ldct_copy, lambda labels: labels.update({name: 2.0}))
+    with pytest.raises(DatasetError, match=re.escape(f"train.json [{name}]: image name {name!r} {reason}")):
+        ldct_labelled_items(ldct_copy)
+
+
+def test_a_slice_labelled_twice_is_an_error(ldct_copy: Path, kadid_dir: Path, tmp_path: Path) -> None:
+    text = (ldct_copy / "train.json").read_text()
+    (ldct_copy / "train.json").write_text(text.replace("{", '{"0002.tif": 0.5, ', 1))
+    with pytest.raises(DatasetError, match=r"train.json: '0002.tif' is labelled twice \(0.5 and "):
+        ldct_labelled_items(ldct_copy)
+    kadid = Path(shutil.copytree(kadid_dir, tmp_path / "kadid"))
+    lines = (kadid / "dmos.csv").read_text().splitlines()
+    (kadid / "dmos.csv").write_text("\n".join([*lines, lines[3]]) + "\n")
+    name = lines[3].split(",")[0]
+    with pytest.raises(DatasetError, match=re.escape(f"[{name}]: '{name}' is labelled twice (lines 4 and")):
+        kadid_labelled_items(kadid)
+
+
 def test_unreadable_image(ldct_copy: Path) -> None:
     (ldct_copy / "image" / "0005.tif").write_bytes(b"not an image at all")
     with pytest.raises(DatasetError, match=r"0005.tif: unreadable image"):
