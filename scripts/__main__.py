@@ -72,20 +72,31 @@ def score(
     device: str | None = None,
     batch_size: int = 16,
     num_workers: int = 2,
+    max_slice_mb: float = 64.0,
 ) -> None:
     """Score DICOM files/folders, NIfTI volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir.
 
     ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names);
-    ``num_workers`` processes read slices while the network runs (0: read in this process). Exits
-    non-zero when no input could be scored.
+    ``num_workers`` processes read slices while the network runs (0: read in this process); a slice
+    that would take more than ``max_slice_mb`` MiB as float32 is refused unread (listed in errors). Exits
+    non-zero when no input could be scored, or (before scoring, with one line) when output_dir cannot be used.
     """
+    from scripts import transforms
+    from scripts.output_dir import OutputError, printable
     from scripts.score import score_paths
 
     ckpt = _checkpoint_or_exit(ckpt)
-    summary = score_paths(paths, output_dir, ckpt, window, device, batch_size, num_workers)
+    transforms.MAX_SLICE_MB = float(max_slice_mb)  # this process and the reading workers it forks
+    try:
+        inputs = [str(path) for path in paths]  # fire reads a name like 2024 as a number
+        summary = score_paths(inputs, str(output_dir), ckpt, window, device, batch_size, num_workers)
+    except OutputError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
     slices = sum(entry["n_slices"] for entry in summary["series"].values())
     print(f"scored {slices} slices in {len(summary['series'])} series; {len(summary['errors'])} inputs not scored")
-    print(f"  {output_dir}/scores.csv\n  {output_dir}/summary.json")
+    shown = printable(str(output_dir))
+    print(f"  {shown}/scores.csv\n  {shown}/summary.json")
     if not slices:
         raise SystemExit(1)
 

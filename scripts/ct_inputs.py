@@ -3,13 +3,15 @@
 Scoring runs in two steps so that reading can overlap with the network (DataLoader workers):
 
 1. ``index_inputs`` reads headers only. DICOM files (no preamble or file meta needed) are
-   grouped into series by SeriesInstanceUID and sorted by slice position; enhanced (multi-frame)
+   grouped into series by SeriesInstanceUID (split by slice size and orientation; copies with the
+   same SOPInstanceUID reported once) and sorted along the slice normal; enhanced (multi-frame)
    CT gives one item per frame; a NIfTI volume gives one item per axial slice (after
    reorienting to RAS); a TIFF/PNG file is one already-rendered slice. Each item is
    ``{"image": path, "frame": k, "series": name, "position": z, "error": "", "warning": ""}`` (``warning``:
    what was assumed to read it, e.g. a missing PhotometricInterpretation). Inputs that cannot
-   be scored (other modalities, no pixel data, unreadable, wrong dimensionality) are listed as
-   ``{path, reason}`` instead.
+   be scored (other modalities, no pixel data, unreadable, wrong dimensionality, a declared size that
+   the file cannot hold or over the caps ``scripts.transforms.MAX_SLICE_MB`` per slice and
+   ``MAX_VOLUME_MB`` per NIfTI volume) are listed as ``{path, reason}`` instead.
 2. ``LoadCTSliced`` reads one item's pixels: CT to HU (rescale slope and intercept), through the
    training window to [0, 1]. Problems only found in the pixels (truncated or undecodable data,
    NaN/Inf) are recorded in the item's ``error`` instead of stopping the batch.
@@ -17,8 +19,13 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
 
 from __future__ import annotations
 
+import errno
 import functools
+import io
 import logging
+import math
+import os
+import stat
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +38,17 @@ from monai.transforms import MapTransform
 
 from scripts.ct_io import HU_WINDOW, check_hu_mapping, check_window, frame_count, frame_hu, window_hu
 from scripts.data import DatasetError
-from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice, to_channels
+from scripts.output_dir import LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
+from scripts.transforms import (
+    SLICE_SUFFIXES,
+    DeclaredSizeError,
+    ImageReadError,
+    check_image_header,
+    check_slice_size,
+    format_mib,
+    read_slice,
+    to_channels,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +58,8 @@ HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the fi
 PLACEHOLDER_SIZE = 8
 MIN_SIDE = 8  # pixels: smaller "slices" are not images a radiologist could score
 ASSUMED_MONOCHROME2 = "no PhotometricInterpretation: read as MONOCHROME2"
+MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
+FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
 
 class InputError(ValueError):
@@ -54,12 +73,73 @@ def add_error(errors: list[dict], path: str, reason: str) -> None:
         errors.append(entry)
 
 
-def find_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The files named, and every file under the folders named, in a stable order."""
-    found: list[Path] = []
+def _unreachable(path: Path, error: OSError) -> str:
+    """Why ``path`` cannot be followed (``stat``) or listed."""
+    if error.errno == errno.ELOOP:
+        return "symbolic link loop: the link leads back to itself"
+    if isinstance(error, FileNotFoundError | NotADirectoryError):
+        return "broken link: its target does not exist" if path.is_symlink() else "does not exist"
+    if isinstance(error, PermissionError):
+        return "permission denied: cannot be read"
+    return f"cannot be read ({error.strerror or error})"
+
+
+def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> tuple[list[Path], list[dict]]:
+    """The files named and every file under the folders named, in a stable order; ``{path, reason}`` for the rest.
+
+    Links are followed; a real file or folder reached a second time (overlapping inputs, links) is taken once,
+    the second path skipped without an error. Link loops, broken links, FIFOs, sockets and devices, unreadable
+    folders and files are errors. ``skip`` (the output folder) is never read: below an input it is left out
+    (logged); named as an input itself, only its report and lock are left out.
+    """
+    files: list[Path] = []
+    errors: list[dict] = []
+    seen: dict[tuple[int, int], Path] = {}
+    skip_info = os.stat(skip) if skip is not None and os.path.isdir(skip) else None
+    skip_key = (skip_info.st_dev, skip_info.st_ino) if skip_info else None
+
+    def visit(path: Path, ancestors: dict[tuple[int, int], Path]) -> None:
+        try:
+            info = path.stat()
+        except OSError as error:
+            add_error(errors, str(path), _unreachable(path, error))
+            return
+        key = (info.st_dev, info.st_ino)
+        if key in ancestors:
+            add_error(errors, str(path), f"symbolic link loop: leads back to {ancestors[key]}")
+            return
+        if key in seen:
+            logger.info("already read as %s: %s", seen[key], path)
+            return
+        if stat.S_ISREG(info.st_mode):
+            seen[key] = path
+            if os.access(path, os.R_OK):
+                files.append(path)
+            else:
+                add_error(errors, str(path), "permission denied: the file cannot be read")
+            return
+        if not stat.S_ISDIR(info.st_mode):
+            kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a file or folder")
+            add_error(errors, str(path), f"not a regular file ({kind})")
+            return
+        if key == skip_key and ancestors:
+            logger.warning("not read as input: %s is the output folder", path)
+            return
+        seen[key] = path
+        try:
+            names = sorted(entry.name for entry in os.scandir(path))
+        except OSError as error:
+            add_error(errors, str(path), f"folder: {_unreachable(path, error)}")
+            return
+        if key == skip_key:  # the output folder named as an input: its own files are not inputs
+            names = [n for n in names if n not in (*REPORT_ENTRIES, LOCK_NAME) and not n.startswith(TEMP_PREFIX)]
+        inside = {**ancestors, key: path}
+        for name in names:
+            visit(path / name, inside)
+
     for path in map(Path, paths):
-        found.extend(sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path])
-    return found
+        visit(path, {})
+    return files, errors
 
 
 def _is_nifti(path: Path) -> bool:
@@ -122,19 +202,93 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.photometric_assumed = True
     _ensure_transfer_syntax(ds)
+    check_dicom_size(ds, path)
     return ds
 
 
-def _frame_positions(ds: Any, count: int) -> list[float]:
-    """Slice positions along z: per-frame plane positions (enhanced CT), the slice's own, or the order."""
+def _fragment_counts(element: Any, path: Path) -> tuple[int, int]:
+    """(Basic Offset Table entries, fragments) of encapsulated pixel data, from its item headers only."""
+    from pydicom.encaps import parse_basic_offsets, parse_fragments
+
+    with open(path, "rb") if element.value is None else io.BytesIO(element.value) as buffer:
+        if element.value is None:
+            buffer.seek(element.value_tell)
+        offsets = parse_basic_offsets(buffer)
+        return len(offsets), parse_fragments(buffer)[0]
+
+
+def check_dicom_size(ds: Any, path: Path) -> None:
+    """``InputError`` when the declared frames and slice size cannot be in the file, or a slice is over the cap.
+
+    Reads headers only: native pixel data must hold frames x rows x columns x bits; encapsulated (compressed)
+    data needs a fragment per frame and an offset table, if any, with one entry per frame.
+    """
+    rows, columns, frames = int(ds.Rows), int(ds.Columns), frame_count(ds)
+    declared = f"{frames:,} frame{'s' if frames != 1 else ''} of {rows} x {columns} pixels"
+    if frames < 1:
+        raise InputError(f"NumberOfFrames is {frames}: no frame to read")
+    tag = next(tag for tag in PIXEL_TAGS if tag in ds)
+    element = ds.get_item(tag, keep_deferred=True)
+    undefined = getattr(element, "length", None) == 0xFFFFFFFF or getattr(element, "is_undefined_length", False)
+    if tag == "PixelData" and undefined:  # encapsulated (compressed) frames, whatever the transfer syntax says
+        try:
+            offsets, fragments = _fragment_counts(element, path)
+        except Exception as error:  # malformed item tags or lengths
+            raise InputError(f"encapsulated pixel data cannot be parsed ({type(error).__name__}: {error})") from error
+        if fragments < frames or offsets not in (0, frames):
+            raise InputError(
+                f"declares {declared}, but its compressed pixel data has {fragments:,} fragment(s) "
+                f"and {offsets:,} offset table entry(s)"
+            )
+    else:
+        bits = int(ds.get("BitsAllocated") or 1)
+        need = -(-frames * rows * columns * int(ds.get("SamplesPerPixel", 1) or 1) * bits // 8)
+        held = element.length if element.value is None else len(element.value)
+        if held < need:
+            raise InputError(f"declares {declared} at {bits} bits ({need:,} bytes), but {tag} holds {held:,} bytes")
+    try:
+        check_slice_size((rows, columns))
+    except DeclaredSizeError as error:
+        raise InputError(str(error)) from None
+
+
+def _plane(group: Any, keyword: str) -> Any:
+    """``keyword`` (ImagePositionPatient, ImageOrientationPatient) of a functional group's plane item, or None."""
+    sequence = "PlanePositionSequence" if keyword == "ImagePositionPatient" else "PlaneOrientationSequence"
+    items = group.get(sequence) if group is not None else None
+    return items[0].get(keyword) if items else None
+
+
+def _frame_geometry(ds: Any, count: int) -> list[dict]:
+    """Per frame: ``position`` along the slice normal (cross product of ImageOrientationPatient's row and column
+    directions; axial when missing), or InstanceNumber / frame index when no ImagePositionPatient is known, and the
+    keys that order and split series (rounded orientation, size, InstanceNumber, SOPInstanceUID)."""
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
-    if len(per_frame) == count and all("PlanePositionSequence" in group for group in per_frame):
-        return [float(group.PlanePositionSequence[0].ImagePositionPatient[2]) for group in per_frame]
-    if count == 1 and "ImagePositionPatient" in ds:
-        return [float(ds.ImagePositionPatient[2])]
-    if count == 1 and "InstanceNumber" in ds:
-        return [float(ds.InstanceNumber)]
-    return [float(i) for i in range(count)]
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    instance = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
+    frames = []
+    for frame in range(count):
+        group = per_frame[frame] if len(per_frame) == count else None
+        orientation = _plane(group, "ImageOrientationPatient") or _plane(shared, "ImageOrientationPatient")
+        orientation = orientation or ds.get("ImageOrientationPatient")
+        ipp = _plane(group, "ImagePositionPatient") or (ds.get("ImagePositionPatient") if count == 1 else None)
+        cosines = [float(value) for value in orientation] if orientation else [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        if len(cosines) != 6:
+            raise InputError(f"ImageOrientationPatient has {len(cosines)} values, not 6")
+        normal = np.cross(cosines[:3], cosines[3:])
+        position = sum(float(ipp[i]) * normal[i] for i in range(3)) if ipp else None  # IndexError: < 3 values
+        fallback = instance if instance is not None and count == 1 else frame
+        frames.append(
+            {
+                "position": float(fallback if position is None else position),
+                "_known": position is not None,
+                "_instance": instance,
+                "_sop": str(ds.get("SOPInstanceUID", "")),
+                "_shape": (int(ds.Rows), int(ds.Columns)),
+                "_orientation": tuple(round(value, 3) + 0.0 for value in cosines) if orientation else None,
+            }
+        )
+    return frames
 
 
 # --- NIfTI -------------------------------------------------------------------------------------
@@ -151,7 +305,27 @@ def _nifti_header(path: Path) -> Any:
     shape = image.shape[:3] if len(image.shape) == 4 and image.shape[3] == 1 else image.shape
     if len(shape) != 3:
         raise InputError(f"expected a 3-D volume, got shape {tuple(image.shape)} (wrong dimensionality)")
+    _check_nifti_size(path, image, tuple(int(side) for side in shape))
     return image
+
+
+def _check_nifti_size(path: Path, image: Any, shape: tuple[int, ...]) -> None:
+    """``InputError`` when an uncompressed volume's declared voxels do not fit in its file, or (.nii and .nii.gz:
+    the compressed size says little) the volume as float32 exceeds ``MAX_VOLUME_MB`` (read at call time)."""
+    declared = " x ".join(map(str, shape))
+    if not path.name.lower().endswith(".gz"):
+        dtype = image.header.get_data_dtype()
+        need = int(getattr(image.dataobj, "offset", 0)) + math.prod(shape) * dtype.itemsize
+        if need > path.stat().st_size:
+            raise InputError(
+                f"declares a volume of {declared} {dtype} voxels ({need:,} bytes with the header), "
+                f"but the file has {path.stat().st_size:,} bytes"
+            )
+    if math.prod(shape) * 4 > MAX_VOLUME_MB * 2**20:
+        raise InputError(
+            f"declared volume {declared} needs {format_mib(math.prod(shape) * 4)} MiB as float32, "
+            f"over the cap of {MAX_VOLUME_MB:g} MiB per volume (MAX_VOLUME_MB)"
+        )
 
 
 def _nifti_depth(path: Path) -> int:
@@ -166,6 +340,10 @@ def _nifti_depth(path: Path) -> int:
         raise InputError(
             f"axial slices of {in_plane[0]} x {in_plane[1]} pixels are too small (at least {MIN_SIDE} x {MIN_SIDE})"
         )
+    try:
+        check_slice_size(in_plane)
+    except DeclaredSizeError as error:
+        raise InputError(str(error)) from None
     return int(image.shape[axial])
 
 
@@ -185,28 +363,76 @@ def nifti_volume(path: str, modified: float) -> np.ndarray:
 # --- both steps --------------------------------------------------------------------------------
 
 
-def _index_file(path: Path) -> tuple[str, list[float], str]:
-    """(series name, slice positions, warning) of one input, from its header."""
+def _index_file(path: Path) -> tuple[str, list[dict], str]:
+    """(series name, per slice ``{"position": ...}`` and for DICOM the ordering keys of ``_frame_geometry``, warning)
+    of one input, from its header; declared sizes are checked against the file and the caps before any pixel is read."""
     if not path.is_file():
         raise InputError("file does not exist")
     if _is_nifti(path):
-        return str(path), [float(k) for k in range(_nifti_depth(path))], ""
+        return str(path), [{"position": float(k)} for k in range(_nifti_depth(path))], ""
     if _is_rendered(path):
-        return str(path), [0.0], ""
+        try:
+            check_image_header(path)
+        except ImageReadError as error:
+            raise InputError(error.reason) from None
+        return str(path), [{"position": 0.0}], ""
     ds = read_dicom_ct(path, header_only=True)
     series = str(ds.get("SeriesInstanceUID", "")) or f"{path.name} (no SeriesInstanceUID)"
     warning = ASSUMED_MONOCHROME2 if getattr(ds, "photometric_assumed", False) else ""
-    return series, _frame_positions(ds, frame_count(ds)), warning
+    return series, _frame_geometry(ds, frame_count(ds)), warning
 
 
-def index_inputs(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
+def _plane_name(orientation: tuple[float, ...] | None) -> str:
+    """axial, coronal or sagittal by the slice normal's main axis (oblique when it is more than ~18 degrees off)."""
+    normal = np.cross(orientation[:3], orientation[3:]) if orientation else np.array([0.0, 0.0, 1.0])
+    axis = int(np.argmax(np.abs(normal)))
+    return ("sagittal", "coronal", "axial")[axis] if abs(normal[axis]) > 0.95 else "oblique"
+
+
+def _slice_order(item: dict) -> tuple:
+    """Along the slice normal; ties and unknown positions by InstanceNumber, then file name and frame."""
+    known, instance = item.get("_known", True), item.get("_instance")
+    position = round(item["position"], 4) if known else 0.0
+    return not known, position, instance is None, instance or 0, item["image"], item["frame"]
+
+
+def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
+    """Indexed items series by series, each sorted along its slice normal; ``{path, reason}`` for duplicates.
+
+    A file whose SOPInstanceUID was seen in an earlier file (a copy) is left out and reported. A series whose
+    files differ in size or (rounded) orientation is split into one series per kind, named ``<uid> (RxC[ plane])``.
+    """
+    seen: dict[str, str] = {}
+    errors: list[dict] = []
+    items: list[dict] = []
+    for series, group in by_series.items():
+        parts: dict[tuple, list[dict]] = {}
+        for item in group:
+            first = seen.setdefault(item.get("_sop") or item["image"], item["image"])
+            if first != item["image"]:
+                add_error(errors, item["image"], f"duplicate of {first} (same SOPInstanceUID)")
+                continue
+            parts.setdefault((item.get("_shape", (0, 0)), item.get("_orientation")), []).append(item)
+        planes = len({orientation for _, orientation in parts}) > 1
+        labels = [f"{shape[0]}x{shape[1]}" + (f" {_plane_name(plane)}" if planes else "") for shape, plane in parts]
+        for number, (label, part) in enumerate(zip(labels, parts.values(), strict=True)):
+            label += "" if labels.count(label) == 1 else f" #{number + 1}"
+            name = f"{series} ({label})" if len(parts) > 1 else series
+            items.extend(
+                {**{k: v for k, v in item.items() if not k.startswith("_")}, "series": name}
+                for item in sorted(part, key=_slice_order)
+            )
+    return items, errors
+
+
+def index_inputs(paths: Iterable[str | Path], skip: str | Path | None = None) -> tuple[list[dict], list[dict]]:
     """Slice items of every scorable input, grouped by series and sorted by position; ``{path, reason}`` for the rest.
 
-    Only headers are read, so this is quick even for large folders.
+    Only headers are read, so this is quick even for large folders; ``skip`` (the output folder) is not read.
     """
     by_series: dict[str, list[dict]] = {}
-    errors: list[dict] = []
-    for path in find_files(paths):
+    files, errors = find_files(paths, skip)
+    for path in files:
         try:
             series, positions, warning = _index_file(path)
         except Exception as error:  # one odd file never stops the others
@@ -214,19 +440,15 @@ def index_inputs(paths: Iterable[str | Path]) -> tuple[list[dict], list[dict]]:
             logger.warning("not scored: %s: %s", path, reason)
             add_error(errors, str(path), reason)
             continue
+        if not positions:  # e.g. a NIfTI whose slice axis has length 0: nothing to score, and it must say so
+            add_error(errors, str(path), "no slices: the header declares an empty slice axis")
+            continue
         by_series.setdefault(series, []).extend(
-            {
-                "image": str(path),
-                "frame": frame,
-                "series": series,
-                "position": position,
-                "error": "",
-                "warning": warning,
-            }
-            for frame, position in enumerate(positions)
+            {"image": str(path), "frame": frame, "series": series, **geometry, "error": "", "warning": warning}
+            for frame, geometry in enumerate(positions)
         )
-    items = [item for group in by_series.values() for item in sorted(group, key=lambda item: item["position"])]
-    return items, errors
+    items, duplicates = order_series(by_series)
+    return items, errors + duplicates
 
 
 def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:
@@ -263,8 +485,11 @@ def read_scored_slice(
         ds = read_dicom_ct(path)
         try:
             hu = frame_hu(ds, frame)
-        except Exception as error:  # decoders raise many types for truncated or unsupported data
-            raise InputError(f"pixel data cannot be decoded ({type(error).__name__}: {error})") from error
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as error:  # decoders raise many types; a Rust decoder's panic is a BaseException
+            reason = " ".join(str(error).split())[:200]
+            raise InputError(f"pixel data cannot be decoded ({type(error).__name__}: {reason})") from None
         where = f"frame {frame}: " if frame_count(ds) > 1 else ""
     return to_channels(window_hu(_finite_2d(hu, where), low, high).astype(np.float32), channels)
 
@@ -317,8 +542,8 @@ class LoadCTSliced(MapTransform):
         return d
 
 
-def inference_items(dataset_dir: str | Path) -> list[dict]:
-    """Slice items for the bundle's inference config: every input under ``dataset_dir``.
+def inference_items(dataset_dir: str | Path, output_dir: str | Path | None = None) -> list[dict]:
+    """Slice items for the bundle's inference config: every input under ``dataset_dir`` (``output_dir`` left out).
 
     Inputs that cannot be scored come along as items with their ``error`` set, so the
     prediction writer lists them in ``errors.json`` next to the scores of the others.
@@ -326,7 +551,7 @@ def inference_items(dataset_dir: str | Path) -> list[dict]:
     root = Path(dataset_dir)
     if not root.exists():
         raise DatasetError([(str(root), "folder does not exist")])
-    items, errors = index_inputs([root])
+    items, errors = index_inputs([root], skip=output_dir)
     if not items:
         problems = [(error["path"], error["reason"]) for error in errors]
         raise DatasetError([(str(root), "no scorable CT or slice files found"), *problems])

@@ -7,7 +7,8 @@ sorted by slice position, enhanced CT split into frames, NIfTI along its axial a
 as rendered); DataLoader workers then read, window and resize slices while the network scores
 the previous batch. The network is rebuilt from the checkpoint alone. Every input that cannot
 be scored becomes an ``errors`` entry ``{path, reason}``; the others are scored regardless.
-Outputs in OUT, written atomically: ``scores.csv`` (source, series, slice_index, score, score_sd: the spread
+Outputs in OUT (locked while a run uses it; the whole report written into a temporary folder there, then
+swapped in, see ``scripts.output_dir``): ``scores.csv`` (source, series, slice_index, score, score_sd: the spread
 over the crops the slice was scored from, 0 for networks that read whole slices),
 ``summary.json`` (per series: slices, mean/min/max score, the worst slices, the plot; and
 ``errors``) and ``series/NNN_<name>.png`` (score along the slice axis, best and worst slices).
@@ -17,9 +18,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,14 +33,22 @@ from monai.transforms import Compose
 from scripts import bundle_root
 from scripts.ct_inputs import add_error, index_inputs, nifti_volume, read_scored_slice
 from scripts.ct_io import HU_WINDOW, check_window
-from scripts.data import write_json_atomic
-from scripts.handlers import figure_png, pyplot, write_bytes_atomic
+from scripts.handlers import figure_png, pyplot
+from scripts.output_dir import (
+    check_free_space,
+    locked_output_dir,
+    printable,
+    printable_tree,
+    report_size,
+    staged_report,
+)
 from scripts.patches import SpreadInferer, pad_collate
 
 logger = logging.getLogger(__name__)
 
 SCORE_RANGE = (0.0, 4.0)
 WORST_LISTED = 3
+THUMBNAIL_SIZE = 256  # pixels per side of the best and worst slices drawn in a series plot
 
 
 @dataclass
@@ -143,6 +153,17 @@ class SliceScorer:
         return results
 
 
+def downsample(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
+    """A 2-D slice shrunk to at most ``size`` pixels per side by averaging whole blocks (edges repeated to fill the
+    last block); slices already that small come back unchanged."""
+    step = -(-max(pixels.shape) // size)
+    if step == 1:
+        return pixels
+    rows, columns = (-(-side // step) * step for side in pixels.shape)
+    padded = np.pad(pixels, ((0, rows - pixels.shape[0]), (0, columns - pixels.shape[1])), mode="edge")
+    return padded.reshape(rows // step, step, columns // step, step).mean(axis=(1, 3))
+
+
 def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
     """The score along the slice axis, with thumbnails of the best and the worst slice, as PNG bytes."""
     plt = pyplot()
@@ -158,35 +179,42 @@ def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
     for column, (label, index) in enumerate((("best", best), ("worst", worst))):
         item = entry.items[index]
         thumbnail = figure.add_axes((0.62 + 0.19 * column, 0.16, 0.17, 0.72))
-        thumbnail.imshow(read_scored_slice(item["image"], item["frame"], window)[0], cmap="gray", vmin=0.0, vmax=1.0)
+        pixels = downsample(read_scored_slice(item["image"], item["frame"], window)[0])
+        thumbnail.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0)
         thumbnail.set_title(f"{label}: slice {index}, {scores[index]:.2f}", fontsize=8)
         thumbnail.axis("off")
     return figure_png(figure)
 
 
 def _plot_name(number: int, name: str) -> str:
-    safe = "".join(c if c.isalnum() or c in ".-" else "_" for c in Path(name).name)[-60:]
+    """``series/NNN_<name>.png``, keeping only ASCII letters, digits, ``.`` and ``-`` of the series name."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in ".-") else "_" for c in Path(name).name)[-60:]
     return f"series/{number:03d}_{safe}.png"
 
 
 def write_report(
     output_dir: Path, series: list[Series], errors: list[dict], window: Sequence[float] = HU_WINDOW
 ) -> dict:
-    """``scores.csv``, ``summary.json`` and a plot per series in ``output_dir``, atomically; returns the summary."""
+    """``scores.csv``, ``summary.json`` and a plot per series, replacing the report in ``output_dir`` as a whole.
+
+    Written into a temporary folder inside ``output_dir``, then swapped in (``staged_report``: the caller holds
+    the folder's lock); names that are not UTF-8 are written with ``\\xNN`` escapes. Returns the summary written.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["source", "series", "slice_index", "score", "score_sd", "warning"])
     summary: dict[str, Any] = {"series": {}, "errors": errors}
-    for number, entry in enumerate(series):
-        plot = _plot_name(number, entry.name)
-        write_bytes_atomic(output_dir / plot, series_png(entry, window))
-        for index, (item, value, spread) in enumerate(zip(entry.items, entry.scores, entry.spreads, strict=True)):
-            writer.writerow(
-                [item["image"], entry.name, index, f"{value:.4f}", f"{spread:.4f}", item.get("warning", "")]
-            )
-        summary["series"][entry.name] = {**series_summary(entry), "plot": plot}
-    write_bytes_atomic(output_dir / "scores.csv", buffer.getvalue().encode())
-    write_json_atomic(output_dir / "summary.json", summary)
+    with staged_report(Path(output_dir)) as staging:
+        for number, entry in enumerate(series):
+            plot = _plot_name(number, entry.name)
+            (staging / plot).write_bytes(series_png(replace(entry, name=printable(entry.name)), window))
+            for index, (item, value, spread) in enumerate(zip(entry.items, entry.scores, entry.spreads, strict=True)):
+                row = [item["image"], entry.name, index, f"{value:.4f}", f"{spread:.4f}", item.get("warning", "")]
+                writer.writerow(printable_tree(row))
+            summary["series"][entry.name] = {**series_summary(entry), "plot": plot}
+        summary = printable_tree(summary)
+        (staging / "scores.csv").write_bytes(buffer.getvalue().encode())
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return summary
 
 
@@ -207,9 +235,16 @@ def group_scores(
     return list(series.values()), errors
 
 
-def score_inputs(paths: Sequence[str | Path], scorer: SliceScorer) -> tuple[list[Series], list[dict]]:
-    """Every input scored slice by slice and grouped into series, and ``{path, reason}`` for what was not scored."""
-    items, errors = index_inputs(paths)
+def score_inputs(
+    paths: Sequence[str | Path], scorer: SliceScorer, output_dir: str | Path | None = None
+) -> tuple[list[Series], list[dict]]:
+    """Every input scored slice by slice and grouped into series, and ``{path, reason}`` for what was not scored.
+
+    ``output_dir`` is not read as input, and is checked for room for the report before scoring.
+    """
+    items, errors = index_inputs(paths, skip=output_dir)
+    if output_dir is not None:
+        check_free_space(Path(output_dir), report_size(len(items), len({item["series"] for item in items})))
     series, pixel_errors = group_scores(items, scorer(items) if items else [])
     return series, errors + pixel_errors
 
@@ -240,7 +275,12 @@ def score_paths(
     batch_size: int = 16,
     num_workers: int = 2,
 ) -> dict:
-    """Score every input and write the report; returns the summary (``series`` is empty when nothing was scored)."""
-    scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window)
-    series, errors = score_inputs(paths, scorer)
-    return write_report(Path(output_dir), series, errors, scorer.window)
+    """Score every input and write the report; returns the summary (``series`` is empty when nothing was scored).
+
+    The output folder is checked and locked before any scoring (``OutputError``: one line, the reason and the fix).
+    """
+    window = check_window(window)
+    with locked_output_dir(output_dir) as output:
+        scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window)
+        series, errors = score_inputs(paths, scorer, output)
+        return write_report(output, series, errors, scorer.window)

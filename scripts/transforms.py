@@ -7,6 +7,7 @@ one channel (luma) or stay three, as the network asks.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from scripts.options import optional_size
 SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 FLOAT_SLACK = 0.1  # float slices are windowed to [0, 1]; overshoot from resampling or rounding is tolerated
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+MAX_SLICE_MB = 64.0  # MiB per decoded slice as float32 (4096 x 4096): larger declared sizes are refused unread
 
 
 class ImageReadError(ValueError):
@@ -33,6 +35,71 @@ class ImageReadError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+class DeclaredSizeError(ValueError):
+    """A header that declares more pixels than its file can hold, or more than the cap per slice."""
+
+
+def format_mib(size: float) -> str:
+    """``size`` bytes in MiB: whole MiB with thousands separators, two significant digits below 10."""
+    mib = size / 2**20
+    return f"{mib:,.0f}" if mib >= 10 else f"{mib:.2g}"
+
+
+def check_slice_size(shape: Sequence[int], max_slice_mb: float | None = None) -> None:
+    """``DeclaredSizeError`` naming the declared ``shape`` when its pixels as float32 exceed the cap per slice.
+
+    ``max_slice_mb`` defaults to this module's ``MAX_SLICE_MB``, read at call time (so it can be set once).
+    """
+    limit = MAX_SLICE_MB if max_slice_mb is None else float(max_slice_mb)
+    need = math.prod(int(side) for side in shape) * 4
+    if need > limit * 2**20:
+        declared = " x ".join(str(int(side)) for side in shape)
+        raise DeclaredSizeError(
+            f"declared size {declared} needs {format_mib(need)} MiB as float32, "
+            f"over the cap of {limit:g} MiB per slice (MAX_SLICE_MB)"
+        )
+
+
+def _tiff_shape(tif: tifffile.TiffFile) -> tuple[int, ...]:
+    """The shape ``asarray`` decodes (series 0), from the header; uncompressed strips must lie inside the file."""
+    series = tif.series[0]
+    page = series.keyframe
+    if page.compression == 1 and page.dataoffsets:
+        end = max(offset + count for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True))
+        if end > tif.filehandle.size:
+            raise DeclaredSizeError(
+                f"declared size {' x '.join(map(str, series.shape))} (uncompressed) needs the file to reach byte "
+                f"{end:,}, but it has {tif.filehandle.size:,} bytes"
+            )
+    return tuple(series.shape)
+
+
+def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = False) -> np.ndarray | None:
+    """An image file's pixels (None with ``header_only``), refused before decoding when its header declares
+    too much; ``ImageReadError`` with the reason."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            with tifffile.TiffFile(path) as tif:
+                check_slice_size(_tiff_shape(tif), max_slice_mb)
+                return None if header_only else tif.asarray()
+        with Image.open(path) as image:
+            check_slice_size((image.height, image.width, len(image.getbands())), max_slice_mb)
+            if header_only:
+                return None
+            if image.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "HSV", "1"):
+                image = image.convert("RGB" if image.mode not in ("LA", "1") else "L")
+            return np.asarray(image)
+    except DeclaredSizeError as error:
+        raise ImageReadError(path, str(error)) from None
+    except Exception as error:  # each image library raises its own types
+        raise ImageReadError(path, f"unreadable image ({type(error).__name__}: {error})") from error
+
+
+def check_image_header(path: str | Path, max_slice_mb: float | None = None) -> None:
+    """``ImageReadError`` when a TIFF/PNG file's header cannot be read or declares more than the cap per slice."""
+    _decode(Path(path), max_slice_mb, header_only=True)
 
 
 def _scale_to_unit(pixels: np.ndarray) -> np.ndarray:
@@ -47,25 +114,16 @@ def _scale_to_unit(pixels: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported pixel type {pixels.dtype}")
 
 
-def read_slice(path: str | Path) -> np.ndarray:
+def read_slice(path: str | Path, max_slice_mb: float | None = None) -> np.ndarray:
     """Read one 2-D slice as float32, (H, W) for grey or (H, W, 3) for colour.
 
-    Raises ``ImageReadError`` naming the file for missing, unreadable, non-2-D or non-finite data.
+    Raises ``ImageReadError`` naming the file for missing, unreadable, non-2-D or non-finite data, and
+    (before decoding) for a declared size over ``max_slice_mb`` (default ``MAX_SLICE_MB``).
     """
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "file does not exist")
-    try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            pixels = tifffile.imread(path)
-        else:
-            with Image.open(path) as image:
-                if image.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "HSV", "1"):
-                    image = image.convert("RGB" if image.mode not in ("LA", "1") else "L")
-                pixels = np.asarray(image)
-    except Exception as error:  # each image library raises its own types
-        raise ImageReadError(path, f"unreadable image ({type(error).__name__}: {error})") from error
-    pixels = np.squeeze(pixels)
+    pixels = np.squeeze(_decode(path, max_slice_mb))
     if pixels.ndim == 3 and pixels.shape[-1] == 4:
         pixels = pixels[..., :3]
     if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):

@@ -1,0 +1,299 @@
+"""Hostile inputs to scoring: headers that declare more than their files hold or than the caps allow end in
+``errors`` from the header alone, quickly and without large memory; DICOM series are de-duplicated, split by
+size and orientation, and sorted along the slice normal."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel
+import numpy as np
+import pydicom
+import pytest
+import tifffile
+from pydicom.data import get_testdata_file
+from pydicom.uid import RLELossless
+
+from scripts import transforms
+from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
+from scripts.ct_io import write_dicom_slice
+from scripts.score import SliceScorer, downsample, score_inputs
+from scripts.transforms import ImageReadError, read_slice
+from tests.conftest import REPO_ROOT
+
+QUICK_S = 3.0  # seconds: a header is read, no pixel
+
+
+def rss_mib() -> float:
+    """This process's peak resident memory so far (Linux: KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def huge_nifti(path: Path, shape: tuple[int, ...] = (1000, 1000, 1000)) -> Path:
+    """A 404-byte NIfTI whose header declares ``shape`` int16 voxels (gzipped for ``.nii.gz``)."""
+    header = nibabel.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.int16)
+    header["magic"], header["vox_offset"] = b"n+1", 352
+    data = header.binaryblock + b"\0" * 56
+    path.write_bytes(gzip.compress(data) if path.name.endswith(".gz") else data)
+    return path
+
+
+def dicom_with(path: Path, **changes: object) -> Path:
+    """A 16 x 16 CT slice (512 bytes of pixels) whose header then says ``changes``."""
+    ds = pydicom.dcmread(write_dicom_slice(path, np.zeros((16, 16)), "1.9.9"))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def rle_ct_with(path: Path, **changes: object) -> Path:
+    """pydicom's CT_small.dcm, RLE-compressed (one fragment), whose header then says ``changes``."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.compress(RLELossless)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def huge_tiff(path: Path, side: int = 20000) -> Path:
+    """A tile-compressed TIFF of ``side`` x ``side`` zeros: a few hundred KB, 1.5 GiB as float32."""
+    tile = np.zeros((512, 512), np.uint8)
+    tiles = (tile for _ in range((-(-side // 512)) ** 2))
+    tifffile.imwrite(path, tiles, shape=(side, side), dtype=np.uint8, tile=(512, 512), compression="zlib")
+    return path
+
+
+def only_error(paths: list[Path]) -> str:
+    """The one reason ``index_inputs`` gives for ``paths``, which must give no item, within ``QUICK_S``."""
+    start = time.perf_counter()
+    items, errors = index_inputs(paths)
+    assert time.perf_counter() - start < QUICK_S
+    assert items == [] and len(errors) == 1, (items[:3], errors)
+    return errors[0]["reason"]
+
+
+def test_nifti_declaring_a_huge_volume_is_refused_from_its_header(tmp_path: Path) -> None:
+    path = huge_nifti(tmp_path / "huge.nii")
+    assert path.stat().st_size == 404
+    reason = "declares a volume of 1000 x 1000 x 1000 int16 voxels (2,000,000,352 bytes with the header), "
+    assert only_error([path]) == reason + "but the file has 404 bytes"
+    with pytest.raises(InputError, match="declares a volume of 1000 x 1000 x 1000"):
+        read_scored_slice(path, 0)  # read time is guarded too
+    compressed = huge_nifti(tmp_path / "huge.nii.gz")  # its compressed size says little: the cap decides
+    assert only_error([compressed]) == (
+        "declared volume 1000 x 1000 x 1000 needs 3,815 MiB as float32, over the cap of 2048 MiB per volume "
+        "(MAX_VOLUME_MB)"
+    )
+
+
+def test_nifti_volume_and_slice_caps_are_configurable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "vol.nii.gz"
+    nibabel.save(nibabel.Nifti1Image(np.zeros((64, 64, 40), np.float32), np.eye(4)), path)
+    assert len(index_inputs([path])[0]) == 40
+    monkeypatch.setattr("scripts.ct_inputs.MAX_VOLUME_MB", 0.5)  # 64 x 64 x 40 float32 is 0.625 MiB
+    assert only_error([path]).startswith("declared volume 64 x 64 x 40 needs 0.62 MiB as float32, over the cap of 0.5")
+    with pytest.raises(InputError, match="over the cap of 0.5 MiB per volume"):
+        read_scored_slice(path, 0)
+    monkeypatch.setattr("scripts.ct_inputs.MAX_VOLUME_MB", 2048.0)
+    monkeypatch.setattr(transforms, "MAX_SLICE_MB", 0.01)  # 64 x 64 float32 is 0.016 MiB
+    cap = "declared size 64 x 64 needs 0.016 MiB as float32, over the cap of 0.01 MiB per slice (MAX_SLICE_MB)"
+    assert only_error([path]) == cap
+
+
+def test_dicom_declaring_100000_frames_is_refused_from_its_header(tmp_path: Path) -> None:
+    path = dicom_with(tmp_path / "frames.dcm", NumberOfFrames=100000)
+    assert path.stat().st_size < 3000
+    assert only_error([path]) == (
+        "declares 100,000 frames of 16 x 16 pixels at 16 bits (51,200,000 bytes), but PixelData holds 512 bytes"
+    )
+    with pytest.raises(InputError, match="declares 100,000 frames"):
+        read_scored_slice(path, 99999)
+    compressed = rle_ct_with(tmp_path / "rle_frames.dcm", NumberOfFrames=100000)
+    assert only_error([compressed]) == (
+        "declares 100,000 frames of 128 x 128 pixels, but its compressed pixel data has 1 fragment(s) "
+        "and 1 offset table entry(s)"
+    )
+    with pytest.raises(InputError, match="has 1 fragment"):
+        read_scored_slice(compressed, 5)
+
+
+def test_dicom_slices_over_the_cap_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    native = dicom_with(tmp_path / "native.dcm", Rows=20000, Columns=20000)
+    assert only_error([native]).startswith("declares 1 frame of 20000 x 20000 pixels at 16 bits (800,000,000 bytes)")
+    compressed = rle_ct_with(tmp_path / "rle.dcm", Rows=20000, Columns=20000)  # one fragment: the size says little
+    cap = "declared size 20000 x 20000 needs 1,526 MiB as float32, over the cap of 64 MiB per slice (MAX_SLICE_MB)"
+    assert only_error([compressed]) == cap
+    with pytest.raises(InputError, match="over the cap of 64 MiB"):
+        read_scored_slice(compressed, 0)
+    consistent = dicom_with(tmp_path / "fine.dcm")
+    assert len(index_inputs([consistent])[0]) == 1
+    monkeypatch.setattr(transforms, "MAX_SLICE_MB", 0.0005)  # 16 x 16 float32 is 0.001 MiB
+    assert only_error([consistent]) == (
+        "declared size 16 x 16 needs 0.00098 MiB as float32, over the cap of 0.0005 MiB per slice (MAX_SLICE_MB)"
+    )
+
+
+def test_tiff_declaring_20000_squared_is_refused_from_its_header(tmp_path: Path) -> None:
+    path = huge_tiff(tmp_path / "huge.tif")
+    assert path.stat().st_size < 1_000_000
+    cap = "declared size 20000 x 20000 needs 1,526 MiB as float32, over the cap of 64 MiB per slice (MAX_SLICE_MB)"
+    assert only_error([path]) == cap
+    start = time.perf_counter()
+    with pytest.raises(ImageReadError, match="over the cap of 64 MiB"):
+        read_slice(path)  # read time (and training) is guarded too
+    assert time.perf_counter() - start < QUICK_S
+    tifffile.imwrite(tmp_path / "cut.tif", np.zeros((256, 256), np.uint16))  # uncompressed, then cut short
+    data = (tmp_path / "cut.tif").read_bytes()
+    (tmp_path / "cut.tif").write_bytes(data[:4000])
+    reason = only_error([tmp_path / "cut.tif"])
+    assert reason.startswith("declared size 256 x 256 (uncompressed) needs the file to reach byte") and reason.endswith(
+        "but it has 4,000 bytes"
+    )
+
+
+def test_hostile_files_end_in_errors_quickly_and_small(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    huge_nifti(folder / "huge.nii")
+    huge_nifti(folder / "huge.nii.gz")
+    dicom_with(folder / "frames.dcm", NumberOfFrames=100000)
+    dicom_with(folder / "wide.dcm", Rows=20000, Columns=20000)
+    rle_ct_with(folder / "wide_rle.dcm", Rows=20000, Columns=20000)
+    huge_tiff(folder / "huge.tif")
+    write_dicom_slice(folder / "good.dcm", np.full((64, 64), 40.0), "2.2.2")
+    scorer = SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", num_workers=0)
+    before, start = rss_mib(), time.perf_counter()
+    series, errors = score_inputs([folder], scorer)
+    elapsed, grown = time.perf_counter() - start, rss_mib() - before
+    assert [(entry.name, len(entry.scores)) for entry in series] == [("2.2.2", 1)]
+    assert sorted(Path(error["path"]).name for error in errors) == sorted(
+        ["huge.nii", "huge.nii.gz", "frames.dcm", "wide.dcm", "wide_rle.dcm", "huge.tif"]
+    )
+    assert elapsed < 10.0 and grown < 200, (elapsed, grown)  # before: minutes and gigabytes
+
+
+def test_report_thumbnails_are_downsampled() -> None:
+    pixels = np.arange(1000 * 600, dtype=np.float32).reshape(1000, 600)
+    small = downsample(pixels)
+    assert small.shape == (250, 150) and max(small.shape) <= 256
+    assert small[0, 0] == pixels[:4, :4].mean() and small[-1, -1] == pixels[-4:, -4:].mean()
+    assert downsample(pixels[:256, :200]).shape == (256, 200)  # small enough already: unchanged
+    odd = downsample(np.ones((513, 300), np.float32))  # edges repeated to fill the last block
+    assert odd.shape == (171, 100) and np.all(odd == 1.0)
+
+
+# --- series correctness ---------------------------------------------------------------------------------------------
+
+
+def ct_slice(path: Path, series: str = "3.3.3", size: int = 32, **changes: object) -> Path:
+    """A CT slice of ``series`` whose header then says ``changes`` (ImagePositionPatient, InstanceNumber...)."""
+    ds = pydicom.dcmread(write_dicom_slice(path, np.full((size, size), 40.0), series))
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+SAGITTAL = [0.0, 1.0, 0.0, 0.0, 0.0, -1.0]  # rows along +y (anterior to posterior), columns along -z: normal -x
+
+
+def test_a_copied_file_is_scored_once_and_reported(tmp_path: Path) -> None:
+    for z in (0.0, 1.0, 2.0):
+        ct_slice(tmp_path / f"slice_{int(z)}.dcm", ImagePositionPatient=[0.0, 0.0, z])
+    shutil.copyfile(tmp_path / "slice_1.dcm", tmp_path / "slice_1_copy.dcm")
+    (tmp_path / "enhanced.dcm").write_bytes(Path(get_testdata_file("eCT_Supplemental.dcm")).read_bytes())
+    shutil.copyfile(tmp_path / "enhanced.dcm", tmp_path / "enhanced_copy.dcm")
+    items, errors = index_inputs([tmp_path])
+    assert sorted(Path(item["image"]).name for item in items) == [
+        "enhanced.dcm", "enhanced.dcm", "slice_0.dcm", "slice_1.dcm", "slice_2.dcm"
+    ]
+    assert errors == [  # the enhanced copy's two frames give one entry
+        {"path": str(tmp_path / "enhanced_copy.dcm"), "reason": f"duplicate of {tmp_path / 'enhanced.dcm'} "
+         "(same SOPInstanceUID)"},
+        {"path": str(tmp_path / "slice_1_copy.dcm"), "reason": f"duplicate of {tmp_path / 'slice_1.dcm'} "
+         "(same SOPInstanceUID)"},
+    ]
+
+
+def test_a_series_is_split_by_slice_size_and_orientation(tmp_path: Path) -> None:
+    for z in (0.0, 1.0):
+        ct_slice(tmp_path / "sizes" / f"small_{int(z)}.dcm", "4.4", 32, ImagePositionPatient=[0.0, 0.0, z])
+        ct_slice(tmp_path / "sizes" / f"large_{int(z)}.dcm", "4.4", 48, ImagePositionPatient=[0.0, 0.0, z])
+        axial = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+        ct_slice(tmp_path / "planes" / f"ax_{int(z)}.dcm", "5.5", ImageOrientationPatient=axial,
+                 ImagePositionPatient=[0.0, 0.0, z])
+        ct_slice(tmp_path / "planes" / f"sag_{int(z)}.dcm", "5.5", ImageOrientationPatient=SAGITTAL,
+                 ImagePositionPatient=[z, 0.0, 0.0])
+    items, errors = index_inputs([tmp_path / "sizes", tmp_path / "planes"])
+    assert errors == []
+    series = {}
+    for item in items:
+        series.setdefault(item["series"], []).append(Path(item["image"]).name)
+    assert series == {
+        "4.4 (48x48)": ["large_0.dcm", "large_1.dcm"],
+        "4.4 (32x32)": ["small_0.dcm", "small_1.dcm"],
+        "5.5 (32x32 axial)": ["ax_0.dcm", "ax_1.dcm"],
+        "5.5 (32x32 sagittal)": ["sag_1.dcm", "sag_0.dcm"],  # along the normal (-x)
+    }
+    for z in (0.0, 1.0, 2.0):  # rounding: tiny differences in the cosines are one orientation
+        ct_slice(tmp_path / "jitter" / f"{int(z)}.dcm", "6.6", ImagePositionPatient=[0.0, 0.0, z],
+                 ImageOrientationPatient=[1.0, 1e-5 * z, 0.0, 0.0, 1.0, 0.0])
+    assert {item["series"] for item in index_inputs([tmp_path / "jitter"])[0]} == {"6.6"}
+
+
+def test_slices_are_sorted_along_the_slice_normal(tmp_path: Path) -> None:
+    for name, x in (("a.dcm", 20.0), ("b.dcm", 40.0), ("c.dcm", 10.0), ("d.dcm", 30.0)):  # names not in order
+        ct_slice(tmp_path / "sag" / name, ImageOrientationPatient=SAGITTAL, ImagePositionPatient=[x, -50.0, 100.0])
+    items, _ = index_inputs([tmp_path / "sag"])
+    assert [Path(item["image"]).name for item in items] == ["b.dcm", "d.dcm", "a.dcm", "c.dcm"]  # -x: 40, 30, 20, 10
+    assert [item["position"] for item in items] == [-40.0, -30.0, -20.0, -10.0]
+    # no positions: InstanceNumber, then file name
+    for name, number in (("a.dcm", 3), ("b.dcm", 1), ("c.dcm", 2), ("d.dcm", 2)):
+        ds = pydicom.dcmread(ct_slice(tmp_path / "numbered" / name, "7.7", InstanceNumber=number))
+        del ds.ImagePositionPatient
+        ds.save_as(tmp_path / "numbered" / name, enforce_file_format=True)
+    items, _ = index_inputs([tmp_path / "numbered"])
+    assert [Path(item["image"]).name for item in items] == ["b.dcm", "c.dcm", "d.dcm", "a.dcm"]
+
+
+def test_enhanced_ct_frames_are_sorted_along_the_normal_of_their_plane_orientation(tmp_path: Path) -> None:
+    path = tmp_path / "enhanced.dcm"
+    path.write_bytes(Path(get_testdata_file("eCT_Supplemental.dcm")).read_bytes())
+    ds = pydicom.dcmread(path)
+    orientation = ds.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    assert list(map(float, orientation)) == [-1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # normal: -z
+    items, _ = index_inputs([path])
+    assert [(item["frame"], item["position"]) for item in items] == [(1, 149.0), (0, 159.0)]  # z -149, -159
+
+
+def test_the_slice_cap_is_a_score_option(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """``--max_slice_mb`` reaches the readers (the reading workers too): a 48 x 48 slice is 0.009 MiB as float32."""
+    ct = write_dicom_slice(tmp_path / "in" / "ct.dcm", np.zeros((48, 48)), "1.9.8")
+    command = [sys.executable, "-m", "scripts", "score", str(ct), "--ckpt", str(tiny_checkpoint), "--device", "cpu"]
+    capped = subprocess.run(
+        [*command, "--output_dir", str(tmp_path / "capped"), "--max_slice_mb", "0.005"],
+        cwd=REPO_ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert capped.returncode == 1 and "scored 0 slices" in capped.stdout
+    (error,) = json.loads((tmp_path / "capped" / "summary.json").read_text())["errors"]
+    assert "over the cap of 0.005 MiB per slice" in error["reason"]
+    default = subprocess.run([*command, "--output_dir", str(tmp_path / "default")], cwd=REPO_ROOT, capture_output=True)
+    assert default.returncode == 0
+
+
+def test_a_volume_without_slices_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "empty.nii"
+    nibabel.save(nibabel.Nifti1Image(np.zeros((16, 16, 0), np.int16), np.eye(4)), path)
+    reason = "no slices: the header declares an empty slice axis"
+    assert index_inputs([path]) == ([], [{"path": str(path), "reason": reason}])

@@ -1,0 +1,240 @@
+"""Every input accounted for, and the output folder of ``score`` handled safely: links and odd files, the output
+folder inside an input, concurrent runs, reruns, names that are not UTF-8, unusable output folders, a full disk."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts.ct_inputs import index_inputs
+from scripts.ct_io import write_dicom_slice
+from scripts.score import score_paths
+from tests.conftest import REPO_ROOT
+
+
+def ct_series(folder: Path, uid: str, n: int = 2, seed: int = 0) -> Path:
+    """``n`` CT slices of one series in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for z in range(n):
+        write_dicom_slice(folder / f"{z}.dcm", rng.normal(40, 20, (32, 32)), uid, float(z))
+    return folder
+
+
+def run_score(*inputs: Path, out: Path, ckpt: Path, file_size_limit: int | None = None) -> subprocess.CompletedProcess:
+    """``python -m scripts score`` as a person runs it; ``file_size_limit`` makes larger writes fail (a full disk)."""
+
+    def limit_writes() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    command = [sys.executable, "-m", "scripts", "score", *map(str, inputs), "--output_dir", str(out)]
+    command += ["--ckpt", str(ckpt), "--device", "cpu", "--num_workers", "0"]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, capture_output=True, text=True, preexec_fn=limit_writes if file_size_limit else None
+    )
+
+
+def report_entries(out: Path) -> set[str]:
+    return {path.name for path in out.iterdir()}
+
+
+def test_linked_folders_are_scanned_and_the_same_file_is_read_once(tmp_path: Path) -> None:
+    inputs = ct_series(tmp_path / "inputs" / "series_a", "1.1").parent
+    (inputs / "linked_b").symlink_to(ct_series(tmp_path / "elsewhere" / "series_b", "2.2"), target_is_directory=True)
+    (inputs / "z_again_a").symlink_to(inputs / "series_a", target_is_directory=True)  # the same folder twice
+    items, errors = index_inputs([inputs, inputs / "series_a" / "0.dcm"])  # and one of its files named again
+    assert errors == []
+    assert sorted((Path(item["image"]).relative_to(inputs).as_posix(), item["series"]) for item in items) == [
+        ("linked_b/0.dcm", "2.2"),
+        ("linked_b/1.dcm", "2.2"),
+        ("series_a/0.dcm", "1.1"),
+        ("series_a/1.dcm", "1.1"),
+    ]
+
+
+def test_broken_links_loops_special_files_and_missing_paths_are_errors(tmp_path: Path) -> None:
+    inputs = ct_series(tmp_path / "inputs", "3.3", n=1)
+    (inputs / "broken").symlink_to(inputs / "nowhere")
+    (inputs / "self").symlink_to(inputs / "self")
+    (inputs / "sub").mkdir()
+    (inputs / "sub" / "up").symlink_to("..", target_is_directory=True)
+    os.mkfifo(inputs / "pipe")
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(inputs / "sock"))
+        items, errors = index_inputs([inputs, tmp_path / "missing.dcm"])
+    assert [Path(item["image"]).name for item in items] == ["0.dcm"]
+    reasons = {Path(error["path"]).name: error["reason"] for error in errors}
+    assert reasons == {
+        "broken": "broken link: its target does not exist",
+        "self": "symbolic link loop: the link leads back to itself",
+        "up": f"symbolic link loop: leads back to {inputs}",
+        "pipe": "not a regular file (a FIFO)",
+        "sock": "not a regular file (a socket)",
+        "missing.dcm": "does not exist",
+    }
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder and file")
+def test_unreadable_folders_and_files_are_errors(tmp_path: Path) -> None:
+    inputs = ct_series(tmp_path / "inputs", "3.3", n=2)
+    ct_series(inputs / "locked", "4.4", n=1)
+    (inputs / "locked").chmod(0)
+    (inputs / "1.dcm").chmod(0)
+    try:
+        items, errors = index_inputs([inputs])
+    finally:
+        (inputs / "locked").chmod(0o755)
+    assert [Path(item["image"]).name for item in items] == ["0.dcm"]
+    assert errors == [
+        {"path": str(inputs / "1.dcm"), "reason": "permission denied: the file cannot be read"},
+        {"path": str(inputs / "locked"), "reason": "folder: permission denied: cannot be read"},
+    ]
+
+
+def test_the_output_folder_is_never_read_as_input(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    for inputs, out in ((tmp_path / "a", tmp_path / "a" / "report"), (tmp_path / "b", tmp_path / "b")):
+        ct_series(inputs, "5.5")  # the output folder inside the input folder, and the input folder itself
+        for _ in range(2):  # the second run finds the first one's report, plots included
+            summary = score_paths([inputs], out, tiny_checkpoint, device="cpu", num_workers=0)
+            assert summary["errors"] == [] and list(summary["series"]) == ["5.5"]
+            assert summary["series"]["5.5"]["n_slices"] == 2
+
+
+def test_a_second_run_into_a_locked_output_folder_stops_at_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    inputs = ct_series(tmp_path / "inputs", "6.6")
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        result = run_score(inputs, out=out, ckpt=tiny_checkpoint)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"output folder {out} is in use by another run (pid {os.getpid()}): "
+        "wait for it to finish or choose another --output_dir"
+    ]
+    assert "scored" not in result.stdout and report_entries(out) == {".lock"}
+
+
+def test_a_rerun_replaces_the_whole_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    inputs = ct_series(tmp_path / "inputs" / "a", "7.1").parent
+    ct_series(inputs / "b", "7.2", seed=1)
+    out = tmp_path / "out"
+    first = score_paths([inputs], out, tiny_checkpoint, device="cpu", num_workers=0)
+    assert len(list((out / "series").iterdir())) == 2 == len(first["series"])
+    (out / ".report.tmp-999999999").mkdir()  # left by a run that was killed
+    (out / ".report.tmp-999999999" / "scores.csv").write_text("stale")
+    second = score_paths([inputs / "a"], out, tiny_checkpoint, device="cpu", num_workers=0)
+    assert [path.name for path in (out / "series").iterdir()] == [Path(second["series"]["7.1"]["plot"]).name]
+    with open(out / "scores.csv", newline="") as stream:
+        assert {row["series"] for row in csv.DictReader(stream)} == {"7.1"}
+    assert json.loads((out / "summary.json").read_text()) == second
+    assert report_entries(out) == {".lock", "scores.csv", "summary.json", "series"}
+
+
+def test_names_that_are_not_utf8_are_scored_and_written(
+    tiny_checkpoint: Path, ldct_test_dir: Path, tmp_path: Path
+) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    write_dicom_slice(inputs / os.fsdecode(b"scan_\xff.dcm"), np.full((32, 32), 40.0), "8.8", 0.0)
+    tiff = sorted((ldct_test_dir / "images").glob("*.tiff"))[0]
+    shutil.copyfile(tiff, inputs / os.fsdecode(b"slice_\xe9\xfe.tif"))
+    (inputs / os.fsdecode(b"bad_\xff.dcm")).write_bytes(b"\x00" * 50 + b"garbage")
+    out = tmp_path / "out"
+    summary = score_paths([inputs], out, tiny_checkpoint, device="cpu", num_workers=0)
+    assert json.loads((out / "summary.json").read_bytes().decode("utf-8")) == summary  # strict UTF-8, valid JSON
+    with open(out / "scores.csv", newline="", encoding="utf-8") as stream:
+        sources = sorted(Path(row["source"]).name for row in csv.DictReader(stream))
+    assert sources == ["scan_\\xff.dcm", "slice_\\xe9\\xfe.tif"]
+    assert [Path(error["path"]).name for error in summary["errors"]] == ["bad_\\xff.dcm"]
+    plots = sorted(path.name for path in (out / "series").iterdir())
+    assert len(plots) == 2 and all(name.isascii() for name in plots)
+    assert sorted(Path(entry["plot"]).name for entry in summary["series"].values()) == plots
+
+
+def _make_read_only(folder: Path) -> bool:
+    """Make ``folder`` unwritable, for root too (immutable); False when that is not possible here."""
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return True
+    return shutil.which("chattr") is not None and subprocess.run(["chattr", "+i", str(folder)]).returncode == 0
+
+
+def _make_writable(folder: Path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(folder)], check=False)
+    folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("problem", ["file", "read-only"])
+def test_an_unusable_output_folder_is_one_line_before_scoring(
+    problem: str, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    inputs = ct_series(tmp_path / "inputs", "9.9")
+    out = tmp_path / "out"
+    if problem == "file":
+        out.write_text("not a folder")
+        expected = f"output folder {out} is a file, not a folder: choose another --output_dir"
+    else:
+        out.mkdir()
+        if not _make_read_only(out):
+            pytest.skip("cannot make a folder read-only for root here (no chattr)")
+        expected = f"output folder {out} is not writable"
+    try:
+        result = run_score(inputs, out=out, ckpt=tiny_checkpoint)
+    finally:
+        if problem != "file":
+            _make_writable(out)
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr[-2000:]
+    assert "scored" not in result.stdout
+
+
+@pytest.mark.parametrize("problem", ["name too long", "parent is a file", "broken link"])
+def test_output_folder_problems_are_found_before_scoring(problem: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    from scripts.output_dir import OutputError
+
+    out = {
+        "name too long": tmp_path / ("x" * 300),
+        "parent is a file": tmp_path / "file" / "out",
+        "broken link": tmp_path / "link",
+    }[problem]
+    (tmp_path / "file").write_text("")
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    expected = {
+        "name too long": "its name is too long: choose a shorter --output_dir",
+        "parent is a file": "part of its path is a file: choose another --output_dir",
+        "broken link": "is a link to a missing folder: choose another --output_dir",
+    }[problem]
+    with pytest.raises(OutputError, match=expected):
+        score_paths([tmp_path / "not read"], out, tiny_checkpoint, device="cpu")
+
+
+def test_a_full_disk_leaves_the_previous_report_and_no_temporary_files(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    inputs = ct_series(tmp_path / "inputs", "10.10", n=3)
+    out = tmp_path / "out"
+    score_paths([inputs], out, tiny_checkpoint, device="cpu", num_workers=0)
+    before = {name: (out / name).read_bytes() for name in ("scores.csv", "summary.json")}
+    (inputs / "2.dcm").unlink()
+    result = run_score(inputs, out=out, ckpt=tiny_checkpoint, file_size_limit=4000)  # each plot is larger
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the report could not be written (File too large)" in lines[0], result.stderr[-2000:]
+    assert report_entries(out) == {".lock", "scores.csv", "summary.json", "series"}
+    assert {name: (out / name).read_bytes() for name in before} == before
