@@ -35,8 +35,9 @@ from scripts import bundle_root
 from scripts.checkpoints import save_checkpoint
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
-from scripts.data import MIN_VALIDATION, write_json_atomic
+from scripts.data import MIN_VALIDATION
 from scripts.networks import build_network, count_parameters
+from scripts.output_dir import write_json_atomic
 from scripts.score import SliceScorer
 
 CONFIG_DIR = bundle_root() / "configs"

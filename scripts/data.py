@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 
+from scripts.output_dir import write_json_atomic
 from scripts.transforms import ImageReadError, read_slice
 
 logger = logging.getLogger(__name__)
@@ -208,15 +208,6 @@ def check_validation(dataset_dir: str | Path, train: list[dict], val: list[dict]
     if len(labels) == 1:
         reason = f"every validation label is {labels.pop():g}: correlations are undefined; use another split or seed"
         raise DatasetError([(where, reason)])
-
-
-def write_json_atomic(path: str | Path, content: Any) -> None:
-    """Write JSON so readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as stream:
-        json.dump(content, stream, indent=2)
-    os.replace(stream.name, path)
 
 
 def _relative(items: list[dict], root: Path) -> list[dict]:

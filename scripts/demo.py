@@ -27,9 +27,10 @@ from monai.bundle import ConfigWorkflow
 
 from scripts import bundle_root, demo_output
 from scripts.baseline import baseline_scores
-from scripts.data import ldct_labelled_items, write_json_atomic
-from scripts.handlers import training_curves_png, write_bytes_atomic
+from scripts.data import ldct_labelled_items
+from scripts.handlers import training_curves_png
 from scripts.metrics import correlations
+from scripts.output_dir import write_bytes_atomic, write_json_atomic
 from scripts.realcheck import realcheck_lines, run_realcheck
 from scripts.synth_ct import write_ct_dataset
 from scripts.synth_natural import write_natural_dataset

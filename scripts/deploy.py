@@ -25,7 +25,7 @@ from monai.deploy.core import Application, ConditionType, Fragment, Operator, Op
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
 
 from scripts import bundle_root
-from scripts.data import write_json_atomic
+from scripts.output_dir import write_json_atomic
 from scripts.score import SliceScorer, score_inputs, series_summary
 
 CT_RULES = json.dumps({"selections": [{"name": "CT series", "conditions": {"Modality": "(?i)CT"}}]})

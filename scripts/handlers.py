@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,11 @@ import numpy as np
 from ignite.engine import Engine, Events
 
 from scripts.ct_inputs import add_error
-from scripts.data import write_json_atomic
 from scripts.metrics import METRIC_NAMES, correlations, logistic_plcc
 from scripts.options import as_bool
+from scripts.output_dir import printable_tree, write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
-
-
-def write_bytes_atomic(path: str | Path, content: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(content)
-    os.replace(temporary, path)
 
 
 def _item_source(item: Any) -> str:
@@ -198,7 +189,7 @@ class PredictionWriter:
         writer.writerow(["file"] + ["slice"] * sliced + ["label"] * labelled + ["prediction", "score_sd"])
         for (name, frame, label, _, spread), prediction in zip(self.rows, predictions, strict=True):
             row = [name] + [frame] * sliced + ([f"{label:.6g}"] if labelled else [])
-            writer.writerow(row + [f"{prediction:.9g}", f"{spread:.4g}"])
+            writer.writerow(printable_tree(row + [f"{prediction:.9g}", f"{spread:.4g}"]))
         write_bytes_atomic(self.output_dir / "predictions.csv", buffer.getvalue().encode())
         logger.info("wrote %d predictions to %s", len(self.rows), self.output_dir / "predictions.csv")
         if self.errors_file:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -48,6 +49,25 @@ def printable_tree(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [printable_tree(item) for item in value]
     return value
+
+
+def write_bytes_atomic(path: str | Path, content: bytes) -> None:
+    """Write ``content`` to a temporary file beside ``path``, then rename it over ``path``: readers see the old file
+    or the new one, never half of one; a failed write (full disk) removes the temporary file and re-raises."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(content)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, content: Any) -> None:
+    """``content`` as indented JSON, written atomically; file names that are not UTF-8 are written with escapes."""
+    write_bytes_atomic(path, json.dumps(printable_tree(content), indent=2).encode("utf-8"))
 
 
 def _problem(path: Path, error: OSError) -> OutputError:

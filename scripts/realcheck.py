@@ -41,7 +41,7 @@ from scipy import ndimage, stats
 
 from scripts.baseline import baseline_score
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
-from scripts.data import write_json_atomic
+from scripts.output_dir import write_json_atomic
 from scripts.synth_ct import CHECK_FILES, hu_to_mu, mu_to_hu
 
 logger = logging.getLogger(__name__)

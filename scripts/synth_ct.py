@@ -90,7 +90,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from scripts.ct_io import ArrayT, frames_hu, window_hu
-from scripts.data import write_json_atomic
+from scripts.output_dir import write_json_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -238,3 +238,32 @@ def test_a_full_disk_leaves_the_previous_report_and_no_temporary_files(tiny_chec
     assert len(lines) == 1 and "the report could not be written (File too large)" in lines[0], result.stderr[-2000:]
     assert report_entries(out) == {".lock", "scores.csv", "summary.json", "series"}
     assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_the_inference_workflow_writes_odd_names_and_skips_its_own_output(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """``monai.bundle run inference`` with its output folder inside the input folder, twice, and a name that is not
+    UTF-8: the second run does not read the first run's outputs, and every file is written."""
+    from monai.bundle import ConfigWorkflow
+
+    from tests.conftest import INFERENCE_CONFIG
+
+    inputs = ct_series(tmp_path / "inputs", "4.4")
+    write_dicom_slice(inputs / os.fsdecode(b"odd_\xff.dcm"), np.full((32, 32), 40.0), "4.4", 5.0)
+    (inputs / os.fsdecode(b"bad_\xfe.dcm")).write_bytes(b"\x00" * 50 + b"garbage")
+    out = inputs / "report"
+    for _ in range(2):
+        workflow = ConfigWorkflow(
+            INFERENCE_CONFIG, workflow_type="inference", logging_file=False, checkpoint=str(tiny_checkpoint),
+            dataset_dir=str(inputs), output_dir=str(out), device="cpu", num_workers=0,
+        )  # fmt: skip
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+    with open(out / "predictions.csv", newline="", encoding="utf-8") as stream:
+        files = sorted(Path(row["file"]).name for row in csv.DictReader(stream))
+    assert files == ["0.dcm", "1.dcm", "odd_\\xff.dcm"]
+    errors = json.loads((out / "errors.json").read_bytes().decode("utf-8"))
+    assert [Path(error["path"]).name for error in errors] == ["bad_\\xfe.dcm"]
+    assert not [path.name for path in out.iterdir() if path.name.endswith(".tmp")]
