@@ -62,18 +62,25 @@ def check_slice_size(shape: Sequence[int], max_slice_mb: float | None = None) ->
         )
 
 
-def _tiff_shape(tif: tifffile.TiffFile) -> tuple[int, ...]:
-    """The shape ``asarray`` decodes (series 0), from the header; uncompressed strips must lie inside the file."""
-    series = tif.series[0]
-    page = series.keyframe
+def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
+    """The slice's page, checked from its header: a slice file holds one page, whose uncompressed strips lie inside
+    the file. Only the first two page headers are read: tifffile's series view walks every page, and a corrupt
+    page chain can make that walk endless (found by fuzzing)."""
+    page = tif.pages[0]
+    try:
+        more = tif.pages[1] is not None
+    except (IndexError, tifffile.TiffFileError):
+        more = False
+    if more:
+        raise DeclaredSizeError("the TIFF holds several pages (a stack): expected one 2-D grey or RGB slice")
     if page.compression == 1 and page.dataoffsets:
         end = max(offset + count for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True))
         if end > tif.filehandle.size:
             raise DeclaredSizeError(
-                f"declared size {' x '.join(map(str, series.shape))} (uncompressed) needs the file to reach byte "
+                f"declared size {' x '.join(map(str, page.shape))} (uncompressed) needs the file to reach byte "
                 f"{end:,}, but it has {tif.filehandle.size:,} bytes"
             )
-    return tuple(series.shape)
+    return page
 
 
 def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = False) -> np.ndarray | None:
@@ -82,8 +89,9 @@ def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = F
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as tif:
-                check_slice_size(_tiff_shape(tif), max_slice_mb)
-                return None if header_only else tif.asarray()
+                page = _tiff_page(tif)
+                check_slice_size(page.shape, max_slice_mb)
+                return None if header_only else page.asarray()
         with Image.open(path) as image:
             check_slice_size((image.height, image.width, len(image.getbands())), max_slice_mb)
             if header_only:

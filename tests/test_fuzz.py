@@ -10,10 +10,13 @@ A failure prints the mutation and a ``@reproduce_failure`` line to paste above t
 
 from __future__ import annotations
 
+import base64
+import faulthandler
 import io
 import json
 import os
 import signal
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,12 +51,20 @@ def _hu(shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(0).normal(40.0, 300.0, size=shape).clip(-1024, 3000)
 
 
+def _fixed_uids(path: Path) -> Path:
+    """The same bytes on every run (``write_dicom_slice`` draws new UIDs), so CI fuzzes the same files each time."""
+    ds = pydicom.dcmread(path)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4.5"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
 def _valid_files(folder: Path) -> dict[str, bytes]:
-    """One small valid file of each kind, as bytes."""
-    dicom = write_dicom_slice(folder / "seed.dcm", _hu((16, 16)), "1.2.3.4")
+    """One small valid file of each kind, as bytes, the same on every run."""
+    dicom = _fixed_uids(write_dicom_slice(folder / "seed.dcm", _hu((16, 16)), "1.2.3.4"))
     compressed = {}
     for kind, syntax, side in (("dicom_rle", RLELossless, 16), ("dicom_j2k", JPEG2000Lossless, 64)):
-        ds = pydicom.dcmread(write_dicom_slice(folder / f"{side}.dcm", _hu((side, side)), "1.2.3.4"))
+        ds = pydicom.dcmread(_fixed_uids(write_dicom_slice(folder / f"{side}.dcm", _hu((side, side)), "1.2.3.4")))
         ds.compress(syntax)  # JPEG 2000's default 6 resolutions need 32 px or more
         compressed[kind] = folder / f"{kind}.dcm"
         ds.save_as(compressed[kind], enforce_file_format=True)
@@ -100,16 +111,20 @@ def mutate(data: bytes, edits: list[tuple[str, int, bytes]]) -> bytes:
 
 @contextmanager
 def time_limit(seconds: int) -> Iterator[None]:
-    """``TimeoutError`` when the block runs longer than ``seconds`` (a header that makes a reader spin)."""
+    """``TimeoutError`` when the block runs longer than ``seconds`` (a header that makes a reader spin). Readers
+    that catch every exception can swallow that one, so a block still running at twice the limit ends the whole
+    test process with every thread's traceback: a hang is never silent."""
 
     def expire(signum: int, frame: object) -> None:
         raise TimeoutError(f"a mutated file took longer than {seconds} s")
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.alarm(seconds)
+    faulthandler.dump_traceback_later(2 * seconds, exit=True)
     try:
         yield
     finally:
+        faulthandler.cancel_dump_traceback_later()
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
 
@@ -145,6 +160,38 @@ def test_mutated_files_end_scored_or_in_errors(kind: str, valid_files: dict[str,
         json.dumps(printable_tree(errors))  # the report can hold every reason
 
     check()
+
+
+# A mutated seed TIFF (an insert and overwrites in its first page's tags) whose page chain made tifffile's series
+# view loop forever: the fuzzing above found it. zlib-compressed, base64.
+LOOPING_TIFF = (
+    "eNpdk31Mk1cUxt+2gDDKh0UKfowxvgSsCCgI2vc8gEUHyuTDAUFUxBYQFRvoKkq0KOBkQlajogxBwLkhI4w5I9NUh4qu+oebfAhD"
+    "WJAwFR2CbDAiw+5FXUI8yXPPL/ee55yb3NywME/GlGEYK4bhGTE8jqw58aYxnyd4zY6cBG95SibT2JLHZ2Zx+TrzC2eZ+b+bW2yn"
+    "VYmndbV7w7kGg0HDGDHMHJ7x67NHnOa+5eec3Kf5fbgpQi6PcYqZ2p8axgiYN5HjlJW2WalwWua43sdf4ujjv2Ev827w3pFqa0pK"
+    "ytbtCi/l1D12v1OtDx2hKyYC1EQHoyQqC7nXLFlthQ3trItGQ1cm9H4a2lhzmpTZG0FXO6mr+zBF9cdAdSyPig7co5f3XCA5L4T1"
+    "ye/YyhsPpb4nNkD6KAinpprfMENpeBROttRQ7c3HpL4fBr1+kk2QllHSr6/YXu8ndEC8BwEhZpQe3Ewt8rvkKk+FNjaSJo8yeB5x"
+    "kJqSq6WP7IKgNNvH6o58QeOzDTSSPk7ee4fYEzNz4HcT8Fykhn2Vjm0/HIgQuxLqKH4Pq/TbUd9cTCMtgfh7vwtVup8l04hsnD/V"
+    "QaL3jTBuOE7D4YOsg+I3Min/AMtkA3ShbSUqf75E+sF5KGoPhXFbOpr1XeQocWJ3vFiKyqgZOBu8CSKvZ9Sv0lFQsobNFj0lWy8X"
+    "pDqHwnVlAoRMIk3cscPkUAT2LSigEFUD7ebHwbhvFqIz+EhXS1B+m49xhxyU3ArCcOMGtjvbjvoLzWHZGgXr+GK2/5kX/DNCsEgT"
+    "htKjmyBcKqNeN0voUiOQubqR0p6uIK1mlEyNv2HzV22m+cMJ+HLAEzZ7E2FhHgedPAkphgpyq3hBHlYOEEUWkW/SNuQmP1meVBKL"
+    "sQhX+P64nyZWB+DgrlbqefwJWoo0CI/WklfNMLkkJ1JSuA8CvnVG/ZJ4iOw/xk92e+D0gxpyewUkznOIeShhP+8fo76vGmi2UIEC"
+    "wRrEZ3SSY5wNygbEqLCWo7JSLzW98pJ6UiVIGHtM8rBtKIzNQmttDKL1g6T6PhmHbEtYoYUHtssKSZiZQ+qRhfjsigyuWVsQdC2e"
+    "zrhuwo6766CaUUVBmbnsvtJQLIiJwcX7z+iYyp0SF9uSzKaJ0tuDkbugmrjvy6onvKEuIBx64E9Lsq0g7rtD/6xlwHRfXe7xqRMu"
+    "KA4S86cFLL/uICuHeQgY7GRrlZfpptgJfKUM47euU1KtXtpTF4jf/Xi4sWU+1vg4U9PtbkpzT0aj6UbUj1VRWeuHUMbUsc4Za9H5"
+    "USFdNNSTatEuDCw0R+FD7t34YfSXRQjmCjTQjpWz2Ra7qXmVmBzz8+iu7DTV9B9nn7cp0PwqjzQt2yBPXIHcM940/5wvSoxW4sl1"
+    "ATW1GtG66ibSXypi+XkdZF03SmlST1xTiZC/c4C0xzeTtZsY/5oM0JHRWJzr9oXkZSCG1ouwrO8y1fhpyffYH9QlF8FhhY7yW2xJ"
+    "q+tlGx4sZoscIuk/vZC9Sg=="
+)
+
+
+def test_a_tiff_whose_page_chain_loops_is_an_error_not_a_hang(tmp_path: Path) -> None:
+    """Only the first page header (and whether a second exists) is read; a file of several pages is a stack."""
+    path = tmp_path / "loop.tif"
+    path.write_bytes(zlib.decompress(base64.b64decode(LOOPING_TIFF)))
+    with time_limit(SECONDS_PER_FILE):
+        read, errors = score_without_network(path)
+    assert read == 0 and [error["path"] for error in errors] == [str(path)]
+    assert "several pages" in errors[0]["reason"]
 
 
 def test_the_valid_seeds_are_scored(valid_files: dict[str, bytes], tmp_path: Path) -> None:
