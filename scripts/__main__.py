@@ -136,14 +136,18 @@ def export(
     weights_url: str = "",
     torchscript: bool = True,
     overwrite: bool = False,
+    onnx: bool = False,
 ) -> None:
-    """A self-contained Model Zoo bundle folder (configs, models with model.ts, docs, scripts, LICENSE)."""
+    """A self-contained Model Zoo bundle folder (configs, models with model.ts, docs, scripts, LICENSE).
+
+    ``--onnx true`` adds models/model.onnx (needs ``pip install onnx onnxruntime``).
+    """
     from scripts.checkpoints import CheckpointError
     from scripts.export import ExportError, export_bundle
     from scripts.options import as_bool
 
     try:
-        flags = as_bool(torchscript, "torchscript"), as_bool(overwrite, "overwrite")
+        flags = as_bool(torchscript, "torchscript"), as_bool(overwrite, "overwrite"), as_bool(onnx, "onnx")
         result = export_bundle(output_dir, ckpt, metrics, weights_url, *flags)
     except (ExportError, CheckpointError) as error:
         print(f"export failed: {error}", file=sys.stderr)
@@ -151,6 +155,10 @@ def export(
     print(f"exported the bundle to {result['output_dir']}")
     if result["torchscript_max_difference"] is not None:
         print(f"  models/model.ts matches the eager network within {result['torchscript_max_difference']:.2g}")
+    if result["onnx_max_difference"] is not None:
+        print(f"  models/model.onnx matches the eager network within {result['onnx_max_difference']:.2g}")
+    elif as_bool(onnx, "onnx"):
+        print("  models/model.onnx written, not run (onnxruntime is not installed: pip install onnxruntime)")
 
 
 def demo(output_dir: str | None = None, seed: int = 0) -> None:

@@ -32,7 +32,7 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from scripts import bundle_root
-from scripts.checkpoints import save_checkpoint
+from scripts.checkpoints import config_overrides, save_checkpoint
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
 from scripts.data import MIN_VALIDATION
@@ -123,7 +123,7 @@ def bench_inference(
         str(CONFIG_DIR / "inference.json"),
         logging_file=False,
         workflow_type="inference",
-        checkpoint=str(checkpoint),
+        **config_overrides(checkpoint),
         dataset_dir=str(slices / "image"),
         output_dir=str(workdir / "inference"),
         device=device,

@@ -1,13 +1,16 @@
-"""Checkpoint files that rebuild their own network.
+"""Checkpoint files: a plain state dict, as every MONAI tool reads it, and the network's settings beside it.
 
-A checkpoint is ``{"network": state_dict, "settings": {...}}``: the settings are the network's
-constructor choices (kind, timm names, channels, side, extra timm arguments) and the image size
-it was trained at, so evaluation, inference and export need nothing but the file. Files load
-with ``weights_only=True`` and a ``map_location``, so GPU checkpoints open on CPU-only machines.
+``model.pt`` holds the network's ``state_dict`` and nothing else (MONAI's ``CheckpointLoader``,
+``monai.bundle.load`` and ``ckpt_export`` read it as is). ``model.json`` beside it records the settings
+that rebuild the network (kind, timm names, channels, side, extra timm arguments, crop size) and the
+image size it was trained at, so ``score --ckpt`` and the tools need nothing but the two files; the
+configs hold the same settings as ids. Files of the earlier ``{"network", "settings"}`` form still load.
+Files load with ``weights_only=True`` and a ``map_location``, so GPU checkpoints open on CPU-only machines.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -21,8 +24,13 @@ import torch
 from torch import nn
 
 from scripts.options import optional_size
+from scripts.output_dir import write_json_atomic
 
 logger = logging.getLogger(__name__)
+
+
+NETWORK_SETTING_KEYS = ("network", "f_name", "s_name", "in_channels", "side", "f_kwargs", "s_kwargs", "patch_size")
+CONFIG_SETTING_KEYS = (*NETWORK_SETTING_KEYS, "image_size")  # recorded beside a checkpoint; ids in the configs
 
 
 class CheckpointError(ValueError):
@@ -50,19 +58,46 @@ class SettingsRecord:
             raise ValueError(f"checkpoint settings differ from this network's: {sorted(mismatched)}")
 
 
+def settings_path(path: str | Path) -> Path:
+    """The settings file beside a checkpoint: ``models/model.pt`` -> ``models/model.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The settings recorded beside a checkpoint, or ``{}`` when there is no settings file."""
+    sidecar = settings_path(path)
+    if not sidecar.is_file():
+        return {}
+    try:
+        settings = json.loads(sidecar.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{sidecar}: not a readable settings file ({error})") from None
+    if not isinstance(settings, dict):
+        raise CheckpointError(f"{sidecar}: expected a JSON object of network settings")
+    return settings
+
+
+def config_overrides(path: str | Path) -> dict[str, Any]:
+    """The config ids that make a bundle's ``network_def`` and preprocessing fit a checkpoint: ``checkpoint`` and
+    the settings recorded beside it (for ``ConfigWorkflow(..., **config_overrides(path))``)."""
+    settings = read_settings(path)
+    return {"checkpoint": str(path), **{key: settings[key] for key in CONFIG_SETTING_KEYS if key in settings}}
+
+
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, Any]]:
-    """Return ``(state_dict, settings)`` of a checkpoint written by this bundle."""
+    """Return ``(state_dict, settings)`` of a checkpoint: a plain state dict and the settings file beside it
+    (``{}`` without one), or the earlier ``{"network", "settings"}`` form."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a file: pass the model.pt inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint '{path}' does not exist; train first or pass its path.")
     content = _load_weights_only(path, map_location)
-    if not isinstance(content, dict) or "network" not in content or "settings" not in content:
-        raise CheckpointError(
-            f"{path}: checkpoint has no 'network' and 'settings' entries; it was not written by this bundle."
-        )
-    return content["network"], dict(content["settings"])
+    if isinstance(content, dict) and "network" in content and "settings" in content:  # the earlier form
+        return content["network"], dict(content["settings"])
+    if not isinstance(content, dict) or not all(torch.is_tensor(value) for value in content.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors; it was not written by this bundle.")
+    return content, read_settings(path)
 
 
 def _load_weights_only(path: Path, map_location: str | torch.device) -> Any:
@@ -113,8 +148,8 @@ def recorded_setting(path: str | Path, key: str, default: Any = None) -> Any:
 
 def save_checkpoint(path: str | Path, network: nn.Module, image_size: int | None) -> Path:
     """Write ``network`` in the form the training workflows write (for tools, benchmarks and tests)."""
-    content = {"network": network.state_dict(), "settings": SettingsRecord(network, image_size).state_dict()}
-    return write_checkpoint_atomic(path, content)
+    write_json_atomic(settings_path(path), SettingsRecord(network, image_size).state_dict())
+    return write_checkpoint_atomic(path, getattr(network, "module", network).state_dict())
 
 
 def write_checkpoint_atomic(path: str | Path, content: dict[str, Any]) -> Path:
@@ -194,20 +229,28 @@ class BestCheckpointSaver:
         filename: str = "model.pt",
         overwrite: bool = False,
         resume: bool = False,
+        settings: SettingsRecord | None = None,
     ) -> None:
         self.path = Path(save_dir) / filename
         self.save_dict = {name: getattr(obj, "module", obj) for name, obj in save_dict.items()}  # unwrap DDP
+        self.settings = settings
         self.best = -math.inf
         if self.path.exists() and not (overwrite or resume):
             raise CheckpointError(
                 f"{self.path} already holds the model of another run{_recorded_best(save_dir, filename)}: pass "
                 "--overwrite true to replace it, --resume true to continue that run, or set another --ckpt_dir"
             )
-        size = sum(t.numel() * t.element_size() for t in self._content()["network"].values() if torch.is_tensor(t))
+        size = sum(
+            t.numel() * t.element_size() for obj in self.save_dict.values() for t in obj.state_dict().values()
+            if torch.is_tensor(t)
+        )
         check_checkpoint_folder(self.path.parent, size)
 
     def _content(self) -> dict[str, Any]:
-        return {name: obj.state_dict() for name, obj in self.save_dict.items()}
+        """One object's state dict as it is (a plain ``model.pt``, as Ignite's ``Checkpoint`` writes one), or a
+        dict of them by name."""
+        states = {name: obj.state_dict() for name, obj in self.save_dict.items()}
+        return next(iter(states.values())) if len(states) == 1 else states
 
     def attach(self, engine: Any) -> None:
         from ignite.engine import Events
@@ -220,5 +263,7 @@ class BestCheckpointSaver:
         if not math.isfinite(score) or score <= self.best:
             return
         self.best = score
+        if self.settings is not None:  # first, so that a checkpoint never lacks its settings
+            write_json_atomic(settings_path(self.path), self.settings.state_dict())
         write_checkpoint_atomic(self.path, self._content())
         logger.info("best %s %.4f: saved %s", name, score, self.path)

@@ -27,6 +27,7 @@ from monai.bundle import ConfigWorkflow
 
 from scripts import bundle_root, demo_output
 from scripts.baseline import baseline_scores
+from scripts.checkpoints import config_overrides
 from scripts.data import ldct_labelled_items
 from scripts.handlers import training_curves_png
 from scripts.metrics import correlations
@@ -193,7 +194,7 @@ def run_demo(
         [str(CONFIG_DIR / "inference.json")],
         "inference",
         "scoring",
-        checkpoint=str(models / "model.pt"),
+        **config_overrides(models / "model.pt"),
         dataset_dir=str(slice_dir),
         output_dir=str(out / "inference"),
         num_workers=0,

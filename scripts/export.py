@@ -5,7 +5,8 @@
 DIST holds what the Model Zoo expects::
 
     configs/   the bundle's configs, with paths made relative to DIST (run from inside it)
-    models/    model.pt (the checkpoint) and model.ts (TorchScript with metadata and inference config)
+    models/    model.pt (the checkpoint) and model.ts (TorchScript with metadata and inference config);
+               with ``--onnx true`` also model.onnx (``scripts.onnx_export``)
     docs/      the model card, data licence and metadata schema
     scripts/   this package, which the configs import
     LICENSE
@@ -28,8 +29,8 @@ from typing import Any
 import torch
 
 from scripts import bundle_root
-from scripts.checkpoints import read_checkpoint
-from scripts.networks import load_network
+from scripts.checkpoints import CONFIG_SETTING_KEYS, read_checkpoint, write_checkpoint_atomic
+from scripts.networks import NETWORK_SETTING_KEYS, build_network
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TORCHSCRIPT_ATOL = 1e-4
@@ -42,6 +43,17 @@ class ExportError(RuntimeError):
 def _relative_config(text: str) -> str:
     """Config text with repository paths (``bundle/...``) made relative to the exported bundle's root."""
     return text.replace('"bundle_root": "bundle"', '"bundle_root": "."').replace("%bundle/configs/", "%configs/")
+
+
+def _with_settings(text: str, settings: dict[str, Any]) -> str:
+    """A config's text with its network ids (``network``, ``f_name``, ..., ``image_size``) set to the trained
+    model's, so ``network_def`` builds the network ``models/model.pt`` holds."""
+    config = json.loads(text)
+    keys = [key for key in (*NETWORK_SETTING_KEYS, "image_size") if key in config and key in settings]
+    if not keys:
+        return text
+    config.update({key: settings[key] for key in keys})
+    return json.dumps(config, indent=4) + "\n"
 
 
 def _sha256(path: Path) -> str:
@@ -65,7 +77,7 @@ def _metadata(source: Path, settings: dict[str, Any], metrics: dict[str, float] 
     return meta
 
 
-def export_torchscript(dist: Path, checkpoint: Path) -> float:
+def export_torchscript(dist: Path, checkpoint: Path, settings: dict[str, Any]) -> float:
     """``models/model.ts`` through ``monai.bundle ckpt_export``, with the metadata and inference config embedded;
     returns the largest difference from the eager network on a random batch.
 
@@ -75,7 +87,6 @@ def export_torchscript(dist: Path, checkpoint: Path) -> float:
     """
     from monai.bundle import ckpt_export
 
-    settings = read_checkpoint(checkpoint)[1]
     size, channels = int(settings.get("image_size") or 512), int(settings.get("in_channels", 1))
     ckpt_export(
         net_id="network_def",
@@ -83,12 +94,14 @@ def export_torchscript(dist: Path, checkpoint: Path) -> float:
         ckpt_file=str(checkpoint),
         meta_file=str(dist / "configs" / "metadata.json"),
         config_file=str(dist / "configs" / "inference.json"),
-        key_in_ckpt="network",
         use_trace=not settings.get("patch_size"),
         input_shape=[1, channels, size, size],
         bundle_root=str(dist),
+        **{key: settings[key] for key in CONFIG_SETTING_KEYS if key in settings},  # as written into the configs
     )
-    eager = load_network(str(checkpoint), map_location="cpu").eval()
+    eager = build_network(**{k: v for k, v in settings.items() if k in NETWORK_SETTING_KEYS})
+    eager.load_state_dict(read_checkpoint(checkpoint)[0])
+    eager.eval()
     scripted = torch.jit.load(str(dist / "models" / "model.ts"), map_location="cpu").eval()
     batch = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -100,7 +113,7 @@ def export_torchscript(dist: Path, checkpoint: Path) -> float:
 
 def _large_files(dist: Path, weights_url: str) -> str:
     lines = ["# where to fetch the weights (not kept in git); fill in url with where you host them", "large_files:"]
-    for name in ("model.pt", "model.ts"):
+    for name in ("model.pt", "model.ts", "model.onnx"):
         path = dist / "models" / name
         if path.is_file():
             url = f"{weights_url.rstrip('/')}/{name}" if weights_url else ""
@@ -120,16 +133,23 @@ def export_bundle(
     weights_url: str = "",
     torchscript: bool = True,
     overwrite: bool = False,
+    onnx: bool = False,
 ) -> dict[str, Any]:
-    """Write the Model Zoo folder; returns what was written (paths, TorchScript difference)."""
+    """Write the Model Zoo folder; returns what was written (paths, TorchScript and ONNX differences)."""
     source = bundle_root()
     checkpoint = Path(ckpt) if ckpt else source / "models" / "model.pt"
     if not checkpoint.is_file():
         raise ExportError(f"checkpoint {checkpoint} not found: train one first, or give --ckpt FILE")
-    settings = read_checkpoint(checkpoint)[1]
     dist = Path(output_dir)
     if dist.exists() and not overwrite:
         raise ExportError(f"{dist} already exists: choose another --output_dir or pass --overwrite")
+    state, settings = read_checkpoint(checkpoint)
+    if not settings:
+        raise ExportError(f"{checkpoint}: no network settings beside it (model.json, written by training)")
+    if onnx:
+        from scripts.onnx_export import export_bundle_onnx, require_onnx
+
+        require_onnx()  # before any work: one line saying what to install
     dist.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dist.name}.", dir=dist.parent))
     try:
@@ -139,14 +159,18 @@ def export_bundle(
             if config.name == "metadata.json":
                 figures = json.loads(Path(metrics).read_text()) if metrics else None
                 text = json.dumps(_metadata(config, settings, figures), indent=4) + "\n"
+            elif config.suffix == ".json":
+                text = _with_settings(text, settings)
             (staging / "configs" / config.name).write_text(_relative_config(text))
         shutil.copytree(source / "docs", staging / "docs")
         shutil.copytree(PACKAGE_DIR, staging / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         licence = source / "LICENSE" if (source / "LICENSE").is_file() else source.parent / "LICENSE"
         shutil.copyfile(licence, staging / "LICENSE")
         (staging / "models").mkdir()
-        shutil.copyfile(checkpoint, staging / "models" / "model.pt")
-        difference = export_torchscript(staging, staging / "models" / "model.pt") if torchscript else None
+        write_checkpoint_atomic(staging / "models" / "model.pt", state)  # a plain state dict, as MONAI's tools read
+        difference = export_torchscript(staging, staging / "models" / "model.pt", settings) if torchscript else None
+        model_onnx = staging / "models" / "model.onnx"
+        onnx_difference = export_bundle_onnx(checkpoint, model_onnx, settings.get("image_size")) if onnx else None
         (staging / "large_files.yml").write_text(_large_files(staging, weights_url))
         if dist.exists():
             shutil.rmtree(dist)
@@ -154,4 +178,9 @@ def export_bundle(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return {"output_dir": str(dist), "torchscript_max_difference": difference, "image_size": settings.get("image_size")}
+    return {
+        "output_dir": str(dist),
+        "torchscript_max_difference": difference,
+        "onnx_max_difference": onnx_difference,
+        "image_size": settings.get("image_size"),
+    }

@@ -7,10 +7,12 @@ Needs ``pip install monailabel`` (not a dependency of the bundle). In a MONAI La
 
     self.infers = {"ct_quality": CTQualityTask("/path/to/bundle")}   # repository's bundle/ or an export
 
+A ready app that serves it: ``monailabel_app/`` (``monailabel start_server --app monailabel_app ...``).
 The request's ``image`` is a file (DICOM, NIfTI, TIFF/PNG) or a folder of DICOM (MONAI Label
 passes DICOM series as folders). The result JSON holds the mean score over the slices, min/max,
 the per-slice scores in slice order, the worst slices, and ``errors`` for inputs not scored.
-No label file is written.
+No label file is written. An empty ``image`` (what MONAI Label passes for an id its datastore does not
+hold) is an error entry, never the server's working folder.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from scripts.score import SliceScorer, score_inputs, series_summary
 
 
 class CTQualityTask(InferTask):
-    """Bundle-based scoring: the bundle's inference config (network, preprocessing, window) and ``models/model.pt``."""
+    """Bundle-based scoring: the bundle's inference config (network, preprocessing, window) and ``models/model.pt``
+    (or ``checkpoint``: another checkpoint for the same configs)."""
 
     def __init__(
         self,
@@ -33,18 +36,18 @@ class CTQualityTask(InferTask):
         batch_size: int = 16,
         num_workers: int = 0,
         description: str = "CT image quality, 0 (bad) to 4 (excellent), as radiologists score it (TFKT)",
+        checkpoint: str | Path | None = None,
     ) -> None:
         super().__init__(type=InferType.OTHERS, labels=None, dimension=2, description=description)
         self.bundle_dir = Path(bundle_dir)
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else self.bundle_dir / "models" / "model.pt"
         self.device = device
         self.batch_size = batch_size
         self.num_workers = num_workers
         self._scorer: SliceScorer | None = None
 
     def is_valid(self) -> bool:
-        return (self.bundle_dir / "configs" / "inference.json").is_file() and (
-            self.bundle_dir / "models" / "model.pt"
-        ).is_file()
+        return (self.bundle_dir / "configs" / "inference.json").is_file() and self.checkpoint.is_file()
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "output": "score"}
@@ -52,11 +55,17 @@ class CTQualityTask(InferTask):
     def scorer(self) -> SliceScorer:
         """The bundle's network and preprocessing, loaded on first use and kept."""
         if self._scorer is None:
-            self._scorer = SliceScorer.from_bundle(self.bundle_dir, self.device, self.batch_size, self.num_workers)
+            self._scorer = SliceScorer.from_bundle(
+                self.bundle_dir, self.device, self.batch_size, self.num_workers, checkpoint=str(self.checkpoint)
+            )
         return self._scorer
 
     def __call__(self, request: dict[str, Any]) -> tuple[None, dict[str, Any]]:
-        series, errors = score_inputs([request["image"]], self.scorer())
+        image = request.get("image")
+        if not isinstance(image, (str, Path)) or not str(image):
+            reason = "no image path (MONAI Label passes an empty one for an id its datastore does not hold)"
+            return None, {"score": None, "errors": [{"path": str(image or ""), "reason": reason}]}
+        series, errors = score_inputs([image], self.scorer())
         if not series:
             return None, {"score": None, "errors": errors}
         scores = [score for entry in series for score in entry.scores]

@@ -18,7 +18,7 @@ import timm
 import torch
 from torch import nn
 
-from scripts.checkpoints import read_checkpoint
+from scripts.checkpoints import NETWORK_SETTING_KEYS, CheckpointError, read_checkpoint, settings_path
 from scripts.options import as_bool, optional_size
 
 logger = logging.getLogger(__name__)
@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_F_NAME = "tf_efficientnetv2_l"
 DEFAULT_S_NAME = "swinv2_base_window8_256"
 NETWORK_KINDS = ("tfkt", "f_only")
-NETWORK_SETTING_KEYS = ("network", "f_name", "s_name", "in_channels", "side", "f_kwargs", "s_kwargs", "patch_size")
 
 OFFLINE_HINT = (
     "Pretrained ImageNet weights for '{name}' could not be loaded ({error}). Either run once on a "
@@ -77,15 +76,9 @@ class EfficientNetRegressor(nn.Module):
         super().__init__()
         model_kwargs = dict(model_kwargs or {})
         self.settings = {"f_name": model_name, "in_channels": in_channels, "f_kwargs": model_kwargs}
+        self.timm_args = {"in_chans": in_channels, "num_classes": 0, "drop_rate": drop_rate, **model_kwargs}
         self.backbone = create_timm_model(
-            model_name,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            path_id="f_weights",
-            in_chans=in_channels,
-            num_classes=0,
-            drop_rate=drop_rate,
-            **model_kwargs,
+            model_name, pretrained=pretrained, weights_path=weights_path, path_id="f_weights", **self.timm_args
         )
         self.num_features: int = self.backbone.num_features
         self.head = nn.Linear(self.num_features, 1)
@@ -125,15 +118,10 @@ class SwinScorer(nn.Module):
         model_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
+        self.model_name = model_name
+        self.timm_args = {"img_size": side, "in_chans": 1, "num_classes": 1, **dict(model_kwargs or {})}
         self.model = create_timm_model(
-            model_name,
-            pretrained=pretrained,
-            weights_path=weights_path,
-            path_id="s_weights",
-            img_size=side,
-            in_chans=1,
-            num_classes=1,
-            **dict(model_kwargs or {}),
+            model_name, pretrained=pretrained, weights_path=weights_path, path_id="s_weights", **self.timm_args
         )
         check_position_tables(self.model, model_name, side)
 
@@ -231,78 +219,73 @@ def build_network(
     s_kwargs: dict[str, Any] | None = None,
     patch_size: int | None = None,
 ) -> nn.Module:
-    """Build one of the paper's networks by name (the configs' ``network_def``).
+    """Build one of the paper's networks by name (the configs' ``network_def``: the architecture alone).
 
-    - ``network="tfkt"``: S(C(F)); F starts from ``f_checkpoint`` (phase 1) when that file
-      exists, else from ImageNet (``pretrained``) or random weights: the "no phase 1" ablation
-      (``f_checkpoint=None``). S starts from ImageNet when ``pretrained``. ``freeze_f`` gives
-      the "F frozen" ablation.
+    - ``network="tfkt"``: S(C(F)).
     - ``network="f_only"``: the EfficientNetV2 regressor alone (phase 1, and the ablation).
 
     With ``patch_size`` the network is wrapped in ``scripts.patches.PatchScorer``: it reads crops of
     that size at the slice's own pixel grid and scores a slice as the mean over its crops on the body.
+    The starting weights (``pretrained``, ``f_weights``, ``s_weights``, ``f_checkpoint``, ``freeze_f``) go
+    through ``initialise_network``; the configs call it as a step of its own (``network``).
     """
-    pretrained, freeze_f = as_bool(pretrained, "pretrained"), as_bool(freeze_f, "freeze_f")
-    model = _whole_slice_network(
-        network, f_name, s_name, in_channels, side, pretrained, f_weights, s_weights, f_checkpoint, freeze_f,
-        drop_rate, f_kwargs, s_kwargs,
-    )  # fmt: skip
+    if network not in NETWORK_KINDS:
+        raise ValueError(f"network must be one of {NETWORK_KINDS}, got '{network}'.")
+    model: nn.Module
+    if network == "f_only":
+        model = EfficientNetRegressor(f_name, in_channels, False, None, drop_rate, f_kwargs)
+    else:
+        model = TFKT(f_name, s_name, in_channels, side, drop_rate=drop_rate, f_kwargs=f_kwargs, s_kwargs=s_kwargs)
+    model.settings = {"network": network, **model.settings}
     patch_size = optional_size(patch_size, "patch_size")
     if patch_size:
         from scripts.patches import PatchScorer
 
-        return PatchScorer(model, patch_size)
-    return model
+        model = PatchScorer(model, patch_size)
+    return initialise_network(model, pretrained, f_weights, s_weights, f_checkpoint, freeze_f)
 
 
-def _whole_slice_network(
-    network: str,
-    f_name: str,
-    s_name: str,
-    in_channels: int,
-    side: int,
-    pretrained: bool,
-    f_weights: str | None,
-    s_weights: str | None,
-    f_checkpoint: str | None,
-    freeze_f: bool,
-    drop_rate: float,
-    f_kwargs: dict[str, Any] | None,
-    s_kwargs: dict[str, Any] | None,
+def load_imagenet(
+    module: nn.Module, timm_module: nn.Module, model_name: str, weights_path: str | None, path_id: str
+) -> None:
+    """Copy ImageNet weights (timm's hub, or the local ``weights_path``) into ``timm_module``, a timm model that
+    ``module`` built with its ``timm_args``; timm adapts the stem and position tables to those arguments."""
+    donor = create_timm_model(model_name, True, weights_path, path_id, **module.timm_args)
+    timm_module.load_state_dict(donor.state_dict())
+
+
+def initialise_network(
+    network: nn.Module,
+    pretrained: bool = False,
+    f_weights: str | None = None,
+    s_weights: str | None = None,
+    f_checkpoint: str | None = None,
+    freeze_f: bool = False,
 ) -> nn.Module:
-    """``build_network`` without the crop wrapper."""
-    if network not in NETWORK_KINDS:
-        raise ValueError(f"network must be one of {NETWORK_KINDS}, got '{network}'.")
-    if network == "f_only":
-        model: nn.Module = EfficientNetRegressor(f_name, in_channels, pretrained, f_weights, drop_rate, f_kwargs)
-        model.settings = {"network": "f_only", **model.settings}
-        if f_checkpoint and Path(f_checkpoint).is_file():
-            load_f_weights(model, f_checkpoint)
-        return model
-    has_phase1 = bool(f_checkpoint) and Path(f_checkpoint).is_file()
-    model = TFKT(
-        f_name,
-        s_name,
-        in_channels,
-        side,
-        pretrained and not has_phase1,
-        pretrained,
-        None if has_phase1 else f_weights,
-        s_weights,
-        False,
-        drop_rate,
-        f_kwargs,
-        s_kwargs,
-    )
-    model.settings = {"network": "tfkt", **model.settings}
-    if has_phase1:
-        load_f_weights(model.f, f_checkpoint)
+    """The starting weights of training, put into a network that ``build_network`` made (the configs' ``network``).
+
+    Kept apart from ``network_def`` so that building the architecture never downloads anything (MONAI's
+    ``monai.bundle.load`` and ``ckpt_export`` build ``network_def`` offline). F starts from ``f_checkpoint``
+    (phase 1) when that file exists, else from ImageNet (``pretrained`` or a local ``f_weights``) or stays
+    random; S from ImageNet likewise (``s_weights``). ``freeze_f`` gives the "F frozen" ablation.
+    """
+    pretrained, freeze_f = as_bool(pretrained, "pretrained"), as_bool(freeze_f, "freeze_f")
+    inner = getattr(network, "network", network)  # a PatchScorer holds the network as ``network``
+    f = inner.f if isinstance(inner, TFKT) else inner
+    if f_checkpoint and Path(f_checkpoint).is_file():
+        load_f_weights(f, f_checkpoint)
         logger.info("F initialised from the phase-1 checkpoint %s", f_checkpoint)
-    elif f_checkpoint:
-        source = "ImageNet" if pretrained or f_weights else "random"
-        logger.warning("No phase-1 checkpoint at %s: F starts from %s weights.", f_checkpoint, source)
-    model.set_f_frozen(freeze_f)
-    return model
+    else:
+        if pretrained or f_weights:
+            load_imagenet(f, f.backbone, f.settings["f_name"], f_weights, "f_weights")
+        if f_checkpoint and isinstance(inner, TFKT):
+            source = "ImageNet" if pretrained or f_weights else "random"
+            logger.warning("No phase-1 checkpoint at %s: F starts from %s weights.", f_checkpoint, source)
+    if isinstance(inner, TFKT):
+        if pretrained or s_weights:
+            load_imagenet(inner.s, inner.s.model, inner.s.model_name, s_weights, "s_weights")
+        inner.set_f_frozen(freeze_f)
+    return network
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
@@ -332,9 +315,13 @@ def load_f_weights(f: EfficientNetRegressor, path: str) -> None:
 
 
 def load_network(path: str, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the network a checkpoint was trained with, from the file alone, in eval mode."""
+    """Rebuild the network a checkpoint was trained with, from it and the settings file beside it, in eval mode."""
     state, settings = read_checkpoint(path, map_location)
-    settings = {k: v for k, v in settings.items() if k in NETWORK_SETTING_KEYS}
-    model = build_network(**settings)
+    if not settings:
+        raise CheckpointError(
+            f"{path}: no network settings beside it ({settings_path(path).name}): rebuild the network from the "
+            "bundle's config ids (network_def) and load the state dict into it"
+        )
+    model = build_network(**{k: v for k, v in settings.items() if k in NETWORK_SETTING_KEYS})
     model.load_state_dict(state)
     return model.eval()

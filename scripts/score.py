@@ -98,7 +98,7 @@ class SliceScorer:
         num_workers: int = 2,
         window: Sequence[float] = HU_WINDOW,
     ) -> SliceScorer:
-        """The bundle's inference config with this checkpoint: the network and the input size it records."""
+        """The bundle's inference config with this checkpoint (and the network settings recorded beside it)."""
         low, high = check_window(window)
         overrides = {"checkpoint": str(checkpoint), "window": [low, high]}
         return cls.from_bundle(bundle_root(), device, batch_size, num_workers, **overrides)
@@ -113,19 +113,33 @@ class SliceScorer:
         config_file: str = "configs/inference.json",
         **overrides: Any,
     ) -> SliceScorer:
-        """``network_def``, ``preprocessing``, ``inferer`` and ``window`` of a bundle's inference config
-        (``models/model.pt``).
+        """``network_def`` with the weights of ``checkpoint``, ``preprocessing``, ``inferer`` and ``window`` of a
+        bundle's inference config (``checkpoint``: ``models/model.pt``).
 
         Works for this repository's ``bundle/`` and for an exported Model Zoo folder; ``overrides``
-        replace config ids (``checkpoint=...``, ``window=[...]``).
+        replace config ids (``checkpoint=...``, ``window=[...]``, the network settings). The network settings
+        recorded beside the checkpoint (``model.json``, written by training) come before the config's own ids.
         """
         from monai.bundle import ConfigParser
+
+        from scripts.checkpoints import CheckpointError, config_overrides, read_checkpoint
 
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         parser = ConfigParser()
         parser.read_config(str(Path(bundle_dir) / config_file))
         parser.update({"bundle_root": str(bundle_dir), "device": device, **overrides})
+        checkpoint = parser.get_parsed_content("checkpoint")
+        parser.update({k: v for k, v in config_overrides(checkpoint).items() if k not in overrides})
         network = parser.get_parsed_content("network_def")
+        try:
+            network.load_state_dict(read_checkpoint(checkpoint)[0])
+        except RuntimeError as error:
+            reason = " ".join(str(error).split())[:300]
+            raise CheckpointError(
+                f"{checkpoint} does not fit the network the config describes ({reason}): put the settings file "
+                "written with it (model.json) beside it, or set the network ids (network, f_name, s_name, side, "
+                "in_channels, patch_size, image_size) to those it was trained with"
+            ) from None
         transform = parser.get_parsed_content("preprocessing")
         window = parser.get_parsed_content("window")
         inferer = parser.get_parsed_content("inferer")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts.checkpoints import save_checkpoint
+from scripts.checkpoints import save_checkpoint, settings_path
 from scripts.networks import build_network
 from scripts.synth_ct import write_ct_dataset
 from scripts.synth_natural import write_natural_dataset
@@ -134,6 +134,13 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     """A bundle folder as deployment code sees one: the repository's configs and the tiny checkpoint as model.pt."""
     root = tmp_path_factory.mktemp("tiny_bundle")
     shutil.copytree(CONFIG_DIR, root / "configs")
-    (root / "models").mkdir()
-    shutil.copyfile(tiny_checkpoint, root / "models" / "model.pt")
+    copy_checkpoint(tiny_checkpoint, root / "models" / "model.pt")
     return root
+
+
+def copy_checkpoint(source: Path, target: Path) -> Path:
+    """A checkpoint and the settings file beside it (``model.json``), copied to ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    shutil.copyfile(settings_path(source), settings_path(target))
+    return target

@@ -3,7 +3,6 @@ unusable checkpoint (pickled code, a folder, not a checkpoint) is one line too; 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,7 @@ import pytest
 import scripts
 from scripts.__main__ import score
 from scripts.ct_io import write_dicom_slice
+from tests.conftest import copy_checkpoint
 
 
 @pytest.fixture
@@ -43,16 +43,14 @@ def test_without_ckpt_the_demo_model_is_used_and_named(
     no_models, tiny_checkpoint: Path, tmp_path: Path, capsys
 ) -> None:
     bundle, demo = no_models
-    (demo / "models").mkdir(parents=True)
-    shutil.copyfile(tiny_checkpoint, demo / "models" / "model.pt")
+    copy_checkpoint(tiny_checkpoint, demo / "models" / "model.pt")
     write_dicom_slice(tmp_path / "in" / "a.dcm", np.full((64, 64), 40.0), "1.2.3")
     score(str(tmp_path / "in"), output_dir=str(tmp_path / "out"), num_workers=0)
     printed = capsys.readouterr().out
     assert f"using the demo's model (trained on synthetic CT by `python -m scripts demo`): {demo}" in printed
     assert (tmp_path / "out" / "scores.csv").is_file()
     # a model of the bundle's own comes first
-    (bundle / "models").mkdir(parents=True)
-    shutil.copyfile(tiny_checkpoint, bundle / "models" / "model.pt")
+    copy_checkpoint(tiny_checkpoint, bundle / "models" / "model.pt")
     score(str(tmp_path / "in"), output_dir=str(tmp_path / "out2"), num_workers=0)
     assert "using the bundle's model" in capsys.readouterr().out
 

@@ -1,4 +1,5 @@
-"""Deployment wrappers: bundle-based scoring, the MONAI Label task and the MONAI Deploy application.
+"""Deployment wrappers: bundle-based scoring, the MONAI Label task and app (a served one, over HTTP), and the
+MONAI Deploy application.
 
 The MONAI Label and MONAI Deploy tests need those optional packages (``pip install monailabel``,
 ``pip install monai-deploy-app-sdk highdicom``) and skip with the reason where they are missing.
@@ -7,16 +8,27 @@ The MONAI Label and MONAI Deploy tests need those optional packages (``pip insta
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
-from scripts.score import SliceScorer
+from scripts.score import SliceScorer, score_paths
+
+MONAILABEL_MISSING = "monailabel is not installed (optional: pip install monailabel)"
+MONAILABEL_APP = Path(__file__).resolve().parent.parent / "monailabel_app"
+SERVER_START_TIMEOUT = 180.0  # seconds: importing torch and MONAI and building the network, on a busy CI machine
 
 
 @pytest.fixture(scope="module")
@@ -68,6 +80,135 @@ def test_monailabel_task_returns_the_score(tiny_bundle: Path, study: Path, expec
     assert not CTQualityTask(study).is_valid()
 
 
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A MONAI Label studies folder: a NIfTI CT volume and a three-slice CT DICOM series in a sub-folder."""
+    root = tmp_path_factory.mktemp("studies")
+    rng = np.random.default_rng(7)
+    volume = rng.normal(40, 200, (40, 40, 4)).astype(np.float32)
+    nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), root / "chest.nii.gz")
+    for z in (2.0, 3.0, 1.0):
+        write_dicom_slice(root / "series_a" / f"im{int(z)}.dcm", rng.normal(40, 150, (40, 40)), "1.2.3.9", z)
+    return root
+
+
+def monailabel_app_class() -> type:
+    """The app class of ``monailabel_app/main.py``, loaded the way MONAI Label's server loads it."""
+    from monailabel.utils.others.class_utils import get_class_of_subclass_from_file
+
+    app_class = get_class_of_subclass_from_file("main", str(MONAILABEL_APP / "main.py"), "MONAILabelApp")
+    assert app_class is not None and app_class.__name__ == "CTQualityApp"
+    return app_class
+
+
+def test_monailabel_app_finds_images_series_folders_and_the_bundle(
+    tiny_bundle: Path, studies: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("monailabel", reason=MONAILABEL_MISSING)
+    from fastapi import HTTPException
+    from monailabel.config import settings
+    from monailabel.interfaces.exception import MONAILabelException
+
+    monkeypatch.setattr(settings, "MONAI_LABEL_SESSIONS", False)
+    monkeypatch.setattr(settings, "MONAI_LABEL_DATASTORE_AUTO_RELOAD", False)
+    app_class = monailabel_app_class()
+    folder = shutil.copytree(studies, tmp_path / "studies")
+    shutil.copyfile(get_testdata_file("CT_small.dcm"), folder / "CT_small.dcm")
+    conf = {"bundle_dir": str(tiny_bundle), "device": "cpu", "preload": "false"}
+    app = app_class(app_dir=str(tmp_path / "app"), studies=str(folder), conf=conf)
+    store = app.datastore()
+    assert sorted(store.list_images()) == ["CT_small", "chest", "series_a"]  # labels/ (MONAI Label's own) is none
+    assert store.get_image_uri("series_a") == os.path.realpath(folder / "series_a")
+    assert store.get_image_uri("chest") == os.path.realpath(folder / "chest.nii.gz")
+    assert app.info()["models"]["ct_iqa"]["output"] == "score"
+    assert app.checkpoint == tiny_bundle / "models" / "model.pt"
+    with pytest.raises(HTTPException) as missing:
+        app.infer({"model": "ct_iqa", "image": "no_such_image"})
+    assert missing.value.status_code == 404
+    write_dicom_slice(folder / "series_b" / "im1.dcm", np.zeros((40, 40)), "1.2.3.10")  # added while serving
+    assert app.datastore().get_image_uri("series_b") == ""
+    assert app.infer({"model": "ct_iqa", "image": "series_b"})["params"]["n_slices"] == 1  # found after a refresh
+
+    files_only = app_class(app_dir=str(tmp_path / "app"), studies=str(folder), conf={**conf, "series_folders": "no"})
+    assert sorted(files_only.datastore().list_images()) == ["CT_small", "chest"]
+    with pytest.raises(MONAILabelException, match="no checkpoint at"):
+        app_class(app_dir=str(tmp_path / "app"), studies=str(folder), conf={**conf, "checkpoint": str(tmp_path)})
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_monailabel_server_scores_over_http(tiny_bundle: Path, studies: Path, tmp_path: Path) -> None:
+    """MONAI Label's server (``start_server --app monailabel_app``, in a process of its own) serves ``ct_iqa``: the
+    score of a NIfTI volume and of a DICOM series folder, as ``python -m scripts score`` computes them."""
+    pytest.importorskip("monailabel", reason=MONAILABEL_MISSING)
+    import requests  # a dependency of monailabel
+
+    folder = Path(os.path.realpath(shutil.copytree(studies, tmp_path / "studies")))  # the datastore writes there too
+    checkpoint = tiny_bundle / "models" / "model.pt"
+    expected = {  # image id: the report's series, as `python -m scripts score FILE --ckpt CHECKPOINT` writes them
+        image_id: score_paths([folder / name], tmp_path / image_id, checkpoint, device="cpu", num_workers=0)["series"]
+        for image_id, name in (("chest", "chest.nii.gz"), ("series_a", "series_a"))
+    }
+    port = free_port()
+    command = [
+        sys.executable, str(MONAILABEL_APP / "main.py"), "start_server",  # `monailabel start_server`, under pydicom 3
+        "--app", str(MONAILABEL_APP), "--studies", str(folder), "--host", "127.0.0.1", "--port", str(port),
+        "--conf", "bundle_dir", str(tiny_bundle), "--conf", "device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
+    log = tmp_path / "server.log"
+    base = f"http://127.0.0.1:{port}"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            command, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        start = time.monotonic()
+        while True:
+            try:
+                info = requests.get(f"{base}/info/", timeout=5).json()
+                break
+            except requests.ConnectionError:
+                tail = log.read_text(errors="replace")[-4000:]
+                assert server.poll() is None, f"the server exited ({server.returncode}):\n{tail}"
+                assert time.monotonic() - start < SERVER_START_TIMEOUT, f"no answer in time:\n{tail}"
+                time.sleep(0.5)
+        print(f"server answered after {time.monotonic() - start:.1f} s")
+        assert info["models"]["ct_iqa"]["output"] == "score"
+
+        for image_id, series in expected.items():
+            answer = requests.post(f"{base}/infer/ct_iqa", params={"image": image_id}, timeout=300)
+            assert answer.status_code == 200, answer.text
+            result = answer.json()
+            assert result["errors"] == [] and list(result["series"]) == list(series)
+            ((name, summary),) = series.items()
+            assert result["n_slices"] == summary["n_slices"] == {"chest": 4, "series_a": 3}[image_id]
+            assert result["score"] == pytest.approx(summary["mean"], abs=1e-4)
+            assert result["series"][name]["min"] == pytest.approx(summary["min"], abs=1e-4)
+        # a client without the server's files uploads the image instead
+        upload = {"file": ("chest.nii.gz", (folder / "chest.nii.gz").read_bytes())}
+        answer = requests.post(f"{base}/infer/ct_iqa", files=upload, timeout=300)
+        assert answer.status_code == 200, answer.text
+        (chest,) = expected["chest"].values()
+        assert answer.json()["score"] == pytest.approx(chest["mean"], abs=1e-4)
+        answer = requests.post(f"{base}/infer/ct_iqa", params={"image": "no_such_image"}, timeout=60)
+        assert answer.status_code == 404 and "no_such_image" in answer.json()["detail"]
+    finally:  # the server and anything it started: its own process group
+        for stop, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, None)):
+            try:
+                os.killpg(server.pid, stop)
+                server.wait(wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
 def test_monai_deploy_app_scores_the_ct_series(
     tiny_bundle: Path, study: Path, expected_scores: dict[str, float], tmp_path: Path
 ) -> None:
@@ -91,10 +232,12 @@ def test_monai_deploy_reads_the_torchscript_bundle(tiny_bundle: Path, tmp_path: 
     pytest.importorskip("monai.deploy.core", reason=reason)
     from monai.deploy.operators.monai_bundle_inference_operator import get_bundle_config
 
+    from scripts.checkpoints import read_settings
     from scripts.export import export_torchscript
 
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
-    assert export_torchscript(bundle, bundle / "models" / "model.pt") <= 1e-4
+    checkpoint = bundle / "models" / "model.pt"
+    assert export_torchscript(bundle, checkpoint, read_settings(checkpoint)) <= 1e-4
     # what the SDK's own bundle inference operator reads from a TorchScript bundle
     parser = get_bundle_config(str(bundle / "models" / "model.ts"), ["inference"])
     assert parser.get("window") == [-1000.0, 400.0]

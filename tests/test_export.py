@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from monai.bundle import verify_metadata
+from monai.bundle import ConfigParser, verify_metadata
 from monai.data import load_net_with_metadata
 from pydicom.data import get_testdata_file
 
 from scripts.export import TORCHSCRIPT_ATOL, ExportError, export_bundle
-from scripts.networks import load_network
 from tests.conftest import CONFIG_DIR, REPO_ROOT
 
 
@@ -88,8 +87,12 @@ def test_torchscript_embeds_metadata_and_matches_eager(exported: Path) -> None:
         str(exported / "models" / "model.ts"), map_location="cpu", more_extra_files=("inference.json",)
     )
     assert meta["version"] == json.loads((exported / "configs" / "metadata.json").read_text())["version"]
-    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "scripts.networks.load_network"
-    eager = load_network(str(exported / "models" / "model.pt"), map_location="cpu").eval()
+    assert json.loads(extra["inference.json"])["network_def"]["_target_"] == "scripts.networks.build_network"
+    parser = ConfigParser()  # the exported config's ids hold the trained network's settings
+    parser.read_config(str(exported / "configs" / "inference.json"))
+    eager = parser.get_parsed_content("network_def")
+    eager.load_state_dict(torch.load(exported / "models" / "model.pt", weights_only=True))  # a plain state dict
+    eager.eval()
     batch = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         assert torch.allclose(scripted(batch), eager(batch), atol=TORCHSCRIPT_ATOL, rtol=0.0)

@@ -55,7 +55,8 @@ def test_two_process_training_writes_one_plain_checkpoint(ldct_train_dir: Path, 
     state, settings = read_checkpoint(tmp_path / "models" / "model.pt")
     assert not any(key.startswith("module.") for key in state)  # saved unwrapped from DistributedDataParallel
     assert settings["f_name"] == "test_efficientnet"
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["model.pt", "model_last.pt"]  # rank 0 only
+    written = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert written == ["model.json", "model.pt", "model_last.pt"]  # by rank 0 only
     last = torch.load(tmp_path / "models" / "model_last.pt", weights_only=True)
     assert last["network"].keys() == state.keys()
     assert last["trainer"]["iteration"] == 2 * last["trainer"]["epoch_length"]

@@ -95,7 +95,7 @@ def test_bad_checkpoints_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"junk.pt: not a readable PyTorch checkpoint"):
         read_checkpoint(tmp_path / "junk.pt")
     torch.save({"state_dict": {}}, tmp_path / "foreign.pt")
-    with pytest.raises(ValueError, match=r"foreign.pt: checkpoint has no 'network' and 'settings' entries"):
+    with pytest.raises(ValueError, match=r"foreign.pt: not a state dict of tensors; it was not written by this bundle"):
         read_checkpoint(tmp_path / "foreign.pt")
 
 

@@ -178,6 +178,7 @@ def test_evaluation_and_score_report_the_spread(
         EVALUATE_CONFIGS,
         "train",
         **{**TINY_OVERRIDES, "image_size": None},
+        patch_size=PATCH,  # the network ids the model was trained with, as for training
         ckpt_dir=str(root),
         dataset_dir=str(ldct_test_dir),
         output_dir=str(tmp_path / "eval"),

@@ -22,6 +22,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from scripts.checkpoints import config_overrides
 from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
 from scripts.ct_io import write_dicom_slice
 from scripts.score import score_paths
@@ -150,7 +151,7 @@ def test_bundle_inference_config_scores_the_same_files(
     workflow = make_workflow(
         INFERENCE_CONFIG,
         "inference",
-        checkpoint=str(tiny_checkpoint),
+        **config_overrides(tiny_checkpoint),
         dataset_dir=str(mixed_folder),
         output_dir=str(tmp_path / "bundle"),
         device=torch.device("cpu"),

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from scripts.checkpoints import config_overrides
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
 from scripts.score import score_paths
@@ -255,7 +256,7 @@ def test_the_inference_workflow_writes_odd_names_and_skips_its_own_output(
     out = inputs / "report"
     for _ in range(2):
         workflow = ConfigWorkflow(
-            INFERENCE_CONFIG, workflow_type="inference", logging_file=False, checkpoint=str(tiny_checkpoint),
+            INFERENCE_CONFIG, workflow_type="inference", logging_file=False, **config_overrides(tiny_checkpoint),
             dataset_dir=str(inputs), output_dir=str(out), device="cpu", num_workers=0,
         )  # fmt: skip
         workflow.initialize()

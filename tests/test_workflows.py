@@ -12,7 +12,7 @@ import torch
 from ignite.engine import Events
 from PIL import Image
 
-from scripts.checkpoints import read_checkpoint
+from scripts.checkpoints import config_overrides, read_checkpoint
 from scripts.data import DatasetError
 from scripts.metrics import correlations
 from tests.conftest import (
@@ -60,7 +60,7 @@ def test_pretraining_and_inference_have_bundle_properties(
     inference = make_workflow(
         INFERENCE_CONFIG,
         "inference",
-        checkpoint=str(trained_bundle / "model.pt"),
+        **config_overrides(trained_bundle / "model.pt"),
         dataset_dir=str(ldct_test_dir / "images"),
         output_dir=str(tmp_path),
         device=torch.device("cpu"),
@@ -191,7 +191,7 @@ def test_inference_scores_every_readable_slice(trained_bundle: Path, ldct_test_d
     workflow = make_workflow(
         INFERENCE_CONFIG,
         "inference",
-        checkpoint=str(trained_bundle / "model.pt"),
+        **config_overrides(trained_bundle / "model.pt"),
         dataset_dir=str(slices),
         output_dir=str(output),
         device=torch.device("cpu"),
