@@ -1,0 +1,95 @@
+"""The Model Zoo's CI (``ci/verify_bundle.py`` of Project-MONAI/model-zoo, full mode) on an export, on CPU and offline.
+
+Its steps, in its order: the directory and ``large_files.yml``; version and changelog; ``verify_metadata``
+against the official schema; ``verify_net_in_out`` and ``ckpt_export`` with the Zoo's arguments
+(``network_def`` of ``configs/inference.json``, no ``key_in_ckpt``, scripting as its default); loading the
+shipped ``models/model.ts``; and the workflows' required properties for training and inference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+
+from scripts.checkpoints import save_checkpoint
+from scripts.export import export_bundle
+from scripts.networks import build_network
+from tests.conftest import REPO_ROOT, TINY_NETWORKS
+
+OFFICIAL_SCHEMA = REPO_ROOT.parent / "shared" / "zoo" / "meta_schema_20240725.json"
+WEIGHTS_URL = "https://example.org/ct_iqa_tfkt"
+
+
+@pytest.fixture(scope="module", params=["whole_slice", "crops"])
+def zoo_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An export of a tiny whole-slice model (64 px) or crop model (32-px crops), as the Zoo's ``models/<name>``."""
+    root = tmp_path_factory.mktemp(f"zoo_{request.param}")
+    crops = request.param == "crops"
+    network = build_network(**TINY_NETWORKS, patch_size=32 if crops else None)
+    checkpoint = save_checkpoint(root / "trained" / "model.pt", network, None if crops else 64)
+    export_bundle(root / "models" / "ct_iqa_tfkt", checkpoint, weights_url=WEIGHTS_URL, torchscript=True)
+    return root / "models" / "ct_iqa_tfkt"
+
+
+def test_directory_and_large_files(zoo_bundle: Path) -> None:
+    assert (zoo_bundle / "configs" / "metadata.json").is_file()
+    text = (zoo_bundle / "large_files.yml").read_text()
+    entries = [line.strip() for line in text.splitlines() if line.strip().startswith(("url:", "hash_val:"))]
+    assert f'url: "{WEIGHTS_URL}/model.pt"' in entries
+    assert all(entry.split(":", 1)[1].strip() not in ('""', "") for entry in entries)  # every url and hash filled
+
+
+def test_version_and_changelog(zoo_bundle: Path) -> None:
+    metadata = json.loads((zoo_bundle / "configs" / "metadata.json").read_text())
+    assert metadata["version"] in metadata["changelog"]
+
+
+def test_metadata_against_the_official_schema(zoo_bundle: Path) -> None:
+    shipped = zoo_bundle / "docs" / "metadata_schema.json"
+    if OFFICIAL_SCHEMA.is_file():  # beside the checkout here; CI's clean clone has only the shipped copy
+        assert json.loads(shipped.read_text()) == json.loads(OFFICIAL_SCHEMA.read_text())
+    verify_metadata(meta_file=str(zoo_bundle / "configs" / "metadata.json"), filepath=str(shipped))
+
+
+def test_net_in_out_and_ckpt_export_with_the_zoo_arguments(zoo_bundle: Path, tmp_path: Path) -> None:
+    """From another working directory, as the Zoo's CI calls them; then the shipped TorchScript loads and agrees."""
+    os.chdir(tmp_path)
+    sys.path.insert(0, str(zoo_bundle))  # what MONAI does for a bundle's own scripts when it runs one
+    try:
+        meta, config = str(zoo_bundle / "configs" / "metadata.json"), str(zoo_bundle / "configs" / "inference.json")
+        verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, bundle_root=str(zoo_bundle))
+        verified = zoo_bundle / "models" / "verify_model.ts"
+        ckpt_export(
+            net_id="network_def", filepath=str(verified), ckpt_file=str(zoo_bundle / "models" / "model.pt"),
+            meta_file=meta, config_file=config, bundle_root=str(zoo_bundle),
+        )  # fmt: skip
+        shipped = torch.jit.load(str(zoo_bundle / "models" / "model.ts"), map_location="cpu").eval()
+        exported = torch.jit.load(str(verified), map_location="cpu").eval()
+    finally:
+        sys.path.remove(str(zoo_bundle))
+    batch = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(exported(batch), shipped(batch), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(("config", "workflow_type"), [("train.json", "train"), ("inference.json", "infer")])
+def test_workflow_properties(
+    zoo_bundle: Path, ldct_train_dir: Path, tmp_path: Path, config: str, workflow_type: str
+) -> None:
+    """The required properties of MONAI's train and infer workflows, run from inside the bundle folder."""
+    os.chdir(zoo_bundle)
+    training = workflow_type == "train"
+    settings = {"dataset_dir": str(ldct_train_dir), "ckpt_dir": str(tmp_path / "ckpt"), "pretrained": False}
+    workflow = ConfigWorkflow(
+        config_file=f"configs/{config}", meta_file="configs/metadata.json", logging_file="configs/logging.conf",
+        workflow_type=workflow_type, output_dir=str(tmp_path / "out"), device=torch.device("cpu"), num_workers=0,
+        **(settings if training else {"dataset_dir": str(ldct_train_dir / "image")}),  # inference: models/model.pt
+    )  # fmt: skip
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])
