@@ -10,7 +10,8 @@ DIST holds what the Model Zoo expects::
     docs/      the model card, data licence and metadata schema
     scripts/   this package, which the configs import
     LICENSE
-    large_files.yml   where to fetch models/* with their sha256 (the weights are not committed)
+    large_files.yml   where to fetch models/* with their sha256 (the weights are not committed); written only
+                      with ``--weights_url`` (an empty url fails the Zoo's download step)
 
 The metadata records the checkpoint's input size and channels, and, with ``--metrics``, its
 evaluation figures. The folder is built under a temporary name and renamed when complete.
@@ -111,12 +112,19 @@ def export_torchscript(dist: Path, checkpoint: Path, settings: dict[str, Any]) -
     return difference
 
 
+NO_WEIGHTS_URL = (
+    "large_files.yml not written: no --weights_url. This folder holds its weights and works as it is; for a Model "
+    "Zoo pull request (which keeps weights out of git), host models/* and export again with --weights_url URL"
+)
+
+
 def _large_files(dist: Path, weights_url: str) -> str:
-    lines = ["# where to fetch the weights (not kept in git); fill in url with where you host them", "large_files:"]
+    """Where the Model Zoo fetches ``models/*`` (``weights_url``/<name>) and their sha256."""
+    lines = ["# where to fetch the weights (not kept in git), with their sha256", "large_files:"]
     for name in ("model.pt", "model.ts", "model.onnx"):
         path = dist / "models" / name
         if path.is_file():
-            url = f"{weights_url.rstrip('/')}/{name}" if weights_url else ""
+            url = f"{weights_url.rstrip('/')}/{name}"
             lines += [
                 f'  - path: "models/{name}"',
                 f'    url: "{url}"',
@@ -171,7 +179,8 @@ def export_bundle(
         difference = export_torchscript(staging, staging / "models" / "model.pt", settings) if torchscript else None
         model_onnx = staging / "models" / "model.onnx"
         onnx_difference = export_bundle_onnx(checkpoint, model_onnx, settings.get("image_size")) if onnx else None
-        (staging / "large_files.yml").write_text(_large_files(staging, weights_url))
+        if weights_url:  # an empty url would fail the Zoo's download step: no file, and the note says why
+            (staging / "large_files.yml").write_text(_large_files(staging, weights_url))
         if dist.exists():
             shutil.rmtree(dist)
         os.replace(staging, dist)
@@ -183,4 +192,5 @@ def export_bundle(
         "torchscript_max_difference": difference,
         "onnx_max_difference": onnx_difference,
         "image_size": settings.get("image_size"),
+        "note": "" if weights_url else NO_WEIGHTS_URL,
     }

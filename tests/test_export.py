@@ -32,7 +32,7 @@ def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     metrics.write_text(json.dumps({"plcc": 0.9, "srocc": 0.8, "krocc": 0.7, "aggregate": 2.4, "n": 5}))
     dist = tmp_path_factory.mktemp("export") / "ct_iqa_tfkt"
     command = [sys.executable, "-m", "scripts", "export", "--output_dir", str(dist), "--ckpt", str(tiny_checkpoint)]
-    result = _run([*command, "--metrics", str(metrics)], REPO_ROOT)
+    result = _run([*command, "--metrics", str(metrics), "--weights_url", "https://example.org/w"], REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "models/model.ts matches the eager network" in result.stdout
     return dist
@@ -54,7 +54,7 @@ def test_export_is_a_self_contained_model_zoo_folder(exported: Path, tiny_checkp
     for config in (exported / "configs").glob("*.json"):
         assert "bundle/" not in config.read_text(), config.name  # no path into the repository is left
     large_files = (exported / "large_files.yml").read_text()
-    assert 'path: "models/model.pt"' in large_files and 'hash_type: "sha256"' in large_files
+    assert 'path: "models/model.pt"' in large_files and 'url: "https://example.org/w/model.pt"' in large_files
     meta = json.loads((exported / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
     assert meta["eval_metrics"] == {"plcc": 0.9, "srocc": 0.8, "krocc": 0.7, "aggregate": 2.4}
@@ -121,3 +121,13 @@ def test_monai_bundle_load_returns_the_trained_weights(exported: Path, tiny_chec
     trained = torch.load(tiny_checkpoint, weights_only=True)
     assert loaded.keys() == trained.keys() and len(trained) > 100
     assert all(torch.equal(loaded[key], trained[key]) for key in trained)
+
+
+def test_without_a_weights_url_no_large_files_yml_and_it_says_why(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """An empty url would fail the Zoo's download step: without --weights_url the folder keeps its weights, has no
+    large_files.yml, and the command says how to make the pull-request form."""
+    command = [sys.executable, "-m", "scripts", "export", "--output_dir", str(tmp_path / "d"), "--ckpt"]
+    result = _run([*command, str(tiny_checkpoint), "--torchscript", "false"], REPO_ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "large_files.yml not written: no --weights_url" in result.stdout and "--weights_url URL" in result.stdout
+    assert not (tmp_path / "d" / "large_files.yml").exists() and (tmp_path / "d" / "models" / "model.pt").is_file()

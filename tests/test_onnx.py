@@ -98,7 +98,8 @@ def test_export_command_writes_model_onnx(tiny_checkpoint: Path, tmp_path: Path)
     dist = tmp_path / "dist"
     command = [sys.executable, "-m", "scripts", "export", "--output_dir", str(dist), "--ckpt", str(tiny_checkpoint)]
     result = subprocess.run(
-        [*command, "--torchscript", "false", "--onnx", "true"], cwd=REPO_ROOT, capture_output=True, text=True
+        [*command, "--torchscript", "false", "--onnx", "true", "--weights_url", "https://example.org/w"],
+        cwd=REPO_ROOT, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "models/model.onnx matches the eager network within" in result.stdout
