@@ -154,7 +154,7 @@ def run_demo(
 
     print("2/7 phase 1: F learns the quality of distorted photographs", flush=True)
     run_phase(
-        [configs["pretrain"], configs["demo"]],
+        [configs["train"], configs["pretrain"], configs["demo"]],
         "pretraining",
         "phase 1",
         dataset_dir=str(natural),

@@ -35,6 +35,7 @@ from scripts.networks import NETWORK_SETTING_KEYS, build_network
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TORCHSCRIPT_ATOL = 1e-4
+TRAINED_NETWORK_CONFIGS = ("train.json", "inference.json")  # their network ids describe models/model.pt
 
 
 class ExportError(RuntimeError):
@@ -167,7 +168,7 @@ def export_bundle(
             if config.name == "metadata.json":
                 figures = json.loads(Path(metrics).read_text()) if metrics else None
                 text = json.dumps(_metadata(config, settings, figures), indent=4) + "\n"
-            elif config.suffix == ".json":
+            elif config.name in TRAINED_NETWORK_CONFIGS:
                 text = _with_settings(text, settings)
             (staging / "configs" / config.name).write_text(_relative_config(text))
         shutil.copytree(source / "docs", staging / "docs")

@@ -22,7 +22,7 @@ from scripts.synth_natural import write_natural_dataset
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "bundle" / "configs"
 TRAIN_CONFIG = str(CONFIG_DIR / "train.json")
-PRETRAIN_CONFIG = str(CONFIG_DIR / "pretrain.json")
+PRETRAIN_CONFIG = [TRAIN_CONFIG, str(CONFIG_DIR / "pretrain.json")]  # an overlay on train.json
 EVALUATE_CONFIGS = [TRAIN_CONFIG, str(CONFIG_DIR / "evaluate.json")]
 INFERENCE_CONFIG = str(CONFIG_DIR / "inference.json")
 METADATA = str(CONFIG_DIR / "metadata.json")

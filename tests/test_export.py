@@ -75,11 +75,11 @@ def test_inference_runs_from_inside_the_export(exported: Path, tmp_path: Path) -
     with open(tmp_path / "out" / "predictions.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [(row["file"], row["slice"]) for row in rows] == [("CT_small.dcm", "0")]
-    # pretraining reaches train.json's sections from inside the export too
-    parse = "from monai.bundle import ConfigParser; p = ConfigParser(); p.read_config('configs/pretrain.json'); "
-    parse += "p.parse(); print(type(p.get('train')).__name__)"
+    # pretraining is an overlay on train.json, merged the same way from inside the export
+    parse = "from monai.bundle import ConfigParser; p = ConfigParser(); "
+    parse += "p.read_config(['configs/train.json', 'configs/pretrain.json']); p.parse(); print(p.get('network'))"
     result = _run([sys.executable, "-c", parse], exported)
-    assert result.returncode == 0 and result.stdout.strip() == "dict", result.stderr[-3000:]
+    assert result.returncode == 0 and result.stdout.strip() == "f_only", result.stderr[-3000:]
 
 
 def test_torchscript_embeds_metadata_and_matches_eager(exported: Path) -> None:
