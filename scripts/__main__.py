@@ -11,6 +11,7 @@ from typing import Any
 import fire
 
 from scripts.bench import run_benchmark
+from scripts.ct_io import HU_WINDOW
 
 
 def _without_result(function: Callable[..., Any]) -> Callable[..., None]:
@@ -68,7 +69,7 @@ def score(
     *paths: str,
     output_dir: str,
     ckpt: str | None = None,
-    window: tuple[float, float] = (-1000.0, 400.0),
+    window: tuple[float, float] = HU_WINDOW,
     device: str | None = None,
     batch_size: int = 16,
     num_workers: int = 2,

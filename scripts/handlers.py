@@ -17,6 +17,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 
 from scripts.ct_inputs import add_error
+from scripts.data import LDCT_RANGE
 from scripts.metrics import METRIC_NAMES, correlations, logistic_plcc
 from scripts.options import as_bool
 from scripts.output_dir import printable_tree, write_bytes_atomic, write_json_atomic
@@ -142,7 +143,7 @@ class PredictionWriter:
         dataset_dir: str | Path | None = None,
         clip_range: tuple[float, float] | None = None,
         logistic_fit: bool = False,
-        label_range: tuple[float, float] = (0.0, 4.0),
+        label_range: tuple[float, float] = LDCT_RANGE,
         errors_file: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)

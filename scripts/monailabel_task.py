@@ -22,6 +22,7 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from scripts.ct_inputs import add_error
 from scripts.score import SliceScorer, score_inputs, series_summary
 
 
@@ -64,7 +65,9 @@ class CTQualityTask(InferTask):
         image = request.get("image")
         if not isinstance(image, (str, Path)) or not str(image):
             reason = "no image path (MONAI Label passes an empty one for an id its datastore does not hold)"
-            return None, {"score": None, "errors": [{"path": str(image or ""), "reason": reason}]}
+            errors: list[dict] = []
+            add_error(errors, str(image or ""), reason)
+            return None, {"score": None, "errors": errors}
         series, errors = score_inputs([image], self.scorer())
         if not series:
             return None, {"score": None, "errors": errors}

@@ -33,6 +33,7 @@ from monai.transforms import Compose
 from scripts import bundle_root
 from scripts.ct_inputs import add_error, index_inputs, nifti_volume, read_scored_slice
 from scripts.ct_io import HU_WINDOW, check_window
+from scripts.data import LDCT_RANGE
 from scripts.handlers import figure_png, pyplot
 from scripts.output_dir import (
     check_free_space,
@@ -46,7 +47,7 @@ from scripts.patches import SpreadInferer, pad_collate
 
 logger = logging.getLogger(__name__)
 
-SCORE_RANGE = (0.0, 4.0)
+SCORE_RANGE = LDCT_RANGE  # the radiologists' scale: scores are clipped to it
 WORST_LISTED = 3
 THUMBNAIL_SIZE = 256  # pixels per side of the best and worst slices drawn in a series plot
 
