@@ -38,9 +38,9 @@ class CheckpointError(ValueError):
 
 
 class SettingsRecord:
-    """The ``settings`` entry of a checkpoint, in the form Ignite's ``Checkpoint`` saves.
+    """The settings written beside a checkpoint (``model.json``): the network's own and the image size it reads.
 
-    Used in ``BestCheckpointSaver``'s ``save_dict`` beside the network.
+    Given to ``BestCheckpointSaver`` as ``settings``; read at save time, so a DDP-wrapped network works too.
     """
 
     def __init__(self, network: nn.Module, image_size: int | None) -> None:
@@ -50,12 +50,6 @@ class SettingsRecord:
     def state_dict(self) -> dict[str, Any]:
         model = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
         return {**model.settings, "image_size": self.image_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Settings are fixed at construction; loading only checks they agree."""
-        mismatched = {k for k, v in self.state_dict().items() if k in state and state[k] != v}
-        if mismatched:
-            raise ValueError(f"checkpoint settings differ from this network's: {sorted(mismatched)}")
 
 
 def settings_path(path: str | Path) -> Path:
@@ -139,11 +133,6 @@ def default_checkpoint() -> tuple[Path, str]:
     if demo.is_file():
         return demo, "the demo's model (trained on synthetic CT by `python -m scripts demo`)"
     raise FileNotFoundError(NO_MODEL.format(bundle=bundle, demo=demo))
-
-
-def recorded_setting(path: str | Path, key: str, default: Any = None) -> Any:
-    """One recorded setting of a checkpoint (for configs, e.g. the image size for inference)."""
-    return read_checkpoint(path)[1].get(key, default)
 
 
 def save_checkpoint(path: str | Path, network: nn.Module, image_size: int | None) -> Path:

@@ -44,7 +44,7 @@ class ExportError(RuntimeError):
 
 def _relative_config(text: str) -> str:
     """Config text with repository paths (``bundle/...``) made relative to the exported bundle's root."""
-    return text.replace('"bundle_root": "bundle"', '"bundle_root": "."').replace("%bundle/configs/", "%configs/")
+    return text.replace('"bundle_root": "bundle"', '"bundle_root": "."')
 
 
 def _with_settings(text: str, settings: dict[str, Any]) -> str:

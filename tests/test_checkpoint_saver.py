@@ -21,7 +21,7 @@ def network() -> torch.nn.Module:
 
 
 def _saver(network: torch.nn.Module, folder: Path) -> BestCheckpointSaver:
-    return BestCheckpointSaver(folder, {"network": network, "settings": SettingsRecord(network, 64)})
+    return BestCheckpointSaver(folder, {"model": network}, settings=SettingsRecord(network, 64))
 
 
 def _epoch(saver: BestCheckpointSaver, value: float) -> None:
@@ -40,8 +40,9 @@ def test_only_real_improvements_are_saved(network: torch.nn.Module, tmp_path: Pa
         _epoch(saver, value)
     assert (tmp_path / "model.pt").stat().st_mtime_ns == first
     _epoch(saver, 2.0)
-    assert saver.best == 2.0 and read_checkpoint(tmp_path / "model.pt")[1]["image_size"] == 64
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temporary files left
+    assert saver.best == 2.0 and read_checkpoint(tmp_path / "model.pt")[1]["image_size"] == 64  # model.json
+    assert torch.load(tmp_path / "model.pt", weights_only=True).keys() == network.state_dict().keys()  # plain
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt"]  # no temporary files left
 
 
 def test_a_crash_while_saving_keeps_the_previous_best(
@@ -62,7 +63,7 @@ def test_a_crash_while_saving_keeps_the_previous_best(
         _epoch(saver, 2.0)
     monkeypatch.undo()
     assert (tmp_path / "model.pt").read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.pt"]
     read_checkpoint(tmp_path / "model.pt")
 
 
