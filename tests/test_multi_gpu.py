@@ -22,6 +22,7 @@ def test_two_process_training_writes_one_plain_checkpoint(ldct_train_dir: Path, 
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port of its own: a fixed one may still be held by an earlier run
         "--nproc_per_node",
         "2",
         "-m",
