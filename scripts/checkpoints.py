@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import pickle
 import shutil
 import tempfile
@@ -24,7 +23,7 @@ import torch
 from torch import nn
 
 from scripts.options import optional_size
-from scripts.output_dir import write_json_atomic
+from scripts.output_dir import write_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -144,25 +143,7 @@ def save_checkpoint(path: str | Path, network: nn.Module, image_size: int | None
 def write_checkpoint_atomic(path: str | Path, content: dict[str, Any]) -> Path:
     """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``: a
     reader or a crash sees the old file or the new one, never a missing or truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(temporary, "wb") as stream:
-            torch.save(content, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    return path
+    return write_atomic(path, lambda stream: torch.save(content, stream), durable=True)
 
 
 def check_checkpoint_folder(folder: str | Path, needed_bytes: int) -> None:

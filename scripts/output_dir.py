@@ -15,10 +15,10 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 LOCK_NAME = ".lock"
 TEMP_PREFIX = ".report.tmp-"
@@ -51,18 +51,35 @@ def printable_tree(value: Any) -> Any:
     return value
 
 
-def write_bytes_atomic(path: str | Path, content: bytes) -> None:
-    """Write ``content`` to a temporary file beside ``path``, then rename it over ``path``: readers see the old file
-    or the new one, never half of one; a failed write (full disk) removes the temporary file and re-raises."""
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], durable: bool = False) -> Path:
+    """``write`` into a temporary file beside ``path``, then rename it over ``path``: readers and crashes see the old
+    file or the new one, never half of one; a failed write (full disk) removes the temporary file and re-raises.
+    ``durable`` also flushes the file and the rename to disk (checkpoints: a power cut keeps one of them)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_bytes(content)
+        with open(temporary, "wb") as stream:
+            write(stream)
+            if durable:
+                stream.flush()
+                os.fsync(stream.fileno())
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    if durable and hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+    return path
+
+
+def write_bytes_atomic(path: str | Path, content: bytes) -> None:
+    """``content`` written atomically (``write_atomic``)."""
+    write_atomic(path, lambda stream: stream.write(content))
 
 
 def write_json_atomic(path: str | Path, content: Any) -> None:
