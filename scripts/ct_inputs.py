@@ -37,7 +37,6 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.ct_io import HU_WINDOW, check_hu_mapping, check_window, frame_count, frame_hu, window_hu
-from scripts.data import DatasetError
 from scripts.output_dir import LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
 from scripts.transforms import (
     SLICE_SUFFIXES,
@@ -546,17 +545,20 @@ def inference_items(dataset_dir: str | Path, output_dir: str | Path | None = Non
     """Slice items for the bundle's inference config: every input under ``dataset_dir`` (``output_dir`` left out).
 
     Inputs that cannot be scored come along as items with their ``error`` set, so the
-    prediction writer lists them in ``errors.json`` next to the scores of the others.
+    prediction writer lists them in ``errors.json`` next to the scores of the others. A missing
+    or empty folder is such an item too, not an exception: building the workflow (which
+    ``monai.bundle.load`` does to reach ``network_def``) must not need the data; the run then
+    writes ``errors.json`` and stops with the reason, as no slice was scored.
     """
     root = Path(dataset_dir)
-    if not root.exists():
-        raise DatasetError([(str(root), "folder does not exist")])
+    if not root.is_dir():
+        reason = "folder does not exist" if not root.exists() else "not a folder"
+        return [_error_item(str(root), reason)]
     items, errors = index_inputs([root], skip=output_dir)
-    if not items:
-        problems = [(error["path"], error["reason"]) for error in errors]
-        raise DatasetError([(str(root), "no scorable CT or slice files found"), *problems])
-    failed = [
-        {"image": e["path"], "frame": 0, "series": "", "position": 0.0, "error": e["reason"], "warning": ""}
-        for e in errors
-    ]
-    return items + failed
+    if not items and not errors:
+        errors = [{"path": str(root), "reason": "no scorable CT or slice files found"}]
+    return items + [_error_item(error["path"], error["reason"]) for error in errors]
+
+
+def _error_item(path: str, reason: str) -> dict:
+    return {"image": path, "frame": 0, "series": "", "position": 0.0, "error": reason, "warning": ""}

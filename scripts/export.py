@@ -42,11 +42,6 @@ class ExportError(RuntimeError):
     """The bundle cannot be exported, with the reason."""
 
 
-def _relative_config(text: str) -> str:
-    """Config text with repository paths (``bundle/...``) made relative to the exported bundle's root."""
-    return text.replace('"bundle_root": "bundle"', '"bundle_root": "."')
-
-
 def _with_settings(text: str, settings: dict[str, Any]) -> str:
     """A config's text with its network ids (``network``, ``f_name``, ..., ``image_size``) set to the trained
     model's, so ``network_def`` builds the network ``models/model.pt`` holds."""
@@ -170,7 +165,7 @@ def export_bundle(
                 text = json.dumps(_metadata(config, settings, figures), indent=4) + "\n"
             elif config.name in TRAINED_NETWORK_CONFIGS:
                 text = _with_settings(text, settings)
-            (staging / "configs" / config.name).write_text(_relative_config(text))
+            (staging / "configs" / config.name).write_text(text)  # bundle_root is "." in the repository too
         shutil.copytree(source / "docs", staging / "docs")
         shutil.copytree(PACKAGE_DIR, staging / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         licence = source / "LICENSE" if (source / "LICENSE").is_file() else source.parent / "LICENSE"

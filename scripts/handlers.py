@@ -17,7 +17,7 @@ import numpy as np
 from ignite.engine import Engine, Events
 
 from scripts.ct_inputs import add_error
-from scripts.data import LDCT_RANGE
+from scripts.data import LDCT_RANGE, DatasetError
 from scripts.metrics import METRIC_NAMES, correlations, logistic_plcc
 from scripts.options import as_bool
 from scripts.output_dir import printable_tree, write_bytes_atomic, write_json_atomic
@@ -55,10 +55,8 @@ def _batch_sources(batch: Any, size: int, root: Path | None) -> list[str]:
         return names
     relative = []
     for name in names:
-        try:
-            relative.append(str(Path(name).resolve().relative_to(root)) if name else name)
-        except ValueError:
-            relative.append(name)
+        path = Path(name).resolve() if name else None
+        relative.append(str(path.relative_to(root)) if path and path != root and path.is_relative_to(root) else name)
     return relative
 
 
@@ -196,6 +194,8 @@ class PredictionWriter:
         if self.errors_file:
             write_json_atomic(self.output_dir / self.errors_file, self.errors)
             logger.info("%d inputs not scored, listed in %s", len(self.errors), self.output_dir / self.errors_file)
+        if not self.rows and self.errors:
+            raise DatasetError([(error["path"], error["reason"]) for error in self.errors])  # nothing was scored
         if not labelled or len(self.rows) < 2:
             return None
         labels = np.array([row[2] for row in self.rows], dtype=np.float64)

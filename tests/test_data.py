@@ -191,9 +191,10 @@ def test_inference_items_carry_bad_files_as_errors(ldct_test_dir: Path, tmp_path
     assert [(Path(item["image"]).name, item["error"]) for item in items if item["error"]] == [
         ("notes.txt", "not a DICOM file (no DICOM elements found)")
     ]
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match=r"no scorable CT or slice files found"):
-        inference_items(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()  # an item with the reason: the run lists it in errors.json and fails with it
+    assert [(item["image"], item["error"]) for item in inference_items(tmp_path / "empty")] == [
+        (str(tmp_path / "empty"), "no scorable CT or slice files found")
+    ]
 
 
 def test_check_data_command(ldct_train_dir: Path, ldct_copy: Path) -> None:

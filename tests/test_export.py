@@ -106,15 +106,20 @@ def test_export_refuses_to_overwrite_and_needs_a_checkpoint(exported: Path, tmp_
     assert not (tmp_path / "dist").exists() and list(tmp_path.iterdir()) == []
 
 
-def test_monai_bundle_load_returns_the_trained_weights(exported: Path, tiny_checkpoint: Path, tmp_path: Path) -> None:
-    """``monai.bundle.load`` with its default arguments, offline, from another working directory: every tensor of
-    the network it returns equals the trained one (it read 0 of 175 when model.pt held {network, settings})."""
+@pytest.mark.parametrize("workflow_type", ["train", "inference"])
+def test_monai_bundle_load_returns_the_trained_weights(
+    exported: Path, tiny_checkpoint: Path, tmp_path: Path, workflow_type: str
+) -> None:
+    """``monai.bundle.load`` with its default arguments and with ``workflow_type="inference"``, offline, from another
+    working directory: every tensor of the network it returns equals the trained one (it read 0 of 175 when
+    model.pt held {network, settings}; the inference workflow failed to build without its dataset folder)."""
     script = (
         "import sys, torch, monai.bundle\n"
-        "net = monai.bundle.load(name=sys.argv[1], bundle_dir=sys.argv[2], source='github')\n"
+        "net = monai.bundle.load(name=sys.argv[1], bundle_dir=sys.argv[2], source='github',\n"
+        "                        workflow_type=sys.argv[4])\n"
         "torch.save(net.state_dict(), sys.argv[3])\n"
     )
-    arguments = [exported.name, str(exported.parent), str(tmp_path / "loaded.pt")]
+    arguments = [exported.name, str(exported.parent), str(tmp_path / "loaded.pt"), workflow_type]
     result = _run([sys.executable, "-c", script, *arguments], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
+from monai.bundle import ConfigParser
 from PIL import Image
 
 from scripts.checkpoints import config_overrides, read_checkpoint
@@ -205,6 +206,62 @@ def test_inference_scores_every_readable_slice(trained_bundle: Path, ldct_test_d
     errors = json.loads((output / "errors.json").read_text())
     assert [Path(error["path"]).name for error in errors] == ["broken.tif"]
     assert errors[0]["reason"]
+
+
+@pytest.mark.parametrize("folder", ["missing", "empty"])
+def test_inference_on_a_missing_or_empty_folder_lists_why_and_fails(
+    tiny_checkpoint: Path, tmp_path: Path, folder: str
+) -> None:
+    """The workflow builds without the data (``monai.bundle.load`` builds it for ``network_def``); the run writes
+    errors.json with the reason and fails with it, since nothing was scored."""
+    if folder == "empty":
+        (tmp_path / folder).mkdir()
+    output = tmp_path / "out"
+    workflow = make_workflow(
+        INFERENCE_CONFIG,
+        "inference",
+        **config_overrides(tiny_checkpoint),
+        dataset_dir=str(tmp_path / folder),
+        output_dir=str(output),
+        device=torch.device("cpu"),
+        num_workers=0,
+    )
+    reason = "folder does not exist" if folder == "missing" else "no scorable CT or slice files found"
+    with pytest.raises(RuntimeError, match="evaluator") as caught:
+        workflow.run()
+    assert isinstance(caught.value.__cause__, DatasetError)
+    assert f"{tmp_path / folder}: {reason}" in str(caught.value.__cause__)
+    assert json.loads((output / "errors.json").read_text()) == [{"path": str(tmp_path / folder), "reason": reason}]
+
+
+def test_inference_without_its_checkpoint_stops_before_scoring(ldct_test_dir: Path, tmp_path: Path) -> None:
+    """The checkpoint loader is attached in ``initialize`` and reads the weights as the evaluator starts: a missing
+    checkpoint stops the run there, with its path, before any slice is scored with untrained weights."""
+    workflow = make_workflow(
+        INFERENCE_CONFIG,
+        "inference",
+        **TINY_OVERRIDES,
+        checkpoint=str(tmp_path / "absent.pt"),
+        dataset_dir=str(ldct_test_dir / "images"),
+        output_dir=str(tmp_path / "out"),
+    )
+    with pytest.raises(RuntimeError, match="evaluator") as caught:
+        workflow.run()
+    assert "absent.pt" in str(caught.value.__cause__)
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+
+def test_bundle_root_is_the_bundle_folder(tmp_path: Path) -> None:
+    """``"bundle_root": "."`` as in the Model Zoo: paths follow the folder given, none is written into a config."""
+    for config in (TRAIN_CONFIG, INFERENCE_CONFIG):
+        assert json.loads(Path(config).read_text())["bundle_root"] == "."
+    parser = ConfigParser()
+    parser.read_config(INFERENCE_CONFIG)
+    parser.update({"bundle_root": "bundle"})  # from the repository root: --bundle_root bundle
+    assert parser.get_parsed_content("checkpoint") == "bundle/models/model.pt"
+    parser = ConfigParser()
+    parser.read_config(EVALUATE_CONFIGS)
+    assert parser.get_parsed_content("checkpoint") == "./models/model.pt"  # inside a bundle folder
 
 
 def test_training_stops_before_it_starts_on_bad_labels(ldct_train_dir: Path, tmp_path: Path) -> None:
