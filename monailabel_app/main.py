@@ -1,4 +1,5 @@
-"""A MONAI Label app that serves the bundle's CT quality score: ``scripts.monailabel_task.CTQualityTask`` as ``ct_iqa``.
+"""A MONAI Label app that serves the bundle's CT quality score as ``ct_iqa``
+(``scripts.integrations.monailabel_task.CTQualityTask``).
 
     python monailabel_app/main.py start_server --app monailabel_app --studies DIR [--conf bundle_dir BUNDLE] \
         [--conf checkpoint FILE] [--host 127.0.0.1 --port 8000]
@@ -180,7 +181,7 @@ class CTQualityApp(MONAILabelApp):
         )
 
     def init_infers(self) -> dict[str, InferTask]:
-        from scripts.monailabel_task import CTQualityTask
+        from scripts.integrations.monailabel_task import CTQualityTask
 
         task = CTQualityTask(
             self.bundle_dir,

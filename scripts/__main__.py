@@ -10,8 +10,8 @@ from typing import Any
 
 import fire
 
-from scripts.bench import run_benchmark
 from scripts.ct_io import HU_WINDOW
+from scripts.tools.bench import run_benchmark
 
 
 def _without_result(function: Callable[..., Any]) -> Callable[..., None]:
@@ -53,14 +53,14 @@ def check_data(dataset_dir: str, layout: str = "ldct") -> None:
 
 def synth_ct(output_dir: str, n: int = 600, size: int = 512, seed: int = 0, layout: str = "train") -> None:
     """Simulated low-dose CT slices with simulated radiologists' scores, in the LDCTIQA layout."""
-    from scripts.synth_ct import write_ct_dataset
+    from scripts.synthetic.ct import write_ct_dataset
 
     print(write_ct_dataset(output_dir, n=n, size=size, seed=seed, layout=layout))
 
 
 def synth_natural(output_dir: str, n_refs: int = 12, size: int = 128, seed: int = 0) -> None:
     """Distorted photographs with mean opinion scores, in the KADID-10k layout."""
-    from scripts.synth_natural import write_natural_dataset
+    from scripts.synthetic.natural import write_natural_dataset
 
     print(write_natural_dataset(output_dir, n_refs=n_refs, size=size, seed=seed))
 
@@ -83,8 +83,8 @@ def score(
     non-zero when no input could be scored, or (before scoring, with one line) when output_dir cannot be used.
     """
     from scripts import transforms
+    from scripts.clinical.score import score_paths
     from scripts.output_dir import OutputError, printable
-    from scripts.score import score_paths
 
     ckpt = _checkpoint_or_exit(ckpt)
     transforms.MAX_SLICE_MB = float(max_slice_mb)  # this process and the reading workers it forks
@@ -117,7 +117,7 @@ def realcheck(
     demo's model (which it names); ``size`` resamples the slices (default: their own 512 px);
     ``output_dir`` gets ``realcheck.json``.
     """
-    from scripts.realcheck import RealCheckError, realcheck_lines, run_realcheck
+    from scripts.tools.realcheck import RealCheckError, realcheck_lines, run_realcheck
 
     ckpt = _checkpoint_or_exit(ckpt)
     try:
@@ -144,8 +144,8 @@ def export(
     ``--onnx true`` adds models/model.onnx (needs ``pip install onnx onnxruntime``).
     """
     from scripts.checkpoints import CheckpointError
-    from scripts.export import ExportError, export_bundle
     from scripts.options import as_bool
+    from scripts.tools.export import ExportError, export_bundle
 
     try:
         flags = as_bool(torchscript, "torchscript"), as_bool(overwrite, "overwrite"), as_bool(onnx, "onnx")
@@ -166,7 +166,7 @@ def export(
 
 def demo(output_dir: str | None = None, seed: int = 0) -> None:
     """The whole pipeline offline on synthetic data: phase 1, phase 2, evaluation, scoring, baseline."""
-    from scripts.demo import DEFAULT_OUTPUT, run_demo
+    from scripts.tools.demo import DEFAULT_OUTPUT, run_demo
 
     run_demo(output_dir or DEFAULT_OUTPUT, seed=seed)
 

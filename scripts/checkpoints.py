@@ -84,7 +84,7 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder, not a file: pass the model.pt inside it")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint '{path}' does not exist; train first or pass its path.")
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist; train first or pass its path.")
     content = _load_weights_only(path, map_location)
     if isinstance(content, dict) and "network" in content and "settings" in content:  # the earlier form
         return content["network"], dict(content["settings"])
@@ -173,7 +173,8 @@ def last_state_path(save_dir: str | Path, ckpt_name: str) -> Path:
 
 
 def _recorded_best(save_dir: str | Path, ckpt_name: str) -> str:
-    """" (best metric 1.0400, after epoch 7)" from the run's last state, or "" when it has none."""
+    """The best metric and its epoch from the run's last state, e.g. " (best metric 1.0400, after epoch 7)"; "" if
+    there is none."""
     try:
         state = _load_weights_only(last_state_path(save_dir, ckpt_name), "cpu")
         epoch = int(state["trainer"]["iteration"]) // int(state["trainer"]["epoch_length"])
@@ -211,7 +212,9 @@ class BestCheckpointSaver:
                 "--overwrite true to replace it, --resume true to continue that run, or set another --ckpt_dir"
             )
         size = sum(
-            t.numel() * t.element_size() for obj in self.save_dict.values() for t in obj.state_dict().values()
+            t.numel() * t.element_size()
+            for obj in self.save_dict.values()
+            for t in obj.state_dict().values()
             if torch.is_tensor(t)
         )
         check_checkpoint_folder(self.path.parent, size)

@@ -484,9 +484,9 @@ def read_scored_slice(
         ds = read_dicom_ct(path)
         try:
             hu = frame_hu(ds, frame)
-        except (KeyboardInterrupt, SystemExit):
-            raise
         except BaseException as error:  # decoders raise many types; a Rust decoder's panic is a BaseException
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
             reason = " ".join(str(error).split())[:200]
             raise InputError(f"pixel data cannot be decoded ({type(error).__name__}: {reason})") from None
         where = f"frame {frame}: " if frame_count(ds) > 1 else ""

@@ -49,7 +49,7 @@ def create_timm_model(
     """
     if weights_path:
         if not Path(weights_path).is_file():
-            raise FileNotFoundError(f"{path_id}: weights file '{weights_path}' does not exist.")
+            raise FileNotFoundError(f"{path_id}: weights file {str(weights_path)!r} does not exist.")
         kwargs["pretrained_cfg_overlay"] = {"file": str(weights_path)}
         pretrained = True
     try:
@@ -230,7 +230,7 @@ def build_network(
     through ``initialise_network``; the configs call it as a step of its own (``network``).
     """
     if network not in NETWORK_KINDS:
-        raise ValueError(f"network must be one of {NETWORK_KINDS}, got '{network}'.")
+        raise ValueError(f"network must be one of {NETWORK_KINDS}, got {network!r}.")
     model: nn.Module
     if network == "f_only":
         model = EfficientNetRegressor(f_name, in_channels, False, None, drop_rate, f_kwargs)
@@ -305,8 +305,8 @@ def load_f_weights(f: EfficientNetRegressor, path: str) -> None:
         state = {k[len("f.") :]: v for k, v in state.items() if k.startswith("f.")}
     if settings.get("f_name", f.settings["f_name"]) != f.settings["f_name"]:
         raise ValueError(
-            f"{path}: phase-1 checkpoint holds F '{settings['f_name']}', but this network's F is "
-            f"'{f.settings['f_name']}'; set f_name to match or point f_checkpoint elsewhere."
+            f"{path}: phase-1 checkpoint holds F {settings['f_name']!r}, but this network's F is "
+            f"{f.settings['f_name']!r}; set f_name to match or point f_checkpoint elsewhere."
         )
     stem_key = next(k for k, v in f.state_dict().items() if v.ndim == 4)
     if stem_key in state and state[stem_key].shape[1] != f.settings["in_channels"]:

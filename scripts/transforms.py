@@ -32,9 +32,12 @@ class ImageReadError(ValueError):
     """An image that cannot be used, with the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+        super().__init__(path, reason)
         self.path = str(path)
         self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
 
 
 class DeclaredSizeError(ValueError):

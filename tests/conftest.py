@@ -1,6 +1,6 @@
 """Shared fixtures: tiny datasets in both layouts, tiny networks, and trained checkpoints.
 
-The datasets come from the demo's own generators (``scripts.synth_natural``, ``scripts.synth_ct``)
+The datasets come from the demo's own generators (``scripts.synthetic.natural``, ``scripts.synthetic.ct``)
 at tiny sizes, made once per test session in a temporary folder; no test downloads anything.
 """
 
@@ -16,8 +16,8 @@ from monai.bundle import ConfigWorkflow
 
 from scripts.checkpoints import save_checkpoint, settings_path
 from scripts.networks import build_network
-from scripts.synth_ct import write_ct_dataset
-from scripts.synth_natural import write_natural_dataset
+from scripts.synthetic.ct import write_ct_dataset
+from scripts.synthetic.natural import write_natural_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "bundle" / "configs"

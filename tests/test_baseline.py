@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.baseline import baseline_scores, flat_region_noise
 from scripts.data import ldct_labelled_items
 from scripts.metrics import correlations
+from scripts.tools.baseline import baseline_scores, flat_region_noise
 
 
 @pytest.mark.parametrize("sigma", [0.01, 0.03, 0.08])

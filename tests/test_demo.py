@@ -6,8 +6,8 @@ import csv
 import json
 from pathlib import Path
 
-from scripts.demo import ensure_dataset, run_demo
-from scripts.synth_ct import write_ct_dataset
+from scripts.synthetic.ct import write_ct_dataset
+from scripts.tools.demo import ensure_dataset, run_demo
 from tests.conftest import TINY_NETWORKS
 
 

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
 
+from scripts.clinical.score import SliceScorer, score_paths
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
-from scripts.score import SliceScorer, score_paths
 
 MONAILABEL_MISSING = "monailabel is not installed (optional: pip install monailabel)"
 MONAILABEL_APP = Path(__file__).resolve().parent.parent / "monailabel_app"
@@ -65,7 +65,7 @@ def test_scorer_from_bundle_config_matches_the_checkpoint(
 
 def test_monailabel_task_returns_the_score(tiny_bundle: Path, study: Path, expected_scores: dict[str, float]) -> None:
     pytest.importorskip("monailabel", reason="monailabel is not installed (optional: pip install monailabel)")
-    from scripts.monailabel_task import CTQualityTask
+    from scripts.integrations.monailabel_task import CTQualityTask
 
     task = CTQualityTask(tiny_bundle, device="cpu")
     assert task.is_valid() and task.info()["output"] == "score" and task.info()["dimension"] == 2
@@ -214,7 +214,7 @@ def test_monai_deploy_app_scores_the_ct_series(
 ) -> None:
     reason = "MONAI Deploy is not installed (optional: pip install monai-deploy-app-sdk highdicom)"
     pytest.importorskip("monai.deploy.core", reason=reason)
-    from scripts.deploy import REPORT_NAME, CTQualityApp
+    from scripts.integrations.deploy import REPORT_NAME, CTQualityApp
 
     CTQualityApp(study, tmp_path, tiny_bundle).run()
     report = json.loads((tmp_path / REPORT_NAME).read_text())
@@ -233,7 +233,7 @@ def test_monai_deploy_reads_the_torchscript_bundle(tiny_bundle: Path, tmp_path: 
     from monai.deploy.operators.monai_bundle_inference_operator import get_bundle_config
 
     from scripts.checkpoints import read_settings
-    from scripts.export import export_torchscript
+    from scripts.tools.export import export_torchscript
 
     bundle = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
     checkpoint = bundle / "models" / "model.pt"

@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser, verify_metadata
 from monai.data import load_net_with_metadata
 from pydicom.data import get_testdata_file
 
-from scripts.export import TORCHSCRIPT_ATOL, ExportError, export_bundle
+from scripts.tools.export import TORCHSCRIPT_ATOL, ExportError, export_bundle
 from tests.conftest import CONFIG_DIR, REPO_ROOT
 
 

@@ -22,9 +22,9 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless
 
 from scripts import transforms
+from scripts.clinical.score import SliceScorer, downsample, score_inputs
 from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
 from scripts.ct_io import write_dicom_slice
-from scripts.score import SliceScorer, downsample, score_inputs
 from scripts.transforms import ImageReadError, read_slice
 from tests.conftest import REPO_ROOT
 
@@ -216,13 +216,21 @@ def test_a_copied_file_is_scored_once_and_reported(tmp_path: Path) -> None:
     shutil.copyfile(tmp_path / "enhanced.dcm", tmp_path / "enhanced_copy.dcm")
     items, errors = index_inputs([tmp_path])
     assert sorted(Path(item["image"]).name for item in items) == [
-        "enhanced.dcm", "enhanced.dcm", "slice_0.dcm", "slice_1.dcm", "slice_2.dcm"
+        "enhanced.dcm",
+        "enhanced.dcm",
+        "slice_0.dcm",
+        "slice_1.dcm",
+        "slice_2.dcm",
     ]
     assert errors == [  # the enhanced copy's two frames give one entry
-        {"path": str(tmp_path / "enhanced_copy.dcm"), "reason": f"duplicate of {tmp_path / 'enhanced.dcm'} "
-         "(same SOPInstanceUID)"},
-        {"path": str(tmp_path / "slice_1_copy.dcm"), "reason": f"duplicate of {tmp_path / 'slice_1.dcm'} "
-         "(same SOPInstanceUID)"},
+        {
+            "path": str(tmp_path / "enhanced_copy.dcm"),
+            "reason": f"duplicate of {tmp_path / 'enhanced.dcm'} (same SOPInstanceUID)",
+        },
+        {
+            "path": str(tmp_path / "slice_1_copy.dcm"),
+            "reason": f"duplicate of {tmp_path / 'slice_1.dcm'} (same SOPInstanceUID)",
+        },
     ]
 
 
@@ -231,10 +239,18 @@ def test_a_series_is_split_by_slice_size_and_orientation(tmp_path: Path) -> None
         ct_slice(tmp_path / "sizes" / f"small_{int(z)}.dcm", "4.4", 32, ImagePositionPatient=[0.0, 0.0, z])
         ct_slice(tmp_path / "sizes" / f"large_{int(z)}.dcm", "4.4", 48, ImagePositionPatient=[0.0, 0.0, z])
         axial = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ct_slice(tmp_path / "planes" / f"ax_{int(z)}.dcm", "5.5", ImageOrientationPatient=axial,
-                 ImagePositionPatient=[0.0, 0.0, z])
-        ct_slice(tmp_path / "planes" / f"sag_{int(z)}.dcm", "5.5", ImageOrientationPatient=SAGITTAL,
-                 ImagePositionPatient=[z, 0.0, 0.0])
+        ct_slice(
+            tmp_path / "planes" / f"ax_{int(z)}.dcm",
+            "5.5",
+            ImageOrientationPatient=axial,
+            ImagePositionPatient=[0.0, 0.0, z],
+        )
+        ct_slice(
+            tmp_path / "planes" / f"sag_{int(z)}.dcm",
+            "5.5",
+            ImageOrientationPatient=SAGITTAL,
+            ImagePositionPatient=[z, 0.0, 0.0],
+        )
     items, errors = index_inputs([tmp_path / "sizes", tmp_path / "planes"])
     assert errors == []
     series = {}
@@ -247,8 +263,12 @@ def test_a_series_is_split_by_slice_size_and_orientation(tmp_path: Path) -> None
         "5.5 (32x32 sagittal)": ["sag_1.dcm", "sag_0.dcm"],  # along the normal (-x)
     }
     for z in (0.0, 1.0, 2.0):  # rounding: tiny differences in the cosines are one orientation
-        ct_slice(tmp_path / "jitter" / f"{int(z)}.dcm", "6.6", ImagePositionPatient=[0.0, 0.0, z],
-                 ImageOrientationPatient=[1.0, 1e-5 * z, 0.0, 0.0, 1.0, 0.0])
+        ct_slice(
+            tmp_path / "jitter" / f"{int(z)}.dcm",
+            "6.6",
+            ImagePositionPatient=[0.0, 0.0, z],
+            ImageOrientationPatient=[1.0, 1e-5 * z, 0.0, 0.0, 1.0, 0.0],
+        )
     assert {item["series"] for item in index_inputs([tmp_path / "jitter"])[0]} == {"6.6"}
 
 

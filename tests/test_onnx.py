@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from scripts.checkpoints import save_checkpoint
-from scripts.export import ExportError, export_bundle
 from scripts.networks import build_network, load_network
-from scripts.onnx_export import ONNX_ATOL, ONNX_OPSET, export_onnx
+from scripts.tools.export import ExportError, export_bundle
+from scripts.tools.onnx_export import ONNX_ATOL, ONNX_OPSET, export_onnx
 from tests.conftest import REPO_ROOT, TINY_NETWORKS
 
 PATCH = 32
@@ -99,7 +99,9 @@ def test_export_command_writes_model_onnx(tiny_checkpoint: Path, tmp_path: Path)
     command = [sys.executable, "-m", "scripts", "export", "--output_dir", str(dist), "--ckpt", str(tiny_checkpoint)]
     result = subprocess.run(
         [*command, "--torchscript", "false", "--onnx", "true", "--weights_url", "https://example.org/w"],
-        cwd=REPO_ROOT, capture_output=True, text=True,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "models/model.onnx matches the eager network within" in result.stdout

@@ -12,10 +12,10 @@ import torch
 from ignite.engine import Events
 
 from scripts.checkpoints import read_checkpoint
+from scripts.clinical.score import score_paths
 from scripts.ct_io import write_dicom_slice
 from scripts.networks import build_network, load_network
 from scripts.patches import BODY_THRESHOLD, PatchScorer, RandBodyCropd, SpreadInferer
-from scripts.score import score_paths
 from tests.conftest import EVALUATE_CONFIGS, TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
 
 PATCH = 32
@@ -203,7 +203,7 @@ def test_evaluation_and_score_report_the_spread(
 
 
 def test_exported_torchscript_scores_crops_like_eager(crop_bundle: tuple[Path, list, list], tmp_path: Path) -> None:
-    from scripts.export import export_bundle
+    from scripts.tools.export import export_bundle
 
     root, _, _ = crop_bundle
     result = export_bundle(tmp_path / "dist", ckpt=root / "model.pt")

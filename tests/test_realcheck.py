@@ -14,8 +14,9 @@ import torch
 
 import scripts
 from scripts import __main__ as cli
-from scripts import realcheck
-from scripts.realcheck import (
+from scripts.clinical.score import SliceScorer
+from scripts.tools import realcheck
+from scripts.tools.realcheck import (
     CHECK_FILES,
     DOSES,
     SCORERS,
@@ -34,7 +35,6 @@ from scripts.realcheck import (
     spearman,
     view_count,
 )
-from scripts.score import SliceScorer
 from tests.conftest import REPO_ROOT
 
 SIZE = 96
@@ -67,7 +67,7 @@ def test_real_slices_are_read_in_hu_with_their_spacing() -> None:
 
 
 def test_missing_real_slices_are_skipped_with_a_warning_and_none_is_an_error(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="scripts.realcheck"):
+    with caplog.at_level(logging.WARNING, logger="scripts.tools.realcheck"):
         found = find_check_files(["not_a_test_file.dcm", CHECK_FILES[0]])
     assert [path.name for path in found] == [CHECK_FILES[0]]
     assert "not_a_test_file.dcm" in caplog.text

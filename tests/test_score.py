@@ -23,9 +23,9 @@ from pydicom.uid import (
 )
 
 from scripts.checkpoints import config_overrides
+from scripts.clinical.score import score_paths
 from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
 from scripts.ct_io import write_dicom_slice
-from scripts.score import score_paths
 from tests.conftest import INFERENCE_CONFIG, REPO_ROOT, make_workflow
 
 WINDOW = (-1000.0, 400.0)

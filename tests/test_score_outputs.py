@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 
 from scripts.checkpoints import config_overrides
+from scripts.clinical.score import score_paths
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
-from scripts.score import score_paths
 from tests.conftest import REPO_ROOT
 
 

@@ -12,10 +12,10 @@ import tifffile
 import torch
 import torch.nn.functional as F
 
-from scripts import synth_ct
 from scripts.ct_io import window_hu
 from scripts.data import ldct_labelled_items
-from scripts.synth_ct import (
+from scripts.synthetic import ct as synth_ct
+from scripts.synthetic.ct import (
     CHECK_FILES,
     KERNELS,
     SOURCE_FILES,

@@ -14,7 +14,7 @@ from skimage.color import rgb2lab
 from skimage.metrics import structural_similarity
 
 from scripts.data import kadid_labelled_items
-from scripts.synth_natural import (
+from scripts.synthetic.natural import (
     DISTORTIONS,
     LEVELS,
     distort,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +19,8 @@ import torch
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
 from scripts.checkpoints import save_checkpoint
-from scripts.export import export_bundle
 from scripts.networks import build_network
+from scripts.tools.export import export_bundle
 from tests.conftest import REPO_ROOT, TINY_NETWORKS
 
 OFFICIAL_SCHEMA = REPO_ROOT.parent / "shared" / "zoo" / "meta_schema_20240725.json"
@@ -93,3 +94,30 @@ def test_workflow_properties(
     )  # fmt: skip
     workflow.initialize()
     assert workflow.check_properties() in (None, [])
+
+
+# The Zoo's code-format check (runtests.sh --codeformat) with its settings: isort and black at 120 columns with
+# black's profile, flake8 with the plugins and the select/ignore lists of its setup.cfg.
+ZOO_FLAKE8 = [
+    "--select", "B,C,E,F,N,P,T4,W,B9", "--max-line-length", "120",
+    "--ignore", "E203,E501,E741,W503,W504,C408,N812,B023", "--per-file-ignores", "__init__.py:F401",
+]  # fmt: skip
+ZOO_FORMAT_CHECKS = {
+    "isort": ["isort", "--profile", "black", "--line-length", "120", "--check-only", "--diff", "scripts"],
+    "black": ["black", "--line-length", "120", "--check", "--diff", "scripts"],
+    "flake8": ["flake8", *ZOO_FLAKE8, "scripts"],
+}
+
+
+@pytest.mark.parametrize("tool", sorted(ZOO_FORMAT_CHECKS))
+def test_exported_scripts_pass_the_zoo_code_format(zoo_bundle: Path, tool: str) -> None:
+    """Only the runtime the configs import is shipped, and it passes the Zoo's isort, black and flake8."""
+    shipped = sorted(path.relative_to(zoo_bundle).as_posix() for path in (zoo_bundle / "scripts").rglob("*"))
+    configs = " ".join(path.read_text() for path in (zoo_bundle / "configs").glob("*.json"))
+    imported = {name for name in shipped if f"scripts.{Path(name).stem}." in configs}
+    assert imported and imported <= set(shipped)
+    assert all("/" not in name[len("scripts/") :] for name in shipped)  # flat: no tools, no subpackages
+    assert not {"scripts/__main__.py", "scripts/demo.py", "scripts/bench.py"} & set(shipped)
+    [module, *arguments] = ZOO_FORMAT_CHECKS[tool]
+    result = subprocess.run([sys.executable, "-m", module, *arguments], cwd=zoo_bundle, capture_output=True, text=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from scripts.export import ExportError
 from scripts.patches import PatchScorer, on_body
+from scripts.tools.export import ExportError
 
 ONNX_OPSET = 17
 ONNX_ATOL = 1e-4

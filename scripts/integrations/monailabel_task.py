@@ -3,7 +3,7 @@
 Needs ``pip install monailabel`` (not a dependency of the bundle). In a MONAI Label app's
 ``main.py``::
 
-    from scripts.monailabel_task import CTQualityTask
+    from scripts.integrations.monailabel_task import CTQualityTask
 
     self.infers = {"ct_quality": CTQualityTask("/path/to/bundle")}   # repository's bundle/ or an export
 
@@ -22,8 +22,8 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from scripts.clinical.score import SliceScorer, score_inputs, series_summary
 from scripts.ct_inputs import add_error
-from scripts.score import SliceScorer, score_inputs, series_summary
 
 
 class CTQualityTask(InferTask):

@@ -18,8 +18,8 @@ whether the scores fall with the dose. Per real slice:
    at full dose per view (every k-th view of the noise set's full-dose scan, so both sets share their
    first image), which adds streaks as well as noise.
 4. Every degraded slice is scored by the model through the bundle's real scoring path (written as
-   DICOM, ``scripts.score.score_inputs``) and by the no-learning noise baseline
-   (``scripts.baseline.baseline_score``), side by side.
+   DICOM, ``scripts.clinical.score.score_inputs``) and by the no-learning noise baseline
+   (``scripts.tools.baseline.baseline_score``), side by side.
 5. Per slice and set: Spearman (level, score) and the fraction of (higher, lower) level pairs ranked
    correctly (strictly higher score; ties count as wrong); means over the slices are reported.
 
@@ -39,10 +39,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, stats
 
-from scripts.baseline import baseline_score
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
 from scripts.output_dir import write_json_atomic
-from scripts.synth_ct import CHECK_FILES, hu_to_mu, mu_to_hu
+from scripts.synthetic.ct import CHECK_FILES, hu_to_mu, mu_to_hu
+from scripts.tools.baseline import baseline_score
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def model_scores(
     One series per (real slice, set), slice position = level index; scores come back per series in
     slice order. Only the mean score of each slice is used.
     """
-    from scripts.score import SliceScorer, score_inputs
+    from scripts.clinical.score import SliceScorer, score_inputs
 
     scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers=0)
     with tempfile.TemporaryDirectory(prefix="realcheck_") as folder:

@@ -10,7 +10,7 @@ config (network, preprocessing, window; ``models/model.pt``), writes ``ct_qualit
 series: slices, mean/min/max, worst slices; ``errors``) to the output folder, and emits the
 same report. Run it on a folder of DICOM files::
 
-    python -m scripts.deploy --input DICOM_DIR --output OUT [--bundle bundle]
+    python -m scripts.integrations.deploy --input DICOM_DIR --output OUT [--bundle bundle]
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from monai.deploy.core import Application, ConditionType, Fragment, Operator, Op
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
 
 from scripts import bundle_root
+from scripts.clinical.score import SliceScorer, score_inputs, series_summary
 from scripts.output_dir import write_json_atomic
-from scripts.score import SliceScorer, score_inputs, series_summary
 
 CT_RULES = json.dumps({"selections": [{"name": "CT series", "conditions": {"Modality": "(?i)CT"}}]})
 REPORT_NAME = "ct_quality.json"

@@ -33,12 +33,12 @@ from monai.bundle import ConfigWorkflow
 
 from scripts import bundle_root
 from scripts.checkpoints import config_overrides, save_checkpoint
+from scripts.clinical.score import SliceScorer
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
 from scripts.data import MIN_VALIDATION
 from scripts.networks import build_network, count_parameters
 from scripts.output_dir import write_json_atomic
-from scripts.score import SliceScorer
 
 CONFIG_DIR = bundle_root() / "configs"
 
@@ -174,7 +174,7 @@ def bench_scoring(
     amp: bool,
     num_workers: int = 2,
 ) -> dict:
-    """Bare forward vs scoring a DICOM series from its files (``scripts.score.SliceScorer``), in slices/s."""
+    """Bare forward vs scoring a DICOM series from its files (``scripts.clinical.score.SliceScorer``), in slices/s."""
     batch_size, image_size = profile["batch_size"], profile["image_size"]
     series = write_timing_series(workdir / "series", series_slices)
     scorer = SliceScorer.from_checkpoint(checkpoint, device, batch_size=batch_size, num_workers=num_workers)

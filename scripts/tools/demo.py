@@ -1,11 +1,11 @@
 """The embedded demo: the whole TFKT pipeline, offline, on a CPU, in minutes.
 
 ``python -m scripts demo`` makes (or reuses) a KADID-layout set of distorted photographs and an
-LDCTIQA-layout set of simulated low-dose CT slices at 512 px (``scripts.synth_ct``), then runs the
+LDCTIQA-layout set of simulated low-dose CT slices at 512 px (``scripts.synthetic.ct``), then runs the
 bundle's own workflows with the ``demo.json`` overlay (small networks reading 64-px crops at the
 slices' own pixel grid, few epochs, no pretrained weights): phase 1 -> phase 2 -> evaluation on
 held-out synthetic CT -> scoring of a real CT slice from ``pydicom-data`` -> a no-learning noise
-baseline -> the real-data check (``scripts.realcheck``: real slices never used in training, dose
+baseline -> the real-data check (``scripts.tools.realcheck``: real slices never used in training, dose
 lowered in the projection domain). It ends by printing TFKT's metrics beside the baseline's, the
 real-data check's lines, and the paths of everything it wrote (all under one output folder). Its
 model is the one ``python -m scripts score`` uses when the bundle has none of its own."""
@@ -26,15 +26,15 @@ from ignite.handlers import ProgressBar
 from monai.bundle import ConfigWorkflow
 
 from scripts import bundle_root, demo_output
-from scripts.baseline import baseline_scores
 from scripts.checkpoints import config_overrides
 from scripts.data import ldct_labelled_items
 from scripts.handlers import training_curves_png
 from scripts.metrics import correlations
 from scripts.output_dir import write_bytes_atomic, write_json_atomic
-from scripts.realcheck import realcheck_lines, run_realcheck
-from scripts.synth_ct import write_ct_dataset
-from scripts.synth_natural import write_natural_dataset
+from scripts.synthetic.ct import write_ct_dataset
+from scripts.synthetic.natural import write_natural_dataset
+from scripts.tools.baseline import baseline_scores
+from scripts.tools.realcheck import realcheck_lines, run_realcheck
 
 CONFIG_DIR = bundle_root() / "configs"
 DEFAULT_OUTPUT = demo_output()

@@ -6,7 +6,7 @@ DIST holds what the Model Zoo expects::
 
     configs/   the bundle's configs, with paths made relative to DIST (run from inside it)
     models/    model.pt (the checkpoint) and model.ts (TorchScript with metadata and inference config);
-               with ``--onnx true`` also model.onnx (``scripts.onnx_export``)
+               with ``--onnx true`` also model.onnx (``scripts.tools.onnx_export``)
     docs/      the model card, data licence and metadata schema
     scripts/   this package, which the configs import
     LICENSE
@@ -33,7 +33,7 @@ from scripts import bundle_root
 from scripts.checkpoints import CONFIG_SETTING_KEYS, read_checkpoint, write_checkpoint_atomic
 from scripts.networks import NETWORK_SETTING_KEYS, build_network
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent  # scripts/: its flat modules are the runtime the configs import
 TORCHSCRIPT_ATOL = 1e-4
 TRAINED_NETWORK_CONFIGS = ("train.json", "inference.json")  # their network ids describe models/model.pt
 
@@ -51,6 +51,15 @@ def _with_settings(text: str, settings: dict[str, Any]) -> str:
         return text
     config.update({key: settings[key] for key in keys})
     return json.dumps(config, indent=4) + "\n"
+
+
+def _copy_runtime(target: Path) -> None:
+    """The bundle's runtime: the flat modules of ``scripts/`` (what the configs import). The subpackages (tools,
+    synthetic data, clinical scoring, integrations) and the command line stay in the repository."""
+    target.mkdir()
+    for module in sorted(PACKAGE_DIR.glob("*.py")):
+        if module.name != "__main__.py":
+            shutil.copyfile(module, target / module.name)
 
 
 def _sha256(path: Path) -> str:
@@ -151,7 +160,7 @@ def export_bundle(
     if not settings:
         raise ExportError(f"{checkpoint}: no network settings beside it (model.json, written by training)")
     if onnx:
-        from scripts.onnx_export import export_bundle_onnx, require_onnx
+        from scripts.tools.onnx_export import export_bundle_onnx, require_onnx
 
         require_onnx()  # before any work: one line saying what to install
     dist.parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +176,7 @@ def export_bundle(
                 text = _with_settings(text, settings)
             (staging / "configs" / config.name).write_text(text)  # bundle_root is "." in the repository too
         shutil.copytree(source / "docs", staging / "docs")
-        shutil.copytree(PACKAGE_DIR, staging / "scripts", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        _copy_runtime(staging / "scripts")
         licence = source / "LICENSE" if (source / "LICENSE").is_file() else source.parent / "LICENSE"
         shutil.copyfile(licence, staging / "LICENSE")
         (staging / "models").mkdir()

@@ -1,0 +1,1 @@
+"""MONAI Deploy and MONAI Label: the bundle's scorer inside other MONAI tools."""
