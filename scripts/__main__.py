@@ -11,6 +11,7 @@ from typing import Any
 import fire
 
 from scripts.ct_io import HU_WINDOW
+from scripts.data import LDCT_RANGE
 from scripts.tools.bench import run_benchmark
 
 
@@ -40,12 +41,15 @@ def _checkpoint_or_exit(ckpt: str | None) -> str:
     return str(path)
 
 
-def check_data(dataset_dir: str, layout: str = "ldct") -> None:
-    """Check a KADID-10k (layout=kadid) or LDCTIQA (layout=ldct) folder; every problem is listed."""
+def check_data(
+    dataset_dir: str | None = None, layout: str = "ldct", labels: str | None = None, score_range: Any = LDCT_RANGE
+) -> None:
+    """Check a KADID-10k (layout=kadid) or LDCTIQA (layout=ldct) folder, or a scored-CT labels file (layout=scored_ct
+    --labels FILE); every problem is listed, as (file, reason)."""
     from scripts.data import DatasetError, check_dataset
 
     try:
-        check_dataset(dataset_dir, layout)
+        check_dataset(dataset_dir, layout, labels, score_range)
     except DatasetError as error:
         print(error, file=sys.stderr)
         raise SystemExit(1) from None

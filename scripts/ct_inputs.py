@@ -12,9 +12,10 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
    be scored (other modalities, no pixel data, unreadable, wrong dimensionality, a declared size that
    the file cannot hold or over the caps ``scripts.transforms.MAX_SLICE_MB`` per slice and
    ``MAX_VOLUME_MB`` per NIfTI volume) are listed as ``{path, reason}`` instead.
-2. ``LoadCTSliced`` reads one item's pixels: CT to HU (rescale slope and intercept), through the
-   training window to [0, 1]. Problems only found in the pixels (truncated or undecodable data,
-   NaN/Inf) are recorded in the item's ``error`` instead of stopping the batch.
+2. ``LoadCTSliced`` reads one item's pixels: CT to HU (rescale slope and intercept, Modality LUT), which
+   ``scripts.transforms.WindowHUd`` (the config's ``window``) then brings to [0, 1]. Problems only found in
+   the pixels (truncated or undecodable data, NaN/Inf) are recorded in the item's ``error`` instead of
+   stopping the batch.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.ct_io import HU_WINDOW, check_hu_mapping, check_window, frame_count, frame_hu, window_hu
+from scripts.ct_io import HU_WINDOW, check_hu_mapping, frame_count, frame_hu
 from scripts.output_dir import LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
 from scripts.transforms import (
     SLICE_SUFFIXES,
@@ -44,9 +45,11 @@ from scripts.transforms import (
     ImageReadError,
     check_image_header,
     check_slice_size,
+    check_windows,
     format_mib,
     read_slice,
     to_channels,
+    window_channels,
 )
 
 logger = logging.getLogger(__name__)
@@ -459,19 +462,16 @@ def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:
     return pixels
 
 
-def read_scored_slice(
-    path: str | Path, frame: int = 0, window: Sequence[float] = HU_WINDOW, channels: int = 1
-) -> np.ndarray:
-    """One slice as the network sees it before resizing: (channels, H, W) float32 in [0, 1].
+def read_ct_slice(path: str | Path, frame: int = 0, channels: int = 1) -> tuple[np.ndarray, bool]:
+    """One slice before windowing, and whether it is in HU: ((1, H, W) HU, True) for CT (DICOM, NIfTI, rescaled
+    and through any Modality LUT by pydicom), ((channels, H, W) in [0, 1], False) for rendered TIFF/PNG.
 
-    CT (DICOM, NIfTI) goes from HU through ``window``; TIFF/PNG are taken as rendered.
     Raises ``InputError`` with the reason when the pixels cannot be used.
     """
     path = Path(path)
-    low, high = (float(value) for value in window)
     if _is_rendered(path):
         try:
-            return to_channels(read_slice(path), channels)
+            return to_channels(read_slice(path), channels), False
         except ImageReadError as error:
             raise InputError(error.reason) from error
     if _is_nifti(path):
@@ -490,11 +490,24 @@ def read_scored_slice(
             reason = " ".join(str(error).split())[:200]
             raise InputError(f"pixel data cannot be decoded ({type(error).__name__}: {reason})") from None
         where = f"frame {frame}: " if frame_count(ds) > 1 else ""
-    return to_channels(window_hu(_finite_2d(hu, where), low, high).astype(np.float32), channels)
+    return _finite_2d(hu, where).astype(np.float32)[None], True
+
+
+def read_scored_slice(path: str | Path, frame: int = 0, window: Any = HU_WINDOW, channels: int = 1) -> np.ndarray:
+    """One slice as the network sees it before resizing: (channels, H, W) float32 in [0, 1].
+
+    CT goes from HU through ``window`` (one ``[low, high]`` or one per channel), as ``WindowHUd`` does in the
+    configs; TIFF/PNG are taken as rendered. Raises ``InputError`` with the reason when the pixels cannot be used.
+    """
+    windows = check_windows(window)
+    pixels, hu = read_ct_slice(path, frame, channels)
+    return window_channels(torch.from_numpy(pixels), windows, channels).numpy() if hu else pixels
 
 
 class LoadCTSliced(MapTransform):
-    """Replace each key's path with the slice ``frame`` of that file as a channel-first ``MetaTensor``.
+    """Replace each key's path with the slice ``frame`` of that file as a channel-first ``MetaTensor``: HU for CT
+    (DICOM, NIfTI), with ``data[hu_key]`` set so that ``scripts.transforms.WindowHUd`` windows it next; a rendered
+    TIFF/PNG slice as it is, with ``channels`` channels.
 
     With ``error_key`` set, a slice that cannot be read becomes a small zero placeholder and its
     reason goes to ``data[error_key]`` (items already carrying an error are passed through the
@@ -504,30 +517,31 @@ class LoadCTSliced(MapTransform):
     def __init__(
         self,
         keys: KeysCollection,
-        window: Sequence[float] = HU_WINDOW,
         channels: int = 1,
         frame_key: str = "frame",
         error_key: str | None = "error",
+        hu_key: str = "hu",
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.window = check_window(window)
         self.channels = channels
         self.frame_key = frame_key
         self.error_key = error_key
+        self.hu_key = hu_key
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         frame = int(d.get(self.frame_key, 0))
+        hu = False
         for key in self.key_iterator(d):
             path = str(d[key])
             error = d.get(self.error_key, "") if self.error_key else ""
             pixels = None
             if not error:
                 try:
-                    pixels = read_scored_slice(path, frame, self.window, self.channels)
+                    pixels, hu = read_ct_slice(path, frame, self.channels)
                 except Exception as caught:  # one odd file never stops the batch
                     if self.error_key is None:
                         raise InputError(f"{path}: {caught}") from caught
@@ -538,6 +552,7 @@ class LoadCTSliced(MapTransform):
             d[key] = MetaTensor(torch.from_numpy(pixels), meta={"filename_or_obj": path})
             if self.error_key:
                 d[self.error_key] = error
+        d[self.hu_key] = hu
         return d
 
 

@@ -11,6 +11,7 @@ together as one ``DatasetError`` that names each file and its reason.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 
+from scripts.ct_inputs import InputError, index_inputs, read_ct_slice, read_dicom_ct
 from scripts.output_dir import write_json_atomic
 from scripts.transforms import ImageReadError, read_slice
 
@@ -163,6 +165,148 @@ def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> 
     return items
 
 
+# --- scored CT: a labels file naming DICOM files or series folders, NIfTI volumes or TIFF/PNG slices ---------------
+
+SCORED_CT_COLUMNS = ("path", "score", "slice", "patient", "sd")
+LAYOUTS = ("ldct", "kadid", "scored_ct")
+
+
+def _label_rows(labels: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(where, row)`` of a labels file: CSV with a header row, or JSON (a list of objects with the same keys)."""
+    try:
+        text = labels.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError([(str(labels), f"not a readable labels file ({error})")]) from None
+    if labels.suffix.lower() == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DatasetError([(str(labels), f"not a readable JSON file ({error})")]) from None
+        if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+            raise DatasetError([(str(labels), 'expected a list of objects [{"path": ..., "score": ...}, ...]')])
+        return [(f"{labels} [item {number}]", row) for number, row in enumerate(rows)]
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [column for column in ("path", "score") if column not in (reader.fieldnames or [])]
+    if missing:
+        header = ", ".join(reader.fieldnames or []) or "none"
+        raise DatasetError([(str(labels), f"no {' and no '.join(missing)} column (header: {header})")])
+    return [(f"{labels} [line {reader.line_num}]", dict(row)) for row in reader]
+
+
+def _text(value: Any) -> str:
+    """A labels-file cell as text: "" for an empty or absent one (JSON numbers such as slice 0 included)."""
+    return "" if value is None else str(value).strip()
+
+
+def _optional_number(row: dict[str, Any], key: str) -> float | None:
+    value = row.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{key} {value!r} is not a number") from None
+
+
+class _Sources:
+    """The slices of each path a labels file names, indexed once (headers only), and their SOPInstanceUIDs."""
+
+    def __init__(self) -> None:
+        self.slices: dict[Path, list[dict]] = {}
+        self.problems: dict[Path, str] = {}
+
+    def of(self, path: Path) -> list[dict]:
+        if path not in self.slices and path not in self.problems:
+            items, errors = index_inputs([path])
+            series = {item["series"] for item in items}
+            if errors:
+                first = errors[0]
+                more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+                self.problems[path] = f"{first['path']}: {first['reason']}{more}"
+            elif len(series) > 1:
+                self.problems[path] = f"holds {len(series)} series: name one series folder or file per row"
+            else:
+                self.slices[path] = items
+        if path in self.problems:
+            raise InputError(self.problems[path])
+        return self.slices[path]
+
+    def by_uid(self, path: Path, uid: str) -> dict:
+        for item in self.of(path):
+            if str(read_dicom_ct(Path(item["image"]), header_only=True).get("SOPInstanceUID", "")) == uid:
+                return item
+        raise InputError(f"no slice with SOPInstanceUID {uid}")
+
+
+def scored_ct_items(
+    labels: str | Path, score_range: Sequence[float] = LDCT_RANGE, check_images: bool = True
+) -> list[dict]:
+    """``[{"image", "frame", "label", "patient", "sd"}]`` for a scored-CT labels file, checked row by row.
+
+    Columns: ``path`` (a DICOM file or series folder, a NIfTI volume or a TIFF/PNG slice; relative to the labels
+    file or absolute), ``score`` (within ``score_range``), and optionally ``slice`` (the index along the series or
+    volume, as scoring orders it, or a SOPInstanceUID; without it every slice of the path has the score),
+    ``patient`` (kept on one side of a split; default: the path) and ``sd`` (the raters' spread). Every problem is
+    listed as ``(where, reason)`` in one ``DatasetError``.
+    """
+    labels = Path(labels).expanduser()
+    if not labels.is_file():
+        raise DatasetError([(str(labels), "labels file does not exist (set labels)")])
+    low, high = (float(value) for value in score_range)
+    rows = _label_rows(labels)
+    if not rows:
+        raise DatasetError([(str(labels), "no rows")])
+    sources, problems, items, seen = _Sources(), [], [], {}
+    for where, row in rows:
+        try:
+            name = _text(row.get("path"))
+            if not name:
+                raise InputError("no path")
+            score = _optional_number(row, "score")
+            if score is None:
+                raise InputError("no score")
+            reason = _check_label(score, (low, high))
+            if reason:
+                raise InputError(reason.replace("label", "score", 1))
+            sd = _optional_number(row, "sd")
+            if sd is not None and not (math.isfinite(sd) and sd >= 0):
+                raise InputError(f"sd {sd} is not a spread (a finite number >= 0)")
+            path = (labels.parent / name).resolve()
+            if not path.exists():
+                raise InputError(f"{path} does not exist")
+            chosen = _text(row.get("slice"))
+            if not chosen:
+                picked = sources.of(path)
+            elif chosen.isdigit():
+                slices = sources.of(path)
+                if int(chosen) >= len(slices):
+                    raise InputError(f"slice {chosen} is outside the {len(slices)} slices of {name}")
+                picked = [slices[int(chosen)]]
+            else:
+                picked = [sources.by_uid(path, chosen)]
+        except (InputError, ValueError) as error:
+            problems.append((where, str(error)))
+            continue
+        patient = _text(row.get("patient")) or str(path)
+        for item in picked:
+            key = (item["image"], item["frame"])
+            if key in seen:
+                problems.append((where, f"{Path(key[0]).name} slice {key[1]} is also scored at {seen[key]}"))
+                continue
+            seen[key] = where
+            image = {"image": item["image"], "frame": int(item["frame"]), "label": float(score), "patient": patient}
+            items.append({**image, "sd": math.nan if sd is None else float(sd)})
+    if check_images and not problems:
+        for item in items:
+            try:
+                read_ct_slice(item["image"], item["frame"])
+            except InputError as error:
+                problems.append((f"{item['image']} [slice {item['frame']}]", str(error)))
+    if problems:
+        raise DatasetError(problems)
+    return items
+
+
 def split_items(
     items: list[dict], split: str | float, seed: int, group_key: str | None = None, allow_empty: bool = False
 ) -> tuple[list, list]:
@@ -215,17 +359,20 @@ def _relative(items: list[dict], root: Path) -> list[dict]:
 
 
 def training_datalists(
-    dataset_dir: str | Path,
+    dataset_dir: str | Path | None = None,
     layout: str = "ldct",
     split: str | float = 0.1,
     seed: int = 48,
     output_dir: str | Path | None = None,
     check_images: bool = True,
+    labels: str | Path | None = None,
+    score_range: Sequence[float] = LDCT_RANGE,
 ) -> dict[str, list[dict]]:
-    """Checked ``{"training": [...], "validation": [...]}`` for ``layout`` "ldct" or "kadid".
+    """Checked ``{"training": [...], "validation": [...]}`` for ``layout`` "ldct", "kadid" or "scored_ct".
 
-    The split is also written to ``output_dir/datalist.json`` (paths relative to the dataset,
-    MONAI's decathlon form) so it can be reproduced and evaluated later.
+    "scored_ct" reads the ``labels`` file (``scored_ct_items``) and keeps each patient on one side. The split
+    is also written to ``output_dir/datalist.json`` (paths relative to the dataset folder, or to the labels
+    file's folder; MONAI's decathlon form) so it can be reproduced and evaluated later.
     """
     if layout == "ldct":
         items = ldct_labelled_items(dataset_dir, check_images)
@@ -233,8 +380,12 @@ def training_datalists(
     elif layout == "kadid":
         items = kadid_labelled_items(dataset_dir, check_images)
         train, val = split_items(items, split, seed, group_key="ref", allow_empty=True)
+    elif layout == "scored_ct":
+        items = scored_ct_items(_labels_file(labels), score_range, check_images)
+        train, val = split_items(items, split, seed, group_key="patient", allow_empty=True)
+        dataset_dir = Path(str(labels)).expanduser().parent
     else:
-        raise ValueError(f"layout must be 'ldct' or 'kadid', got {layout!r}")
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     check_validation(dataset_dir, train, val, split)
     if output_dir is not None:
         root = Path(dataset_dir).expanduser()
@@ -249,14 +400,27 @@ def training_datalists(
     return {"training": train, "validation": val}
 
 
+def _labels_file(labels: str | Path | None) -> Path:
+    if not labels:
+        raise DatasetError([("labels", "layout scored_ct needs a labels file: --labels FILE (CSV or JSON)")])
+    return Path(labels)
+
+
 def evaluation_items(
-    dataset_dir: str | Path, datalist: str | Path | None = None, key: str = "validation"
+    dataset_dir: str | Path | None = None,
+    datalist: str | Path | None = None,
+    key: str = "validation",
+    layout: str = "ldct",
+    labels: str | Path | None = None,
+    score_range: Sequence[float] = LDCT_RANGE,
 ) -> list[dict]:
-    """The labelled slices to evaluate: all of an LDCTIQA folder, or one list of a datalist file."""
+    """The labelled slices to evaluate: all of an LDCTIQA folder or of a scored-CT labels file, or one list of a
+    datalist file (written by training; its paths are relative to the folder it names as ``dataset_dir``)."""
     if datalist:
         if not Path(datalist).is_file():
             raise DatasetError([(str(datalist), "datalist file does not exist")])
-        root = _require_dir(dataset_dir)
+        recorded = json.loads(Path(datalist).read_text()).get("dataset_dir")
+        root = _require_dir(recorded if layout == "scored_ct" and recorded else dataset_dir)
         items = load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=key, base_dir=root)
         problems = [
             (it["image"], "listed in the datalist but the image does not exist")
@@ -266,26 +430,37 @@ def evaluation_items(
         if problems:
             raise DatasetError(problems)
         return items
+    if layout == "scored_ct":
+        return scored_ct_items(_labels_file(labels), score_range)
     return ldct_labelled_items(dataset_dir)
 
 
-def check_dataset(dataset_dir: str, layout: str = "ldct") -> dict[str, Any]:
-    """Check a dataset folder the way training will, and summarise it (``python -m scripts check_data``).
+def check_dataset(
+    dataset_dir: str | None = None,
+    layout: str = "ldct",
+    labels: str | None = None,
+    score_range: Sequence[float] = LDCT_RANGE,
+) -> dict[str, Any]:
+    """Check a dataset the way training will, and summarise it (``python -m scripts check_data``).
 
-    Raises ``DatasetError`` listing every problem; on success returns the image count and the
-    label range.
+    Raises ``DatasetError`` listing every problem; on success returns the slice count and the
+    label range (and, for scored CT, the patient count).
     """
-    readers = {"ldct": ldct_labelled_items, "kadid": kadid_labelled_items}
-    if layout not in readers:
-        raise ValueError(f"layout must be one of {sorted(readers)}, got {layout!r}")
-    items = readers[layout](dataset_dir)
-    labels = [item["label"] for item in items]
+    if layout == "scored_ct":
+        items = scored_ct_items(_labels_file(labels), score_range)
+    elif layout in ("ldct", "kadid"):
+        items = (ldct_labelled_items if layout == "ldct" else kadid_labelled_items)(dataset_dir)
+    else:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    labels_seen = [item["label"] for item in items]
     summary = {
-        "dataset_dir": str(dataset_dir),
+        "dataset_dir": str(dataset_dir if layout != "scored_ct" else labels),
         "layout": layout,
         "images": len(items),
-        "label_min": min(labels),
-        "label_max": max(labels),
+        "label_min": min(labels_seen),
+        "label_max": max(labels_seen),
     }
+    if layout == "scored_ct":
+        summary["patients"] = len({item["patient"] for item in items})
     print(json.dumps(summary, indent=2))
     return summary

@@ -151,6 +151,7 @@ class PredictionWriter:
         self.label_range = tuple(label_range)
         self.errors_file = errors_file
         self.rows: list[tuple[str, int | None, float | None, float, float]] = []
+        self.patients: list[str | None] = []
         self.errors: list[dict[str, str]] = []
 
     def attach(self, engine: Engine) -> None:
@@ -160,6 +161,7 @@ class PredictionWriter:
 
     def reset(self, engine: Engine | None = None) -> None:
         self.rows = []
+        self.patients = []
         self.errors = []
 
     def collect(self, engine: Engine) -> None:
@@ -167,10 +169,12 @@ class PredictionWriter:
         names = _batch_sources(batch, len(outputs), self.root)
         frames = _batch_field(batch, "frame", len(outputs))
         errors = _batch_field(batch, "error", len(outputs))
-        for name, frame, error, item in zip(names, frames, errors, outputs, strict=True):
+        patients = _batch_field(batch, "patient", len(outputs))
+        for name, frame, error, patient, item in zip(names, frames, errors, patients, outputs, strict=True):
             if error:
                 add_error(self.errors, name, str(error))
                 continue
+            self.patients.append(None if patient is None else str(patient))
             pred = item["pred"].reshape(-1)
             spread = float(pred[1]) if pred.numel() > 1 else 0.0
             label = item.get("label")
@@ -200,10 +204,34 @@ class PredictionWriter:
             return None
         labels = np.array([row[2] for row in self.rows], dtype=np.float64)
         metrics = self._metrics(engine, predictions, labels)
+        if all(patient is not None for patient in self.patients):
+            metrics["per_patient"] = self._per_patient(predictions, labels)
         write_json_atomic(self.output_dir / "metrics.json", metrics)
         write_bytes_atomic(self.output_dir / "scatter.png", scatter_png(predictions, labels, metrics, self.label_range))
-        logger.info("metrics: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k != "n"))
+        logger.info(
+            "metrics: %s", ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k not in ("n", "per_patient"))
+        )
+        if "per_patient" in metrics:
+            per_patient = metrics["per_patient"]
+            logger.info(
+                "per patient (%d): %s", per_patient["n"], ", ".join(f"{k} {per_patient[k]:.4f}" for k in METRIC_NAMES)
+            )
         return metrics
+
+    def _per_patient(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Each patient's mean prediction against their mean label (the scan-level use of slice scores), with
+        ``patients.csv`` (patient, slices, label, prediction) beside the metrics."""
+        names = sorted(set(self.patients), key=str)
+        members = [[i for i, patient in enumerate(self.patients) if patient == name] for name in names]
+        mean_predictions = np.array([predictions[index].mean() for index in members])
+        mean_labels = np.round([labels[index].mean() for index in members], 6)  # float32 labels: ties stay ties
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["patient", "slices", "label", "prediction"])
+        for name, index, label, prediction in zip(names, members, mean_labels, mean_predictions, strict=True):
+            writer.writerow(printable_tree([name, len(index), f"{label:.6g}", f"{prediction:.9g}"]))
+        write_bytes_atomic(self.output_dir / "patients.csv", buffer.getvalue().encode())
+        return correlations(mean_predictions, mean_labels)
 
     def _metrics(self, engine: Engine | None, predictions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
         """The engine's Ignite metrics when attached, else the same numbers from scipy."""

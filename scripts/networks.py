@@ -10,6 +10,7 @@ checkpoint can rebuild it from the file alone (see ``scripts.checkpoints``).
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -261,6 +262,7 @@ def initialise_network(
     s_weights: str | None = None,
     f_checkpoint: str | None = None,
     freeze_f: bool = False,
+    init_checkpoint: str | None = None,
 ) -> nn.Module:
     """The starting weights of training, put into a network that ``build_network`` made (the configs' ``network``).
 
@@ -268,11 +270,15 @@ def initialise_network(
     ``monai.bundle.load`` and ``ckpt_export`` build ``network_def`` offline). F starts from ``f_checkpoint``
     (phase 1) when that file exists, else from ImageNet (``pretrained`` or a local ``f_weights``) or stays
     random; S from ImageNet likewise (``s_weights``). ``freeze_f`` gives the "F frozen" ablation.
+    ``init_checkpoint`` (fine-tuning) puts a whole trained model in instead, and nothing else is loaded.
     """
     pretrained, freeze_f = as_bool(pretrained, "pretrained"), as_bool(freeze_f, "freeze_f")
     inner = getattr(network, "network", network)  # a PatchScorer holds the network as ``network``
     f = inner.f if isinstance(inner, TFKT) else inner
-    if f_checkpoint and Path(f_checkpoint).is_file():
+    if init_checkpoint:
+        load_init_checkpoint(network, init_checkpoint)
+        logger.info("fine-tuning: every weight from %s", init_checkpoint)
+    elif f_checkpoint and Path(f_checkpoint).is_file():
         load_f_weights(f, f_checkpoint)
         logger.info("F initialised from the phase-1 checkpoint %s", f_checkpoint)
     else:
@@ -282,10 +288,32 @@ def initialise_network(
             source = "ImageNet" if pretrained or f_weights else "random"
             logger.warning("No phase-1 checkpoint at %s: F starts from %s weights.", f_checkpoint, source)
     if isinstance(inner, TFKT):
-        if pretrained or s_weights:
+        if (pretrained or s_weights) and not init_checkpoint:
             load_imagenet(inner.s, inner.s.model, inner.s.model_name, s_weights, "s_weights")
         inner.set_f_frozen(freeze_f)
     return network
+
+
+def load_init_checkpoint(network: nn.Module, path: str) -> None:
+    """Fine-tuning: every weight of a trained model (``init_checkpoint``: a ``model.pt`` written by training or
+    shipped in an export) into ``network``, whose settings (the config's network ids) must be the model's."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"init_checkpoint {str(path)!r} does not exist: give a model.pt written by training")
+    state, settings = read_checkpoint(path)
+    own = json.loads(json.dumps(network.settings))  # tuples as lists, as in the settings file
+    different = [key for key in NETWORK_SETTING_KEYS if key in settings and key in own and settings[key] != own[key]]
+    if different:
+        theirs = ", ".join(f"{key}={settings[key]!r}" for key in different)
+        ours = ", ".join(f"{key}={own[key]!r}" for key in different)
+        raise ValueError(
+            f"init_checkpoint {path} was trained with {theirs}, but this config has {ours}: set these ids to the "
+            "model's (or merge the overlay it was trained with, e.g. configs/demo.json)"
+        )
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as error:
+        reason = " ".join(str(error).split())[:300]
+        raise ValueError(f"init_checkpoint {path} does not fit this network ({reason})") from None
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

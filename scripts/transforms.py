@@ -17,9 +17,10 @@ import tifffile
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, ScaleIntensityRange
 from PIL import Image
 
+from scripts.ct_io import HU_WINDOW, check_window
 from scripts.options import optional_size
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -226,4 +227,58 @@ class ScoreToTensord(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = torch.as_tensor(d[key], dtype=torch.float32).reshape(1)
+        return d
+
+
+def check_windows(window: Any) -> list[tuple[float, float]]:
+    """One HU window ``[low, high]`` or several ``[[low, high], ...]`` (one per channel), each checked."""
+    values = list(window)
+    several = bool(values) and all(isinstance(value, (list, tuple)) for value in values)
+    return [check_window(pair) for pair in values] if several else [check_window(values)]
+
+
+def window_channels(hu: torch.Tensor, windows: Sequence[tuple[float, float]], channels: int) -> torch.Tensor:
+    """(1, H, W) HU -> (channels, H, W) in [0, 1]: each window by MONAI's ``ScaleIntensityRange`` (clipped), one
+    channel per window, or one window's channel repeated."""
+    scaled = [
+        ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True, dtype=torch.float32)(hu)
+        for low, high in windows
+    ]
+    stacked = torch.cat(scaled, dim=0) if len(scaled) > 1 else scaled[0]
+    return stacked.repeat(channels, 1, 1) if stacked.shape[0] == 1 and channels > 1 else stacked
+
+
+class WindowHUd(MapTransform):
+    """CT in HU -> the display window(s), [0, 1]: the config's ``window`` id, one window or one per channel.
+
+    The numbers are MONAI's ``ScaleIntensityRange`` (``a_min``, ``a_max`` = the window, ``b_min`` 0, ``b_max`` 1,
+    clipped). It is a transform of ours, not ``ScaleIntensityRanged`` in the config, for two reasons MONAI's cannot
+    express: a dataset may mix CT (HU) with slices rendered already (TIFF/PNG, windowed by whoever made them), and
+    only the items the loader marked as HU (``data[hu_key]``) may be windowed; and several windows become channels.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        window: Any = HU_WINDOW,
+        channels: int = 1,
+        hu_key: str = "hu",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.windows = check_windows(window)
+        if len(self.windows) > 1 and len(self.windows) != channels:
+            raise ValueError(
+                f"{len(self.windows)} windows give {len(self.windows)} channels, but in_channels is {channels}"
+            )
+        self.channels = channels
+        self.hu_key = hu_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if not d.get(self.hu_key):
+            return d  # rendered slices and unreadable placeholders pass as they are
+        for key in self.key_iterator(d):
+            d[key] = window_channels(d[key], self.windows, self.channels)
+        d[self.hu_key] = False
         return d

@@ -16,7 +16,7 @@ from monai.bundle import ConfigWorkflow
 
 from scripts.checkpoints import save_checkpoint, settings_path
 from scripts.networks import build_network
-from scripts.synthetic.ct import write_ct_dataset
+from scripts.synthetic.ct import write_ct_dataset, write_scored_ct_dataset
 from scripts.synthetic.natural import write_natural_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -67,6 +67,13 @@ def ldct_test_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def kadid_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """KADID-10k layout: 4 references x 2 distortion types (01 blur, 11 white noise) x 5 levels."""
     return write_natural_dataset(tmp_path_factory.mktemp("kadid"), n_refs=4, size=64, seed=0, kinds=(1, 11))
+
+
+@pytest.fixture(scope="session")
+def scored_ct_labels(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A reader study in the scored-CT layout: 12 patients x 6 slices of 64 px, DICOM series folders (even patients)
+    and NIfTI volumes (odd), scored per slice; returns labels.csv (labels.json beside it holds the same rows)."""
+    return write_scored_ct_dataset(tmp_path_factory.mktemp("scored_ct"), patients=12, slices=6, size=64, seed=0)
 
 
 def make_workflow(config_file: str | list[str], workflow_type: str, **overrides: Any) -> ConfigWorkflow:

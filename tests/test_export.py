@@ -20,9 +20,12 @@ from scripts.tools.export import TORCHSCRIPT_ATOL, ExportError, export_bundle
 from tests.conftest import CONFIG_DIR, REPO_ROOT
 
 
-def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run(command: list[str], cwd: Path, python_path: Path | None = None) -> subprocess.CompletedProcess:
     # the exported folder must work on its own: its own `scripts` package, found from the working directory
+    # (or from ``python_path``, as where a bundle's folder is on the path), not the repository's
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    if python_path is not None:
+        environment["PYTHONPATH"] = str(python_path)
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=environment)
 
 
@@ -111,8 +114,9 @@ def test_monai_bundle_load_returns_the_trained_weights(
     exported: Path, tiny_checkpoint: Path, tmp_path: Path, workflow_type: str
 ) -> None:
     """``monai.bundle.load`` with its default arguments and with ``workflow_type="inference"``, offline, from another
-    working directory: every tensor of the network it returns equals the trained one (it read 0 of 175 when
-    model.pt held {network, settings}; the inference workflow failed to build without its dataset folder)."""
+    working directory, with the export's own ``scripts``: every tensor of the network it returns equals the trained
+    one (it read 0 of 175 when model.pt held {network, settings}; the inference workflow failed to build without its
+    dataset folder)."""
     script = (
         "import sys, torch, monai.bundle\n"
         "net = monai.bundle.load(name=sys.argv[1], bundle_dir=sys.argv[2], source='github',\n"
@@ -120,7 +124,7 @@ def test_monai_bundle_load_returns_the_trained_weights(
         "torch.save(net.state_dict(), sys.argv[3])\n"
     )
     arguments = [exported.name, str(exported.parent), str(tmp_path / "loaded.pt"), workflow_type]
-    result = _run([sys.executable, "-c", script, *arguments], tmp_path)
+    result = _run([sys.executable, "-c", script, *arguments], tmp_path, python_path=exported)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = torch.load(tmp_path / "loaded.pt", weights_only=True)
     trained = torch.load(tiny_checkpoint, weights_only=True)

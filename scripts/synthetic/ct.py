@@ -844,7 +844,8 @@ def simulate_batches(
     batch: int = BATCH,
 ) -> Iterator[dict[str, np.ndarray]]:
     """Yield the slices batch by batch: dicts of ``index``, ``image`` (windowed, float32 numpy), ``hu``
-    (noise-free truth), ``dose``, ``views``, ``kernel`` (names), ``pixel_mm``, ``noise_hu`` and ``streak_hu``.
+    (noise-free truth), ``recon_hu`` (the reconstruction in HU),
+    ``dose``, ``views``, ``kernel`` (names), ``pixel_mm``, ``noise_hu`` and ``streak_hu``.
 
     The plan (source, dose, views, kernel, field of view and body width per slice) is drawn first, so a
     slice does not depend on ``batch`` except through the order of the random draws.
@@ -873,6 +874,7 @@ def simulate_batches(
             "index": part,
             "image": image,
             "hu": hu.numpy(),
+            "recon_hu": recon.numpy(),
             "dose": dose[part],
             "views": full_views(size) // step[part],
             "kernel": kernel[part],
@@ -928,3 +930,48 @@ def write_ct_dataset(
     _, scores = _scores(noise_hu, streak_hu, seed)
     write_json_atomic(root / f"{layout}.json", {name: float(score) for name, score in zip(names, scores, strict=True)})
     return root
+
+
+def write_scored_ct_dataset(
+    output_dir: str | Path, patients: int = 8, slices: int = 4, size: int = 64, seed: int = 0, **options: Any
+) -> Path:
+    """A reader study in the scored-CT layout: ``patients`` scans of ``slices`` simulated low-dose slices each,
+    even-numbered patients as DICOM series folders (``p00/``, uint16 with a rescale to HU), odd ones as NIfTI
+    volumes (``p01.nii.gz``), scored slice by slice in ``labels.csv`` and the same rows in ``labels.json``
+    (``path``, ``slice``, ``score``, ``patient``, ``sd``). Returns the labels.csv path. Options as
+    :func:`simulate_batches`."""
+    import nibabel
+
+    from scripts.ct_io import write_dicom_slice
+
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    n = patients * slices
+    recon, noise_hu, streak_hu = np.zeros((n, size, size), np.float32), np.zeros(n), np.zeros(n)
+    for part in simulate_batches(n, size, seed, **options):
+        recon[part["index"]], noise_hu[part["index"]] = part["recon_hu"], part["noise_hu"]
+        streak_hu[part["index"]] = part["streak_hu"]
+    _, scores = _scores(noise_hu, streak_hu, seed)
+    spread = _stream(seed, "raters").uniform(0.2, 0.6, n)
+    rows = []
+    for patient in range(patients):
+        volume = recon[patient * slices : (patient + 1) * slices]
+        name = f"p{patient:02d}"
+        if patient % 2 == 0:
+            series = f"1.2.826.0.1.3680043.8.498.{seed}.{patient + 1}"
+            for k, hu in enumerate(volume):
+                write_dicom_slice(root / name / f"{k:03d}.dcm", hu, series, position=2.0 * k)
+            path = name
+        else:  # (x, y, z) with x to the right and y to the front: the slice transposed and flipped, as RAS reads
+            data = np.ascontiguousarray(volume[:, ::-1, :].transpose(2, 1, 0))
+            nibabel.save(nibabel.Nifti1Image(data, np.diag([0.7, 0.7, 2.0, 1.0])), root / f"{name}.nii.gz")
+            path = f"{name}.nii.gz"
+        for k in range(slices):
+            index = patient * slices + k
+            rows.append({"path": path, "slice": k, "score": round(float(scores[index]), 4), "patient": name,
+                         "sd": round(float(spread[index]), 4)})  # fmt: skip
+    header = list(rows[0])
+    lines = [",".join(header)] + [",".join(str(row[key]) for key in header) for row in rows]
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    write_json_atomic(root / "labels.json", rows)
+    return root / "labels.csv"
