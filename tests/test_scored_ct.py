@@ -232,3 +232,30 @@ def test_evaluation_reports_per_patient_means(scored_ct_labels: Path, trained_bu
     assert per_patient["plcc"] == pytest.approx(abs(stats.pearsonr(means, labels)[0]), abs=1e-6)
     assert per_patient["srocc"] == pytest.approx(abs(stats.spearmanr(means, labels)[0]), abs=1e-6)
     assert per_patient["krocc"] == pytest.approx(abs(stats.kendalltau(means, labels)[0]), abs=1e-6)
+
+
+def test_the_bundle_commands_train_evaluate_and_score_a_reader_study(scored_ct_labels: Path, tmp_path: Path) -> None:
+    """The README's commands, from the repository root: training and evaluation on the labels file, then
+    ``score`` on a DICOM series folder and a NIfTI volume of the study."""
+    from tests.test_flags import TINY_CLI, run_cli
+
+    study = ["--layout", "scored_ct", "--labels", str(scored_ct_labels), "--bundle_root", "bundle"]
+    models, evaluation = tmp_path / "models", tmp_path / "eval"
+    train = ["--config_file", TRAIN_CONFIG, *study, "--ckpt_dir", str(models), "--output_dir", str(tmp_path / "out")]
+    result = run_cli(
+        "monai.bundle", "run", "training", *train, "--f_checkpoint", "None", "--pretrained", "false", *TINY_CLI
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    evaluate = ["--config_file", json.dumps(EVALUATE_CONFIGS), *study, "--ckpt_dir", str(models)]
+    result = run_cli("monai.bundle", "run", "evaluating", *evaluate, "--output_dir", str(evaluation), *TINY_CLI)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((evaluation / "metrics.json").read_text())
+    assert metrics["n"] == 72 and metrics["per_patient"]["n"] == 12
+    root = scored_ct_labels.parent
+    targets = [str(root / "p00"), str(root / "p01.nii.gz")]
+    result = run_cli(
+        "scripts", "score", *targets, "--output_dir", str(tmp_path / "scores"), "--ckpt", str(models / "model.pt")
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "scores" / "scores.csv", newline="") as stream:
+        assert len(list(csv.DictReader(stream))) == 12  # 6 DICOM slices and 6 NIfTI slices
