@@ -78,12 +78,16 @@ def score(
     batch_size: int = 16,
     num_workers: int = 2,
     max_slice_mb: float = 64.0,
+    amp: Any = False,
+    channels_last: Any = False,
+    compile: Any = False,
 ) -> None:
     """Score DICOM files/folders, NIfTI volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir.
 
     ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names);
     ``num_workers`` processes read slices while the network runs (0: read in this process); a slice
-    that would take more than ``max_slice_mb`` MiB as float32 is refused unread (listed in errors). Exits
+    that would take more than ``max_slice_mb`` MiB as float32 is refused unread (listed in errors). ``amp``
+    (false/true/bf16/fp16), ``channels_last`` and ``compile`` (torch.compile) as in the inference config. Exits
     non-zero when no input could be scored, or (before scoring, with one line) when output_dir cannot be used.
     """
     from scripts import transforms
@@ -94,7 +98,8 @@ def score(
     transforms.MAX_SLICE_MB = float(max_slice_mb)  # this process and the reading workers it forks
     try:
         inputs = [str(path) for path in paths]  # fire reads a name like 2024 as a number
-        summary = score_paths(inputs, str(output_dir), ckpt, window, device, batch_size, num_workers)
+        options = {"amp": amp, "channels_last": channels_last, "compile": compile}
+        summary = score_paths(inputs, str(output_dir), ckpt, window, device, batch_size, num_workers, **options)
     except OutputError as error:
         print(error, file=sys.stderr)
         raise SystemExit(1) from None

@@ -1,12 +1,69 @@
-"""Batch preparation shared by the bundle's trainers and evaluators."""
+"""How the bundle's trainers and evaluators feed the network: batch preparation, mixed precision (``amp``),
+memory format (``channels_last``) and ``torch.compile`` (``compile``), each a top-level config id."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch
+from monai.inferers import Inferer
+from torch import nn
+
+from scripts.options import as_bool
+
+AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def amp_dtype(amp: Any, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """The autocast dtype the ``amp`` id asks for: None (false/0), bf16 or fp16 by name; true means bf16 on a CUDA
+    GPU that supports it, else fp16 there, and nothing on a CPU (where bf16 is slower on most processors and, at
+    the start of training, can round every prediction to the same value; ask for it by name)."""
+    if isinstance(amp, str) and amp.strip().lower() in AMP_NAMES:
+        return AMP_NAMES[amp.strip().lower()]
+    try:
+        wanted = as_bool(amp, "amp")
+    except ValueError:
+        raise ValueError(f"amp must be false, true, bf16 or fp16 (or 0/1), got {amp!r}") from None
+    if not wanted or torch.device(device).type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def needs_grad_scaler(amp: Any, device: str | torch.device = "cpu") -> bool:
+    """Whether training needs a gradient scaler (MONAI's ``amp`` flag of the trainer): fp16 on a CUDA GPU."""
+    return amp_dtype(amp, device) == torch.float16 and torch.device(device).type == "cuda"
+
+
+def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` on the device's type with ``dtype``, or nothing when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
+def place_network(network: nn.Module, device: str | torch.device, channels_last: Any = False) -> nn.Module:
+    """The network on ``device``, in the channels-last memory format when asked (faster convolutions on GPUs with
+    tensor cores and on recent CPUs; the numbers are the same)."""
+    network = network.to(device)
+    if as_bool(channels_last, "channels_last"):
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
+class AutocastInferer(Inferer):
+    """The network's output under autocast (``amp_dtype``), returned as float32 so that losses and metrics keep
+    full precision: training's inferer, where MONAI's ``amp`` flag only autocasts on CUDA."""
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        with autocast(inputs.device, self.dtype):
+            outputs = network(inputs, *args, **kwargs)
+        return outputs.float()
 
 
 class PlainTensorBatch(PrepareBatch):
@@ -17,6 +74,9 @@ class PlainTensorBatch(PrepareBatch):
     a ``MetaTensor`` pays for tracking it; stripping it here makes the workflows run as fast as a
     bare PyTorch loop.
     """
+
+    def __init__(self, channels_last: Any = False) -> None:
+        self.channels_last = as_bool(channels_last, "channels_last")
 
     def __call__(
         self,
@@ -29,6 +89,8 @@ class PlainTensorBatch(PrepareBatch):
         if isinstance(image, MetaTensor):
             image = image.as_tensor()
         image = image.to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.channels_last and image.ndim == 4:
+            image = image.contiguous(memory_format=torch.channels_last)
         label = batchdata.get("label")
         if isinstance(label, torch.Tensor):
             label = label.to(device=device, non_blocking=non_blocking, **kwargs)

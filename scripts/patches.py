@@ -30,6 +30,7 @@ from monai.inferers import Inferer
 from monai.transforms import MapTransform, Randomizable
 from torch import nn
 
+from scripts.engines import autocast
 from scripts.options import optional_size
 
 BODY_THRESHOLD = 0.5
@@ -169,7 +170,7 @@ class PatchScorer(nn.Module):
         owner = torch.arange(batch, device=x.device).unsqueeze(1).expand_as(keep)[keep]
         body = patches[keep]
         parts = [self.network(body[start : start + self.chunk]) for start in range(0, body.shape[0], self.chunk)]
-        scores = torch.cat(parts).reshape(-1)
+        scores = torch.cat(parts).reshape(-1).float()  # float32 means under autocast too
         counts = keep.sum(dim=1).to(scores.dtype)
         mean = torch.zeros(batch, dtype=scores.dtype, device=x.device).index_add(0, owner, scores) / counts
         return scores, owner, mean
@@ -207,14 +208,19 @@ class SpreadInferer(Inferer):
     """(B, 2) predictions: the score and its spread over the crops (0 for networks that read whole slices).
 
     Evaluation and inference use it so that ``predictions.csv`` can report ``score_sd``; metrics and
-    writers read column 0 as the score.
+    writers read column 0 as the score. ``dtype`` runs the network under autocast (the config's ``amp``);
+    the predictions come back as float32.
     """
+
+    def __init__(self, dtype: torch.dtype | None = None) -> None:
+        self.dtype = dtype
 
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         if isinstance(inputs, MetaTensor):
             inputs = inputs.as_tensor()
         scorer = getattr(network, "module", network)  # DistributedDataParallel
-        if hasattr(scorer, "score_with_spread"):
-            return scorer.score_with_spread(inputs)
-        scores = network(inputs, *args, **kwargs).reshape(len(inputs), 1)
+        with autocast(inputs.device, self.dtype):
+            if hasattr(scorer, "score_with_spread"):
+                return scorer.score_with_spread(inputs).float()
+            scores = network(inputs, *args, **kwargs).reshape(len(inputs), 1).float()
         return torch.cat([scores, torch.zeros_like(scores)], dim=1)

@@ -49,8 +49,8 @@ def test_workflows_receive_real_booleans(ldct_train_dir: Path, tmp_path: Path, s
         TRAIN_CONFIG, "train", **{**TINY_OVERRIDES, "amp": spelling, "freeze_f": spelling},
         dataset_dir=str(ldct_train_dir), ckpt_dir=str(tmp_path), f_checkpoint=None,
     )  # fmt: skip
-    assert workflow.parser.get_parsed_content("train#trainer").amp is expected
-    assert workflow.parser.get_parsed_content("validate#evaluator").amp is expected
+    assert workflow.parser.get_parsed_content("amp_dtype") is None  # amp true autocasts on CUDA; bf16 by name here
+    assert workflow.parser.get_parsed_content("train#trainer").amp is False  # a gradient scaler: fp16 on CUDA only
     assert workflow.parser.get_parsed_content("model").freeze_f is expected
 
 

@@ -32,9 +32,11 @@ from monai.transforms import Compose
 
 from scripts import bundle_root
 from scripts.ct_inputs import add_error, index_inputs, nifti_volume, read_scored_slice
-from scripts.ct_io import HU_WINDOW, check_window
+from scripts.ct_io import HU_WINDOW
 from scripts.data import LDCT_RANGE
+from scripts.engines import place_network
 from scripts.handlers import figure_png, pyplot
+from scripts.options import as_bool
 from scripts.output_dir import (
     check_free_space,
     locked_output_dir,
@@ -44,6 +46,7 @@ from scripts.output_dir import (
     staged_report,
 )
 from scripts.patches import SpreadInferer, pad_collate
+from scripts.transforms import check_windows
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +82,21 @@ class SliceScorer:
         device: str | torch.device = "cpu",
         batch_size: int = 16,
         num_workers: int = 2,
-        window: Sequence[float] = HU_WINDOW,
+        window: Any = HU_WINDOW,
         inferer: Any = None,
+        channels_last: Any = False,
+        compile: Any = False,
     ) -> None:
         self.device = torch.device(device)
         self.inferer = inferer or SpreadInferer()
-        self.network = network.to(self.device).eval()
+        self.network = place_network(network, self.device, channels_last).eval()
+        self.channels_last = as_bool(channels_last, "channels_last")
+        if as_bool(compile, "compile"):
+            self.network = torch.compile(self.network)
         self.transform = transform
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.window = check_window(window)
+        self.window = check_windows(window)
 
     @classmethod
     def from_checkpoint(
@@ -97,12 +105,14 @@ class SliceScorer:
         device: str | torch.device | None = None,
         batch_size: int = 16,
         num_workers: int = 2,
-        window: Sequence[float] = HU_WINDOW,
+        window: Any = HU_WINDOW,
+        **options: Any,
     ) -> SliceScorer:
-        """The bundle's inference config with this checkpoint (and the network settings recorded beside it)."""
-        low, high = check_window(window)
-        overrides = {"checkpoint": str(checkpoint), "window": [low, high]}
-        return cls.from_bundle(bundle_root(), device, batch_size, num_workers, **overrides)
+        """The bundle's inference config with this checkpoint (and the network settings recorded beside it);
+        ``options`` set its other ids (``amp``, ``channels_last``, ``compile``)."""
+        windows = [list(pair) for pair in check_windows(window)]
+        overrides = {"checkpoint": str(checkpoint), "window": windows[0] if len(windows) == 1 else windows}
+        return cls.from_bundle(bundle_root(), device, batch_size, num_workers, **overrides, **options)
 
     @classmethod
     def from_bundle(
@@ -144,7 +154,8 @@ class SliceScorer:
         transform = parser.get_parsed_content("preprocessing")
         window = parser.get_parsed_content("window")
         inferer = parser.get_parsed_content("inferer")
-        return cls(network, transform, device, batch_size, num_workers, window, inferer)
+        options = {key: parser.get_parsed_content(key) for key in ("channels_last", "compile") if key in parser}
+        return cls(network, transform, device, batch_size, num_workers, window, inferer, **options)
 
     @torch.inference_mode()
     def __call__(self, items: Sequence[dict]) -> list[tuple[float | None, float, str]]:
@@ -159,6 +170,8 @@ class SliceScorer:
         results: list[tuple[float | None, float, str]] = []
         for batch in loader:
             images = torch.as_tensor(batch["image"]).to(self.device, non_blocking=True)
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             predictions = self.inferer(images, self.network).reshape(len(images), -1).cpu()
             scores = predictions[:, 0].clamp(*SCORE_RANGE).tolist()
             spreads = predictions[:, 1].tolist() if predictions.shape[1] > 1 else [0.0] * len(scores)
@@ -289,13 +302,15 @@ def score_paths(
     device: str | None = None,
     batch_size: int = 16,
     num_workers: int = 2,
+    **options: Any,
 ) -> dict:
     """Score every input and write the report; returns the summary (``series`` is empty when nothing was scored).
 
     The output folder is checked and locked before any scoring (``OutputError``: one line, the reason and the fix).
+    ``options`` are the inference config's ``amp``, ``channels_last`` and ``compile``.
     """
-    window = check_window(window)
+    window = check_windows(window)
     with locked_output_dir(output_dir) as output:
-        scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window)
+        scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window, **options)
         series, errors = score_inputs(paths, scorer, output)
         return write_report(output, series, errors, scorer.window)

@@ -1,0 +1,112 @@
+"""Mixed precision (``amp``: false/true/bf16/fp16), ``channels_last`` and ``compile``: top-level ids of the train,
+evaluate and inference configs and options of ``score``, giving the same scores as float32 on a CPU.
+
+Tolerances: channels_last 1e-5 (the same arithmetic in another memory order), compile 1e-4 (fused kernels),
+bf16 0.05 on the 0..4 scale (8 bits of mantissa through both networks)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from ignite.engine import Events
+
+from scripts.checkpoints import config_overrides
+from scripts.engines import amp_dtype, needs_grad_scaler
+from tests.conftest import INFERENCE_CONFIG, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
+
+TOLERANCES = {"channels_last": 1e-5, "compile": 1e-4, "amp": 0.05}
+OPTIONS = {"channels_last": {"channels_last": "true"}, "compile": {"compile": True}, "amp": {"amp": "bf16"}}
+
+
+@pytest.mark.parametrize(
+    ("amp", "expected"),
+    [(False, None), ("0", None), ("false", None), ("bf16", torch.bfloat16), ("fp16", torch.float16),
+     (True, None), ("true", None), ("1", None)],
+)  # fmt: skip
+def test_amp_values(amp: object, expected: torch.dtype | None) -> None:
+    assert amp_dtype(amp, "cpu") is expected  # true: nothing on a CPU, where bf16 must be asked for by name
+    assert not needs_grad_scaler(amp, "cpu")  # a gradient scaler is for fp16 on CUDA only
+
+
+@pytest.mark.parametrize(("bf16_supported", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_amp_true_on_cuda_prefers_bf16(monkeypatch: pytest.MonkeyPatch, bf16_supported: bool, expected) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)  # no GPU here
+    assert amp_dtype(True, "cuda:0") is expected
+    assert needs_grad_scaler(True, "cuda:0") is (expected is torch.float16)
+    assert amp_dtype("fp16", "cuda:0") is torch.float16 and needs_grad_scaler("fp16", "cuda")
+
+
+def test_an_unknown_amp_value_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"amp must be false, true, bf16 or fp16 \(or 0/1\), got 'fp8'"):
+        amp_dtype("fp8")
+
+
+def _predictions(trained_bundle: Path, slices: Path, output: Path, **options: object) -> dict[str, float]:
+    workflow = make_workflow(
+        INFERENCE_CONFIG,
+        "inference",
+        **config_overrides(trained_bundle / "model.pt"),
+        dataset_dir=str(slices),
+        output_dir=str(output),
+        device=torch.device("cpu"),
+        num_workers=0,
+        **options,
+    )
+    workflow.run()
+    with open(output / "predictions.csv", newline="") as stream:
+        return {row["file"]: float(row["prediction"]) for row in csv.DictReader(stream)}
+
+
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_inference_options_give_the_same_scores(
+    trained_bundle: Path, ldct_test_dir: Path, tmp_path: Path, option: str
+) -> None:
+    slices = ldct_test_dir / "images"
+    reference = _predictions(trained_bundle, slices, tmp_path / "float32")
+    changed = _predictions(trained_bundle, slices, tmp_path / option, **OPTIONS[option])
+    assert changed.keys() == reference.keys() and len(reference) == 12
+    worst = max(abs(changed[name] - reference[name]) for name in reference)
+    assert worst <= TOLERANCES[option], worst
+    assert len(set(reference.values())) > 1  # scores that differ between slices: a real comparison
+
+
+def test_training_runs_under_bf16_with_channels_last(
+    ldct_train_dir: Path, trained_bundle: Path, tmp_path: Path
+) -> None:
+    """From a trained model (whose scores differ between slices even in bf16's 8-bit mantissa), two epochs under
+    bf16 autocast with channels-last tensors: finite losses and a best checkpoint."""
+    settings = {**TINY_OVERRIDES, "amp": "bf16", "channels_last": True, "max_epochs": 2}
+    settings["init_checkpoint"] = str(trained_bundle / "model.pt")
+    workflow = make_workflow(
+        TRAIN_CONFIG,
+        "train",
+        **settings,
+        dataset_dir=str(ldct_train_dir),
+        ckpt_dir=str(tmp_path),
+        output_dir=str(tmp_path),
+    )
+    losses: list[float] = []
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output[0]["loss"]))
+    workflow.run()
+    assert (tmp_path / "model.pt").is_file() and all(torch.isfinite(torch.as_tensor(losses)))
+    assert json.loads((tmp_path / "model.json").read_text())["in_channels"] == 1
+
+
+def test_score_takes_the_same_options(trained_bundle: Path, ldct_test_dir: Path, tmp_path: Path) -> None:
+    from tests.test_flags import run_cli
+
+    images = [str(path) for path in sorted((ldct_test_dir / "images").glob("*.tiff"))[:4]]
+    scores = {}
+    for name, options in (("float32", []), ("bf16", ["--amp", "bf16", "--channels_last", "true"])):
+        command = ["scripts", "score", *images, "--output_dir", str(tmp_path / name), "--num_workers", "0"]
+        result = run_cli(*command, "--ckpt", str(trained_bundle / "model.pt"), *options)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(tmp_path / name / "scores.csv", newline="") as stream:
+            scores[name] = [float(row["score"]) for row in csv.DictReader(stream)]
+    differences = [abs(a - b) for a, b in zip(scores["float32"], scores["bf16"], strict=True)]
+    assert len(differences) == 4 and max(differences) <= TOLERANCES["amp"]
