@@ -69,6 +69,13 @@ def synth_natural(output_dir: str, n_refs: int = 12, size: int = 128, seed: int 
     print(write_natural_dataset(output_dir, n_refs=n_refs, size=size, seed=seed))
 
 
+def _leave_process_group() -> None:
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def score(
     *paths: str,
     output_dir: str,
@@ -82,7 +89,8 @@ def score(
     channels_last: Any = False,
     compile: Any = False,
 ) -> None:
-    """Score DICOM files/folders, NIfTI volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir.
+    """Score DICOM files/folders, NIfTI volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir
+    (``torchrun --nproc_per_node N -m scripts score ...`` shares the series out between N processes).
 
     ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names);
     ``num_workers`` processes read slices while the network runs (0: read in this process); a slice
@@ -103,6 +111,10 @@ def score(
     except OutputError as error:
         print(error, file=sys.stderr)
         raise SystemExit(1) from None
+    finally:
+        _leave_process_group()
+    if not summary:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     slices = sum(entry["n_slices"] for entry in summary["series"].values())
     print(f"scored {slices} slices in {len(summary['series'])} series; {len(summary['errors'])} inputs not scored")
     shown = printable(str(output_dir))

@@ -16,11 +16,13 @@ over the crops the slice was scored from, 0 for networks that read whole slices)
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ from scripts.engines import place_network
 from scripts.handlers import figure_png, pyplot
 from scripts.options import as_bool
 from scripts.output_dir import (
+    OutputError,
     check_free_space,
     locked_output_dir,
     printable,
@@ -221,7 +224,7 @@ def _plot_name(number: int, name: str) -> str:
 
 
 def write_report(
-    output_dir: Path, series: list[Series], errors: list[dict], window: Sequence[float] = HU_WINDOW
+    output_dir: Path, series: list[Series], errors: list[dict], window: Any = HU_WINDOW, extra: dict | None = None
 ) -> dict:
     """``scores.csv``, ``summary.json`` and a plot per series, replacing the report in ``output_dir`` as a whole.
 
@@ -231,7 +234,7 @@ def write_report(
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["source", "series", "slice_index", "score", "score_sd", "warning"])
-    summary: dict[str, Any] = {"series": {}, "errors": errors}
+    summary: dict[str, Any] = {"series": {}, "errors": errors, **(extra or {})}
     with staged_report(Path(output_dir)) as staging:
         for number, entry in enumerate(series):
             plot = _plot_name(number, entry.name)
@@ -270,11 +273,66 @@ def score_inputs(
 
     ``output_dir`` is not read as input, and is checked for room for the report before scoring.
     """
+    series, errors, _ = _score_shares(paths, scorer, output_dir)
+    return series, errors
+
+
+def _score_shares(
+    paths: Sequence[str | Path], scorer: SliceScorer, output_dir: str | Path | None, rank: int = 0, world: int = 1
+) -> tuple[list[Series], list[dict], list[int]]:
+    """``score_inputs`` over ``world`` processes: each indexes the inputs (headers only, the same list everywhere),
+    scores whole series of its own share, and rank 0 gathers every result; also the slices each process had.
+    Ranks other than 0 return nothing."""
     items, errors = index_inputs(paths, skip=output_dir)
-    if output_dir is not None:
+    if output_dir is not None and rank == 0:
         check_free_space(Path(output_dir), report_size(len(items), len({item["series"] for item in items})))
-    series, pixel_errors = group_scores(items, scorer(items) if items else [])
-    return series, errors + pixel_errors
+    shares = share_series(items, world)
+    mine = [items[index] for index in shares[rank]]
+    results = scorer(mine) if mine else []
+    if world > 1:
+        gathered: list[Any] | None = [None] * world if rank == 0 else None
+        torch.distributed.gather_object(results, gathered, dst=0)
+        if gathered is None:
+            return [], [], []
+        by_index = {
+            index: result
+            for share, part in zip(shares, gathered, strict=True)
+            for index, result in zip(share, part, strict=True)
+        }
+        results = [by_index[index] for index in range(len(items))]
+    series, pixel_errors = group_scores(items, results)
+    return series, errors + pixel_errors, [len(share) for share in shares]
+
+
+def share_series(items: Sequence[dict], world: int) -> list[list[int]]:
+    """The item indices each of ``world`` processes scores: whole series (a series' plot and summary need all of
+    it in one place), largest first, each to the process with the fewest slices so far; one process: all."""
+    if world == 1:
+        return [list(range(len(items)))]
+    by_series: dict[str, list[int]] = {}
+    for index, item in enumerate(items):
+        by_series.setdefault(item["series"], []).append(index)
+    shares: list[list[int]] = [[] for _ in range(world)]
+    for indices in sorted(by_series.values(), key=len, reverse=True):
+        min(shares, key=len).extend(indices)
+    return [sorted(share) for share in shares]
+
+
+def process_group() -> tuple[int, int]:
+    """(rank, world size): under ``torchrun`` a gloo process group (results are gathered as Python objects, whatever
+    device each process scores on), else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def process_device(device: str | None, world: int) -> str | None:
+    """Under ``torchrun`` on a GPU machine, each process on its own GPU (``LOCAL_RANK``) unless told otherwise."""
+    if world > 1 and torch.cuda.is_available() and (device is None or str(device) == "cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
 
 
 def series_summary(entry: Series) -> dict[str, Any]:
@@ -298,7 +356,7 @@ def score_paths(
     paths: Sequence[str | Path],
     output_dir: str | Path,
     ckpt: str | Path,
-    window: Sequence[float] = HU_WINDOW,
+    window: Any = HU_WINDOW,
     device: str | None = None,
     batch_size: int = 16,
     num_workers: int = 2,
@@ -307,10 +365,43 @@ def score_paths(
     """Score every input and write the report; returns the summary (``series`` is empty when nothing was scored).
 
     The output folder is checked and locked before any scoring (``OutputError``: one line, the reason and the fix).
-    ``options`` are the inference config's ``amp``, ``channels_last`` and ``compile``.
+    ``options`` are the inference config's ``amp``, ``channels_last`` and ``compile``. Under ``torchrun`` the
+    series are shared out between the processes (each on its own GPU, or the CPU) and rank 0 writes the one report,
+    as a single process would; ``summary.json`` records ``processes`` and ``slices_per_process``. Other ranks
+    return ``{}``.
     """
     window = check_windows(window)
-    with locked_output_dir(output_dir) as output:
+    rank, world = process_group()
+    device = process_device(device, world)
+    with _locked_by_rank_0(output_dir, rank, world) as output:
         scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window, **options)
-        series, errors = score_inputs(paths, scorer, output)
-        return write_report(output, series, errors, scorer.window)
+        series, errors, per_process = _score_shares(paths, scorer, output, rank, world)
+        if rank != 0:
+            return {}
+        extra = {"processes": world, "slices_per_process": per_process}
+        return write_report(output, series, errors, scorer.window, extra)
+
+
+@contextlib.contextmanager
+def _locked_by_rank_0(output_dir: str | Path, rank: int, world: int) -> Iterator[Path]:
+    """The output folder, locked by rank 0 before any scoring; the other ranks wait for its verdict and stop with
+    the same ``OutputError`` when it cannot be used."""
+    if world == 1:
+        with locked_output_dir(output_dir) as output:
+            yield output
+        return
+    if rank != 0:
+        verdict: list[Any] = [None]
+        torch.distributed.broadcast_object_list(verdict, src=0)
+        if verdict[0]:
+            raise OutputError(verdict[0])
+        yield Path(output_dir)
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            output = stack.enter_context(locked_output_dir(output_dir))
+        except OutputError as error:
+            torch.distributed.broadcast_object_list([str(error)], src=0)
+            raise
+        torch.distributed.broadcast_object_list([""], src=0)
+        yield output
