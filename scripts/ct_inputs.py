@@ -463,8 +463,9 @@ def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:
 
 
 def read_ct_slice(path: str | Path, frame: int = 0, channels: int = 1) -> tuple[np.ndarray, bool]:
-    """One slice before windowing, and whether it is in HU: ((1, H, W) HU, True) for CT (DICOM, NIfTI, rescaled
-    and through any Modality LUT by pydicom), ((channels, H, W) in [0, 1], False) for rendered TIFF/PNG.
+    """One slice before windowing, and whether it is in HU: ((channels, H, W) HU, True) for CT (DICOM, NIfTI,
+    rescaled and through any Modality LUT by pydicom; the one channel repeated, so that a batch mixing CT with
+    rendered slices stacks), ((channels, H, W) in [0, 1], False) for rendered TIFF/PNG.
 
     Raises ``InputError`` with the reason when the pixels cannot be used.
     """
@@ -490,7 +491,7 @@ def read_ct_slice(path: str | Path, frame: int = 0, channels: int = 1) -> tuple[
             reason = " ".join(str(error).split())[:200]
             raise InputError(f"pixel data cannot be decoded ({type(error).__name__}: {reason})") from None
         where = f"frame {frame}: " if frame_count(ds) > 1 else ""
-    return _finite_2d(hu, where).astype(np.float32)[None], True
+    return to_channels(_finite_2d(hu, where).astype(np.float32), channels), True
 
 
 def read_scored_slice(path: str | Path, frame: int = 0, window: Any = HU_WINDOW, channels: int = 1) -> np.ndarray:

@@ -67,16 +67,19 @@ class AutocastInferer(Inferer):
 
 
 class PlainTensorBatch(PrepareBatch):
-    """``(image, label)`` of a dictionary batch as plain tensors on ``device``.
+    """``(image, label)`` of a dictionary batch as plain tensors on ``device``, optionally preprocessed there.
 
     The data pipeline keeps ``MetaTensor`` images so handlers can name each file (they read
     ``engine.state.batch``), but the network gains nothing from metadata and every operation on
     a ``MetaTensor`` pays for tracking it; stripping it here makes the workflows run as fast as a
-    bare PyTorch loop.
+    bare PyTorch loop. With ``preprocess`` (``scripts.transforms.BatchPreprocess``) the images arrive as read
+    (HU, native size; a list when sizes differ) and are windowed, resized and normalised as one batch on the
+    device, after a non-blocking copy (from pinned memory where the loader pins it).
     """
 
-    def __init__(self, channels_last: Any = False) -> None:
+    def __init__(self, channels_last: Any = False, preprocess: Any = None) -> None:
         self.channels_last = as_bool(channels_last, "channels_last")
+        self.preprocess = preprocess
 
     def __call__(
         self,
@@ -85,10 +88,10 @@ class PlainTensorBatch(PrepareBatch):
         non_blocking: bool = False,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        image = batchdata["image"]
-        if isinstance(image, MetaTensor):
-            image = image.as_tensor()
-        image = image.to(device=device, non_blocking=non_blocking, **kwargs)
+        image = _plain(batchdata["image"]).to(device=device, non_blocking=non_blocking, **kwargs)
+        if self.preprocess is not None:
+            flags = batchdata.get("hu", [False] * len(image))  # no flags: rendered slices only
+            image = self.preprocess(image, flags, batchdata.get("spatial_shape"))
         if self.channels_last and image.ndim == 4:
             image = image.contiguous(memory_format=torch.channels_last)
         label = batchdata.get("label")
@@ -97,3 +100,7 @@ class PlainTensorBatch(PrepareBatch):
         else:
             label = None
         return image, label
+
+
+def _plain(image: Any) -> torch.Tensor:
+    return image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)

@@ -198,10 +198,12 @@ class PatchScorer(nn.Module):
 
 
 def pad_collate(batch: Sequence[Any]) -> Any:
-    """Collate slices of different sizes (no resizing with crops; placeholders of unreadable inputs) by
-    padding each with air at its bottom and right to the largest in the batch (MONAI's
-    ``pad_list_data_collate``); ``PatchScorer`` scores a padded slice exactly as the slice alone."""
-    return pad_list_data_collate(batch, method="end", mode="constant")
+    """Collate slices of different sizes (no resizing with crops; slices as read; placeholders of unreadable inputs)
+    by padding each with air at its bottom and right to the largest in the batch (MONAI's
+    ``pad_list_data_collate``); ``PatchScorer`` scores a padded slice exactly as the slice alone. Each slice's own
+    (H, W) is kept as ``spatial_shape``, for ``scripts.transforms.BatchPreprocess``."""
+    sized = [{**item, "spatial_shape": torch.tensor(item["image"].shape[-2:])} for item in batch]
+    return pad_list_data_collate(sized, method="end", mode="constant")
 
 
 class SpreadInferer(Inferer):

@@ -237,15 +237,21 @@ def check_windows(window: Any) -> list[tuple[float, float]]:
     return [check_window(pair) for pair in values] if several else [check_window(values)]
 
 
-def window_channels(hu: torch.Tensor, windows: Sequence[tuple[float, float]], channels: int) -> torch.Tensor:
-    """(1, H, W) HU -> (channels, H, W) in [0, 1]: each window by MONAI's ``ScaleIntensityRange`` (clipped), one
-    channel per window, or one window's channel repeated."""
+def window_channels(
+    hu: torch.Tensor, windows: Sequence[tuple[float, float]], channels: int, dim: int = 0
+) -> torch.Tensor:
+    """(1 or more, H, W) HU -> (channels, H, W) in [0, 1] (or along ``dim`` of a batch: (B, C, H, W) with ``dim``
+    1): the first channel through each window by MONAI's ``ScaleIntensityRange`` (clipped), one channel per window,
+    or one window's channel repeated."""
+    hu = hu.narrow(dim, 0, 1)
     scaled = [
         ScaleIntensityRange(a_min=low, a_max=high, b_min=0.0, b_max=1.0, clip=True, dtype=torch.float32)(hu)
         for low, high in windows
     ]
-    stacked = torch.cat(scaled, dim=0) if len(scaled) > 1 else scaled[0]
-    return stacked.repeat(channels, 1, 1) if stacked.shape[0] == 1 and channels > 1 else stacked
+    stacked = torch.cat(scaled, dim=dim) if len(scaled) > 1 else scaled[0]
+    if stacked.shape[dim] == 1 and channels > 1:
+        stacked = torch.cat([stacked] * channels, dim=dim)
+    return stacked
 
 
 class WindowHUd(MapTransform):
@@ -282,3 +288,60 @@ class WindowHUd(MapTransform):
             d[key] = window_channels(d[key], self.windows, self.channels)
         d[self.hu_key] = False
         return d
+
+
+class BatchPreprocess:
+    """Window, resize and min-max normalisation of a whole batch on the network's device: the inference config's
+    ``prepare_batch`` step, so that DataLoader workers only read and decode (CT in HU, rendered slices as they are).
+
+    The numbers are those of the per-slice ``WindowHUd``, ``ResizeSliced`` and ``ScaleIntensityd(minv=0, maxv=1)``
+    (within float rounding): the same MONAI ``ScaleIntensityRange`` per window, the same anti-aliased bilinear
+    resize, each slice scaled by its own minimum and maximum (a constant slice becomes zeros). Slices of different
+    sizes (padded to one by ``pad_collate``, which records each one's own) are cut back and processed in groups of
+    one size; without ``image_size`` (crop profiles) they are then padded with air at the bottom and right again.
+    """
+
+    def __init__(self, window: Any = HU_WINDOW, channels: int = 1, image_size: Any = None) -> None:
+        self.windows = check_windows(window)
+        self.channels = channels
+        size = optional_size(image_size, "image_size")
+        self.spatial_size = None if size is None else (size, size)
+
+    def __call__(self, images: torch.Tensor, hu: Any, shapes: Any = None) -> torch.Tensor:
+        """(B, C, H, W) float32 in [0, 1] from a batch as read, each slice's "in HU" flag (``hu``: a bool tensor or
+        sequence) and, for a batch padded to one size (``scripts.patches.pad_collate``), each slice's own (H, W)."""
+        slices = list(images.unbind(0))
+        if shapes is not None:
+            sizes = shapes.tolist() if isinstance(shapes, torch.Tensor) else shapes
+            slices = [
+                image[..., : int(height), : int(width)] for image, (height, width) in zip(slices, sizes, strict=True)
+            ]
+        flags = [bool(flag) for flag in (hu.tolist() if isinstance(hu, torch.Tensor) else hu)]
+        groups: dict[tuple[tuple[int, ...], bool], list[int]] = {}
+        for index, (image, flag) in enumerate(zip(slices, flags, strict=True)):
+            groups.setdefault((tuple(image.shape), flag), []).append(index)
+        out: list[torch.Tensor | None] = [None] * len(slices)
+        for (_, flag), indices in groups.items():
+            batch = torch.stack([_plain(slices[index]) for index in indices]).float()
+            if flag:
+                batch = window_channels(batch, self.windows, self.channels, dim=1)
+            if self.spatial_size is not None and tuple(batch.shape[-2:]) != self.spatial_size:
+                batch = torch.nn.functional.interpolate(
+                    batch, size=self.spatial_size, mode="bilinear", antialias=True, align_corners=False
+                )
+            low = batch.amin(dim=(1, 2, 3), keepdim=True)
+            high = batch.amax(dim=(1, 2, 3), keepdim=True)
+            span = high - low
+            batch = torch.where(span > 0, (batch - low) / torch.where(span > 0, span, 1.0), torch.zeros_like(batch))
+            for position, index in enumerate(indices):
+                out[index] = batch[position]
+        height = max(image.shape[-2] for image in out)
+        width = max(image.shape[-1] for image in out)
+        padded = [
+            torch.nn.functional.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2])) for image in out
+        ]
+        return torch.stack(padded)
+
+
+def _plain(image: torch.Tensor) -> torch.Tensor:
+    return image.as_tensor() if isinstance(image, MetaTensor) else image

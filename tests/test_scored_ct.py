@@ -137,13 +137,18 @@ def test_splits_keep_each_patient_on_one_side(scored_ct_labels: Path, tmp_path: 
 
 
 def test_windowing_is_a_monai_transform_in_every_config(scored_ct_labels: Path, tmp_path: Path) -> None:
-    for files, key in (([TRAIN_CONFIG], "deterministic_transforms"), ([INFERENCE_CONFIG], "preprocessing")):
-        parser = ConfigParser()
-        parser.read_config(files)
-        steps = parser.get_parsed_content(key)
-        steps = steps.transforms if hasattr(steps, "transforms") else steps
-        assert [type(step).__name__ for step in steps[:2]] == ["LoadCTSliced", "WindowHUd"]
-        assert steps[1].windows == [tuple(parser.get("window"))] == [(-1000.0, 400.0)]
+    """Training and evaluation window each slice as it is cached (``WindowHUd``); inference and ``score`` window the
+    batch on the network's device (``BatchPreprocess`` in ``prepare_batch``): the same ``window`` id either way."""
+    parser = ConfigParser()
+    parser.read_config([TRAIN_CONFIG])
+    steps = parser.get_parsed_content("deterministic_transforms")
+    assert [type(step).__name__ for step in steps[:2]] == ["LoadCTSliced", "WindowHUd"]
+    assert steps[1].windows == [tuple(parser.get("window"))] == [(-1000.0, 400.0)]
+    parser = ConfigParser()
+    parser.read_config([INFERENCE_CONFIG])
+    workers = parser.get_parsed_content("preprocessing").transforms  # read and decode only
+    assert type(workers[0]).__name__ == "LoadCTSliced" and not any(isinstance(step, WindowHUd) for step in workers)
+    assert parser.get_parsed_content("prepare_batch").preprocess.windows == [(-1000.0, 400.0)]
     item = LoadCTSliced("image")({"image": scored_ct_labels.parent / "p01.nii.gz", "frame": 2})
     assert item["hu"] and float(item["image"].min()) < -900  # HU, not yet windowed
     expected = ScaleIntensityRange(a_min=-160.0, a_max=240.0, b_min=0.0, b_max=1.0, clip=True)(item["image"])

@@ -36,7 +36,7 @@ from scripts import bundle_root
 from scripts.ct_inputs import add_error, index_inputs, nifti_volume, read_scored_slice
 from scripts.ct_io import HU_WINDOW
 from scripts.data import LDCT_RANGE
-from scripts.engines import place_network
+from scripts.engines import PlainTensorBatch, place_network
 from scripts.handlers import figure_png, pyplot
 from scripts.options import as_bool
 from scripts.output_dir import (
@@ -87,13 +87,14 @@ class SliceScorer:
         num_workers: int = 2,
         window: Any = HU_WINDOW,
         inferer: Any = None,
+        prepare_batch: Any = None,
         channels_last: Any = False,
         compile: Any = False,
     ) -> None:
         self.device = torch.device(device)
         self.inferer = inferer or SpreadInferer()
+        self.prepare_batch = prepare_batch or PlainTensorBatch(channels_last)
         self.network = place_network(network, self.device, channels_last).eval()
-        self.channels_last = as_bool(channels_last, "channels_last")
         if as_bool(compile, "compile"):
             self.network = torch.compile(self.network)
         self.transform = transform
@@ -157,8 +158,9 @@ class SliceScorer:
         transform = parser.get_parsed_content("preprocessing")
         window = parser.get_parsed_content("window")
         inferer = parser.get_parsed_content("inferer")
+        prepare_batch = parser.get_parsed_content("prepare_batch")
         options = {key: parser.get_parsed_content(key) for key in ("channels_last", "compile") if key in parser}
-        return cls(network, transform, device, batch_size, num_workers, window, inferer, **options)
+        return cls(network, transform, device, batch_size, num_workers, window, inferer, prepare_batch, **options)
 
     @torch.inference_mode()
     def __call__(self, items: Sequence[dict]) -> list[tuple[float | None, float, str]]:
@@ -169,12 +171,11 @@ class SliceScorer:
             num_workers=self.num_workers,
             shuffle=False,
             collate_fn=pad_collate,
+            pin_memory=self.device.type == "cuda",
         )
         results: list[tuple[float | None, float, str]] = []
         for batch in loader:
-            images = torch.as_tensor(batch["image"]).to(self.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
+            images, _ = self.prepare_batch(batch, self.device, non_blocking=True)
             predictions = self.inferer(images, self.network).reshape(len(images), -1).cpu()
             scores = predictions[:, 0].clamp(*SCORE_RANGE).tolist()
             spreads = predictions[:, 1].tolist() if predictions.shape[1] > 1 else [0.0] * len(scores)

@@ -1,0 +1,55 @@
+"""Preprocessing batched on the network's device (``BatchPreprocess`` in the inference config's ``prepare_batch``):
+the numbers of the per-slice transforms within 1e-5, whatever the mix of sizes, HU and rendered slices."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+from monai.transforms import Compose, ScaleIntensityd
+
+from scripts.ct_inputs import LoadCTSliced
+from scripts.ct_io import write_dicom_slice
+from scripts.engines import PlainTensorBatch
+from scripts.patches import pad_collate
+from scripts.transforms import BatchPreprocess, ResizeSliced, WindowHUd
+
+WINDOWS = {"one": [-1000.0, 400.0], "three": [[-1000.0, 400.0], [-160.0, 240.0], [-1350.0, 150.0]]}
+
+
+def _inputs(root: Path) -> list[dict]:
+    """DICOM slices of 96 and 80 px (HU), a rendered float TIFF of 64 px and a constant slice."""
+    rng = np.random.default_rng(0)
+    paths = [
+        write_dicom_slice(root / "a.dcm", rng.normal(0.0, 300.0, (96, 96)), "1.2.3"),
+        write_dicom_slice(root / "b.dcm", rng.normal(-200.0, 500.0, (80, 72)), "1.2.4"),
+        write_dicom_slice(root / "flat.dcm", np.full((96, 96), 40.0), "1.2.5"),
+    ]
+    tifffile.imwrite(root / "rendered.tif", rng.random((64, 64), dtype=np.float32))
+    return [{"image": str(path)} for path in [*paths, root / "rendered.tif"]]
+
+
+@pytest.mark.parametrize("windows", sorted(WINDOWS))
+@pytest.mark.parametrize("image_size", [48, None])
+def test_batched_equals_per_slice(tmp_path: Path, windows: str, image_size: int | None) -> None:
+    channels = 3 if windows == "three" else 1
+    window = WINDOWS[windows]
+    load = LoadCTSliced("image", channels=channels)
+    items = [load(item) for item in _inputs(tmp_path)]
+    per_slice = Compose(
+        [
+            WindowHUd("image", window=window, channels=channels),
+            ResizeSliced("image", spatial_size=[image_size, image_size]),
+            ScaleIntensityd("image", minv=0.0, maxv=1.0),
+        ]
+    )
+    expected = pad_collate([per_slice(dict(item)) for item in items])["image"].as_tensor()
+    prepare = PlainTensorBatch(preprocess=BatchPreprocess(window=window, channels=channels, image_size=image_size))
+    batched, _ = prepare(pad_collate(items), torch.device("cpu"))
+    assert batched.shape == expected.shape and batched.shape[1] == channels
+    assert torch.allclose(batched, expected, atol=1e-5, rtol=0), float((batched - expected).abs().max())
+    if channels == 1:  # a constant slice becomes zeros, as MONAI's rescale makes it (windows differ per channel)
+        assert float(batched[2].abs().max()) == 0.0
