@@ -74,12 +74,14 @@ class PlainTensorBatch(PrepareBatch):
     a ``MetaTensor`` pays for tracking it; stripping it here makes the workflows run as fast as a
     bare PyTorch loop. With ``preprocess`` (``scripts.transforms.BatchPreprocess``) the images arrive as read
     (HU, native size; a list when sizes differ) and are windowed, resized and normalised as one batch on the
-    device, after a non-blocking copy (from pinned memory where the loader pins it).
+    device, after a non-blocking copy (from pinned memory where the loader pins it). With ``augment``
+    (``BatchFlipRotate``, training) the batch is then augmented there.
     """
 
-    def __init__(self, channels_last: Any = False, preprocess: Any = None) -> None:
+    def __init__(self, channels_last: Any = False, preprocess: Any = None, augment: Any = None) -> None:
         self.channels_last = as_bool(channels_last, "channels_last")
         self.preprocess = preprocess
+        self.augment = augment
 
     def __call__(
         self,
@@ -92,6 +94,8 @@ class PlainTensorBatch(PrepareBatch):
         if self.preprocess is not None:
             flags = batchdata.get("hu", [False] * len(image))  # no flags: rendered slices only
             image = self.preprocess(image, flags, batchdata.get("spatial_shape"))
+        if self.augment is not None:
+            image = self.augment(image)
         if self.channels_last and image.ndim == 4:
             image = image.contiguous(memory_format=torch.channels_last)
         label = batchdata.get("label")
@@ -104,3 +108,33 @@ class PlainTensorBatch(PrepareBatch):
 
 def _plain(image: Any) -> torch.Tensor:
     return image.as_tensor() if isinstance(image, MetaTensor) else torch.as_tensor(image)
+
+
+class BatchFlipRotate:
+    """The paper's training augmentation (random horizontal and vertical flips, random 90-degree rotations, each with
+    probability ``prob``; MONAI's ``RandFlipd`` x 2 and ``RandRotate90d``), drawn per slice but applied to the whole
+    batch on its device, after the cached slices arrive there: no per-slice loop in the data loader.
+
+    The draws come from torch's global generator (seeded by ``set_determinism``, saved and restored with the last
+    state). Slices that are not square are turned by 180 degrees only, so the batch keeps its shape.
+    """
+
+    def __init__(self, prob: float = 0.5, max_k: int = 3) -> None:
+        self.prob = float(prob)
+        self.max_k = int(max_k)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        batch = images.shape[0]
+        draws = torch.rand(3, batch)
+        turns = torch.randint(1, self.max_k + 1, (batch,)) * (draws[2] < self.prob)
+        if images.shape[-1] != images.shape[-2]:
+            turns = torch.where(turns > 0, torch.full_like(turns, 2), turns)
+        shape = (batch,) + (1,) * (images.ndim - 1)
+        images = torch.where((draws[0] < self.prob).view(shape).to(images.device), images.flip(-2), images)
+        images = torch.where((draws[1] < self.prob).view(shape).to(images.device), images.flip(-1), images)
+        turned = images.clone()
+        for k in range(1, self.max_k + 1):
+            chosen = (turns == k).nonzero().flatten().tolist()
+            if chosen:
+                turned[chosen] = torch.rot90(images[chosen], k, dims=(-2, -1))
+        return turned

@@ -13,7 +13,7 @@ from monai.transforms import Compose, ScaleIntensityd
 
 from scripts.ct_inputs import LoadCTSliced
 from scripts.ct_io import write_dicom_slice
-from scripts.engines import PlainTensorBatch
+from scripts.engines import BatchFlipRotate, PlainTensorBatch
 from scripts.patches import pad_collate
 from scripts.transforms import BatchPreprocess, ResizeSliced, WindowHUd
 
@@ -53,3 +53,30 @@ def test_batched_equals_per_slice(tmp_path: Path, windows: str, image_size: int 
     assert torch.allclose(batched, expected, atol=1e-5, rtol=0), float((batched - expected).abs().max())
     if channels == 1:  # a constant slice becomes zeros, as MONAI's rescale makes it (windows differ per channel)
         assert float(batched[2].abs().max()) == 0.0
+
+
+def _dihedral(image: torch.Tensor) -> list[torch.Tensor]:
+    """The 8 flips and quarter turns of a square slice."""
+    turns = [torch.rot90(image, k, dims=(-2, -1)) for k in range(4)]
+    return turns + [turn.flip(-1) for turn in turns]
+
+
+def test_training_flips_and_turns_are_drawn_per_slice_on_the_batch() -> None:
+    """Each slice comes out as one of its 8 flips/quarter turns, chosen independently per slice with the paper's
+    probabilities (every flip and every turn 0.5), reproducibly from torch's seed; non-square slices turn 180 only."""
+    images = torch.arange(256 * 16 * 16, dtype=torch.float32).reshape(256, 1, 16, 16)
+    augment = BatchFlipRotate(prob=0.5, max_k=3)
+    torch.manual_seed(0)
+    out = augment(images)
+    chosen = []
+    for image, result in zip(images, out, strict=True):
+        matches = [index for index, view in enumerate(_dihedral(image)) if torch.equal(view, result)]
+        assert len(matches) == 1
+        chosen.append(matches[0])
+    unchanged = chosen.count(0) / len(chosen)
+    assert len(set(chosen)) == 8 and 0.1 < unchanged < 0.25  # 1/8 (nothing) + 1/24 (both flips and a half turn)
+    torch.manual_seed(0)
+    assert torch.equal(augment(images), out)
+    wide = torch.rand(64, 1, 8, 16)
+    turned = BatchFlipRotate(prob=1.0)(wide)
+    assert turned.shape == wide.shape and torch.equal(turned, wide)  # both flips and a half turn: the same slice
