@@ -88,6 +88,7 @@ def score(
     amp: Any = False,
     channels_last: Any = False,
     compile: Any = False,
+    plots: Any = True,
 ) -> None:
     """Score DICOM files/folders, NIfTI volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir
     (``torchrun --nproc_per_node N -m scripts score ...`` shares the series out between N processes).
@@ -95,7 +96,8 @@ def score(
     ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names);
     ``num_workers`` processes read slices while the network runs (0: read in this process); a slice
     that would take more than ``max_slice_mb`` MiB as float32 is refused unread (listed in errors). ``amp``
-    (false/true/bf16/fp16), ``channels_last`` and ``compile`` (torch.compile) as in the inference config. Exits
+    (false/true/bf16/fp16), ``channels_last`` and ``compile`` (torch.compile) as in the inference config; ``plots``
+    false skips the series plots. Exits
     non-zero when no input could be scored, or (before scoring, with one line) when output_dir cannot be used.
     """
     from scripts import transforms
@@ -107,7 +109,7 @@ def score(
     try:
         inputs = [str(path) for path in paths]  # fire reads a name like 2024 as a number
         options = {"amp": amp, "channels_last": channels_last, "compile": compile}
-        summary = score_paths(inputs, str(output_dir), ckpt, window, device, batch_size, num_workers, **options)
+        summary = score_paths(inputs, str(output_dir), ckpt, window, device, batch_size, num_workers, plots, **options)
     except OutputError as error:
         print(error, file=sys.stderr)
         raise SystemExit(1) from None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from monai.bundle import verify_metadata, verify_net_in_out
 
+from scripts.tools.bench_pipeline import INPUT_KINDS, STAGES
 from tests.conftest import CONFIG_DIR, METADATA, REPO_ROOT, TINY_NETWORKS, TRAIN_CONFIG
 
 SCHEMA = str(REPO_ROOT / "bundle" / "docs" / "metadata_schema.json")
@@ -86,29 +87,20 @@ def test_layout_and_ignored_weights() -> None:
     assert ignored.stdout.split() == ["bundle/models/model.pt", "bundle/models/pretrain.pt"]
 
 
-def test_benchmark_prints_the_three_ratios() -> None:
+def test_benchmark_prints_the_stage_table_the_ratios_and_the_fixed_costs() -> None:
     result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "scripts",
-            "bench",
-            "--profiles",
-            "tiny",
-            "--batches",
-            "2",
-            "--iterations",
-            "2",
-            "--rounds",
-            "1",
-            "--series_slices",
-            "6",
-        ],
+        [sys.executable, "-m", "scripts", "bench", "--profiles", "tiny", "--batches", "2", "--iterations", "2",
+         "--rounds", "1", "--series_slices", "6", "--long_slices", "12", "--pipeline_slices", "4"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-    )
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [line for line in result.stdout.splitlines() if "ratio" in line]
-    assert [line.split()[0] for line in lines] == ["inference", "DICOM", "training"]
-    assert "a 6-slice series" in lines[1]
+    lines = result.stdout.splitlines()
+    ratios = [line for line in lines if "ratio" in line]
+    assert [line.split()[0] for line in ratios] == ["inference", "DICOM", "DICOM", "training"]
+    assert "a 6-slice study" in ratios[1] and "a 12-slice series" in ratios[2]
+    table = {line.split()[0]: line.split()[1:] for line in lines if line.strip().split(" ")[0] in INPUT_KINDS}
+    assert sorted(table) == sorted(INPUT_KINDS)
+    assert all(len(values) == len(STAGES) + 1 and float(values[-1]) > 0 for values in table.values())
+    assert any(line.strip().startswith("a 6-slice score run:") and "--plots false" in line for line in lines)

@@ -225,7 +225,12 @@ def _plot_name(number: int, name: str) -> str:
 
 
 def write_report(
-    output_dir: Path, series: list[Series], errors: list[dict], window: Any = HU_WINDOW, extra: dict | None = None
+    output_dir: Path,
+    series: list[Series],
+    errors: list[dict],
+    window: Any = HU_WINDOW,
+    extra: dict | None = None,
+    plots: bool = True,
 ) -> dict:
     """``scores.csv``, ``summary.json`` and a plot per series, replacing the report in ``output_dir`` as a whole.
 
@@ -238,8 +243,9 @@ def write_report(
     summary: dict[str, Any] = {"series": {}, "errors": errors, **(extra or {})}
     with staged_report(Path(output_dir)) as staging:
         for number, entry in enumerate(series):
-            plot = _plot_name(number, entry.name)
-            (staging / plot).write_bytes(series_png(replace(entry, name=printable(entry.name)), window))
+            plot = _plot_name(number, entry.name) if plots else None
+            if plot:
+                (staging / plot).write_bytes(series_png(replace(entry, name=printable(entry.name)), window))
             for index, (item, value, spread) in enumerate(zip(entry.items, entry.scores, entry.spreads, strict=True)):
                 row = [item["image"], entry.name, index, f"{value:.4f}", f"{spread:.4f}", item.get("warning", "")]
                 writer.writerow(printable_tree(row))
@@ -361,12 +367,14 @@ def score_paths(
     device: str | None = None,
     batch_size: int = 16,
     num_workers: int = 2,
+    plots: Any = True,
     **options: Any,
 ) -> dict:
     """Score every input and write the report; returns the summary (``series`` is empty when nothing was scored).
 
     The output folder is checked and locked before any scoring (``OutputError``: one line, the reason and the fix).
-    ``options`` are the inference config's ``amp``, ``channels_last`` and ``compile``. Under ``torchrun`` the
+    ``options`` are the inference config's ``amp``, ``channels_last`` and ``compile``; ``plots`` false leaves the
+    series plots out (``plot`` is null in the summary). Under ``torchrun`` the
     series are shared out between the processes (each on its own GPU, or the CPU) and rank 0 writes the one report,
     as a single process would; ``summary.json`` records ``processes`` and ``slices_per_process``. Other ranks
     return ``{}``.
@@ -380,7 +388,7 @@ def score_paths(
         if rank != 0:
             return {}
         extra = {"processes": world, "slices_per_process": per_process}
-        return write_report(output, series, errors, scorer.window, extra)
+        return write_report(output, series, errors, scorer.window, extra, as_bool(plots, "plots"))
 
 
 @contextlib.contextmanager

@@ -1,0 +1,217 @@
+"""The input pipeline alone (no network), stage by stage, per input kind; the fixed costs of a scoring run; and on
+a GPU the precision and memory figures. Used by ``python -m scripts bench``.
+
+Stages, each timed on its own over the same slices in this process: read/decode (file to HU, or to [0, 1] for a
+rendered TIFF), HU + window, resize, normalise, collate, host to device. The pipeline itself is the inference
+config's: DataLoader workers read and decode, ``BatchPreprocess`` windows, resizes and normalises the batch on the
+device; its rate counts every slice from the files to a ready batch on the device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+import torch
+from monai.data import DataLoader, Dataset
+from monai.transforms import Compose, EnsureTyped
+
+from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
+from scripts.ct_io import HU_WINDOW, write_dicom_slice
+from scripts.engines import PlainTensorBatch
+from scripts.patches import pad_collate
+from scripts.transforms import BatchPreprocess, check_windows, window_channels
+
+INPUT_KINDS = ("tiff", "dicom", "dicom_j2k", "nifti")
+STAGES = ("read_decode", "hu_window", "resize", "normalise", "collate", "to_device")
+
+
+def write_inputs(kind: str, folder: Path, n: int, size: int = 512, seed: int = 0) -> Path:
+    """``n`` slices of ``size`` px of one input kind: float32 TIFF in [0, 1] (LDCTIQA's form), an uncompressed or a
+    JPEG 2000 (lossless) DICOM series, or one NIfTI volume of ``n`` slices."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "nifti":
+        import nibabel
+
+        volume = rng.normal(0.0, 300.0, (size, size, n)).astype(np.float32)
+        nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), folder / "volume.nii")
+        return folder
+    for index in range(n):
+        if kind == "tiff":
+            tifffile.imwrite(folder / f"{index:04d}.tif", rng.random((size, size), dtype=np.float32))
+            continue
+        path = write_dicom_slice(folder / f"{index:04d}.dcm", rng.normal(0.0, 300.0, (size, size)), "1.2.826.0.1.99.2")
+        if kind == "dicom_j2k":
+            import pydicom
+            from pydicom.uid import JPEG2000Lossless
+
+            ds = pydicom.dcmread(path)
+            ds.compress(JPEG2000Lossless)
+            ds.save_as(path, enforce_file_format=True)
+    return folder
+
+
+def _timed(device: torch.device, function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """``function(*args)`` and the seconds it took (waiting for the GPU to finish)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    result = function(*args)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - start
+
+
+def _seconds(step: Callable[[], Any], device: torch.device) -> float:
+    return _timed(device, step)[1]
+
+
+def _read(items: list[dict]) -> list[tuple[np.ndarray, bool]]:
+    return [read_ct_slice(item["image"], item["frame"]) for item in items]
+
+
+def _resize(images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    if size is None or tuple(images.shape[-2:]) == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+
+
+def _normalise(images: torch.Tensor) -> torch.Tensor:
+    low = images.amin(dim=(1, 2, 3), keepdim=True)
+    return (images - low) / (images.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
+
+
+def stage_times(
+    items: list[dict], image_size: int | None, device: torch.device, batch_size: int, window: Any = HU_WINDOW
+) -> dict[str, float]:
+    """Milliseconds per slice of each stage, each run over every item in this process (one thread of work)."""
+    windows = check_windows(window)
+    size = BatchPreprocess(window, 1, image_size).spatial_size
+    times = dict.fromkeys(STAGES, 0.0)
+    for start in range(0, len(items), batch_size):
+        read, times_read = _timed(device, _read, items[start : start + batch_size])
+        loaded = [{"image": torch.from_numpy(pixels), "hu": hu} for pixels, hu in read]
+        batch, times_collate = _timed(device, pad_collate, loaded)
+        host = torch.as_tensor(batch["image"])
+        host = host.pin_memory() if device.type == "cuda" else host
+        images, times_copy = _timed(device, lambda tensor: tensor.to(device, non_blocking=True).float(), host)
+        times_window = 0.0
+        if all(hu for _, hu in read):
+            images, times_window = _timed(device, window_channels, images, windows, 1, 1)
+        images, times_resize = _timed(device, _resize, images, size)
+        _, times_normalise = _timed(device, _normalise, images)
+        for stage, seconds in zip(
+            STAGES, (times_read, times_window, times_resize, times_normalise, times_collate, times_copy), strict=True
+        ):
+            times[stage] += seconds
+    return {stage: 1000.0 * seconds / len(items) for stage, seconds in times.items()}
+
+
+def pipeline_rate(
+    items: list[dict], image_size: int | None, device: torch.device, batch_size: int, num_workers: int
+) -> float:
+    """Slices/s from the files to a ready batch on the device, through the inference config's pipeline."""
+    loader = DataLoader(
+        Dataset(items, Compose([LoadCTSliced("image"), EnsureTyped("image", dtype=torch.float32)])),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=pad_collate,
+        pin_memory=device.type == "cuda",
+    )
+    prepare = PlainTensorBatch(preprocess=BatchPreprocess(HU_WINDOW, 1, image_size))
+
+    def run() -> None:
+        for batch in loader:
+            prepare(batch, device, non_blocking=True)
+
+    run()  # warm: the page cache, the allocator
+    return len(items) / _seconds(run, device)
+
+
+def bench_pipeline(
+    workdir: Path,
+    image_size: int | None,
+    device: torch.device,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    slices: int = 200,
+    kinds: tuple[str, ...] = INPUT_KINDS,
+) -> dict[str, dict]:
+    """Per input kind: milliseconds per slice of each stage and the pipeline's slices/s."""
+    results = {}
+    for kind in kinds:
+        folder = write_inputs(kind, workdir / f"pipeline_{kind}", slices)
+        items, errors = index_inputs([folder])
+        if errors or len(items) != slices:
+            raise RuntimeError(f"the {kind} timing inputs were not all indexed: {errors}")
+        results[kind] = {
+            "ms_per_slice": stage_times(items, image_size, device, batch_size),
+            "pipeline_slices_per_s": pipeline_rate(items, image_size, device, batch_size, num_workers),
+        }
+    return results
+
+
+def fixed_costs(scorer: Any, folder: Path, workdir: Path, plots: bool = True) -> dict[str, float]:
+    """Seconds a scoring run spends outside the network's steady state on ``folder``: indexing, the first batch
+    (worker start, first reads), and the report (with or without plots)."""
+    from scripts.clinical.score import group_scores, write_report
+
+    items: list[dict] = []
+    index_s = _seconds(lambda: items.extend(index_inputs([folder])[0]), scorer.device)
+    loader = DataLoader(
+        Dataset(items, scorer.transform),
+        batch_size=scorer.batch_size,
+        num_workers=scorer.num_workers,
+        collate_fn=pad_collate,
+    )
+    first_batch_s = _seconds(lambda: next(iter(loader)), scorer.device)
+    results = scorer(items)
+    series, errors = group_scores(items, results)
+    report = workdir / ("report" if plots else "report_without_plots")
+    report.mkdir(exist_ok=True)
+    report_s = _seconds(lambda: write_report(report, series, errors, scorer.window, plots=plots), scorer.device)
+    return {"index_s": index_s, "first_batch_s": first_batch_s, "report_s": report_s}
+
+
+def gpu_figures(network: torch.nn.Module, device: torch.device, image_size: int, batch_size: int) -> dict[str, Any]:
+    """On a GPU: bare forward slices/s in float32, bf16 and bf16 + channels_last, the peak memory of a bf16 batch,
+    and the largest batch that fits at ``image_size`` (doubling until out of memory, up to 1024)."""
+    network = network.to(device).eval()
+    results: dict[str, Any] = {}
+    for name, dtype, channels_last in (("fp32", None, False), ("bf16", torch.bfloat16, False),
+                                       ("bf16_channels_last", torch.bfloat16, True)):  # fmt: skip
+        model = network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        batch = torch.rand(batch_size, 1, image_size, image_size, device=device)
+        if channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+
+        def forward(model: torch.nn.Module = model, batch: torch.Tensor = batch, dtype: Any = dtype) -> None:
+            with (
+                torch.inference_mode(),
+                torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None),
+            ):
+                for _ in range(5):
+                    model(batch)
+
+        forward()
+        torch.cuda.reset_peak_memory_stats(device)
+        results[f"{name}_slices_per_s"] = 5 * batch_size / _seconds(forward, device)
+        results[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    network = network.to(memory_format=torch.contiguous_format)
+    largest, size = 0, batch_size
+    while size <= 1024:
+        try:
+            with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+                network(torch.rand(size, 1, image_size, image_size, device=device))
+            largest, size = size, size * 2
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            torch.cuda.empty_cache()
+    results["largest_bf16_batch"] = largest
+    return results
