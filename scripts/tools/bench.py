@@ -38,6 +38,7 @@ from scripts.clinical.score import SliceScorer, score_paths
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
 from scripts.data import MIN_VALIDATION
+from scripts.engines import amp_dtype, autocast, needs_grad_scaler
 from scripts.networks import build_network, count_parameters
 from scripts.output_dir import write_json_atomic
 from scripts.tools.bench_pipeline import INPUT_KINDS, STAGES, bench_pipeline, fixed_costs, gpu_figures
@@ -105,8 +106,9 @@ def _best_times(
     return best[0], best[1]
 
 
-def _autocast(device: torch.device, amp: bool) -> torch.autocast:
-    return torch.autocast(device.type, enabled=amp and device.type == "cuda")
+def _autocast(device: torch.device, amp: Any) -> Any:
+    """The autocast the bundle's workflows use for ``amp`` (``scripts.engines.amp_dtype``), so both sides match."""
+    return autocast(device, amp_dtype(amp, device))
 
 
 def profile_checkpoint(profile: dict[str, Any], workdir: Path) -> Path:
@@ -116,7 +118,7 @@ def profile_checkpoint(profile: dict[str, Any], workdir: Path) -> Path:
 
 
 def bench_inference(
-    profile: dict[str, Any], checkpoint: Path, device: torch.device, batches: int, rounds: int, workdir: Path, amp: bool
+    profile: dict[str, Any], checkpoint: Path, device: torch.device, batches: int, rounds: int, workdir: Path, amp: Any
 ) -> dict:
     """Bare forward vs the inference workflow, in slices/s."""
     batch_size, image_size = profile["batch_size"], profile["image_size"]
@@ -173,7 +175,7 @@ def bench_scoring(
     series_slices: int,
     rounds: int,
     workdir: Path,
-    amp: bool,
+    amp: Any,
     num_workers: int = 2,
     with_fixed_costs: bool = True,
 ) -> dict:
@@ -253,7 +255,7 @@ def _seconds_of(step: Callable[[], Any], device: torch.device) -> float:
 
 
 def bench_training(
-    profile: dict[str, Any], device: torch.device, iterations: int, rounds: int, workdir: Path, amp: bool
+    profile: dict[str, Any], device: torch.device, iterations: int, rounds: int, workdir: Path, amp: Any
 ) -> dict:
     """A plain PyTorch loop vs the training workflow's SupervisedTrainer, in iterations/s."""
     batch_size, image_size = profile["batch_size"], profile["image_size"]
@@ -286,7 +288,7 @@ def bench_training(
     first = next(iter(workflow.parser.get_parsed_content("train#dataloader")))
     images, labels = first["image"].as_tensor().to(device), first["label"].to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp and device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=needs_grad_scaler(amp, device))
     loss_function = torch.nn.MSELoss()
     model.train()
 
@@ -317,13 +319,15 @@ def run_benchmark(
     long_slices: int = 1000,
     pipeline_slices: int = 200,
     batch_size: int | None = None,
-    amp: bool = False,
+    train_batch_size: int | None = None,
+    amp: Any = False,
     output: str | None = None,
 ) -> dict[str, dict]:
     """Run the benchmark for ``profiles`` and print one block per profile: the pipeline stage by stage per input
     kind, the workflows against bare PyTorch on a ``series_slices`` study and on a ``long_slices`` series (0: not
     run; the paper profile runs it on a GPU only), the fixed costs of a run and, on a GPU, bf16/channels_last
-    figures, peak memory and the largest batch."""
+    figures, peak memory and the largest batch. ``amp``: false, true, bf16 or fp16, as in the configs;
+    ``train_batch_size``: the training side's batch, when it must be smaller than inference's."""
     names = [profiles] if isinstance(profiles, str) else list(profiles)
     names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
     unknown = [n for n in names if n not in PROFILES]
@@ -346,7 +350,8 @@ def run_benchmark(
                 long_run = bench_scoring(
                     profile, checkpoint, target, long_slices, 1, folder, amp, with_fixed_costs=False
                 )
-            training = bench_training(profile, target, iterations, rounds, folder, amp)
+            training_profile = {**profile, "batch_size": int(train_batch_size or profile["batch_size"])}
+            training = bench_training(training_profile, target, iterations, rounds, folder, amp)
             gpu = None
             if target.type == "cuda":
                 network = SliceScorer.from_checkpoint(checkpoint, target).network
