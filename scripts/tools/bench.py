@@ -343,13 +343,19 @@ def run_benchmark(
             checkpoint = profile_checkpoint(profile, Path(workdir))
             folder = Path(workdir)
             pipeline = bench_pipeline(folder, profile["image_size"], target, profile["batch_size"], 2, pipeline_slices)
+            rates = ", ".join(f"{kind} {entry['pipeline_slices_per_s']:.0f}" for kind, entry in pipeline.items())
+            print(f"[{name}] pipeline alone, slices/s: {rates}", flush=True)
             inference = bench_inference(profile, checkpoint, target, batches, rounds, folder, amp)
+            print(f"[{name}] inference ratio {inference['ratio']:.2f}", flush=True)
             scoring = bench_scoring(profile, checkpoint, target, series_slices, rounds, folder, amp)
+            print(f"[{name}] scoring ratio {scoring['ratio']:.2f} ({series_slices} slices)", flush=True)
             long_run = None
             if long_slices and (target.type == "cuda" or name != "paper"):
                 long_run = bench_scoring(
                     profile, checkpoint, target, long_slices, 1, folder, amp, with_fixed_costs=False
                 )
+            if long_run:
+                print(f"[{name}] scoring ratio {long_run['ratio']:.2f} ({long_slices} slices)", flush=True)
             training_profile = {**profile, "batch_size": int(train_batch_size or profile["batch_size"])}
             training = bench_training(training_profile, target, iterations, rounds, folder, amp)
             gpu = None
