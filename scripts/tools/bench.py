@@ -226,6 +226,7 @@ def _run_costs(
 ) -> dict[str, float]:
     """A whole ``score`` run on the series (lock, index, read, network, report) against its network time plus its
     plots: the fixed cost a study pays; and where it goes (indexing, the first batch, the report)."""
+    load_s = min(_seconds_of(partial(SliceScorer.from_checkpoint, checkpoint, device), device) for _ in range(2))
     costs = fixed_costs(scorer, series, workdir, plots=True)
     without_plots = fixed_costs(scorer, series, workdir, plots=False)
     plots_s = max(0.0, costs["report_s"] - without_plots["report_s"])
@@ -239,6 +240,8 @@ def _run_costs(
         "network_s": bare_seconds,
         "plots_s": plots_s,
         "overhead_s": run_s - bare_seconds - plots_s,
+        "load_s": load_s,
+        "overhead_after_load_s": run_s - bare_seconds - plots_s - load_s,
         "index_s": costs["index_s"],
         "first_batch_s": costs["first_batch_s"],
         "report_s": costs["report_s"],
@@ -321,13 +324,15 @@ def run_benchmark(
     batch_size: int | None = None,
     train_batch_size: int | None = None,
     amp: Any = False,
+    num_workers: int = 2,
     output: str | None = None,
 ) -> dict[str, dict]:
     """Run the benchmark for ``profiles`` and print one block per profile: the pipeline stage by stage per input
     kind, the workflows against bare PyTorch on a ``series_slices`` study and on a ``long_slices`` series (0: not
     run; the paper profile runs it on a GPU only), the fixed costs of a run and, on a GPU, bf16/channels_last
     figures, peak memory and the largest batch. ``amp``: false, true, bf16 or fp16, as in the configs;
-    ``train_batch_size``: the training side's batch, when it must be smaller than inference's."""
+    ``train_batch_size``: the training side's batch, when it must be smaller than inference's; ``num_workers``: the
+    reading processes of the pipeline and of scoring."""
     names = [profiles] if isinstance(profiles, str) else list(profiles)
     names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
     unknown = [n for n in names if n not in PROFILES]
@@ -342,17 +347,19 @@ def run_benchmark(
         with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as workdir:
             checkpoint = profile_checkpoint(profile, Path(workdir))
             folder = Path(workdir)
-            pipeline = bench_pipeline(folder, profile["image_size"], target, profile["batch_size"], 2, pipeline_slices)
+            pipeline = bench_pipeline(
+                folder, profile["image_size"], target, profile["batch_size"], num_workers, pipeline_slices
+            )
             rates = ", ".join(f"{kind} {entry['pipeline_slices_per_s']:.0f}" for kind, entry in pipeline.items())
             print(f"[{name}] pipeline alone, slices/s: {rates}", flush=True)
             inference = bench_inference(profile, checkpoint, target, batches, rounds, folder, amp)
             print(f"[{name}] inference ratio {inference['ratio']:.2f}", flush=True)
-            scoring = bench_scoring(profile, checkpoint, target, series_slices, rounds, folder, amp)
+            scoring = bench_scoring(profile, checkpoint, target, series_slices, rounds, folder, amp, num_workers)
             print(f"[{name}] scoring ratio {scoring['ratio']:.2f} ({series_slices} slices)", flush=True)
             long_run = None
             if long_slices and (target.type == "cuda" or name != "paper"):
                 long_run = bench_scoring(
-                    profile, checkpoint, target, long_slices, 1, folder, amp, with_fixed_costs=False
+                    profile, checkpoint, target, long_slices, 1, folder, amp, num_workers, with_fixed_costs=False
                 )
             if long_run:
                 print(f"[{name}] scoring ratio {long_run['ratio']:.2f} ({long_slices} slices)", flush=True)
@@ -366,6 +373,7 @@ def run_benchmark(
             "profile": profile,
             "device": str(target),
             "amp": amp,
+            "num_workers": num_workers,
             "pipeline": pipeline,
             "inference": inference,
             "scoring": scoring,
@@ -385,7 +393,7 @@ def _print_block(name: str, result: dict) -> None:
     lines = [
         f"\n{name}: {profile['f_name']} + {profile['s_name']} ({inference['parameters'] / 1e6:.1f} M parameters), "
         f"{profile['image_size']} px, batch {profile['batch_size']}, {result['device']}, amp={result['amp']}",
-        "  pipeline alone (512 px inputs, 2 workers, no network), ms per slice by stage, each run alone:",
+        f"  pipeline alone (512 px inputs, {result['num_workers']} workers, no network), ms per slice by stage, alone:",
         "    input       " + " ".join(f"{stage:>11}" for stage in STAGES) + "   pipeline slices/s",
     ]
     for kind in INPUT_KINDS:
@@ -408,7 +416,8 @@ def _print_block(name: str, result: dict) -> None:
     if "run_s" in scoring:
         lines.append(
             f"  a {scoring['slices']}-slice score run: {scoring['run_s']:.2f} s = network {scoring['network_s']:.2f} s"
-            f" + plots {scoring['plots_s']:.2f} s + {scoring['overhead_s']:.2f} s more (target <= 0.3 s; indexing "
+            f" + plots {scoring['plots_s']:.2f} s + {scoring['overhead_s']:.2f} s more, of which loading the model "
+            f"{scoring['load_s']:.2f} s (target <= 0.3 s; {scoring['overhead_after_load_s']:.2f} s besides; indexing "
             f"{scoring['index_s']:.2f} s, first batch {scoring['first_batch_s']:.2f} s, report "
             f"{scoring['report_s']:.2f} s, {scoring['report_without_plots_s']:.2f} s with --plots false)"
         )
