@@ -156,9 +156,9 @@ def bench_pipeline(
     return results
 
 
-def fixed_costs(scorer: Any, folder: Path, workdir: Path, plots: bool = True) -> dict[str, float]:
+def fixed_costs(scorer: Any, folder: Path, workdir: Path) -> dict[str, float]:
     """Seconds a scoring run spends outside the network's steady state on ``folder``: indexing, the first batch
-    (worker start, first reads), and the report (with or without plots)."""
+    (worker start, first reads), and the report with its plots and without (``--plots false``)."""
     from scripts.clinical.score import group_scores, write_report
 
     items: list[dict] = []
@@ -170,12 +170,14 @@ def fixed_costs(scorer: Any, folder: Path, workdir: Path, plots: bool = True) ->
         collate_fn=pad_collate,
     )
     first_batch_s = _seconds(lambda: next(iter(loader)), scorer.device)
-    results = scorer(items)
-    series, errors = group_scores(items, results)
-    report = workdir / ("report" if plots else "report_without_plots")
-    report.mkdir(exist_ok=True)
-    report_s = _seconds(lambda: write_report(report, series, errors, scorer.window, plots=plots), scorer.device)
-    return {"index_s": index_s, "first_batch_s": first_batch_s, "report_s": report_s}
+    series, errors = group_scores(items, scorer(items))
+    costs = {"index_s": index_s, "first_batch_s": first_batch_s}
+    for plots in (True, False):
+        report = workdir / f"report_{plots}"
+        report.mkdir(exist_ok=True)
+        key = "report_s" if plots else "report_without_plots_s"
+        _, costs[key] = _timed(scorer.device, write_report, report, series, errors, scorer.window, None, plots)
+    return costs
 
 
 def gpu_figures(network: torch.nn.Module, device: torch.device, image_size: int, batch_size: int) -> dict[str, Any]:
