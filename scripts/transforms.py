@@ -320,19 +320,11 @@ class BatchPreprocess:
         groups: dict[tuple[tuple[int, ...], bool], list[int]] = {}
         for index, (image, flag) in enumerate(zip(slices, flags, strict=True)):
             groups.setdefault((tuple(image.shape), flag), []).append(index)
-        out: list[torch.Tensor | None] = [None] * len(slices)
+        if len(groups) == 1 and tuple(slices[0].shape) == tuple(images.shape[1:]):  # the usual batch: no copies
+            return self._process(_plain(images).float(), flags[0])
+        out: list[torch.Tensor] = [images] * len(slices)
         for (_, flag), indices in groups.items():
-            batch = torch.stack([_plain(slices[index]) for index in indices]).float()
-            if flag:
-                batch = window_channels(batch, self.windows, self.channels, dim=1)
-            if self.spatial_size is not None and tuple(batch.shape[-2:]) != self.spatial_size:
-                batch = torch.nn.functional.interpolate(
-                    batch, size=self.spatial_size, mode="bilinear", antialias=True, align_corners=False
-                )
-            low = batch.amin(dim=(1, 2, 3), keepdim=True)
-            high = batch.amax(dim=(1, 2, 3), keepdim=True)
-            span = high - low
-            batch = torch.where(span > 0, (batch - low) / torch.where(span > 0, span, 1.0), torch.zeros_like(batch))
+            batch = self._process(torch.stack([_plain(slices[index]) for index in indices]).float(), flag)
             for position, index in enumerate(indices):
                 out[index] = batch[position]
         height = max(image.shape[-2] for image in out)
@@ -341,6 +333,18 @@ class BatchPreprocess:
             torch.nn.functional.pad(image, (0, width - image.shape[-1], 0, height - image.shape[-2])) for image in out
         ]
         return torch.stack(padded)
+
+    def _process(self, batch: torch.Tensor, hu: bool) -> torch.Tensor:
+        """One group of slices of one size: window (HU only), resize, then each slice scaled to [0, 1]."""
+        if hu:
+            batch = window_channels(batch, self.windows, self.channels, dim=1)
+        if self.spatial_size is not None and tuple(batch.shape[-2:]) != self.spatial_size:
+            batch = torch.nn.functional.interpolate(
+                batch, size=self.spatial_size, mode="bilinear", antialias=True, align_corners=False
+            )
+        low = batch.amin(dim=(1, 2, 3), keepdim=True)
+        span = batch.amax(dim=(1, 2, 3), keepdim=True) - low
+        return torch.where(span > 0, (batch - low) / torch.where(span > 0, span, 1.0), torch.zeros_like(batch))
 
 
 def _plain(image: torch.Tensor) -> torch.Tensor:

@@ -80,3 +80,13 @@ def test_training_flips_and_turns_are_drawn_per_slice_on_the_batch() -> None:
     wide = torch.rand(64, 1, 8, 16)
     turned = BatchFlipRotate(prob=1.0)(wide)
     assert turned.shape == wide.shape and torch.equal(turned, wide)  # both flips and a half turn: the same slice
+
+
+def test_a_batch_of_one_size_takes_the_short_path_with_the_same_numbers(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    paths = [write_dicom_slice(tmp_path / f"{k}.dcm", rng.normal(0.0, 300.0, (96, 96)), "1.2.3") for k in range(3)]
+    items = [LoadCTSliced("image")({"image": str(path)}) for path in paths]
+    per_slice = Compose([WindowHUd("image"), ResizeSliced("image", spatial_size=[64, 64]), ScaleIntensityd("image")])
+    expected = torch.stack([per_slice(dict(item))["image"].as_tensor() for item in items])
+    batched, _ = PlainTensorBatch(preprocess=BatchPreprocess(image_size=64))(pad_collate(items), torch.device("cpu"))
+    assert torch.allclose(batched, expected, atol=1e-5, rtol=0)
