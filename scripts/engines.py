@@ -73,9 +73,10 @@ class PlainTensorBatch(PrepareBatch):
     ``engine.state.batch``), but the network gains nothing from metadata and every operation on
     a ``MetaTensor`` pays for tracking it; stripping it here makes the workflows run as fast as a
     bare PyTorch loop. With ``preprocess`` (``scripts.transforms.BatchPreprocess``) the images arrive as read
-    (HU, native size; a list when sizes differ) and are windowed, resized and normalised as one batch on the
-    device, after a non-blocking copy (from pinned memory where the loader pins it). With ``augment``
-    (``BatchFlipRotate``, training) the batch is then augmented there.
+    (HU at native size, padded to one size by ``scripts.patches.pad_collate``, which records each one's own) and
+    are windowed, resized and normalised as one batch on the device, after a non-blocking copy (from pinned
+    memory where the loader pins it). With ``augment`` (``BatchFlipRotate``, training) the batch is then
+    augmented there.
     """
 
     def __init__(self, channels_last: Any = False, preprocess: Any = None, augment: Any = None) -> None:
