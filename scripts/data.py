@@ -214,6 +214,7 @@ class _Sources:
     def __init__(self) -> None:
         self.slices: dict[Path, list[dict]] = {}
         self.problems: dict[Path, str] = {}
+        self.uids: dict[Path, dict[str, dict]] = {}
 
     def of(self, path: Path) -> list[dict]:
         if path not in self.slices and path not in self.problems:
@@ -232,10 +233,12 @@ class _Sources:
         return self.slices[path]
 
     def by_uid(self, path: Path, uid: str) -> dict:
-        for item in self.of(path):
-            if str(read_dicom_ct(Path(item["image"]), header_only=True).get("SOPInstanceUID", "")) == uid:
-                return item
-        raise InputError(f"no slice with SOPInstanceUID {uid}")
+        if path not in self.uids:  # each file's header read once, however many rows name the path
+            headers = {item["image"]: read_dicom_ct(Path(item["image"]), header_only=True) for item in self.of(path)}
+            self.uids[path] = {str(headers[item["image"]].get("SOPInstanceUID", "")): item for item in self.of(path)}
+        if uid not in self.uids[path]:
+            raise InputError(f"no slice with SOPInstanceUID {uid}")
+        return self.uids[path][uid]
 
 
 def scored_ct_items(

@@ -221,8 +221,11 @@ class PredictionWriter:
     def _per_patient(self, predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Each patient's mean prediction against their mean label (the scan-level use of slice scores), with
         ``patients.csv`` (patient, slices, label, prediction) beside the metrics."""
-        names = sorted(set(self.patients), key=str)
-        members = [[i for i, patient in enumerate(self.patients) if patient == name] for name in names]
+        groups: dict[str, list[int]] = {}
+        for index, patient in enumerate(self.patients):
+            groups.setdefault(str(patient), []).append(index)
+        names = sorted(groups)
+        members = [groups[name] for name in names]
         mean_predictions = np.array([predictions[index].mean() for index in members])
         mean_labels = np.round([labels[index].mean() for index in members], 6)  # float32 labels: ties stay ties
         buffer = io.StringIO()

@@ -167,28 +167,6 @@ def to_channels(pixels: np.ndarray, channels: int) -> np.ndarray:
     return np.repeat(pixels[None], channels, axis=0)
 
 
-class LoadSliced(MapTransform):
-    """Replace each key's file path with a channel-first float32 ``MetaTensor`` of the slice.
-
-    The source path stays in the tensor's meta as ``filename_or_obj``, as with MONAI's
-    ``LoadImaged``, so writers can name the file.
-    """
-
-    def __init__(self, keys: KeysCollection, channels: int = 1, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {channels}")
-        self.channels = channels
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            path = d[key]
-            pixels = to_channels(read_slice(path), self.channels)
-            d[key] = MetaTensor(torch.from_numpy(pixels), meta={"filename_or_obj": str(path)})
-        return d
-
-
 class ResizeSliced(MapTransform):
     """Resize channel-first slices to ``spatial_size``: bilinear, with PyTorch's anti-aliasing.
 
@@ -336,12 +314,23 @@ class BatchPreprocess:
 
     def _process(self, batch: torch.Tensor, hu: bool) -> torch.Tensor:
         """One group of slices of one size: window (HU only), resize, then each slice scaled to [0, 1]."""
-        if hu:
-            batch = window_channels(batch, self.windows, self.channels, dim=1)
-        if self.spatial_size is not None and tuple(batch.shape[-2:]) != self.spatial_size:
-            batch = torch.nn.functional.interpolate(
-                batch, size=self.spatial_size, mode="bilinear", antialias=True, align_corners=False
-            )
+        return self.normalise(self.resize(self.window(batch) if hu else batch))
+
+    def window(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) HU through the window(s), one channel per window."""
+        return window_channels(batch, self.windows, self.channels, dim=1)
+
+    def resize(self, batch: torch.Tensor) -> torch.Tensor:
+        """To ``image_size`` (anti-aliased bilinear, as ``ResizeSliced``); as it is without one or already there."""
+        if self.spatial_size is None or tuple(batch.shape[-2:]) == self.spatial_size:
+            return batch
+        return torch.nn.functional.interpolate(
+            batch, size=self.spatial_size, mode="bilinear", antialias=True, align_corners=False
+        )
+
+    @staticmethod
+    def normalise(batch: torch.Tensor) -> torch.Tensor:
+        """Each slice scaled by its own minimum and maximum to [0, 1]; a constant slice becomes zeros."""
         low = batch.amin(dim=(1, 2, 3), keepdim=True)
         span = batch.amax(dim=(1, 2, 3), keepdim=True) - low
         return torch.where(span > 0, (batch - low) / torch.where(span > 0, span, 1.0), torch.zeros_like(batch))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from scripts.ct_inputs import inference_items
+from scripts.ct_inputs import LoadCTSliced, inference_items
 from scripts.data import (
     DatasetError,
     check_dataset,
@@ -22,7 +22,7 @@ from scripts.data import (
     split_items,
     training_datalists,
 )
-from scripts.transforms import ImageReadError, LoadSliced, read_slice
+from scripts.transforms import ImageReadError, read_slice
 from tests.conftest import REPO_ROOT
 
 
@@ -179,7 +179,7 @@ def test_integer_slices_are_scaled_by_their_type(tmp_path: Path) -> None:
     tifffile.imwrite(tmp_path / "u16.tif", np.array([[0, 65535] * 8] * 16, dtype=np.uint16))
     pixels = read_slice(tmp_path / "u16.tif")
     assert pixels.dtype == np.float32 and pixels.min() == 0.0 and pixels.max() == 1.0
-    image = LoadSliced("image", channels=3)({"image": str(tmp_path / "u16.tif")})["image"]
+    image = LoadCTSliced("image", channels=3, error_key=None)({"image": str(tmp_path / "u16.tif")})["image"]
     assert tuple(image.shape) == (3, 16, 16) and image.meta["filename_or_obj"].endswith("u16.tif")
 
 

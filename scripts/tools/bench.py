@@ -41,7 +41,15 @@ from scripts.data import MIN_VALIDATION
 from scripts.engines import amp_dtype, autocast, needs_grad_scaler
 from scripts.networks import build_network, count_parameters
 from scripts.output_dir import write_json_atomic
-from scripts.tools.bench_pipeline import INPUT_KINDS, STAGES, bench_pipeline, fixed_costs, gpu_figures
+from scripts.tools.bench_pipeline import (
+    INPUT_KINDS,
+    STAGES,
+    bench_pipeline,
+    fixed_costs,
+    gpu_figures,
+    synchronize,
+    timed,
+)
 
 CONFIG_DIR = bundle_root() / "configs"
 
@@ -81,11 +89,6 @@ def write_timing_slices(folder: Path, n: int, size: int, seed: int) -> Path:
     return folder
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _best_times(
     baseline: Callable[[], Any], candidate: Callable[[], Any], device: torch.device, rounds: int
 ) -> tuple[float, float]:
@@ -97,10 +100,10 @@ def _best_times(
     best = [float("inf"), float("inf")]
     for round_index in range(rounds + 1):  # round 0 warms up: allocator, kernels, worker start-up code
         for slot, step in enumerate((baseline, candidate)):
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             step()
-            _synchronize(device)
+            synchronize(device)
             if round_index:
                 best[slot] = min(best[slot], time.perf_counter() - start)
     return best[0], best[1]
@@ -226,11 +229,11 @@ def _run_costs(
 ) -> dict[str, float]:
     """A whole ``score`` run on the series (lock, index, read, network, report) against its network time plus its
     plots: the fixed cost a study pays; and where it goes (indexing, the first batch, the report)."""
-    load_s = _seconds_of(partial(SliceScorer.from_checkpoint, checkpoint, device), device)
+    load_s = timed(device, SliceScorer.from_checkpoint, checkpoint, device)[1]
     costs = fixed_costs(scorer, series, workdir)
     plots_s = max(0.0, costs["report_s"] - costs["report_without_plots_s"])
     options = {"device": str(device), "batch_size": batch_size, "num_workers": num_workers}
-    run_s = _seconds_of(partial(score_paths, [series], workdir / "run", checkpoint, **options), device)
+    run_s = timed(device, partial(score_paths, [series], workdir / "run", checkpoint, **options))[1]
     return {
         "run_s": run_s,
         "network_s": bare_seconds,
@@ -243,14 +246,6 @@ def _run_costs(
         "report_s": costs["report_s"],
         "report_without_plots_s": costs["report_without_plots_s"],
     }
-
-
-def _seconds_of(step: Callable[[], Any], device: torch.device) -> float:
-    _synchronize(device)
-    start = time.perf_counter()
-    step()
-    _synchronize(device)
-    return time.perf_counter() - start
 
 
 def bench_training(

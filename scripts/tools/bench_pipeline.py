@@ -24,7 +24,7 @@ from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import HU_WINDOW, write_dicom_slice
 from scripts.engines import PlainTensorBatch
 from scripts.patches import pad_collate
-from scripts.transforms import BatchPreprocess, check_windows, window_channels
+from scripts.transforms import BatchPreprocess
 
 INPUT_KINDS = ("tiff", "dicom", "dicom_j2k", "nifti")
 STAGES = ("read_decode", "hu_window", "resize", "normalise", "collate", "to_device")
@@ -56,55 +56,48 @@ def write_inputs(kind: str, folder: Path, n: int, size: int = 512, seed: int = 0
     return folder
 
 
-def _timed(device: torch.device, function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-    """``function(*args)`` and the seconds it took (waiting for the GPU to finish)."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timer measures it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def timed(device: torch.device, function: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """``function(*args)`` and the seconds it took (waiting for the GPU to finish)."""
+    synchronize(device)
     start = time.perf_counter()
     result = function(*args)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return result, time.perf_counter() - start
 
 
 def _seconds(step: Callable[[], Any], device: torch.device) -> float:
-    return _timed(device, step)[1]
+    return timed(device, step)[1]
 
 
 def _read(items: list[dict]) -> list[tuple[np.ndarray, bool]]:
     return [read_ct_slice(item["image"], item["frame"]) for item in items]
 
 
-def _resize(images: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
-    if size is None or tuple(images.shape[-2:]) == size:
-        return images
-    return torch.nn.functional.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
-
-
-def _normalise(images: torch.Tensor) -> torch.Tensor:
-    low = images.amin(dim=(1, 2, 3), keepdim=True)
-    return (images - low) / (images.amax(dim=(1, 2, 3), keepdim=True) - low).clamp_min(1e-12)
-
-
 def stage_times(
     items: list[dict], image_size: int | None, device: torch.device, batch_size: int, window: Any = HU_WINDOW
 ) -> dict[str, float]:
-    """Milliseconds per slice of each stage, each run over every item in this process (one thread of work)."""
-    windows = check_windows(window)
-    size = BatchPreprocess(window, 1, image_size).spatial_size
+    """Milliseconds per slice of each stage (``BatchPreprocess``'s own steps), each run over every item in this
+    process (one thread of work)."""
+    preprocess = BatchPreprocess(window, 1, image_size)
     times = dict.fromkeys(STAGES, 0.0)
     for start in range(0, len(items), batch_size):
-        read, times_read = _timed(device, _read, items[start : start + batch_size])
+        read, times_read = timed(device, _read, items[start : start + batch_size])
         loaded = [{"image": torch.from_numpy(pixels), "hu": hu} for pixels, hu in read]
-        batch, times_collate = _timed(device, pad_collate, loaded)
+        batch, times_collate = timed(device, pad_collate, loaded)
         host = torch.as_tensor(batch["image"])
         host = host.pin_memory() if device.type == "cuda" else host
-        images, times_copy = _timed(device, lambda tensor: tensor.to(device, non_blocking=True).float(), host)
+        images, times_copy = timed(device, lambda tensor: tensor.to(device, non_blocking=True).float(), host)
         times_window = 0.0
         if all(hu for _, hu in read):
-            images, times_window = _timed(device, window_channels, images, windows, 1, 1)
-        images, times_resize = _timed(device, _resize, images, size)
-        _, times_normalise = _timed(device, _normalise, images)
+            images, times_window = timed(device, preprocess.window, images)
+        images, times_resize = timed(device, preprocess.resize, images)
+        _, times_normalise = timed(device, preprocess.normalise, images)
         for stage, seconds in zip(
             STAGES, (times_read, times_window, times_resize, times_normalise, times_collate, times_copy), strict=True
         ):
@@ -176,7 +169,7 @@ def fixed_costs(scorer: Any, folder: Path, workdir: Path) -> dict[str, float]:
         report = workdir / f"report_{plots}"
         report.mkdir(exist_ok=True)
         key = "report_s" if plots else "report_without_plots_s"
-        _, costs[key] = _timed(scorer.device, write_report, report, series, errors, scorer.window, None, plots)
+        _, costs[key] = timed(scorer.device, write_report, report, series, errors, scorer.window, None, plots)
     return costs
 
 
