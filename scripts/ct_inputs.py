@@ -491,7 +491,7 @@ def read_ct_slice(path: str | Path, frame: int = 0, channels: int = 1) -> tuple[
             reason = " ".join(str(error).split())[:200]
             raise InputError(f"pixel data cannot be decoded ({type(error).__name__}: {reason})") from None
         where = f"frame {frame}: " if frame_count(ds) > 1 else ""
-    return to_channels(_finite_2d(hu, where).astype(np.float32), channels), True
+    return to_channels(_finite_2d(hu.astype(np.float32, copy=False), where), channels), True
 
 
 def read_scored_slice(path: str | Path, frame: int = 0, window: Any = HU_WINDOW, channels: int = 1) -> np.ndarray:

@@ -68,8 +68,29 @@ def frame_hu(ds: Any, index: int = 0) -> np.ndarray:
     transformation = _frame_transformation(ds, index)
     if transformation is None:
         check_hu_mapping(ds)
-        return pixels.astype(np.float32)  # float pixel data holds the values themselves
-    return apply_modality_lut(pixels, transformation).astype(np.float32)
+        return pixels.astype(np.float32, copy=False)  # float pixel data holds the values themselves
+    exact = _exact_float32_rescale(pixels, transformation)
+    if exact is not None:
+        return exact
+    return apply_modality_lut(pixels, transformation).astype(np.float32, copy=False)
+
+
+def _exact_float32_rescale(pixels: np.ndarray, transformation: Any) -> np.ndarray | None:
+    """The usual CT rescale (integer slope and intercept on 8- or 16-bit integers, no Modality LUT) done in float32,
+    where every value is exact and so equals pydicom's float64 result; None for anything else (pydicom does it)."""
+    if "ModalityLUTSequence" in transformation or "RescaleSlope" not in transformation:
+        return None
+    if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
+        return None
+    slope, intercept = float(transformation.RescaleSlope), float(transformation.RescaleIntercept)
+    if not (slope.is_integer() and intercept.is_integer() and abs(slope) <= 128 and abs(intercept) <= 2**23):
+        return None  # beyond these a float32 sum could round where float64 does not
+    hu = pixels.astype(np.float32)
+    if slope != 1:
+        hu *= np.float32(slope)
+    if intercept:
+        hu += np.float32(intercept)
+    return hu
 
 
 def frames_hu(ds: Any) -> list[np.ndarray]:

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from monai.transforms import Compose, ScaleIntensityd
+from monai.transforms import Compose, ScaleIntensity, ScaleIntensityd, ScaleIntensityRange
 
 from scripts.ct_inputs import LoadCTSliced
 from scripts.ct_io import write_dicom_slice
 from scripts.engines import BatchFlipRotate, PlainTensorBatch
 from scripts.patches import pad_collate
-from scripts.transforms import BatchPreprocess, ResizeSliced, WindowHUd
+from scripts.transforms import BatchPreprocess, ResizeSliced, WindowHUd, window_channels
 
 WINDOWS = {"one": [-1000.0, 400.0], "three": [[-1000.0, 400.0], [-160.0, 240.0], [-1350.0, 150.0]]}
 
@@ -90,3 +90,20 @@ def test_a_batch_of_one_size_takes_the_short_path_with_the_same_numbers(tmp_path
     expected = torch.stack([per_slice(dict(item))["image"].as_tensor() for item in items])
     batched, _ = PlainTensorBatch(preprocess=BatchPreprocess(image_size=64))(pad_collate(items), torch.device("cpu"))
     assert torch.allclose(batched, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("window", [[-1000.0, 400.0], [-160.0, 240.0], [-1350.0, 150.0], [0.5, 0.75]])
+def test_windowing_and_normalising_are_monais_to_the_bit(window: list[float]) -> None:
+    """The one-temporary windowing and min-max scaling give MONAI's ``ScaleIntensityRange`` (clipped to [0, 1]) and
+    ``ScaleIntensity(minv=0, maxv=1)`` exactly, per slice and per channel, a constant slice included."""
+    hu = torch.randn(4, 1, 33, 47, generator=torch.Generator().manual_seed(0)) * 700.0
+    hu[3] = 40.0
+    monai_window = ScaleIntensityRange(a_min=window[0], a_max=window[1], b_min=0.0, b_max=1.0, clip=True)
+    expected = torch.stack([torch.as_tensor(monai_window(slice_)) for slice_ in hu])
+    assert torch.equal(window_channels(hu, [tuple(window)], 1, dim=1), expected)
+    three = window_channels(hu, [tuple(window), (-160.0, 240.0), (-1350.0, 150.0)], 3, dim=1)
+    assert torch.equal(three[:, :1], expected) and three.shape == (4, 3, 33, 47)
+    scaled = BatchPreprocess.normalise(hu)
+    monai_scale = ScaleIntensity(minv=0.0, maxv=1.0)
+    assert torch.equal(scaled, torch.stack([torch.as_tensor(monai_scale(slice_)) for slice_ in hu]))
+    assert float(scaled[3].abs().max()) == 0.0

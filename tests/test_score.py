@@ -340,6 +340,37 @@ def test_a_modality_lut_sequence_gives_the_hu(tmp_path: Path) -> None:
     assert np.allclose(read_scored_slice(tmp_path / "lut.dcm", 0, (0.0, 78.0)), 0.5)
 
 
+@pytest.mark.parametrize(
+    ("stored", "slope", "intercept"),
+    [
+        ("uint16", 1, -1024),
+        ("int16", 1, 0),
+        ("int16", 2, -1000),
+        ("uint16", 0.5, -1024.5),
+        ("uint8", 1, -1024),
+        ("uint16", 1000, -32768),
+    ],  # fmt: skip
+)
+def test_rescaled_hu_equal_pydicoms(stored: str, slope: float, intercept: float, tmp_path: Path) -> None:
+    """Integer rescales are done in float32 (exact there), others by pydicom in float64: the same HU either way."""
+    from pydicom.pixels import apply_modality_lut
+
+    from scripts.ct_inputs import read_ct_slice
+
+    ds = _flat_ct(tmp_path / "rescaled.dcm")
+    info = np.iinfo(stored)
+    values = np.random.default_rng(0).integers(info.min, info.max, (16, 16), endpoint=True).astype(stored)
+    ds.BitsAllocated = ds.BitsStored = 8 * values.itemsize
+    ds.HighBit, ds.PixelRepresentation = 8 * values.itemsize - 1, int(info.min < 0)
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    ds.PixelData = values.tobytes()
+    ds.save_as(tmp_path / "rescaled.dcm", enforce_file_format=True)
+    reread = pydicom.dcmread(tmp_path / "rescaled.dcm")
+    expected = apply_modality_lut(reread.pixel_array, reread).astype(np.float32)
+    hu, in_hu = read_ct_slice(tmp_path / "rescaled.dcm")
+    assert in_hu and hu.dtype == np.float32 and np.array_equal(hu[0], expected)
+
+
 def test_integer_ct_without_rescale_or_lut_is_refused(tmp_path: Path) -> None:
     ds = _flat_ct(tmp_path / "no_intercept.dcm")
     del ds.RescaleIntercept
