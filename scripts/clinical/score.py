@@ -36,7 +36,7 @@ from scripts import bundle_root
 from scripts.ct_inputs import add_error, index_inputs, nifti_volume, read_scored_slice
 from scripts.ct_io import HU_WINDOW
 from scripts.data import LDCT_RANGE
-from scripts.engines import PlainTensorBatch, place_network
+from scripts.engines import PlainTensorBatch, place_network, reader_processes
 from scripts.handlers import figure_png, pyplot
 from scripts.options import as_bool
 from scripts.output_dir import (
@@ -71,9 +71,10 @@ class Series:
 class SliceScorer:
     """A network behind the bundle's preprocessing; scores are clipped to [0, 4].
 
-    Slices are read in ``num_workers`` DataLoader workers (0: in this process), so reading
-    and decoding overlap with the network. Both constructors take the network, preprocessing,
-    inferer and window from a bundle's inference config, so scoring and ``monai.bundle run`` cannot drift apart:
+    Slices are read by ``num_workers`` DataLoader worker processes while the network runs, or with none (``"auto"``
+    on a CPU, where the network uses every core) between batches in this process. Both constructors take the
+    network, preprocessing, inferer and window from a bundle's inference config, so scoring and
+    ``monai.bundle run`` cannot drift apart:
     ``from_bundle`` for a bundle folder (its ``models/model.pt``), ``from_checkpoint`` for this
     bundle with any checkpoint.
     """
@@ -84,7 +85,7 @@ class SliceScorer:
         transform: Compose,
         device: str | torch.device = "cpu",
         batch_size: int = 16,
-        num_workers: int = 2,
+        num_workers: Any = "auto",
         window: Any = HU_WINDOW,
         inferer: Any = None,
         prepare_batch: Any = None,
@@ -99,7 +100,7 @@ class SliceScorer:
             self.network = torch.compile(self.network)
         self.transform = transform
         self.batch_size = batch_size
-        self.num_workers = num_workers
+        self.num_workers = reader_processes(num_workers, self.device)
         self.window = check_windows(window)
 
     @classmethod
@@ -108,7 +109,7 @@ class SliceScorer:
         checkpoint: str | Path,
         device: str | torch.device | None = None,
         batch_size: int = 16,
-        num_workers: int = 2,
+        num_workers: Any = "auto",
         window: Any = HU_WINDOW,
         **options: Any,
     ) -> SliceScorer:
@@ -124,7 +125,7 @@ class SliceScorer:
         bundle_dir: str | Path,
         device: str | torch.device | None = None,
         batch_size: int = 16,
-        num_workers: int = 2,
+        num_workers: Any = "auto",
         config_file: str = "configs/inference.json",
         **overrides: Any,
     ) -> SliceScorer:
@@ -366,7 +367,7 @@ def score_paths(
     window: Any = HU_WINDOW,
     device: str | None = None,
     batch_size: int = 16,
-    num_workers: int = 2,
+    num_workers: Any = "auto",
     plots: Any = True,
     **options: Any,
 ) -> dict:

@@ -38,7 +38,7 @@ from scripts.clinical.score import SliceScorer, score_paths
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
 from scripts.data import MIN_VALIDATION
-from scripts.engines import amp_dtype, autocast, needs_grad_scaler
+from scripts.engines import amp_dtype, autocast, needs_grad_scaler, reader_processes
 from scripts.networks import build_network, count_parameters
 from scripts.output_dir import write_json_atomic
 from scripts.tools.bench_pipeline import (
@@ -121,7 +121,14 @@ def profile_checkpoint(profile: dict[str, Any], workdir: Path) -> Path:
 
 
 def bench_inference(
-    profile: dict[str, Any], checkpoint: Path, device: torch.device, batches: int, rounds: int, workdir: Path, amp: Any
+    profile: dict[str, Any],
+    checkpoint: Path,
+    device: torch.device,
+    batches: int,
+    rounds: int,
+    workdir: Path,
+    amp: Any,
+    num_workers: Any = "auto",
 ) -> dict:
     """Bare forward vs the inference workflow, in slices/s."""
     batch_size, image_size = profile["batch_size"], profile["image_size"]
@@ -135,6 +142,7 @@ def bench_inference(
         output_dir=str(workdir / "inference"),
         device=device,
         batch_size=batch_size,
+        num_workers=num_workers,
         amp=amp,
     )
     workflow.initialize()
@@ -179,7 +187,7 @@ def bench_scoring(
     rounds: int,
     workdir: Path,
     amp: Any,
-    num_workers: int = 2,
+    num_workers: Any = "auto",
     with_fixed_costs: bool = True,
 ) -> dict:
     """Bare forward vs scoring a DICOM series from its files (``scripts.clinical.score.SliceScorer``), in slices/s;
@@ -223,7 +231,7 @@ def _run_costs(
     checkpoint: Path,
     device: torch.device,
     batch_size: int,
-    num_workers: int,
+    num_workers: Any,
     workdir: Path,
     bare_seconds: float,
 ) -> dict[str, float]:
@@ -315,7 +323,7 @@ def run_benchmark(
     batch_size: int | None = None,
     train_batch_size: int | None = None,
     amp: Any = False,
-    num_workers: int = 2,
+    num_workers: Any = "auto",
     output: str | None = None,
 ) -> dict[str, dict]:
     """Run the benchmark for ``profiles`` and print one block per profile: the pipeline stage by stage per input
@@ -323,7 +331,8 @@ def run_benchmark(
     run; the paper profile runs it on a GPU only), the fixed costs of a run and, on a GPU, bf16/channels_last
     figures, peak memory and the largest batch. ``amp``: false, true, bf16 or fp16, as in the configs;
     ``train_batch_size``: the training side's batch, when it must be smaller than inference's; ``num_workers``: the
-    reading processes of the pipeline and of scoring."""
+    reading processes of the pipeline, of inference and of scoring (``"auto"``, as the configs: none on a CPU, 2 on
+    a GPU); the pipeline is also timed with 2."""
     names = [profiles] if isinstance(profiles, str) else list(profiles)
     names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
     unknown = [n for n in names if n not in PROFILES]
@@ -343,7 +352,7 @@ def run_benchmark(
             )
             rates = ", ".join(f"{kind} {entry['pipeline_slices_per_s']:.0f}" for kind, entry in pipeline.items())
             print(f"[{name}] pipeline alone, slices/s: {rates}", flush=True)
-            inference = bench_inference(profile, checkpoint, target, batches, rounds, folder, amp)
+            inference = bench_inference(profile, checkpoint, target, batches, rounds, folder, amp, num_workers)
             print(f"[{name}] inference ratio {inference['ratio']:.2f}", flush=True)
             scoring = bench_scoring(profile, checkpoint, target, series_slices, rounds, folder, amp, num_workers)
             print(f"[{name}] scoring ratio {scoring['ratio']:.2f} ({series_slices} slices)", flush=True)
@@ -365,6 +374,7 @@ def run_benchmark(
             "device": str(target),
             "amp": amp,
             "num_workers": num_workers,
+            "reader_processes": reader_processes(num_workers, target),
             "pipeline": pipeline,
             "inference": inference,
             "scoring": scoring,
@@ -384,13 +394,17 @@ def _print_block(name: str, result: dict) -> None:
     lines = [
         f"\n{name}: {profile['f_name']} + {profile['s_name']} ({inference['parameters'] / 1e6:.1f} M parameters), "
         f"{profile['image_size']} px, batch {profile['batch_size']}, {result['device']}, amp={result['amp']}",
-        f"  pipeline alone (512 px inputs, {result['num_workers']} workers, no network), ms per slice by stage, alone:",
-        "    input       " + " ".join(f"{stage:>11}" for stage in STAGES) + "   pipeline slices/s",
+        f"  pipeline alone (512 px inputs, no network), ms per slice by stage, alone; slices/s with "
+        f"num_workers={result['num_workers']} ({result['reader_processes']} reader processes) and with 2:",
+        "    input       " + " ".join(f"{stage:>11}" for stage in STAGES) + "   slices/s  2 processes",
     ]
     for kind in INPUT_KINDS:
         entry = result["pipeline"][kind]
         stages = " ".join(f"{entry['ms_per_slice'][stage]:11.2f}" for stage in STAGES)
-        lines.append(f"    {kind:<11} {stages}   {entry['pipeline_slices_per_s']:9.1f}")
+        lines.append(
+            f"    {kind:<11} {stages}   {entry['pipeline_slices_per_s']:8.1f}"
+            f"  {entry['pipeline_2_processes_slices_per_s']:11.1f}"
+        )
     lines += [
         f"  inference  bare forward {inference['bare_slices_per_s']:9.2f} slices/s | "
         f"workflow {inference['workflow_slices_per_s']:9.2f} slices/s | ratio {inference['ratio']:.2f} (target >= 0.9)",

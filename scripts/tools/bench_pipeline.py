@@ -3,8 +3,9 @@ a GPU the precision and memory figures. Used by ``python -m scripts bench``.
 
 Stages, each timed on its own over the same slices in this process: read/decode (file to HU, or to [0, 1] for a
 rendered TIFF), HU + window, resize, normalise, collate, host to device. The pipeline itself is the inference
-config's: DataLoader workers read and decode, ``BatchPreprocess`` windows, resizes and normalises the batch on the
-device; its rate counts every slice from the files to a ready batch on the device.
+config's: the DataLoader reads and decodes (in worker processes, or with none in this process),
+``BatchPreprocess`` windows, resizes and normalises the batch on the device; its rate counts every slice from the
+files to a ready batch on the device.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from monai.transforms import Compose, EnsureTyped
 
 from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import HU_WINDOW, write_dicom_slice
-from scripts.engines import PlainTensorBatch
+from scripts.engines import PlainTensorBatch, reader_processes
 from scripts.patches import pad_collate
 from scripts.transforms import BatchPreprocess
 
@@ -106,13 +107,14 @@ def stage_times(
 
 
 def pipeline_rate(
-    items: list[dict], image_size: int | None, device: torch.device, batch_size: int, num_workers: int
+    items: list[dict], image_size: int | None, device: torch.device, batch_size: int, num_workers: Any
 ) -> float:
-    """Slices/s from the files to a ready batch on the device, through the inference config's pipeline."""
+    """Slices/s from the files to a ready batch on the device, through the inference config's pipeline with
+    ``num_workers`` reader processes (``"auto"`` as the config has it)."""
     loader = DataLoader(
         Dataset(items, Compose([LoadCTSliced("image"), EnsureTyped("image", dtype=torch.float32)])),
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=reader_processes(num_workers, device),
         collate_fn=pad_collate,
         pin_memory=device.type == "cuda",
     )
@@ -131,11 +133,12 @@ def bench_pipeline(
     image_size: int | None,
     device: torch.device,
     batch_size: int = 8,
-    num_workers: int = 2,
+    num_workers: Any = "auto",
     slices: int = 200,
     kinds: tuple[str, ...] = INPUT_KINDS,
 ) -> dict[str, dict]:
-    """Per input kind: milliseconds per slice of each stage and the pipeline's slices/s."""
+    """Per input kind: milliseconds per slice of each stage, the pipeline's slices/s with ``num_workers`` reader
+    processes and with 2 (``pipeline_2_processes_slices_per_s``)."""
     results = {}
     for kind in kinds:
         folder = write_inputs(kind, workdir / f"pipeline_{kind}", slices)
@@ -145,6 +148,7 @@ def bench_pipeline(
         results[kind] = {
             "ms_per_slice": stage_times(items, image_size, device, batch_size),
             "pipeline_slices_per_s": pipeline_rate(items, image_size, device, batch_size, num_workers),
+            "pipeline_2_processes_slices_per_s": pipeline_rate(items, image_size, device, batch_size, 2),
         }
     return results
 
