@@ -10,7 +10,14 @@ import timm
 import torch
 
 from scripts.checkpoints import read_checkpoint, save_checkpoint
-from scripts.networks import TFKT, EfficientNetRegressor, build_network, count_parameters, load_network
+from scripts.networks import (
+    TFKT,
+    EfficientNetRegressor,
+    build_network,
+    count_parameters,
+    load_network,
+    network_with_weights,
+)
 from tests.conftest import TINY_NETWORKS
 
 
@@ -130,3 +137,34 @@ def test_swinv2_with_non_finite_position_tables_is_refused() -> None:
     table[0, 0, 0, 0] = float("nan")  # what an older timm computes
     with pytest.raises(ValueError, match="upgrade timm"):
         check_position_tables(scorer.model, "swinv2_tiny_window8_256", 32)
+
+
+class WithComputedBuffer(torch.nn.Module):
+    """A module whose non-persistent buffer timm cannot recompute: must be built the usual way."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 1)
+        self.register_buffer("offset", torch.full((1,), 3.0), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.offset
+
+
+@pytest.mark.parametrize("settings", [{}, {"network": "f_only"}, {"patch_size": 48}], ids=["tfkt", "f_only", "crops"])
+def test_a_network_with_weights_skips_random_init_and_scores_the_same(settings: dict) -> None:
+    """Built on the meta device, its SwinV2 position tables recomputed by timm: outputs and buffers to the bit."""
+    reference = tiny(**settings).eval()
+    state = reference.state_dict()
+    network = network_with_weights(lambda: tiny(**settings), state).eval()
+    images = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(network(images), reference(images))
+    buffers = dict(reference.named_buffers())
+    assert {name: buffer.device.type for name, buffer in network.named_buffers()} == dict.fromkeys(buffers, "cpu")
+    assert all(torch.equal(buffer, buffers[name]) for name, buffer in network.named_buffers())
+    odd = WithComputedBuffer()
+    rebuilt = network_with_weights(WithComputedBuffer, odd.state_dict())
+    assert torch.equal(rebuilt(torch.ones(1, 4)), odd(torch.ones(1, 4)))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        network_with_weights(lambda: tiny(**settings), {})

@@ -139,6 +139,7 @@ class SliceScorer:
         from monai.bundle import ConfigParser
 
         from scripts.checkpoints import CheckpointError, config_overrides, read_checkpoint
+        from scripts.networks import network_with_weights
 
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         parser = ConfigParser()
@@ -146,9 +147,9 @@ class SliceScorer:
         parser.update({"bundle_root": str(bundle_dir), "device": device, **overrides})
         checkpoint = parser.get_parsed_content("checkpoint")
         parser.update({k: v for k, v in config_overrides(checkpoint).items() if k not in overrides})
-        network = parser.get_parsed_content("network_def")
+        state_dict = read_checkpoint(checkpoint)[0]
         try:
-            network.load_state_dict(read_checkpoint(checkpoint)[0])
+            network = network_with_weights(lambda: parser.get_parsed_content("network_def"), state_dict, device)
         except RuntimeError as error:
             reason = " ".join(str(error).split())[:300]
             raise CheckpointError(
