@@ -103,4 +103,6 @@ def test_benchmark_prints_the_stage_table_the_ratios_and_the_fixed_costs() -> No
     table = {line.split()[0]: line.split()[1:] for line in lines if line.strip().split(" ")[0] in INPUT_KINDS}
     assert sorted(table) == sorted(INPUT_KINDS)
     assert all(len(values) == len(STAGES) + 2 and min(map(float, values[-2:])) > 0 for values in table.values())
-    assert any(line.strip().startswith("a 6-slice score run:") and "--plots false" in line for line in lines)
+    stripped = [line.strip() for line in lines]
+    assert any(line.startswith("a 6-slice study, model loaded:") and "target <= 0.3 s" in line for line in stripped)
+    assert any(line.startswith("a 6-slice score run:") and "loading the model" in line for line in stripped)
