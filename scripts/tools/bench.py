@@ -319,7 +319,12 @@ def bench_training(
 
     plain_seconds, trainer_seconds = _best_times(plain_epoch, trainer.run, device, rounds)  # an epoch = iterations
     plain_rate, trainer_rate = iterations / plain_seconds, iterations / trainer_seconds
-    return {"plain_it_per_s": plain_rate, "trainer_it_per_s": trainer_rate, "ratio": trainer_rate / plain_rate}
+    result = {"plain_it_per_s": plain_rate, "trainer_it_per_s": trainer_rate, "ratio": trainer_rate / plain_rate}
+    if device.type == "cuda":  # one more epoch of the trainer, for its peak memory alone
+        torch.cuda.reset_peak_memory_stats(device)
+        trainer.run()
+        result["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
 
 
 def run_benchmark(
@@ -440,9 +445,11 @@ def _print_block(name: str, result: dict) -> None:
             f" + plots {scoring['plots_s']:.2f} s + loading the model {scoring['load_s']:.2f} s + "
             f"{scoring['run_overhead_s']:.2f} s more",
         ]
+    peak = f"; peak GPU memory {training['peak_gib']:.2f} GiB" if "peak_gib" in training else ""
     lines.append(
         f"  training   plain loop   {training['plain_it_per_s']:9.3f} it/s     | "
         f"trainer  {training['trainer_it_per_s']:9.3f} it/s     | ratio {training['ratio']:.2f} (target >= 0.95)"
+        f"{peak}"
     )
     gpu = result.get("gpu")
     if gpu:
