@@ -38,6 +38,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from scripts.ct_io import HU_WINDOW, check_hu_mapping, frame_count, frame_hu
+from scripts.options import as_bool
 from scripts.output_dir import LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
 from scripts.transforms import (
     SLICE_SUFFIXES,
@@ -462,10 +463,13 @@ def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:
     return pixels
 
 
-def read_ct_slice(path: str | Path, frame: int = 0, channels: int = 1) -> tuple[np.ndarray, bool]:
+def read_ct_slice(
+    path: str | Path, frame: int = 0, channels: int = 1, compact: bool = False
+) -> tuple[np.ndarray, bool]:
     """One slice before windowing, and whether it is in HU: ((channels, H, W) HU, True) for CT (DICOM, NIfTI,
     rescaled and through any Modality LUT by pydicom; the one channel repeated, so that a batch mixing CT with
-    rendered slices stacks), ((channels, H, W) in [0, 1], False) for rendered TIFF/PNG.
+    rendered slices stacks), ((channels, H, W) in [0, 1], False) for rendered TIFF/PNG. float32, except with
+    ``compact`` DICOM HU that are whole numbers within int16 by construction, which come as int16.
 
     Raises ``InputError`` with the reason when the pixels cannot be used.
     """
@@ -484,14 +488,15 @@ def read_ct_slice(path: str | Path, frame: int = 0, channels: int = 1) -> tuple[
     else:
         ds = read_dicom_ct(path)
         try:
-            hu = frame_hu(ds, frame)
+            hu = frame_hu(ds, frame, compact)
         except BaseException as error:  # decoders raise many types; a Rust decoder's panic is a BaseException
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
             reason = " ".join(str(error).split())[:200]
             raise InputError(f"pixel data cannot be decoded ({type(error).__name__}: {reason})") from None
         where = f"frame {frame}: " if frame_count(ds) > 1 else ""
-    return to_channels(_finite_2d(hu.astype(np.float32, copy=False), where), channels), True
+    pixels = hu if hu.dtype == np.int16 else hu.astype(np.float32, copy=False)  # int16 only when compact
+    return to_channels(_finite_2d(pixels, where), channels), True
 
 
 def read_scored_slice(path: str | Path, frame: int = 0, window: Any = HU_WINDOW, channels: int = 1) -> np.ndarray:
@@ -510,6 +515,10 @@ class LoadCTSliced(MapTransform):
     (DICOM, NIfTI), with ``data[hu_key]`` set so that ``scripts.transforms.WindowHUd`` windows it next; a rendered
     TIFF/PNG slice as it is, with ``channels`` channels.
 
+    ``compact_hu`` keeps integer DICOM HU as int16 (``read_ct_slice``): half the bytes from reader processes to
+    the batch, converted to float32 where the batch is windowed (the inference config; training windows each slice
+    as it is cached and keeps float32).
+
     With ``error_key`` set, a slice that cannot be read becomes a small zero placeholder and its
     reason goes to ``data[error_key]`` (items already carrying an error are passed through the
     same way), so a DataLoader batch survives one bad file; without it, ``InputError`` is raised.
@@ -522,9 +531,11 @@ class LoadCTSliced(MapTransform):
         frame_key: str = "frame",
         error_key: str | None = "error",
         hu_key: str = "hu",
+        compact_hu: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.compact_hu = as_bool(compact_hu, "compact_hu")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.channels = channels
@@ -542,7 +553,7 @@ class LoadCTSliced(MapTransform):
             pixels = None
             if not error:
                 try:
-                    pixels, hu = read_ct_slice(path, frame, self.channels)
+                    pixels, hu = read_ct_slice(path, frame, self.channels, self.compact_hu)
                 except Exception as caught:  # one odd file never stops the batch
                     if self.error_key is None:
                         raise InputError(f"{path}: {caught}") from caught

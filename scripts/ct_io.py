@@ -60,8 +60,12 @@ def frame_count(ds: Any) -> int:
     return int(ds.get("NumberOfFrames", 1) or 1)
 
 
-def frame_hu(ds: Any, index: int = 0) -> np.ndarray:
-    """One frame of a CT dataset in HU; only that frame is decoded (enhanced CT holds several)."""
+def frame_hu(ds: Any, index: int = 0, compact: bool = False) -> np.ndarray:
+    """One frame of a CT dataset in HU as float32; only that frame is decoded (enhanced CT holds several).
+
+    With ``compact``, HU that are whole numbers within int16 by construction (the usual integer rescale) come as
+    int16, the same values in half the bytes: what reader processes pass on and copy to the GPU.
+    """
     from pydicom.pixels import apply_modality_lut, pixel_array
 
     pixels = pixel_array(ds, index=index) if frame_count(ds) > 1 else ds.pixel_array
@@ -69,15 +73,18 @@ def frame_hu(ds: Any, index: int = 0) -> np.ndarray:
     if transformation is None:
         check_hu_mapping(ds)
         return pixels.astype(np.float32, copy=False)  # float pixel data holds the values themselves
-    exact = _exact_float32_rescale(pixels, transformation)
+    exact = _exact_integer_rescale(pixels, transformation)
     if exact is not None:
-        return exact
+        info = np.iinfo(np.int16)
+        fits = compact and exact.size > 0 and info.min <= exact.min() and exact.max() <= info.max
+        return exact.astype(np.int16 if fits else np.float32)
     return apply_modality_lut(pixels, transformation).astype(np.float32, copy=False)
 
 
-def _exact_float32_rescale(pixels: np.ndarray, transformation: Any) -> np.ndarray | None:
-    """The usual CT rescale (integer slope and intercept on 8- or 16-bit integers, no Modality LUT) done in float32,
-    where every value is exact and so equals pydicom's float64 result; None for anything else (pydicom does it)."""
+def _exact_integer_rescale(pixels: np.ndarray, transformation: Any) -> np.ndarray | None:
+    """The usual CT rescale (integer slope and intercept on 8- or 16-bit integers, no Modality LUT) in int32: every
+    value is exact, and exact in float32 too, so it equals pydicom's float64 result; None for anything else (pydicom
+    does it)."""
     if "ModalityLUTSequence" in transformation or "RescaleSlope" not in transformation:
         return None
     if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
@@ -85,11 +92,11 @@ def _exact_float32_rescale(pixels: np.ndarray, transformation: Any) -> np.ndarra
     slope, intercept = float(transformation.RescaleSlope), float(transformation.RescaleIntercept)
     if not (slope.is_integer() and intercept.is_integer() and abs(slope) <= 128 and abs(intercept) <= 2**23):
         return None  # beyond these a float32 sum could round where float64 does not
-    hu = pixels.astype(np.float32)
+    hu = pixels.astype(np.int32)
     if slope != 1:
-        hu *= np.float32(slope)
+        hu *= int(slope)
     if intercept:
-        hu += np.float32(intercept)
+        hu += int(intercept)
     return hu
 
 

@@ -201,8 +201,11 @@ def pad_collate(batch: Sequence[Any]) -> Any:
     """Collate slices of different sizes (no resizing with crops; slices as read; placeholders of unreadable inputs)
     by padding each with air at its bottom and right to the largest in the batch (MONAI's
     ``pad_list_data_collate``); ``PatchScorer`` scores a padded slice exactly as the slice alone. Each slice's own
-    (H, W) is kept as ``spatial_shape``, for ``scripts.transforms.BatchPreprocess``."""
+    (H, W) is kept as ``spatial_shape``, for ``scripts.transforms.BatchPreprocess``. A batch mixing int16 HU
+    (``LoadCTSliced(compact_hu=True)``) with float32 slices is collated as float32."""
     sized = [{**item, "spatial_shape": torch.tensor(item["image"].shape[-2:])} for item in batch]
+    if len({item["image"].dtype for item in sized}) > 1:  # int16 HU beside float32 slices: all as float32
+        sized = [{**item, "image": item["image"].float()} for item in sized]
     return pad_list_data_collate(sized, method="end", mode="constant")
 
 

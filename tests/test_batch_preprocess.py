@@ -107,3 +107,21 @@ def test_windowing_and_normalising_are_monais_to_the_bit(window: list[float]) ->
     monai_scale = ScaleIntensity(minv=0.0, maxv=1.0)
     assert torch.equal(scaled, torch.stack([torch.as_tensor(monai_scale(slice_)) for slice_ in hu]))
     assert float(scaled[3].abs().max()) == 0.0
+
+
+def test_integer_hu_travel_as_int16_and_give_the_same_batch(tmp_path: Path) -> None:
+    """The inference config reads integer DICOM HU as int16 (half the bytes between processes and to the GPU); a
+    batch of them, or one mixing them with float32 slices and an unreadable file's placeholder, comes out of the
+    batched preprocessing exactly as the float32 reading does."""
+    items = _inputs(tmp_path)
+    (tmp_path / "broken.dcm").write_bytes(b"not dicom")
+    items.append({"image": str(tmp_path / "broken.dcm")})
+    compact = [LoadCTSliced("image", compact_hu=True)(dict(item)) for item in items]
+    wide = [LoadCTSliced("image")(dict(item)) for item in items]
+    assert [item["image"].dtype for item in compact] == [torch.int16] * 3 + [torch.float32] * 2
+    assert all(torch.equal(a["image"].float(), b["image"]) for a, b in zip(compact, wide, strict=True))
+    prepare = PlainTensorBatch(preprocess=BatchPreprocess(image_size=48))
+    for chosen in ([0, 1, 2], [0, 2], list(range(5))):  # sizes apart, one size, everything mixed
+        batched, _ = prepare(pad_collate([compact[k] for k in chosen]), torch.device("cpu"))
+        expected, _ = prepare(pad_collate([wide[k] for k in chosen]), torch.device("cpu"))
+        assert batched.dtype == torch.float32 and torch.equal(batched, expected)

@@ -369,6 +369,9 @@ def test_rescaled_hu_equal_pydicoms(stored: str, slope: float, intercept: float,
     expected = apply_modality_lut(reread.pixel_array, reread).astype(np.float32)
     hu, in_hu = read_ct_slice(tmp_path / "rescaled.dcm")
     assert in_hu and hu.dtype == np.float32 and np.array_equal(hu[0], expected)
+    compact, _ = read_ct_slice(tmp_path / "rescaled.dcm", compact=True)  # int16 only where every value fits
+    fits = float(slope).is_integer() and slope <= 128 and -(2**15) <= expected.min() and expected.max() < 2**15
+    assert compact.dtype == (np.int16 if fits else np.float32) and np.array_equal(compact[0], expected)
 
 
 def test_integer_ct_without_rescale_or_lut_is_refused(tmp_path: Path) -> None:

@@ -112,7 +112,7 @@ def pipeline_rate(
     """Slices/s from the files to a ready batch on the device, through the inference config's pipeline with
     ``num_workers`` reader processes (``"auto"`` as the config has it)."""
     loader = DataLoader(
-        Dataset(items, Compose([LoadCTSliced("image"), EnsureTyped("image", dtype=torch.float32)])),
+        Dataset(items, Compose([LoadCTSliced("image", compact_hu=True), EnsureTyped("image")])),
         batch_size=batch_size,
         num_workers=reader_processes(num_workers, device),
         collate_fn=pad_collate,
