@@ -94,8 +94,8 @@ def score(
     (``torchrun --nproc_per_node N -m scripts score ...`` shares the series out between N processes).
 
     ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names);
-    ``num_workers`` processes read slices while the network runs (0: a thread of this process; ``auto``: 0 on a CPU,
-    where the network uses every core, and 2 on a GPU); a slice
+    ``num_workers`` processes read slices while the network runs (0: this process reads between batches; ``auto``:
+    0 on a CPU, where the network uses every core, and 2 on a GPU); a slice
     that would take more than ``max_slice_mb`` MiB as float32 is refused unread (listed in errors). ``amp``
     (false/true/bf16/fp16), ``channels_last`` and ``compile`` (torch.compile) as in the inference config; ``plots``
     false skips the series plots. Exits
