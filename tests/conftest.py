@@ -14,7 +14,7 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
-from scripts.checkpoints import save_checkpoint, settings_path
+from scripts.checkpoints import config_overrides, save_checkpoint, settings_path
 from scripts.networks import build_network
 from scripts.synthetic.ct import write_ct_dataset, write_scored_ct_dataset
 from scripts.synthetic.natural import write_natural_dataset
@@ -83,6 +83,23 @@ def make_workflow(config_file: str | list[str], workflow_type: str, **overrides:
     )
     workflow.initialize()
     return workflow
+
+
+def inference_workflow(
+    checkpoint: Path, dataset_dir: Path, output_dir: Path, config: str | list[str] = INFERENCE_CONFIG, **overrides: Any
+) -> ConfigWorkflow:
+    """The inference workflow on the CPU, reading in this process, with ``checkpoint`` and the network settings
+    recorded beside it."""
+    return make_workflow(
+        config,
+        "inference",
+        **config_overrides(checkpoint),
+        dataset_dir=str(dataset_dir),
+        output_dir=str(output_dir),
+        device=torch.device("cpu"),
+        num_workers=0,
+        **overrides,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,8 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from scripts.checkpoints import config_overrides
 from scripts.engines import amp_dtype, needs_grad_scaler
-from tests.conftest import INFERENCE_CONFIG, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
+from tests.conftest import TINY_OVERRIDES, TRAIN_CONFIG, inference_workflow, make_workflow
 
 TOLERANCES = {"channels_last": 1e-5, "compile": 1e-4, "amp": 0.05}
 OPTIONS = {"channels_last": {"channels_last": "true"}, "compile": {"compile": True}, "amp": {"amp": "bf16"}}
@@ -46,17 +45,7 @@ def test_an_unknown_amp_value_is_refused_by_name() -> None:
 
 
 def _predictions(trained_bundle: Path, slices: Path, output: Path, **options: object) -> dict[str, float]:
-    workflow = make_workflow(
-        INFERENCE_CONFIG,
-        "inference",
-        **config_overrides(trained_bundle / "model.pt"),
-        dataset_dir=str(slices),
-        output_dir=str(output),
-        device=torch.device("cpu"),
-        num_workers=0,
-        **options,
-    )
-    workflow.run()
+    inference_workflow(trained_bundle / "model.pt", slices, output, **options).run()
     with open(output / "predictions.csv", newline="") as stream:
         return {row["file"]: float(row["prediction"]) for row in csv.DictReader(stream)}
 

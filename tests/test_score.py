@@ -14,7 +14,6 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
-import torch
 from pydicom.data import get_testdata_file
 from pydicom.uid import (
     CTImageStorage,
@@ -22,11 +21,10 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from scripts.checkpoints import config_overrides
 from scripts.clinical.score import score_paths
 from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
 from scripts.ct_io import write_dicom_slice
-from tests.conftest import INFERENCE_CONFIG, REPO_ROOT, make_workflow
+from tests.conftest import REPO_ROOT, inference_workflow
 
 WINDOW = (-1000.0, 400.0)
 
@@ -148,17 +146,7 @@ def test_bundle_inference_config_scores_the_same_files(
     tiny_checkpoint: Path, mixed_folder: Path, tmp_path: Path
 ) -> None:
     summary = score_paths([mixed_folder], tmp_path / "score", ckpt=tiny_checkpoint, device="cpu")
-    workflow = make_workflow(
-        INFERENCE_CONFIG,
-        "inference",
-        **config_overrides(tiny_checkpoint),
-        dataset_dir=str(mixed_folder),
-        output_dir=str(tmp_path / "bundle"),
-        device=torch.device("cpu"),
-        num_workers=0,
-        batch_size=4,
-    )
-    workflow.run()
+    inference_workflow(tiny_checkpoint, mixed_folder, tmp_path / "bundle", batch_size=4).run()
     with open(tmp_path / "score" / "scores.csv", newline="") as stream:
         expected = sorted((Path(row["source"]).name, float(row["score"])) for row in csv.DictReader(stream))
     with open(tmp_path / "bundle" / "predictions.csv", newline="") as stream:

@@ -20,7 +20,7 @@ from monai.bundle import ConfigParser
 from monai.transforms import ScaleIntensityRange
 from scipy import stats
 
-from scripts.checkpoints import config_overrides, read_settings
+from scripts.checkpoints import read_settings
 from scripts.ct_inputs import LoadCTSliced
 from scripts.data import DatasetError, scored_ct_items, training_datalists
 from scripts.transforms import WindowHUd
@@ -31,6 +31,7 @@ from tests.conftest import (
     REPO_ROOT,
     TINY_OVERRIDES,
     TRAIN_CONFIG,
+    inference_workflow,
     make_workflow,
 )
 
@@ -169,16 +170,8 @@ def test_three_windows_as_three_channels_end_to_end(scored_ct_labels: Path, tmp_
     _train(scored_ct_labels, tmp_path, [TRAIN_CONFIG, MULTI_WINDOW], max_epochs=1)
     assert read_settings(tmp_path / "model.pt")["in_channels"] == 3
     output = tmp_path / "scores"
-    workflow = make_workflow(
-        [INFERENCE_CONFIG, MULTI_WINDOW],
-        "inference",
-        **config_overrides(tmp_path / "model.pt"),
-        dataset_dir=str(scored_ct_labels.parent / "p00"),
-        output_dir=str(output),
-        device=torch.device("cpu"),
-        num_workers=0,
-    )
-    workflow.run()
+    configs = [INFERENCE_CONFIG, MULTI_WINDOW]
+    inference_workflow(tmp_path / "model.pt", scored_ct_labels.parent / "p00", output, configs).run()
     with open(output / "predictions.csv", newline="") as stream:
         rows = list(csv.DictReader(stream))
     assert [row["file"] for row in rows] == [f"{k:03d}.dcm" for k in range(6)]

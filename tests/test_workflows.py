@@ -22,6 +22,7 @@ from tests.conftest import (
     PRETRAIN_CONFIG,
     TINY_OVERRIDES,
     TRAIN_CONFIG,
+    inference_workflow,
     make_workflow,
 )
 
@@ -189,16 +190,7 @@ def test_inference_scores_every_readable_slice(trained_bundle: Path, ldct_test_d
     Image.fromarray(np.full((64, 64), 128, dtype=np.uint8)).save(slices / "nested" / "grey.png")
     (slices / "broken.tif").write_bytes(b"II*\x00 this is not a TIFF")
     output = tmp_path / "out"
-    workflow = make_workflow(
-        INFERENCE_CONFIG,
-        "inference",
-        **config_overrides(trained_bundle / "model.pt"),
-        dataset_dir=str(slices),
-        output_dir=str(output),
-        device=torch.device("cpu"),
-        num_workers=0,
-    )
-    workflow.run()
+    inference_workflow(trained_bundle / "model.pt", slices, output).run()
     rows = _read_csv(output / "predictions.csv")
     assert list(rows[0]) == ["file", "slice", "prediction", "score_sd"]
     assert sorted(row["file"] for row in rows) == ["nested/grey.png", "slice0.tif", "slice1.tif", "slice2.tif"]
@@ -217,15 +209,7 @@ def test_inference_on_a_missing_or_empty_folder_lists_why_and_fails(
     if folder == "empty":
         (tmp_path / folder).mkdir()
     output = tmp_path / "out"
-    workflow = make_workflow(
-        INFERENCE_CONFIG,
-        "inference",
-        **config_overrides(tiny_checkpoint),
-        dataset_dir=str(tmp_path / folder),
-        output_dir=str(output),
-        device=torch.device("cpu"),
-        num_workers=0,
-    )
+    workflow = inference_workflow(tiny_checkpoint, tmp_path / folder, output)
     reason = "folder does not exist" if folder == "missing" else "no scorable CT or slice files found"
     with pytest.raises(RuntimeError, match="evaluator") as caught:
         workflow.run()
