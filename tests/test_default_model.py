@@ -109,7 +109,20 @@ def test_export_of_pickled_code_is_one_line(bad_checkpoints, tmp_path: Path, cap
     assert len(lines) == 1 and "refused for safety" in lines[0]
 
 
-def test_legacy_format_checkpoints_load(bad_checkpoints, tiny_checkpoint: Path) -> None:
+def test_legacy_format_checkpoints_load_and_score_the_same(bad_checkpoints, tiny_checkpoint: Path, tmp_path) -> None:
+    """An earlier-form file (``{"network", "settings"}``, no model.json beside it) rebuilds its own network from
+    the settings inside it, not the config's default one, and scores as the current form does."""
     from scripts.checkpoints import read_checkpoint
+    from scripts.clinical.score import SliceScorer
+    from scripts.ct_inputs import index_inputs
 
     assert read_checkpoint(bad_checkpoints["legacy"])[1] == read_checkpoint(tiny_checkpoint)[1]
+    assert not bad_checkpoints["legacy"].with_suffix(".json").exists()
+    rng = np.random.default_rng(3)
+    for index in range(3):
+        write_dicom_slice(tmp_path / "ct" / f"{index}.dcm", rng.normal(0, 300, (64, 64)), "1.2.3.9", position=index)
+    items = index_inputs([tmp_path / "ct"])[0]
+    current = SliceScorer.from_checkpoint(tiny_checkpoint, "cpu")(items)
+    legacy = SliceScorer.from_checkpoint(bad_checkpoints["legacy"], "cpu")(items)
+    assert [score for score, _, _ in legacy] == [score for score, _, _ in current]
+    assert all(score is not None for score, _, _ in current) and len({score for score, _, _ in current}) == 3

@@ -138,7 +138,7 @@ class SliceScorer:
         """
         from monai.bundle import ConfigParser
 
-        from scripts.checkpoints import CheckpointError, config_overrides, read_checkpoint
+        from scripts.checkpoints import CONFIG_SETTING_KEYS, CheckpointError, read_checkpoint
         from scripts.networks import network_with_weights
 
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
@@ -146,8 +146,8 @@ class SliceScorer:
         parser.read_config(str(Path(bundle_dir) / config_file))
         parser.update({"bundle_root": str(bundle_dir), "device": device, **overrides})
         checkpoint = parser.get_parsed_content("checkpoint")
-        parser.update({k: v for k, v in config_overrides(checkpoint).items() if k not in overrides})
-        state_dict = read_checkpoint(checkpoint)[0]
+        state_dict, settings = read_checkpoint(checkpoint)  # settings: model.json, or inside an earlier-form file
+        parser.update({key: settings[key] for key in CONFIG_SETTING_KEYS if key in settings and key not in overrides})
         try:
             network = network_with_weights(lambda: parser.get_parsed_content("network_def"), state_dict, device)
         except RuntimeError as error:
