@@ -90,7 +90,8 @@ def test_layout_and_ignored_weights() -> None:
 def test_benchmark_prints_the_stage_table_the_ratios_and_the_fixed_costs() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "scripts", "bench", "--profiles", "tiny", "--batches", "2", "--iterations", "2",
-         "--rounds", "1", "--series_slices", "6", "--long_slices", "12", "--pipeline_slices", "4"],
+         "--rounds", "1", "--series_slices", "6", "--long_slices", "12", "--pipeline_slices", "8",
+         "--pipeline_workers", "0,2"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
@@ -102,7 +103,10 @@ def test_benchmark_prints_the_stage_table_the_ratios_and_the_fixed_costs() -> No
     assert "a 6-slice study" in ratios[1] and "a 12-slice series" in ratios[2]
     table = {line.split()[0]: line.split()[1:] for line in lines if line.strip().split(" ")[0] in INPUT_KINDS}
     assert sorted(table) == sorted(INPUT_KINDS)
-    assert all(len(values) == len(STAGES) + 2 and min(map(float, values[-2:])) > 0 for values in table.values())
+    for values in table.values():  # the stages, then "slices/s (start s)" for auto, 0 and 2 reader processes
+        rates = [float(value) for value in values[len(STAGES) :: 2]]
+        starts = [float(value.strip("()s")) for value in values[len(STAGES) + 1 :: 2]]
+        assert len(values) == len(STAGES) + 6 and min(rates) > 0 and min(starts) >= 0
     stripped = [line.strip() for line in lines]
     assert any(line.startswith("a 6-slice study, model loaded:") and "target <= 0.3 s" in line for line in stripped)
     assert any(line.startswith("a 6-slice score run:") and "loading the model" in line for line in stripped)

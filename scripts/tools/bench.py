@@ -336,6 +336,7 @@ def run_benchmark(
     series_slices: int = 100,
     long_slices: int = 1000,
     pipeline_slices: int = 200,
+    pipeline_workers: Any = 2,
     batch_size: int | None = None,
     train_batch_size: int | None = None,
     amp: Any = False,
@@ -348,13 +349,15 @@ def run_benchmark(
     figures, peak memory and the largest batch. ``amp``: false, true, bf16 or fp16, as in the configs;
     ``train_batch_size``: the training side's batch, when it must be smaller than inference's; ``num_workers``: the
     reading processes of the pipeline, of inference and of scoring (``"auto"``, as the configs: none on a CPU, 2 on
-    a GPU); the pipeline is also timed with 2."""
+    a GPU); the pipeline is also timed with each count of ``pipeline_workers`` (one number or a comma list, as
+    ``2,4,8``), its steady rate and its start (to the first batch) apart."""
     names = [profiles] if isinstance(profiles, str) else list(profiles)
     names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
     unknown = [n for n in names if n not in PROFILES]
     if unknown:
         raise ValueError(f"unknown profiles {unknown}; choose from {sorted(PROFILES)}")
     target = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    other_workers = _worker_counts(pipeline_workers)
     results: dict[str, dict] = {}
     for name in names:
         profile = dict(PROFILES[name])
@@ -364,9 +367,10 @@ def run_benchmark(
             checkpoint = profile_checkpoint(profile, Path(workdir))
             folder = Path(workdir)
             pipeline = bench_pipeline(
-                folder, profile["image_size"], target, profile["batch_size"], num_workers, pipeline_slices
-            )
-            rates = ", ".join(f"{kind} {entry['pipeline_slices_per_s']:.0f}" for kind, entry in pipeline.items())
+                folder, profile["image_size"], target, profile["batch_size"], num_workers, pipeline_slices,
+                other_workers=other_workers,
+            )  # fmt: skip
+            rates = ", ".join(f"{kind} {entry['pipeline']['slices_per_s']:.0f}" for kind, entry in pipeline.items())
             print(f"[{name}] pipeline alone, slices/s: {rates}", flush=True)
             inference = bench_inference(profile, checkpoint, target, batches, rounds, folder, amp, num_workers)
             print(f"[{name}] inference ratio {inference['ratio']:.2f}", flush=True)
@@ -404,22 +408,37 @@ def run_benchmark(
     return results
 
 
+def _worker_counts(value: Any) -> tuple[int, ...]:
+    """``pipeline_workers`` as reader-process counts: one number, a comma list or a sequence (fire's parse)."""
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    counts = tuple(
+        reader_processes(part.strip() if isinstance(part, str) else part) for part in parts if str(part).strip()
+    )
+    if not counts:
+        raise ValueError(f"pipeline_workers must name at least one count of reader processes, got {value!r}")
+    return counts
+
+
 def _print_block(name: str, result: dict) -> None:
     profile, inference, training = result["profile"], result["inference"], result["training"]
     scoring, long_run = result["scoring"], result["long_run"]
+    counts = list(next(iter(result["pipeline"].values()))["by_processes"])
     lines = [
         f"\n{name}: {profile['f_name']} + {profile['s_name']} ({inference['parameters'] / 1e6:.1f} M parameters), "
         f"{profile['image_size']} px, batch {profile['batch_size']}, {result['device']}, amp={result['amp']}",
-        f"  pipeline alone (512 px inputs, no network), ms per slice by stage, alone; slices/s with "
-        f"num_workers={result['num_workers']} ({result['reader_processes']} reader processes) and with 2:",
-        "    input       " + " ".join(f"{stage:>11}" for stage in STAGES) + "   slices/s  2 processes",
-    ]
+        f"  pipeline alone (512 px inputs, no network), ms per slice by stage, alone; steady slices/s (and seconds "
+        f"to the first batch) with num_workers={result['num_workers']} ({result['reader_processes']} reader "
+        f"processes) and with {', '.join(counts)} processes:",
+        "    input       " + " ".join(f"{stage:>11}" for stage in STAGES) + "   "
+        + " ".join(f"{heading:>16}" for heading in ["slices/s (start)"] + [f"{count} processes" for count in counts]),
+    ]  # fmt: skip
     for kind in INPUT_KINDS:
         entry = result["pipeline"][kind]
         stages = " ".join(f"{entry['ms_per_slice'][stage]:11.2f}" for stage in STAGES)
+        rates = [entry["pipeline"]] + [entry["by_processes"][count] for count in counts]
         lines.append(
-            f"    {kind:<11} {stages}   {entry['pipeline_slices_per_s']:8.1f}"
-            f"  {entry['pipeline_2_processes_slices_per_s']:11.1f}"
+            f"    {kind:<11} {stages}   "
+            + " ".join(f"{rate['slices_per_s']:8.1f} ({rate['start_s']:.2f}s)" for rate in rates)
         )
     lines += [
         f"  inference  bare forward {inference['bare_slices_per_s']:9.2f} slices/s | "
