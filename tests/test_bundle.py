@@ -110,3 +110,18 @@ def test_benchmark_prints_the_stage_table_the_ratios_and_the_fixed_costs() -> No
     stripped = [line.strip() for line in lines]
     assert any(line.startswith("a 6-slice study, model loaded:") and "target <= 0.3 s" in line for line in stripped)
     assert any(line.startswith("a 6-slice score run:") and "loading the model" in line for line in stripped)
+
+
+def test_the_benchmarks_device_figures_time_every_variant() -> None:
+    """The GPU block's variants (precision, memory format, cuDNN autotuner, torch.compile) run here on the CPU, so
+    that a lent GPU's few minutes are not lost to an error in them; peak memory and batch limits are GPU-only."""
+    import torch
+
+    from scripts.networks import build_network
+    from scripts.tools.bench_pipeline import GPU_VARIANTS, gpu_figures
+
+    network = build_network(**TINY_NETWORKS)
+    figures = gpu_figures(network, torch.device("cpu"), image_size=64, batch_size=2, compile=True)
+    names = [name for name, *_ in GPU_VARIANTS] + ["bf16_channels_last_compiled"]
+    assert sorted(figures) == sorted(f"{name}_slices_per_s" for name in names)
+    assert min(figures.values()) > 0 and not torch.backends.cudnn.benchmark  # the autotuner's setting is restored

@@ -40,8 +40,10 @@ from scripts.ct_io import write_dicom_slice
 from scripts.data import MIN_VALIDATION
 from scripts.engines import amp_dtype, autocast, needs_grad_scaler, reader_processes
 from scripts.networks import build_network, count_parameters
+from scripts.options import as_bool
 from scripts.output_dir import locked_output_dir, write_json_atomic
 from scripts.tools.bench_pipeline import (
+    GPU_VARIANTS,
     INPUT_KINDS,
     STAGES,
     bench_pipeline,
@@ -341,6 +343,7 @@ def run_benchmark(
     train_batch_size: int | None = None,
     amp: Any = False,
     num_workers: Any = "auto",
+    compile: Any = False,
     output: str | None = None,
 ) -> dict[str, dict]:
     """Run the benchmark for ``profiles`` and print one block per profile: the pipeline stage by stage per input
@@ -350,7 +353,8 @@ def run_benchmark(
     ``train_batch_size``: the training side's batch, when it must be smaller than inference's; ``num_workers``: the
     reading processes of the pipeline, of inference and of scoring (``"auto"``, as the configs: none on a CPU, 2 on
     a GPU); the pipeline is also timed with each count of ``pipeline_workers`` (one number or a comma list, as
-    ``2,4,8``), its steady rate and its start (to the first batch) apart."""
+    ``2,4,8``), its steady rate and its start apart; ``compile``: on a GPU also the bare forward through
+    ``torch.compile`` (bf16 + channels_last)."""
     names = [profiles] if isinstance(profiles, str) else list(profiles)
     names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
     unknown = [n for n in names if n not in PROFILES]
@@ -388,7 +392,7 @@ def run_benchmark(
             gpu = None
             if target.type == "cuda":
                 network = SliceScorer.from_checkpoint(checkpoint, target).network
-                gpu = gpu_figures(network, target, 512, profile["batch_size"])
+                gpu = gpu_figures(network, target, 512, profile["batch_size"], as_bool(compile, "compile"))
         results[name] = {
             "profile": profile,
             "device": str(target),
@@ -472,9 +476,13 @@ def _print_block(name: str, result: dict) -> None:
     )
     gpu = result.get("gpu")
     if gpu:
-        lines.append(
-            f"  GPU, 512 px, batch {profile['batch_size']}: fp32 {gpu['fp32_slices_per_s']:.1f}, bf16 "
-            f"{gpu['bf16_slices_per_s']:.1f}, bf16 + channels_last {gpu['bf16_channels_last_slices_per_s']:.1f} "
-            f"slices/s; peak {gpu['bf16_peak_gib']:.2f} GiB (bf16); largest bf16 batch {gpu['largest_bf16_batch']}"
+        variants = [name for name, *_ in GPU_VARIANTS] + (
+            ["bf16_channels_last_compiled"] if "bf16_channels_last_compiled_slices_per_s" in gpu else []
         )
+        lines.append(f"  GPU, 512 px, batch {profile['batch_size']}, bare forward, slices/s (peak GiB):")
+        lines += [
+            f"    {name:<36} {gpu[name + '_slices_per_s']:8.1f} ({gpu.get(name + '_peak_gib', 0.0):.2f})"
+            for name in variants
+        ]
+        lines.append(f"    largest bf16 batch that fits: {gpu['largest_bf16_batch']}")
     print("\n".join(lines), flush=True)

@@ -194,14 +194,34 @@ def fixed_costs(scorer: Any, folder: Path, workdir: Path) -> dict[str, float]:
     return costs
 
 
-def gpu_figures(network: torch.nn.Module, device: torch.device, image_size: int, batch_size: int) -> dict[str, Any]:
-    """On a GPU: bare forward slices/s in float32, bf16 and bf16 + channels_last, the peak memory of a bf16 batch,
-    and the largest batch that fits at ``image_size`` (doubling until out of memory, up to 1024)."""
+GPU_VARIANTS = (  # name, autocast dtype, channels_last, cudnn.benchmark
+    ("fp32", None, False, False),
+    ("bf16", torch.bfloat16, False, False),
+    ("bf16_channels_last", torch.bfloat16, True, False),
+    ("bf16_channels_last_cudnn_benchmark", torch.bfloat16, True, True),
+)
+
+
+def gpu_figures(
+    network: torch.nn.Module,
+    device: torch.device,
+    image_size: int,
+    batch_size: int,
+    compile: bool = False,
+    largest_batch: int = 1024,
+) -> dict[str, Any]:
+    """Bare forward slices/s in float32, bf16, bf16 + channels_last, and that with cuDNN's autotuner
+    (``torch.backends.cudnn.benchmark``), with ``compile`` also bf16 + channels_last through ``torch.compile``; on a
+    GPU the peak memory of each and the largest bf16 batch that fits at ``image_size`` (doubling until out of
+    memory, up to ``largest_batch``). The bench runs it on GPUs; on a CPU (the tests) it gives the rates only."""
     network = network.to(device).eval()
     results: dict[str, Any] = {}
-    for name, dtype, channels_last in (("fp32", None, False), ("bf16", torch.bfloat16, False),
-                                       ("bf16_channels_last", torch.bfloat16, True)):  # fmt: skip
+    variants = list(GPU_VARIANTS) + ([("bf16_channels_last_compiled", torch.bfloat16, True, False)] if compile else [])
+    autotune = torch.backends.cudnn.benchmark
+    for name, dtype, channels_last, benchmark in variants:
+        torch.backends.cudnn.benchmark = benchmark
         model = network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        model = torch.compile(model) if name.endswith("compiled") else model
         batch = torch.rand(batch_size, 1, image_size, image_size, device=device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
@@ -209,18 +229,23 @@ def gpu_figures(network: torch.nn.Module, device: torch.device, image_size: int,
         def forward(model: torch.nn.Module = model, batch: torch.Tensor = batch, dtype: Any = dtype) -> None:
             with (
                 torch.inference_mode(),
-                torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None),
+                torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None),
             ):
                 for _ in range(5):
                     model(batch)
 
-        forward()
-        torch.cuda.reset_peak_memory_stats(device)
+        forward()  # warm: kernels, the autotuner, compilation
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         results[f"{name}_slices_per_s"] = 5 * batch_size / _seconds(forward, device)
-        results[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda":
+            results[f"{name}_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.backends.cudnn.benchmark = autotune
     network = network.to(memory_format=torch.contiguous_format)
+    if device.type != "cuda":
+        return results
     largest, size = 0, batch_size
-    while size <= 1024:
+    while size <= largest_batch:
         try:
             with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
                 network(torch.rand(size, 1, image_size, image_size, device=device))
