@@ -115,6 +115,58 @@ def _load_weights_only(path: Path, map_location: str | torch.device) -> Any:
         ) from error
 
 
+def load_trained_weights(network: nn.Module, path: str | Path, role: str = "checkpoint") -> None:
+    """Every weight of a trained model (a ``model.pt`` written by training, shipped in an export, or of the earlier
+    form) into ``network``, whose settings (the config's network ids) must be those recorded with the model; a
+    mismatch names the ids on both sides. ``role`` names the file in messages (``checkpoint``, ``init_checkpoint``).
+    """
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"{role} {str(path)!r} does not exist: give a model.pt written by training, or run "
+            "`python -m scripts demo` to train the embedded model"
+        )
+    model = getattr(network, "module", network)  # DistributedDataParallel
+    state, settings = read_checkpoint(path)
+    own = json.loads(json.dumps(getattr(model, "settings", {})))  # tuples as lists, as in the settings file
+    different = [key for key in NETWORK_SETTING_KEYS if key in settings and key in own and settings[key] != own[key]]
+    if different:
+        theirs = ", ".join(f"{key}={settings[key]!r}" for key in different)
+        ours = ", ".join(f"{key}={own[key]!r}" for key in different)
+        raise CheckpointError(
+            f"{role} {path} was trained with {theirs}, but this config has {ours}: set these ids to the model's "
+            "(as --id value on the command line, or merge the overlay it was trained with, e.g. configs/demo.json)"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        reason = " ".join(str(error).split())[:300]
+        raise CheckpointError(
+            f"{role} {path} does not fit this network ({reason}): set the network ids (network, f_name, s_name, "
+            "side, in_channels, patch_size) to those it was trained with, or put its model.json beside it"
+        ) from None
+
+
+class TrainedWeightsLoader:
+    """The inference and evaluation configs' checkpoint loader: ``load_trained_weights`` when the engine starts.
+
+    In place of MONAI's ``CheckpointLoader`` (same ``load_path``), so that a model trained with other network ids
+    is refused with those ids named rather than a state-dict error, and files of the earlier form load too.
+    """
+
+    def __init__(self, load_path: str | Path, network: nn.Module) -> None:
+        self.load_path = load_path
+        self.network = network
+
+    def attach(self, engine: Any) -> None:
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Any = None) -> None:
+        load_trained_weights(self.network, self.load_path)
+        logger.info("weights from %s", self.load_path)
+
+
 NO_MODEL = (
     "no model found (neither {bundle} nor {demo}): run `python -m scripts demo` to train the embedded model "
     "(about 10 minutes on a CPU), train one on your data (see README), or pass --ckpt FILE"

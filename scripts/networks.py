@@ -10,7 +10,6 @@ checkpoint can rebuild it from the file alone (see ``scripts.checkpoints``).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,13 @@ import torch
 from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import nn
 
-from scripts.checkpoints import NETWORK_SETTING_KEYS, CheckpointError, read_checkpoint, settings_path
+from scripts.checkpoints import (
+    NETWORK_SETTING_KEYS,
+    CheckpointError,
+    load_trained_weights,
+    read_checkpoint,
+    settings_path,
+)
 from scripts.options import as_bool, optional_size
 
 logger = logging.getLogger(__name__)
@@ -321,25 +326,9 @@ def initialise_network(
 
 
 def load_init_checkpoint(network: nn.Module, path: str) -> None:
-    """Fine-tuning: every weight of a trained model (``init_checkpoint``: a ``model.pt`` written by training or
-    shipped in an export) into ``network``, whose settings (the config's network ids) must be the model's."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"init_checkpoint {str(path)!r} does not exist: give a model.pt written by training")
-    state, settings = read_checkpoint(path)
-    own = json.loads(json.dumps(network.settings))  # tuples as lists, as in the settings file
-    different = [key for key in NETWORK_SETTING_KEYS if key in settings and key in own and settings[key] != own[key]]
-    if different:
-        theirs = ", ".join(f"{key}={settings[key]!r}" for key in different)
-        ours = ", ".join(f"{key}={own[key]!r}" for key in different)
-        raise ValueError(
-            f"init_checkpoint {path} was trained with {theirs}, but this config has {ours}: set these ids to the "
-            "model's (or merge the overlay it was trained with, e.g. configs/demo.json)"
-        )
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as error:
-        reason = " ".join(str(error).split())[:300]
-        raise ValueError(f"init_checkpoint {path} does not fit this network ({reason})") from None
+    """Fine-tuning: every weight of a trained model (``init_checkpoint``) into ``network``, whose settings (the
+    config's network ids) must be the model's (``scripts.checkpoints.load_trained_weights``)."""
+    load_trained_weights(network, path, "init_checkpoint")
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -89,17 +89,9 @@ def inference_workflow(
     checkpoint: Path, dataset_dir: Path, output_dir: Path, config: str | list[str] = INFERENCE_CONFIG, **overrides: Any
 ) -> ConfigWorkflow:
     """The inference workflow on the CPU, reading in this process, with ``checkpoint`` and the network settings
-    recorded beside it."""
-    return make_workflow(
-        config,
-        "inference",
-        **config_overrides(checkpoint),
-        dataset_dir=str(dataset_dir),
-        output_dir=str(output_dir),
-        device=torch.device("cpu"),
-        num_workers=0,
-        **overrides,
-    )
+    recorded beside it (``overrides`` come after them)."""
+    ids = {"dataset_dir": str(dataset_dir), "output_dir": str(output_dir), "device": torch.device("cpu")}
+    return make_workflow(config, "inference", **{**config_overrides(checkpoint), **ids, "num_workers": 0, **overrides})
 
 
 @pytest.fixture(scope="session")

@@ -235,6 +235,28 @@ def test_inference_without_its_checkpoint_stops_before_scoring(ldct_test_dir: Pa
     assert not (tmp_path / "out" / "predictions.csv").exists()
 
 
+def test_inference_refuses_a_model_of_other_ids_naming_them_and_reads_the_earlier_form(
+    trained_bundle: Path, ldct_test_dir: Path, tmp_path: Path
+) -> None:
+    """A model run with network ids other than its own stops as the evaluator starts, with the ids on both sides
+    (not a state-dict error); a file of the earlier ``{network, settings}`` form scores as the current form."""
+    images = ldct_test_dir / "images"
+    workflow = inference_workflow(trained_bundle / "model.pt", images, tmp_path / "other", side=16)
+    with pytest.raises(RuntimeError, match="evaluator") as caught:
+        workflow.run()
+    assert "was trained with side=32, but this config has side=16" in str(caught.value.__cause__)
+    assert not (tmp_path / "other" / "predictions.csv").exists()
+
+    state, settings = read_checkpoint(trained_bundle / "model.pt")
+    legacy = tmp_path / "legacy" / "model.pt"
+    legacy.parent.mkdir()
+    torch.save({"network": state, "settings": settings}, legacy)
+    current_out, legacy_out = tmp_path / "current", tmp_path / "legacy_out"
+    inference_workflow(trained_bundle / "model.pt", images, current_out).run()
+    inference_workflow(legacy, images, legacy_out, **settings).run()  # its ids, as for any model without model.json
+    assert _read_csv(legacy_out / "predictions.csv") == _read_csv(current_out / "predictions.csv")
+
+
 def test_bundle_root_is_the_bundle_folder(tmp_path: Path) -> None:
     """``"bundle_root": "."`` as in the Model Zoo: paths follow the folder given, none is written into a config."""
     for config in (TRAIN_CONFIG, INFERENCE_CONFIG):
