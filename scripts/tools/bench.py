@@ -223,7 +223,8 @@ def bench_scoring(
         "ratio": scoring / bare,
     }
     if with_fixed_costs:
-        result.update(_run_costs(scorer, series, checkpoint, device, batch_size, num_workers, workdir, bare_forward))
+        costs = _run_costs(scorer, series, checkpoint, device, batch_size, num_workers, workdir, bare_forward, rounds)
+        result.update(costs)
     return result
 
 
@@ -236,10 +237,12 @@ def _run_costs(
     num_workers: Any,
     workdir: Path,
     bare_forward: Callable[[], None],
+    rounds: int = 3,
 ) -> dict[str, float]:
-    """What a study pays beyond its network time (``bare_forward``, timed beside it: alternating, best of 2) and
-    its plots: with the model loaded (index, read, score, report without plots), and a whole ``score`` run (loading
-    the model, lock, report with plots); and where it goes (indexing, the first batch, the report)."""
+    """What a study pays beyond its network time (``bare_forward``, timed beside it: alternating, best of
+    ``rounds``) and its plots: with the model loaded (index, read, score, report without plots), and a whole
+    ``score`` run (loading the model, lock, report with plots); and where it goes (indexing, the first batch, the
+    report)."""
     load_s = timed(device, SliceScorer.from_checkpoint, checkpoint, device)[1]
     costs = fixed_costs(scorer, series, workdir)
     plots_s = max(0.0, costs["report_s"] - costs["report_without_plots_s"])
@@ -248,7 +251,7 @@ def _run_costs(
         with locked_output_dir(workdir / "study") as output:
             write_report(output, *score_inputs([series], scorer, output), scorer.window, None, False)
 
-    bare_seconds, study_s = _best_times(bare_forward, study, device, 2)
+    bare_seconds, study_s = _best_times(bare_forward, study, device, rounds)
     options = {"device": str(device), "batch_size": batch_size, "num_workers": num_workers}
     run_bare_s, run_s = _best_times(
         bare_forward, partial(score_paths, [series], workdir / "run", checkpoint, **options), device, 1
