@@ -433,9 +433,9 @@ def _print_block(name: str, result: dict) -> None:
     lines = [
         f"\n{name}: {profile['f_name']} + {profile['s_name']} ({inference['parameters'] / 1e6:.1f} M parameters), "
         f"{profile['image_size']} px, batch {profile['batch_size']}, {result['device']}, amp={result['amp']}",
-        f"  pipeline alone (512 px inputs, no network), ms per slice by stage, alone; steady slices/s (and seconds "
-        f"to the first batch) with num_workers={result['num_workers']} ({result['reader_processes']} reader "
-        f"processes) and with {', '.join(counts)} processes:",
+        f"  pipeline alone (512 px inputs, no network), ms per slice by stage, alone; steady slices/s (and the "
+        f"first pass's extra seconds: the readers' start) with num_workers={result['num_workers']} "
+        f"({result['reader_processes']} reader processes) and with {', '.join(counts)} processes:",
         "    input       " + " ".join(f"{stage:>11}" for stage in STAGES) + "   "
         + " ".join(f"{heading:>16}" for heading in ["slices/s (start)"] + [f"{count} processes" for count in counts]),
     ]  # fmt: skip
