@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import errno
 import functools
+import gzip
 import io
 import logging
 import math
 import os
 import stat
+import zlib
 from collections.abc import Hashable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,7 @@ HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the fi
 PLACEHOLDER_SIZE = 8
 MIN_SIDE = 8  # pixels: smaller "slices" are not images a radiologist could score
 ASSUMED_MONOCHROME2 = "no PhotometricInterpretation: read as MONOCHROME2"
+GZIP_MAGIC = b"\x1f\x8b"
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
 FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
@@ -156,6 +159,14 @@ def _is_rendered(path: Path) -> bool:
 # --- DICOM -------------------------------------------------------------------------------------
 
 
+def _not_dicom(path: Path) -> str:
+    """Why a file with no DICOM elements is not scored, with what would be."""
+    reason = "not a DICOM file (no DICOM elements found)"
+    if path.suffix.lower() in (".hdr", ".img"):
+        return f"{reason}: an Analyze or NIfTI pair (.hdr/.img) is not read; save it as .nii or .nii.gz"
+    return f"{reason}; the inputs scored are DICOM, NIfTI (.nii, .nii.gz) and slices ({', '.join(SLICE_SUFFIXES)})"
+
+
 def _ensure_transfer_syntax(ds: Any) -> None:
     """Files without file meta (raw datasets) name no transfer syntax: record the encoding they were read with."""
     from pydicom.dataset import FileMetaDataset
@@ -172,19 +183,41 @@ def _ensure_transfer_syntax(ds: Any) -> None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
+def _gunzipped(path: Path) -> io.BytesIO | None:
+    """A gzip-compressed file's contents (e.g. ``slice.dcm.gz``, as some archives and test corpora keep DICOM), or
+    None for any other file; ``InputError`` when they are corrupt or would exceed ``MAX_VOLUME_MB`` unpacked."""
+    with open(path, "rb") as stream:
+        if stream.read(2) != GZIP_MAGIC:
+            return None
+    cap = int(MAX_VOLUME_MB * 2**20)
+    try:
+        with gzip.open(path, "rb") as stream:
+            data = stream.read(cap + 1)
+    except (OSError, EOFError, zlib.error) as error:
+        raise InputError(f"gzip-compressed, but it cannot be unpacked ({type(error).__name__}: {error})") from error
+    if len(data) > cap:
+        raise InputError(f"gzip-compressed, and over {MAX_VOLUME_MB:g} MiB unpacked (MAX_VOLUME_MB)")
+    return io.BytesIO(data)
+
+
 def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
-    """A CT DICOM dataset (pixels left in the file when ``header_only``); ``InputError`` for anything else."""
+    """A CT DICOM dataset (pixels left in the file when ``header_only``); ``InputError`` for anything else.
+
+    A gzip-compressed file is read unpacked, in memory (its pixels too, header only or not).
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    source = _gunzipped(path)
+    defer_size = HEADER_DEFER_SIZE if header_only and source is None else None
     try:
-        ds = pydicom.dcmread(path, force=True, defer_size=HEADER_DEFER_SIZE if header_only else None)
+        ds = pydicom.dcmread(path if source is None else source, force=True, defer_size=defer_size)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
         raise InputError(f"not a readable DICOM file ({type(error).__name__}: {error})") from error
     if not any(tag in ds for tag in PIXEL_TAGS):
         sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
         if len(ds) == 0 or (sop_class is None and "Modality" not in ds):
-            raise InputError("not a DICOM file (no DICOM elements found)")
+            raise InputError(_not_dicom(path))
         kind = ds.get("Modality", "") or getattr(sop_class, "name", str(sop_class))  # e.g. a DICOMDIR
         raise InputError(f"no pixel data (a {kind} object, not an image)")
     modality = str(ds.get("Modality", ""))
@@ -298,17 +331,25 @@ def _frame_geometry(ds: Any, count: int) -> list[dict]:
 
 
 def _nifti_header(path: Path) -> Any:
-    """The NIfTI image with its pixels left in the file; ``InputError`` unless it is one 3-D volume."""
+    """The NIfTI image with its pixels left in the file, as a 3-D volume (a 2-D image is one slice, trailing axes of
+    length 1 are dropped); ``InputError`` for anything else (a time series, CIFTI)."""
     import nibabel
 
     try:
         image = nibabel.load(str(path))
     except Exception as error:  # nibabel raises several types for corrupt or truncated headers
         raise InputError(f"not a readable NIfTI volume ({type(error).__name__}: {error})") from error
-    shape = image.shape[:3] if len(image.shape) == 4 and image.shape[3] == 1 else image.shape
+    if isinstance(image, nibabel.cifti2.Cifti2Image):
+        raise InputError("a CIFTI-2 file (surface or connectivity data), not an image volume")
+    shape = tuple(int(side) for side in image.shape)
+    while len(shape) > 3 and shape[-1] == 1:  # e.g. (x, y, z, 1) or (x, y, z, 1, 1): one volume
+        shape = shape[:-1]
+    shape = (*shape, 1) if len(shape) == 2 else shape  # one slice saved as a 2-D image
     if len(shape) != 3:
         raise InputError(f"expected a 3-D volume, got shape {tuple(image.shape)} (wrong dimensionality)")
-    _check_nifti_size(path, image, tuple(int(side) for side in shape))
+    _check_nifti_size(path, image, shape)
+    if shape != image.shape:
+        image = type(image)(image.dataobj.reshape(shape), image.affine, image.header)
     return image
 
 
@@ -360,7 +401,7 @@ def nifti_volume(path: str, modified: float) -> np.ndarray:
         volume = np.asarray(nibabel.as_closest_canonical(image).get_fdata(dtype=np.float32))
     except Exception as error:  # truncated or corrupt data blocks
         raise InputError(f"NIfTI pixel data cannot be read ({type(error).__name__}: {error})") from error
-    return volume.reshape(volume.shape[:3])
+    return volume
 
 
 # --- both steps --------------------------------------------------------------------------------

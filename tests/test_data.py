@@ -23,7 +23,7 @@ from scripts.data import (
     training_datalists,
 )
 from scripts.transforms import ImageReadError, read_slice
-from tests.conftest import REPO_ROOT
+from tests.conftest import NOT_DICOM, REPO_ROOT
 
 
 @pytest.fixture
@@ -189,7 +189,10 @@ def test_inference_items_carry_bad_files_as_errors(ldct_test_dir: Path, tmp_path
     items = inference_items(folder)
     assert len(items) == 13 and sum(1 for item in items if not item["error"]) == 12
     assert [(Path(item["image"]).name, item["error"]) for item in items if item["error"]] == [
-        ("notes.txt", "not a DICOM file (no DICOM elements found)")
+        (
+            "notes.txt",
+            NOT_DICOM,
+        )
     ]
     (tmp_path / "empty").mkdir()  # an item with the reason: the run lists it in errors.json and fails with it
     assert [(item["image"], item["error"]) for item in inference_items(tmp_path / "empty")] == [

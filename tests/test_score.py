@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import shutil
 import subprocess
@@ -24,7 +25,7 @@ from pydicom.uid import (
 from scripts.clinical.score import score_paths
 from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
 from scripts.ct_io import write_dicom_slice
-from tests.conftest import REPO_ROOT, inference_workflow
+from tests.conftest import NOT_DICOM, REPO_ROOT, inference_workflow
 
 WINDOW = (-1000.0, 400.0)
 
@@ -83,7 +84,7 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory, ldct_test_dir: Path) 
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "vol.nii.gz")
     volume[3, 3, 2] = np.nan
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "vol_nan.nii")
-    nibabel.save(nibabel.Nifti1Image(volume[:, :, 0], np.eye(4)), root / "flat_2d.nii")
+    nibabel.save(nibabel.Nifti1Image(np.stack([volume, volume], axis=3), np.eye(4)), root / "series_4d.nii")
     source = sorted((ldct_test_dir / "images").glob("*.tiff"))[0]
     tifffile.imwrite(root / "slice.tif", tifffile.imread(source))
     return root
@@ -109,9 +110,9 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(tiny_checkpoint: Path, mixe
         "rtstruct.dcm": "no pixel data (a RTSTRUCT object, not an image)",
         "rgb_ct.dcm": "3 samples per pixel: a colour image, not a CT slice (wrong dimensionality)",
         "float_inf.dcm": "pixel data contains NaN or Inf",
-        "corrupt.dcm": "not a DICOM file (no DICOM elements found)",
+        "corrupt.dcm": NOT_DICOM,
         "vol_nan.nii": "slice 2: pixel data contains NaN or Inf",
-        "flat_2d.nii": "expected a 3-D volume, got shape (40, 40) (wrong dimensionality)",
+        "series_4d.nii": "expected a 3-D volume, got shape (40, 40, 5, 2) (wrong dimensionality)",
         "ct_truncated.dcm": reasons["ct_truncated.dcm"],
     }
     assert reasons["ct_truncated.dcm"].startswith("declares 1 frame of 48 x 48 pixels at 16 bits")  # from the header
@@ -245,6 +246,50 @@ def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
     assert read_scored_slice(tmp_path / "permuted.nii", 3, (-100.0, 100.0)).shape == (1, 10, 8)
     nibabel.save(nibabel.Nifti1Image(np.zeros((9, 10, 8, 2), np.float32), np.eye(4)), tmp_path / "4d.nii")
     assert index_inputs([tmp_path / "4d.nii"])[1][0]["reason"].endswith("(wrong dimensionality)")
+
+
+def test_a_slice_saved_2d_or_with_unit_axes_reads_as_the_3d_volume_and_cifti_is_named(tmp_path: Path) -> None:
+    pixels = np.arange(12 * 10, dtype=np.float32).reshape(12, 10) - 60
+    for shape in [(12, 10, 1), (12, 10), (12, 10, 1, 1, 1)]:
+        nibabel.save(nibabel.Nifti1Image(pixels.reshape(shape), np.eye(4)), tmp_path / f"{len(shape)}d.nii.gz")
+    items, errors = index_inputs(sorted(tmp_path.glob("*.nii.gz")))
+    assert errors == [] and [Path(item["image"]).name for item in items] == ["2d.nii.gz", "3d.nii.gz", "5d.nii.gz"]
+    expected = read_scored_slice(tmp_path / "3d.nii.gz", 0, (-100.0, 100.0))
+    assert np.allclose(expected[0], (pixels.T[::-1] + 100.0) / 200.0)
+    for name in ("2d.nii.gz", "5d.nii.gz"):
+        assert np.array_equal(read_scored_slice(tmp_path / name, 0, (-100.0, 100.0)), expected)
+    cifti = nibabel.cifti2.Cifti2Image(
+        np.zeros((1, 8), np.float32),
+        header=(nibabel.cifti2.ScalarAxis(["map"]), nibabel.cifti2.BrainModelAxis.from_mask(np.ones((2, 2, 2)))),
+    )
+    cifti.to_filename(tmp_path / "maps.dscalar.nii")
+    assert index_inputs([tmp_path / "maps.dscalar.nii"])[1] == [
+        {
+            "path": str(tmp_path / "maps.dscalar.nii"),
+            "reason": "a CIFTI-2 file (surface or connectivity data), not an image volume",
+        }
+    ]
+
+
+def test_gzipped_dicom_scores_as_the_file_itself_and_other_files_say_what_is_read(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    plain = write_dicom(tmp_path / "in" / "ct.dcm", "CT", "5.5", 0.0, np.random.default_rng(3).normal(40, 20, (48, 48)))
+    packed = tmp_path / "packed" / "ct.dcm.gz"
+    packed.parent.mkdir()
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    (tmp_path / "packed" / "truncated.dcm.gz").write_bytes(packed.read_bytes()[:300])
+    (tmp_path / "packed" / "notes.txt").write_text("not an image")
+    (tmp_path / "packed" / "brain.hdr").write_bytes(b"\x00" * 348)
+    items, errors = index_inputs([tmp_path / "packed"])
+    assert [(item["image"], item["series"]) for item in items] == [(str(packed), "5.5")]
+    assert np.array_equal(read_scored_slice(packed, 0), read_scored_slice(plain, 0))
+    reasons = {Path(error["path"]).name: error["reason"] for error in errors}
+    assert reasons["truncated.dcm.gz"].startswith("gzip-compressed, but it cannot be unpacked (EOFError")
+    assert reasons["notes.txt"] == NOT_DICOM
+    assert reasons["brain.hdr"].endswith("an Analyze or NIfTI pair (.hdr/.img) is not read; save it as .nii or .nii.gz")
+    summary = score_paths([plain, packed], tmp_path / "out", ckpt=tiny_checkpoint, device="cpu")
+    assert summary["errors"] == [{"path": str(packed), "reason": f"duplicate of {plain} (same SOPInstanceUID)"}]
 
 
 def test_command_exits_non_zero_when_nothing_is_scored(

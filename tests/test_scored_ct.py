@@ -28,6 +28,7 @@ from tests.conftest import (
     CONFIG_DIR,
     EVALUATE_CONFIGS,
     INFERENCE_CONFIG,
+    NOT_DICOM,
     REPO_ROOT,
     TINY_OVERRIDES,
     TRAIN_CONFIG,
@@ -114,7 +115,7 @@ def test_every_bad_row_is_listed_with_its_reason(scored_ct_labels: Path, tmp_pat
         f"{labels} [line 7]": "no slice with SOPInstanceUID 1.2.3.4.5",
         f"{labels} [line 8]": f"{root / 'absent.nii.gz'} does not exist",
         f"{labels} [line 9]": "sd -1.0 is not a spread (a finite number >= 0)",
-        f"{labels} [line 10]": f"{tmp_path / 'broken.dcm'}: not a DICOM file (no DICOM elements found)",
+        f"{labels} [line 10]": f"{tmp_path / 'broken.dcm'}: {NOT_DICOM}",
         f"{labels} [line 11]": "no path",
     }
     result = subprocess.run(
