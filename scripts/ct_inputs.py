@@ -223,6 +223,10 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
     modality = str(ds.get("Modality", ""))
     if modality != "CT":
         raise InputError(f"modality {modality or 'missing'} is not CT; only CT is scored")
+    image_type = ds.get("ImageType") or []
+    image_type = [image_type] if isinstance(image_type, str) else list(image_type)
+    if len(image_type) > 2 and str(image_type[2]).strip().upper() == "LOCALIZER":  # the CT IOD's value 3
+        raise InputError("a localizer (scout) image, not a cross-sectional slice (ImageType LOCALIZER)")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise InputError(f"{samples} samples per pixel: a colour image, not a CT slice (wrong dimensionality)")

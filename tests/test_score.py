@@ -78,6 +78,9 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory, ldct_test_dir: Path) 
     write_dicom(root / "mr.dcm", "MR", "1.2.3.5", 0.0, rng.normal(500, 50, (48, 48)))
     write_dicom(root / "rtstruct.dcm", "RTSTRUCT", "1.2.3.6", 0.0)
     write_rgb_ct(root / "rgb_ct.dcm")
+    scout = pydicom.dcmread(write_dicom(root / "scout.dcm", "CT", "1.2.3.8", 0.0, rng.normal(40, 20, (48, 96))))
+    scout.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]  # a topogram: CT, but not a cross-section
+    scout.save_as(root / "scout.dcm", enforce_file_format=True)
     write_dicom(root / "float_inf.dcm", "CT", "1.2.3.7", 0.0, np.where(np.eye(16) > 0, np.inf, 40.0), floats=True)
     (root / "corrupt.dcm").write_bytes(b"\x00" * 50 + b"garbage")
     volume = rng.normal(0, 30, (40, 40, 5)).astype(np.float32)
@@ -109,6 +112,7 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(tiny_checkpoint: Path, mixe
         "mr.dcm": "modality MR is not CT; only CT is scored",
         "rtstruct.dcm": "no pixel data (a RTSTRUCT object, not an image)",
         "rgb_ct.dcm": "3 samples per pixel: a colour image, not a CT slice (wrong dimensionality)",
+        "scout.dcm": "a localizer (scout) image, not a cross-sectional slice (ImageType LOCALIZER)",
         "float_inf.dcm": "pixel data contains NaN or Inf",
         "corrupt.dcm": NOT_DICOM,
         "vol_nan.nii": "slice 2: pixel data contains NaN or Inf",
