@@ -1,11 +1,11 @@
-"""Real CT inputs to score: DICOM files and folders, NIfTI volumes and rendered TIFF/PNG slices.
+"""Real CT inputs to score: DICOM files and folders, NIfTI and NRRD volumes and rendered TIFF/PNG slices.
 
 Scoring runs in two steps so that reading can overlap with the network (DataLoader workers):
 
 1. ``index_inputs`` reads headers only. DICOM files (no preamble or file meta needed) are
    grouped into series by SeriesInstanceUID (split by slice size and orientation; copies with the
    same SOPInstanceUID reported once) and sorted along the slice normal; enhanced (multi-frame)
-   CT gives one item per frame; a NIfTI volume gives one item per axial slice (after
+   CT gives one item per frame; a NIfTI or NRRD volume gives one item per axial slice (after
    reorienting to RAS); a TIFF/PNG file is one already-rendered slice. Each item is
    ``{"image": path, "frame": k, "series": name, "position": z, "error": "", "warning": ""}`` (``warning``:
    what was assumed to read it, e.g. a missing PhotometricInterpretation). Inputs that cannot
@@ -57,7 +57,7 @@ from scripts.transforms import (
 
 logger = logging.getLogger(__name__)
 
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd")  # NIfTI, and NRRD (3D Slicer's default)
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the file while indexing
 PLACEHOLDER_SIZE = 8
@@ -148,8 +148,8 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
     return files, errors
 
 
-def _is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(NIFTI_SUFFIXES)
+def _is_volume(path: Path) -> bool:
+    return path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
 def _is_rendered(path: Path) -> bool:
@@ -164,7 +164,8 @@ def _not_dicom(path: Path) -> str:
     reason = "not a DICOM file (no DICOM elements found)"
     if path.suffix.lower() in (".hdr", ".img"):
         return f"{reason}: an Analyze or NIfTI pair (.hdr/.img) is not read; save it as .nii or .nii.gz"
-    return f"{reason}; the inputs scored are DICOM, NIfTI (.nii, .nii.gz) and slices ({', '.join(SLICE_SUFFIXES)})"
+    slices = ", ".join(SLICE_SUFFIXES)
+    return f"{reason}; the inputs scored are DICOM, NIfTI (.nii, .nii.gz), NRRD (.nrrd) and slices ({slices})"
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:
@@ -331,18 +332,70 @@ def _frame_geometry(ds: Any, count: int) -> list[dict]:
     return frames
 
 
-# --- NIfTI -------------------------------------------------------------------------------------
+# --- NIfTI and NRRD volumes --------------------------------------------------------------------
+
+# NRRD world spaces as the signs that bring them to RAS+ (NIfTI's); other spaces (scanner-xyz, ...) are taken as is
+NRRD_SPACE_SIGNS = {
+    "right-anterior-superior": (1.0, 1.0, 1.0),
+    "ras": (1.0, 1.0, 1.0),
+    "left-anterior-superior": (-1.0, 1.0, 1.0),
+    "las": (-1.0, 1.0, 1.0),
+    "left-posterior-superior": (-1.0, -1.0, 1.0),
+    "lps": (-1.0, -1.0, 1.0),
+}
 
 
-def _nifti_header(path: Path) -> Any:
-    """The NIfTI image with its pixels left in the file, as a 3-D volume (a 2-D image is one slice, trailing axes of
-    length 1 are dropped); ``InputError`` for anything else (a time series, CIFTI)."""
+def _nrrd_affine(header: Mapping[str, Any]) -> np.ndarray:
+    """Voxel to RAS+ millimetres of a NRRD header: ``space directions`` (a row per axis, NaN for non-spatial axes)
+    and ``space origin``, or ``spacings`` when it names no space."""
+    affine = np.eye(4)
+    directions = header.get("space directions")
+    if directions is None:
+        spacings = [float(value) for value in header.get("spacings", [])][:3]
+        affine[range(len(spacings)), range(len(spacings))] = [v if math.isfinite(v) else 1.0 for v in spacings]
+        return affine
+    for axis, row in enumerate(np.asarray(directions, dtype=float)[:3]):
+        if np.isfinite(row).all():
+            affine[: len(row[:3]), axis] = row[:3]
+    origin = np.asarray(header.get("space origin", []), dtype=float)[:3]
+    affine[: len(origin), 3] = np.where(np.isfinite(origin), origin, 0.0)
+    signs = NRRD_SPACE_SIGNS.get(str(header.get("space", "")).strip().lower(), (1.0, 1.0, 1.0))
+    return np.diag([*signs, 1.0]) @ affine
+
+
+def _nrrd_image(path: Path, pixels: bool) -> Any:
+    """A NRRD file as an in-memory NIfTI image in RAS+: its pixels with ``pixels``, else a stand-in of the declared
+    shape that takes no memory."""
     import nibabel
+    import nrrd
 
     try:
-        image = nibabel.load(str(path))
-    except Exception as error:  # nibabel raises several types for corrupt or truncated headers
-        raise InputError(f"not a readable NIfTI volume ({type(error).__name__}: {error})") from error
+        if pixels:
+            data, header = nrrd.read(str(path))  # Fortran index order: data[x, y, z], as in NIfTI
+        else:
+            header = nrrd.read_header(str(path))
+            data = np.broadcast_to(np.zeros((), np.float32), tuple(int(side) for side in header["sizes"]))
+    except Exception as error:  # pynrrd raises several types for malformed headers and data
+        raise InputError(f"not a readable NRRD volume ({type(error).__name__}: {error})") from error
+    if data.dtype.kind not in "iuf":
+        raise InputError(f"NRRD data of type {data.dtype} is not a grey-level volume")
+    return nibabel.Nifti1Image(data, _nrrd_affine(header))
+
+
+def _volume_image(path: Path, pixels: bool = False) -> Any:
+    """The NIfTI or NRRD image as a 3-D volume (a 2-D image is one slice, trailing axes of length 1 are dropped),
+    its declared size checked first; NIfTI pixels stay in the file until used, NRRD pixels are read with ``pixels``.
+    ``InputError`` for anything else (a time series, CIFTI)."""
+    import nibabel
+
+    nrrd = path.name.lower().endswith(".nrrd")
+    if nrrd:
+        image = _nrrd_image(path, pixels=False)
+    else:
+        try:
+            image = nibabel.load(str(path))
+        except Exception as error:  # nibabel raises several types for corrupt or truncated headers
+            raise InputError(f"not a readable NIfTI volume ({type(error).__name__}: {error})") from error
     if isinstance(image, nibabel.cifti2.Cifti2Image):
         raise InputError("a CIFTI-2 file (surface or connectivity data), not an image volume")
     shape = tuple(int(side) for side in image.shape)
@@ -352,16 +405,18 @@ def _nifti_header(path: Path) -> Any:
     if len(shape) != 3:
         raise InputError(f"expected a 3-D volume, got shape {tuple(image.shape)} (wrong dimensionality)")
     _check_nifti_size(path, image, shape)
+    if nrrd and pixels:
+        image = _nrrd_image(path, pixels=True)
     if shape != image.shape:
         image = type(image)(image.dataobj.reshape(shape), image.affine, image.header)
     return image
 
 
 def _check_nifti_size(path: Path, image: Any, shape: tuple[int, ...]) -> None:
-    """``InputError`` when an uncompressed volume's declared voxels do not fit in its file, or (.nii and .nii.gz:
-    the compressed size says little) the volume as float32 exceeds ``MAX_VOLUME_MB`` (read at call time)."""
+    """``InputError`` when an uncompressed NIfTI volume's declared voxels do not fit in its file, or (any volume: a
+    compressed size says little) the volume as float32 exceeds ``MAX_VOLUME_MB`` (read at call time)."""
     declared = " x ".join(map(str, shape))
-    if not path.name.lower().endswith(".gz"):
+    if path.name.lower().endswith(".nii"):
         dtype = image.header.get_data_dtype()
         need = int(getattr(image.dataobj, "offset", 0)) + math.prod(shape) * dtype.itemsize
         if need > path.stat().st_size:
@@ -376,11 +431,11 @@ def _check_nifti_size(path: Path, image: Any, shape: tuple[int, ...]) -> None:
         )
 
 
-def _nifti_depth(path: Path) -> int:
+def _volume_depth(path: Path) -> int:
     """How many axial slices the volume has once reoriented to RAS, from the header alone."""
     import nibabel
 
-    image = _nifti_header(path)
+    image = _volume_image(path)
     axes = nibabel.io_orientation(image.affine)[:, 0]
     axial = next((axis for axis, target in enumerate(axes) if target == 2), 2)
     in_plane = [int(image.shape[axis]) for axis in range(3) if axis != axial]
@@ -396,15 +451,15 @@ def _nifti_depth(path: Path) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def nifti_volume(path: str, modified: float) -> np.ndarray:
+def volume_hu(path: str, modified: float) -> np.ndarray:
     """The whole RAS volume in HU, kept for the next slices of the same file (one per process)."""
     import nibabel
 
-    image = _nifti_header(Path(path))
+    image = _volume_image(Path(path), pixels=True)
     try:
         volume = np.asarray(nibabel.as_closest_canonical(image).get_fdata(dtype=np.float32))
     except Exception as error:  # truncated or corrupt data blocks
-        raise InputError(f"NIfTI pixel data cannot be read ({type(error).__name__}: {error})") from error
+        raise InputError(f"volume pixel data cannot be read ({type(error).__name__}: {error})") from error
     return volume
 
 
@@ -416,8 +471,8 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
     of one input, from its header; declared sizes are checked against the file and the caps before any pixel is read."""
     if not path.is_file():
         raise InputError("file does not exist")
-    if _is_nifti(path):
-        return str(path), [{"position": float(k)} for k in range(_nifti_depth(path))], ""
+    if _is_volume(path):
+        return str(path), [{"position": float(k)} for k in range(_volume_depth(path))], ""
     if _is_rendered(path):
         try:
             check_image_header(path)
@@ -524,8 +579,8 @@ def read_ct_slice(
             return to_channels(read_slice(path), channels), False
         except ImageReadError as error:
             raise InputError(error.reason) from error
-    if _is_nifti(path):
-        volume = nifti_volume(str(path), path.stat().st_mtime)
+    if _is_volume(path):
+        volume = volume_hu(str(path), path.stat().st_mtime)
         if not 0 <= frame < volume.shape[2]:
             raise InputError(f"slice {frame} is outside the volume's {volume.shape[2]} slices")
         hu = np.ascontiguousarray(volume[:, :, frame].T[::-1])

@@ -111,6 +111,17 @@ def test_nifti_volume_and_slice_caps_are_configurable(tmp_path: Path, monkeypatc
     assert only_error([path]) == cap
 
 
+def test_a_nrrd_declaring_a_huge_volume_is_refused_before_its_data_are_read(tmp_path: Path) -> None:
+    path = tmp_path / "huge.nrrd"  # 1000^3 voxels declared, 20 bytes of (gzip) data
+    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 1000 1000 1000\nencoding: gzip\n\n" + bytes(20))
+    assert only_error([path]) == (
+        "declared volume 1000 x 1000 x 1000 needs 3,815 MiB as float32, "
+        "over the cap of 2048 MiB per volume (MAX_VOLUME_MB)"
+    )
+    with pytest.raises(InputError, match="over the cap of 2048 MiB per volume"):
+        read_scored_slice(path, 0)
+
+
 def test_dicom_declaring_100000_frames_is_refused_from_its_header(tmp_path: Path) -> None:
     path = dicom_with(tmp_path / "frames.dcm", NumberOfFrames=100000)
     assert path.stat().st_size < 3000

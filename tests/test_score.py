@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import nibabel
+import nrrd
 import numpy as np
 import pydicom
 import pytest
@@ -275,6 +276,38 @@ def test_a_slice_saved_2d_or_with_unit_axes_reads_as_the_3d_volume_and_cifti_is_
     ]
 
 
+def test_nrrd_volumes_read_like_the_same_grid_saved_as_nifti(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    hu = np.random.default_rng(4).normal(0, 80, (20, 16, 3)).round().astype(np.int16)
+    hu[:4, :2] = 300  # a corner that shows which way each axis runs
+    lps = np.array([[0.7, 0.0, 0.0], [0.0, 0.8, 0.0], [0.0, 0.0, 5.0]])  # DICOM's frame: x to the left, y back
+    header = {"space": "left-posterior-superior", "space directions": lps, "space origin": [10.0, 20.0, 30.0]}
+    nrrd.write(str(tmp_path / "ct.nrrd"), hu, header)  # gzip-encoded, as 3D Slicer writes by default
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.block([[lps.T, np.array([[10.0], [20.0], [30.0]])], [0, 0, 0, 1]])
+    nibabel.save(nibabel.Nifti1Image(hu, ras), tmp_path / "ct.nii.gz")
+    items, errors = index_inputs([tmp_path / "ct.nrrd", tmp_path / "ct.nii.gz"])
+    assert errors == [] and [item["frame"] for item in items] == [0, 1, 2, 0, 1, 2]
+    for frame in range(3):
+        expected = read_scored_slice(tmp_path / "ct.nii.gz", frame, (-200.0, 400.0))
+        assert np.array_equal(read_scored_slice(tmp_path / "ct.nrrd", frame, (-200.0, 400.0)), expected)
+    summary = score_paths([tmp_path / "ct.nrrd", tmp_path / "ct.nii.gz"], tmp_path / "out", ckpt=tiny_checkpoint)
+    by_file = {Path(name).name: entry["mean"] for name, entry in summary["series"].items()}
+    assert by_file["ct.nrrd"] == pytest.approx(by_file["ct.nii.gz"], abs=1e-5)  # same slices, other batch rows
+
+    nan_row = np.full(3, np.nan)  # a per-voxel list axis (e.g. a vector image): not one volume
+    vectors = {"kinds": ["list", "domain", "domain", "domain"], "space": "RAS"}
+    vectors["space directions"] = np.vstack([nan_row, np.eye(3)])
+    nrrd.write(str(tmp_path / "vectors.nrrd"), np.zeros((3, 16, 16, 2), np.float32), vectors)
+    raw = tmp_path / "truncated.nrrd"
+    nrrd.write(str(raw), hu, {"encoding": "raw"})
+    raw.write_bytes(raw.read_bytes()[:-100])
+    (tmp_path / "broken.nrrd").write_text("NRRD0004\ntype: short\n")
+    _, errors = index_inputs([tmp_path / "vectors.nrrd", tmp_path / "broken.nrrd"])
+    assert errors[0]["reason"] == "expected a 3-D volume, got shape (3, 16, 16, 2) (wrong dimensionality)"
+    assert errors[1]["reason"].startswith("not a readable NRRD volume (")
+    with pytest.raises(InputError, match="^volume pixel data cannot be read|^not a readable NRRD volume"):
+        read_scored_slice(raw, 0)
+
+
 def test_gzipped_dicom_scores_as_the_file_itself_and_other_files_say_what_is_read(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
@@ -451,8 +484,6 @@ def test_float_tiff_outside_the_unit_range_is_not_windowed(tmp_path: Path) -> No
 
 
 def test_nifti_with_tiny_axial_slices_is_refused(tmp_path: Path) -> None:
-    import nibabel
-
     nibabel.save(nibabel.Nifti1Image(np.zeros((32, 1, 6), dtype=np.float32), np.eye(4)), tmp_path / "thin.nii.gz")
     items, errors = index_inputs([tmp_path / "thin.nii.gz"])
     assert items == [] and "axial slices of 32 x 1 pixels are too small" in errors[0]["reason"]

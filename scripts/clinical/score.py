@@ -1,9 +1,9 @@
-"""Score real CT: DICOM files and folders, NIfTI volumes and TIFF/PNG slices, slice by slice and per series.
+"""Score real CT: DICOM files and folders, NIfTI and NRRD volumes and TIFF/PNG slices; by slice and per series.
 
 ``python -m scripts score PATH [PATH ...] --output_dir OUT [--ckpt FILE] [--window=-1000,400] [--device D]``
 
 Inputs are indexed from their headers (``scripts.ct_inputs``: DICOM grouped into series and
-sorted by slice position, enhanced CT split into frames, NIfTI along its axial axis, TIFF/PNG
+sorted by slice position, enhanced CT split into frames, NIfTI/NRRD along its axial axis, TIFF/PNG
 as rendered); DataLoader workers then read, window and resize slices while the network scores
 the previous batch. The network is rebuilt from the checkpoint alone. Every input that cannot
 be scored becomes an ``errors`` entry ``{path, reason}``; the others are scored regardless.
@@ -33,7 +33,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 
 from scripts import bundle_root
-from scripts.ct_inputs import add_error, index_inputs, nifti_volume, read_scored_slice
+from scripts.ct_inputs import add_error, index_inputs, read_scored_slice, volume_hu
 from scripts.ct_io import HU_WINDOW
 from scripts.data import LDCT_RANGE
 from scripts.engines import PlainTensorBatch, place_network, reader_processes
@@ -183,7 +183,7 @@ class SliceScorer:
             spreads = predictions[:, 1].tolist() if predictions.shape[1] > 1 else [0.0] * len(scores)
             for score, spread, error in zip(scores, spreads, batch["error"], strict=True):
                 results.append((None, 0.0, error) if error else (score, spread, ""))
-        nifti_volume.cache_clear()  # the last volume read in this process (num_workers=0)
+        volume_hu.cache_clear()  # the last volume read in this process (num_workers=0)
         return results
 
 

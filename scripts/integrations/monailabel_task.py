@@ -8,7 +8,7 @@ Needs ``pip install monailabel`` (not a dependency of the bundle). In a MONAI La
     self.infers = {"ct_quality": CTQualityTask("/path/to/bundle")}   # repository's bundle/ or an export
 
 A ready app that serves it: ``monailabel_app/`` (``monailabel start_server --app monailabel_app ...``).
-The request's ``image`` is a file (DICOM, NIfTI, TIFF/PNG) or a folder of DICOM (MONAI Label
+The request's ``image`` is a file (DICOM, NIfTI, NRRD, TIFF/PNG) or a folder of DICOM (MONAI Label
 passes DICOM series as folders). The result JSON holds the mean score over the slices, min/max,
 the per-slice scores in slice order, the worst slices, and ``errors`` for inputs not scored.
 No label file is written. An empty ``image`` (what MONAI Label passes for an id its datastore does not
