@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import nibabel as nib
+import nrrd
 import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
@@ -82,11 +83,13 @@ def test_monailabel_task_returns_the_score(tiny_bundle: Path, study: Path, expec
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A MONAI Label studies folder: a NIfTI CT volume and a three-slice CT DICOM series in a sub-folder."""
+    """A MONAI Label studies folder: a NIfTI and a NRRD CT volume, and a three-slice CT DICOM series in a sub-folder."""
     root = tmp_path_factory.mktemp("studies")
     rng = np.random.default_rng(7)
     volume = rng.normal(40, 200, (40, 40, 4)).astype(np.float32)
     nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), root / "chest.nii.gz")
+    lps = {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.7, 3.0])}  # as 3D Slicer saves
+    nrrd.write(str(root / "abdomen.nrrd"), rng.normal(40, 200, (40, 40, 5)).round().astype(np.int16), lps)
     for z in (2.0, 3.0, 1.0):
         write_dicom_slice(root / "series_a" / f"im{int(z)}.dcm", rng.normal(40, 150, (40, 40)), "1.2.3.9", z)
     return root
@@ -117,10 +120,15 @@ def test_monailabel_app_finds_images_series_folders_and_the_bundle(
     conf = {"bundle_dir": str(tiny_bundle), "device": "cpu", "preload": "false"}
     app = app_class(app_dir=str(tmp_path / "app"), studies=str(folder), conf=conf)
     store = app.datastore()
-    assert sorted(store.list_images()) == ["CT_small", "chest", "series_a"]  # labels/ (MONAI Label's own) is none
+    assert sorted(store.list_images()) == ["CT_small", "abdomen", "chest", "series_a"]  # not labels/ (MONAI Label's)
     assert store.get_image_uri("series_a") == os.path.realpath(folder / "series_a")
     assert store.get_image_uri("chest") == os.path.realpath(folder / "chest.nii.gz")
     assert app.info()["models"]["ct_iqa"]["output"] == "score"
+    report = score_paths([folder / "abdomen.nrrd"], tmp_path / "abdomen", app.checkpoint, device="cpu")
+    (abdomen,) = report["series"].values()  # a NRRD volume, as 3D Slicer users keep them, scored like `score` does
+    answer = app.infer({"model": "ct_iqa", "image": "abdomen"})["params"]
+    assert answer["n_slices"] == abdomen["n_slices"] == 5
+    assert answer["score"] == pytest.approx(abdomen["mean"], abs=1e-4)
     assert app.checkpoint == tiny_bundle / "models" / "model.pt"
     with pytest.raises(HTTPException) as missing:
         app.infer({"model": "ct_iqa", "image": "no_such_image"})
@@ -130,7 +138,7 @@ def test_monailabel_app_finds_images_series_folders_and_the_bundle(
     assert app.infer({"model": "ct_iqa", "image": "series_b"})["params"]["n_slices"] == 1  # found after a refresh
 
     files_only = app_class(app_dir=str(tmp_path / "app"), studies=str(folder), conf={**conf, "series_folders": "no"})
-    assert sorted(files_only.datastore().list_images()) == ["CT_small", "chest"]
+    assert sorted(files_only.datastore().list_images()) == ["CT_small", "abdomen", "chest"]
     with pytest.raises(MONAILabelException, match="no checkpoint at"):
         app_class(app_dir=str(tmp_path / "app"), studies=str(folder), conf={**conf, "checkpoint": str(tmp_path)})
 
