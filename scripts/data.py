@@ -1,7 +1,8 @@
 """Datalists for the two dataset layouts, checked before any training starts.
 
 - KADID-10k (phase 1): ``images/*.png`` and ``dmos.csv`` (dist_img, ref_img, dmos, var), MOS 1..5.
-- LDCTIQA (phase 2): ``image/*.tif`` + ``train.json``, or ``images/*.tiff`` + ``test.json``;
+- LDCTIQA (phase 2): ``image/*.tif`` + ``train.json``, or ``images/*.tiff`` + ``test.json`` (either folder name is
+  taken with either label file when only the other exists);
   a flat map ``{"0000.tif": 2.8, ...}``, scores 0..4.
 
 Every problem found (missing files, bad labels, unreadable images) is collected and raised
@@ -101,6 +102,8 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
         expected = " or ".join(f"{img}/ + {lab}" for img, lab in LDCT_LAYOUTS)
         raise DatasetError([(str(root), f"no LDCTIQA label file found (expected {expected})")])
     image_dir, label_name = layout
+    if not (root / image_dir).is_dir():  # a set rearranged by hand: its label file with the other folder name
+        image_dir = next((img for img, _ in LDCT_LAYOUTS if (root / img).is_dir()), image_dir)
     label_file = root / label_name
     try:
         labels = json.loads(label_file.read_text(), object_pairs_hook=_pairs_without_duplicates)

@@ -46,6 +46,14 @@ def test_both_ldct_layouts_are_read(ldct_train_dir: Path, ldct_test_dir: Path) -
     assert all(0.0 <= item["label"] <= 4.0 for item in train + test)
 
 
+def test_a_rearranged_ldct_set_is_read_with_either_folder_name(ldct_copy: Path) -> None:
+    before = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)]
+    (ldct_copy / "image").rename(ldct_copy / "images")  # train.json beside images/, as a hand-made copy may be
+    items = ldct_labelled_items(ldct_copy)
+    assert [(Path(item["image"]).name, item["label"]) for item in items] == before and len(before) == 32
+    assert all(Path(item["image"]).parent == ldct_copy / "images" for item in items)
+
+
 def test_missing_dataset_folder(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"nowhere: dataset folder does not exist"):
         ldct_labelled_items(tmp_path / "nowhere")
