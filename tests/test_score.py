@@ -89,6 +89,10 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory, ldct_test_dir: Path) 
     volume[3, 3, 2] = np.nan
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "vol_nan.nii")
     nibabel.save(nibabel.Nifti1Image(np.stack([volume, volume], axis=3), np.eye(4)), root / "series_4d.nii")
+    nrrd.write(str(root / "vol.nrrd"), volume[:, :, :3].round().astype(np.int16), {"space": "left-posterior-superior"})
+    packed = write_dicom(root / "packed" / "ct.dcm", "CT", "1.2.3.11", 0.0, rng.normal(40, 20, (48, 48)))
+    (root / "ct_packed.dcm.gz").write_bytes(gzip.compress(packed.read_bytes()))
+    shutil.rmtree(root / "packed")
     source = sorted((ldct_test_dir / "images").glob("*.tiff"))[0]
     tifffile.imwrite(root / "slice.tif", tifffile.imread(source))
     return root
@@ -106,6 +110,8 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(tiny_checkpoint: Path, mixe
         str(mixed_folder / "slice.tif"): 1,
         str(mixed_folder / "vol.nii.gz"): 5,
         str(mixed_folder / "vol_nan.nii"): 4,  # its slice 2 is reported
+        str(mixed_folder / "vol.nrrd"): 3,
+        "1.2.3.11": 1,  # ct_packed.dcm.gz, read unpacked
     }
     reasons = {Path(error["path"]).name: error["reason"] for error in summary["errors"]}
     assert len(summary["errors"]) == len(reasons)  # one entry per file, even for a volume's many slices
@@ -125,12 +131,12 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(tiny_checkpoint: Path, mixe
         rows = list(csv.DictReader(stream))
     ct_rows = [row for row in rows if row["series"] == "1.2.3.4"]
     assert [Path(row["source"]).name for row in ct_rows] == ["ct_10.dcm", "ct_20.dcm", "ct_30.dcm"]  # by position
-    assert len(rows) == 17 and all(0.0 <= float(row["score"]) <= 4.0 for row in rows)
+    assert len(rows) == 21 and all(0.0 <= float(row["score"]) <= 4.0 for row in rows)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     series = summary["series"]["1.2.3.4"]
     assert series["min"] <= series["mean"] <= series["max"] and len(series["worst"]) == 3
     plots = [entry["plot"] for entry in summary["series"].values()]
-    assert len(set(plots)) == 7 and all((tmp_path / plot).read_bytes()[:4] == b"\x89PNG" for plot in plots)
+    assert len(set(plots)) == 9 and all((tmp_path / plot).read_bytes()[:4] == b"\x89PNG" for plot in plots)
 
 
 def test_scores_do_not_depend_on_reading_workers(tiny_checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:
