@@ -4,9 +4,10 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
 
 1. ``index_inputs`` reads headers only. DICOM files (no preamble or file meta needed) are
    grouped into series by SeriesInstanceUID (split by slice size and orientation; copies with the
-   same SOPInstanceUID reported once) and sorted along the slice normal; enhanced (multi-frame)
-   CT gives one item per frame; a NIfTI or NRRD volume gives one item per axial slice (after
-   reorienting to RAS); a TIFF/PNG file is one already-rendered slice. Each item is
+   same SOPInstanceUID and pixels reported once, other images under a reused UID split by folder)
+   and sorted along the slice normal; enhanced (multi-frame) CT gives one item per frame; a NIfTI
+   or NRRD volume gives one item per axial slice (after reorienting to RAS); a TIFF/PNG file is one
+   already-rendered slice. Each item is
    ``{"image": path, "frame": k, "series": name, "position": z, "error": "", "warning": ""}`` (``warning``:
    what was assumed to read it, e.g. a missing PhotometricInterpretation). Inputs that cannot
    be scored (other modalities, no pixel data, unreadable, wrong dimensionality, a declared size that
@@ -21,6 +22,7 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
 from __future__ import annotations
 
 import errno
+import filecmp
 import functools
 import gzip
 import io
@@ -499,25 +501,60 @@ def _slice_order(item: dict) -> tuple:
     return not known, position, instance is None, instance or 0, item["image"], item["frame"]
 
 
+def _same_image(first: str, other: str) -> bool:
+    """Whether two files that share a SOPInstanceUID hold the same image: the same bytes, or the same HU in every
+    frame once decoded (a lossless re-encoding). A lossy copy, or another image under a reused UID (a simulated
+    low-dose copy of a slice, say), is not the same; neither is a file that cannot be decoded."""
+    if filecmp.cmp(first, other, shallow=False):
+        return True
+    try:
+        datasets = [read_dicom_ct(Path(first)), read_dicom_ct(Path(other))]
+        counts = {frame_count(ds) for ds in datasets}
+        return len(counts) == 1 and all(
+            np.array_equal(frame_hu(datasets[0], frame), frame_hu(datasets[1], frame)) for frame in range(counts.pop())
+        )
+    except Exception:  # an undecodable file is scored (and reported) on its own
+        return False
+
+
+def _add_warning(item: dict, warning: str) -> None:
+    item["warning"] = "; ".join(filter(None, (item["warning"], warning)))
+
+
 def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
     """Indexed items series by series, each sorted along its slice normal; ``{path, reason}`` for duplicates.
 
-    A file whose SOPInstanceUID was seen in an earlier file (a copy) is left out and reported. A series whose
-    files differ in size or (rounded) orientation is split into one series per kind, named ``<uid> (RxC[ plane])``.
+    A file whose SOPInstanceUID was seen in an earlier file is left out and reported when it is a copy (the same
+    image, see ``_same_image``); another image under the same UID is scored with a warning, and its series split by
+    folder (``<uid> (<folder>)``: full-dose and low-dose folders of one series stay apart). A series whose files
+    differ in size or (rounded) orientation is split into one series per kind, named ``<uid> (RxC[ plane])``.
     """
     seen: dict[str, str] = {}
+    same: dict[tuple[str, str], bool] = {}
     errors: list[dict] = []
     items: list[dict] = []
     for series, group in by_series.items():
-        parts: dict[tuple, list[dict]] = {}
+        kept: list[dict] = []
+        reused = False  # a UID of this series names two different images
         for item in group:
             first = seen.setdefault(item.get("_sop") or item["image"], item["image"])
             if first != item["image"]:
-                add_error(errors, item["image"], f"duplicate of {first} (same SOPInstanceUID)")
-                continue
-            parts.setdefault((item.get("_shape", (0, 0)), item.get("_orientation")), []).append(item)
-        planes = len({orientation for _, orientation in parts}) > 1
-        labels = [f"{shape[0]}x{shape[1]}" + (f" {_plane_name(plane)}" if planes else "") for shape, plane in parts]
+                if same.setdefault((first, item["image"]), _same_image(first, item["image"])):
+                    add_error(errors, item["image"], f"duplicate of {first} (same SOPInstanceUID)")
+                    continue
+                _add_warning(item, f"same SOPInstanceUID as {first}, other pixels: scored as an image of its own")
+                reused = True
+            kept.append(item)
+        parts: dict[tuple, list[dict]] = {}
+        for item in kept:
+            folder = str(Path(item["image"]).parent) if reused else ""
+            parts.setdefault((item.get("_shape", (0, 0)), item.get("_orientation"), folder), []).append(item)
+        planes = len({orientation for _, orientation, _ in parts}) > 1
+        folders = len({folder for _, _, folder in parts}) > 1
+        labels = [
+            " ".join([f"{shape[0]}x{shape[1]}"] + [_plane_name(plane)] * planes + [Path(folder).name] * folders)
+            for shape, plane, folder in parts
+        ]
         for number, (label, part) in enumerate(zip(labels, parts.values(), strict=True)):
             label += "" if labels.count(label) == 1 else f" #{number + 1}"
             name = f"{series} ({label})" if len(parts) > 1 else series

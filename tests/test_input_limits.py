@@ -245,6 +245,42 @@ def test_a_copied_file_is_scored_once_and_reported(tmp_path: Path) -> None:
     ]
 
 
+def test_another_image_under_a_reused_uid_is_scored_in_its_own_folder_series(tmp_path: Path) -> None:
+    """Low-dose copies made from full-dose files keep their UIDs: neither half of a pair may be dropped as a copy."""
+    rng = np.random.default_rng(5)
+    for z in (0.0, 1.0):
+        full = write_dicom_slice(tmp_path / "full" / f"{int(z)}.dcm", rng.normal(40, 10, (32, 32)), "6.6", z)
+        ds = pydicom.dcmread(full)
+        hu = ds.pixel_array.astype(np.int32) + rng.normal(0, 40, (32, 32)).round().astype(np.int32)  # more noise
+        ds.PixelData = np.clip(hu, 0, 65535).astype(np.uint16).tobytes()
+        (tmp_path / "low").mkdir(exist_ok=True)
+        ds.save_as(tmp_path / "low" / f"{int(z)}.dcm", enforce_file_format=True)
+    lossless = pydicom.dcmread(tmp_path / "full" / "0.dcm")
+    lossless.compress(RLELossless, generate_instance_uid=False)  # the same image re-encoded: a copy
+    lossless.save_as(tmp_path / "rle_copy.dcm", enforce_file_format=True)
+
+    items, errors = index_inputs([tmp_path / "full", tmp_path / "low", tmp_path / "rle_copy.dcm"])
+    assert errors == [
+        {
+            "path": str(tmp_path / "rle_copy.dcm"),
+            "reason": f"duplicate of {tmp_path / 'full' / '0.dcm'} (same SOPInstanceUID)",
+        }
+    ]
+    assert [(item["series"], Path(item["image"]).relative_to(tmp_path).as_posix()) for item in items] == [
+        ("6.6 (32x32 full)", "full/0.dcm"),
+        ("6.6 (32x32 full)", "full/1.dcm"),
+        ("6.6 (32x32 low)", "low/0.dcm"),
+        ("6.6 (32x32 low)", "low/1.dcm"),
+    ]
+    assert [item["warning"] for item in items] == ["", ""] + [
+        f"same SOPInstanceUID as {tmp_path / 'full' / name}, other pixels: scored as an image of its own"
+        for name in ("0.dcm", "1.dcm")
+    ]
+    assert not np.array_equal(
+        read_scored_slice(tmp_path / "low" / "0.dcm"), read_scored_slice(tmp_path / "full" / "0.dcm")
+    )
+
+
 def test_a_series_is_split_by_slice_size_and_orientation(tmp_path: Path) -> None:
     for z in (0.0, 1.0):
         ct_slice(tmp_path / "sizes" / f"small_{int(z)}.dcm", "4.4", 32, ImagePositionPatient=[0.0, 0.0, z])
