@@ -521,12 +521,25 @@ def _add_warning(item: dict, warning: str) -> None:
     item["warning"] = "; ".join(filter(None, (item["warning"], warning)))
 
 
+def _folders_overlap(items: list[dict]) -> bool:
+    """Whether two folders hold slices of one series at the same known position and orientation: two versions of
+    it (full-dose and low-dose copies that kept the series UID), not one series spread over folders (a CD export)."""
+    folders: dict[tuple, str] = {}
+    for item in items:
+        if item.get("_known", False):
+            place = (item.get("_orientation"), round(item["position"], 4))
+            if folders.setdefault(place, str(Path(item["image"]).parent)) != str(Path(item["image"]).parent):
+                return True
+    return False
+
+
 def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
     """Indexed items series by series, each sorted along its slice normal; ``{path, reason}`` for duplicates.
 
     A file whose SOPInstanceUID was seen in an earlier file is left out and reported when it is a copy (the same
     image, see ``_same_image``); another image under the same UID is scored with a warning, and its series split by
-    folder (``<uid> (<folder>)``: full-dose and low-dose folders of one series stay apart). A series whose files
+    folder (``<uid> (RxC <folder>)``: full-dose and low-dose folders of one series stay apart), as is a series whose
+    folders hold slices at the same position (``_folders_overlap``). A series whose files
     differ in size or (rounded) orientation is split into one series per kind, named ``<uid> (RxC[ plane])``.
     """
     seen: dict[str, str] = {}
@@ -545,6 +558,7 @@ def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dic
                 _add_warning(item, f"same SOPInstanceUID as {first}, other pixels: scored as an image of its own")
                 reused = True
             kept.append(item)
+        reused = reused or _folders_overlap(kept)
         parts: dict[tuple, list[dict]] = {}
         for item in kept:
             folder = str(Path(item["image"]).parent) if reused else ""

@@ -281,6 +281,26 @@ def test_another_image_under_a_reused_uid_is_scored_in_its_own_folder_series(tmp
     )
 
 
+def test_folders_holding_one_series_at_the_same_positions_are_two_series(tmp_path: Path) -> None:
+    for z in (0.0, 1.0):  # new SOPInstanceUIDs, the series UID kept: a full-dose and a low-dose version
+        ct_slice(tmp_path / "full" / f"{int(z)}.dcm", "7.7", ImagePositionPatient=[0.0, 0.0, z])
+        ct_slice(tmp_path / "low" / f"{int(z)}.dcm", "7.7", ImagePositionPatient=[0.0, 0.0, z])
+    for z in (0.0, 1.0, 2.0, 3.0):  # one series over two folders at other positions, as CD exports split them
+        ct_slice(tmp_path / "cd" / f"part{int(z) // 2}" / f"{int(z)}.dcm", "8.8", ImagePositionPatient=[0.0, 0.0, z])
+    items, errors = index_inputs([tmp_path])
+    series = [(item["series"], Path(item["image"]).relative_to(tmp_path).as_posix()) for item in items]
+    assert errors == [] and series == [
+        ("8.8", "cd/part0/0.dcm"),
+        ("8.8", "cd/part0/1.dcm"),
+        ("8.8", "cd/part1/2.dcm"),
+        ("8.8", "cd/part1/3.dcm"),
+        ("7.7 (32x32 full)", "full/0.dcm"),
+        ("7.7 (32x32 full)", "full/1.dcm"),
+        ("7.7 (32x32 low)", "low/0.dcm"),
+        ("7.7 (32x32 low)", "low/1.dcm"),
+    ]
+
+
 def test_a_series_is_split_by_slice_size_and_orientation(tmp_path: Path) -> None:
     for z in (0.0, 1.0):
         ct_slice(tmp_path / "sizes" / f"small_{int(z)}.dcm", "4.4", 32, ImagePositionPatient=[0.0, 0.0, z])
