@@ -41,7 +41,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-from scripts.ct_io import HU_WINDOW, check_hu_mapping, frame_count, frame_hu
+from scripts.ct_io import HU_WINDOW, check_hu_mapping, frame_count, frame_hu, stored_values_are_hu
 from scripts.options import as_bool
 from scripts.output_dir import LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
 from scripts.transforms import (
@@ -65,6 +65,7 @@ HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the fi
 PLACEHOLDER_SIZE = 8
 MIN_SIDE = 8  # pixels: smaller "slices" are not images a radiologist could score
 ASSUMED_MONOCHROME2 = "no PhotometricInterpretation: read as MONOCHROME2"
+ASSUMED_HU = "no RescaleSlope/RescaleIntercept: its signed stored values read as HU"
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
 FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
@@ -483,8 +484,9 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
         return str(path), [{"position": 0.0}], ""
     ds = read_dicom_ct(path, header_only=True)
     series = str(ds.get("SeriesInstanceUID", "")) or f"{path.name} (no SeriesInstanceUID)"
-    warning = ASSUMED_MONOCHROME2 if getattr(ds, "photometric_assumed", False) else ""
-    return series, _frame_geometry(ds, frame_count(ds)), warning
+    assumed = [ASSUMED_MONOCHROME2] if getattr(ds, "photometric_assumed", False) else []
+    assumed += [ASSUMED_HU] if stored_values_are_hu(ds) else []
+    return series, _frame_geometry(ds, frame_count(ds)), "; ".join(assumed)
 
 
 def _plane_name(orientation: tuple[float, ...] | None) -> str:

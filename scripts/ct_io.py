@@ -49,10 +49,22 @@ def _frame_transformation(ds: Any, frame: int = 0) -> Any:
     return None
 
 
+def stored_values_are_hu(ds: Any) -> bool:
+    """Whether integer CT pixels with no way to HU (neither RescaleSlope nor RescaleIntercept, no Modality LUT or
+    Pixel Value Transformation) are read as HU themselves: only signed ones, as scanners that store HU directly write
+    them (unsigned CT keeps an offset, usually +1024, that only the missing intercept would say)."""
+    no_rescale = "RescaleSlope" not in ds and "RescaleIntercept" not in ds
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    return "PixelData" in ds and _frame_transformation(ds) is None and no_rescale and signed
+
+
 def check_hu_mapping(ds: Any) -> None:
-    """``ValueError`` unless integer CT pixels have a way to HU (rescale or Modality LUT); float pixel data is HU."""
-    if "PixelData" in ds and _frame_transformation(ds) is None:
-        raise ValueError("no RescaleIntercept/RescaleSlope or Modality LUT: the HU of this CT cannot be known")
+    """``ValueError`` unless integer CT pixels have a way to HU (rescale or Modality LUT, or signed stored values, see
+    ``stored_values_are_hu``); float pixel data is HU."""
+    if "PixelData" in ds and _frame_transformation(ds) is None and not stored_values_are_hu(ds):
+        kind = "signed" if int(ds.get("PixelRepresentation", 0) or 0) == 1 else "unsigned"
+        reason = f"no RescaleIntercept/RescaleSlope or Modality LUT for its {kind} values"
+        raise ValueError(f"{reason}: the HU of this CT cannot be known")
 
 
 def frame_count(ds: Any) -> int:

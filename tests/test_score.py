@@ -24,7 +24,7 @@ from pydicom.uid import (
 )
 
 from scripts.clinical.score import score_paths
-from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
+from scripts.ct_inputs import InputError, index_inputs, read_ct_slice, read_scored_slice
 from scripts.ct_io import write_dicom_slice
 from tests.conftest import NOT_DICOM, REPO_ROOT, inference_workflow
 
@@ -431,8 +431,6 @@ def test_rescaled_hu_equal_pydicoms(stored: str, slope: float, intercept: float,
     """Integer rescales are done in float32 (exact there), others by pydicom in float64: the same HU either way."""
     from pydicom.pixels import apply_modality_lut
 
-    from scripts.ct_inputs import read_ct_slice
-
     ds = _flat_ct(tmp_path / "rescaled.dcm")
     info = np.iinfo(stored)
     values = np.random.default_rng(0).integers(info.min, info.max, (16, 16), endpoint=True).astype(stored)
@@ -450,12 +448,32 @@ def test_rescaled_hu_equal_pydicoms(stored: str, slope: float, intercept: float,
     assert compact.dtype == (np.int16 if fits else np.float32) and np.array_equal(compact[0], expected)
 
 
-def test_integer_ct_without_rescale_or_lut_is_refused(tmp_path: Path) -> None:
-    ds = _flat_ct(tmp_path / "no_intercept.dcm")
-    del ds.RescaleIntercept
-    ds.save_as(tmp_path / "no_intercept.dcm", enforce_file_format=True)
-    items, errors = index_inputs([tmp_path / "no_intercept.dcm"])
-    assert items == [] and "HU of this CT cannot be known" in errors[0]["reason"]
+def test_unsigned_or_half_rescaled_ct_is_refused_and_signed_ct_without_rescale_is_read_as_hu(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    hu = np.random.default_rng(6).integers(-1000, 400, (16, 16)).astype(np.int16)
+    for name, signed, keep in [("unsigned", False, ()), ("no_intercept", False, ("RescaleSlope",)),
+                               ("signed_no_intercept", True, ("RescaleSlope",)), ("signed", True, ())]:  # fmt: skip
+        ds = _flat_ct(tmp_path / f"{name}.dcm")
+        for keyword in {"RescaleSlope", "RescaleIntercept"} - set(keep):
+            delattr(ds, keyword)
+        if signed:
+            ds.PixelRepresentation, ds.PixelData = 1, hu.tobytes()
+        ds.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+    items, errors = index_inputs(sorted(tmp_path.glob("*.dcm")))
+    assert {Path(error["path"]).name: error["reason"] for error in errors} == {
+        f"{name}.dcm": f"no RescaleIntercept/RescaleSlope or Modality LUT for its {kind} values: "
+        "the HU of this CT cannot be known"
+        for name, kind in [("no_intercept", "unsigned"), ("signed_no_intercept", "signed"), ("unsigned", "unsigned")]
+    }
+    assert [(Path(item["image"]).name, item["warning"]) for item in items] == [
+        ("signed.dcm", "no RescaleSlope/RescaleIntercept: its signed stored values read as HU")
+    ]
+    assert np.array_equal(read_ct_slice(tmp_path / "signed.dcm")[0][0], hu)
+    score_paths([tmp_path / "signed.dcm"], tmp_path / "out", ckpt=tiny_checkpoint, device="cpu")
+    with open(tmp_path / "out" / "scores.csv", newline="") as stream:
+        (row,) = csv.DictReader(stream)
+    assert row["warning"] == "no RescaleSlope/RescaleIntercept: its signed stored values read as HU"
 
 
 def test_missing_photometric_interpretation_is_read_as_monochrome2_with_a_warning(
