@@ -391,8 +391,8 @@ def _volume_image(path: Path, pixels: bool = False) -> Any:
     ``InputError`` for anything else (a time series, CIFTI)."""
     import nibabel
 
-    nrrd = path.name.lower().endswith(".nrrd")
-    if nrrd:
+    is_nrrd = path.name.lower().endswith(".nrrd")
+    if is_nrrd:
         image = _nrrd_image(path, pixels=False)
     else:
         try:
@@ -408,7 +408,7 @@ def _volume_image(path: Path, pixels: bool = False) -> Any:
     if len(shape) != 3:
         raise InputError(f"expected a 3-D volume, got shape {tuple(image.shape)} (wrong dimensionality)")
     _check_nifti_size(path, image, shape)
-    if nrrd and pixels:
+    if is_nrrd and pixels:
         image = _nrrd_image(path, pixels=True)
     if shape != image.shape:
         image = type(image)(image.dataobj.reshape(shape), image.affine, image.header)
@@ -529,8 +529,8 @@ def _folders_overlap(items: list[dict]) -> bool:
     folders: dict[tuple, str] = {}
     for item in items:
         if item.get("_known", False):
-            place = (item.get("_orientation"), round(item["position"], 4))
-            if folders.setdefault(place, str(Path(item["image"]).parent)) != str(Path(item["image"]).parent):
+            place, folder = (item.get("_orientation"), round(item["position"], 4)), str(Path(item["image"]).parent)
+            if folders.setdefault(place, folder) != folder:
                 return True
     return False
 
@@ -554,7 +554,10 @@ def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dic
         for item in group:
             first = seen.setdefault(item.get("_sop") or item["image"], item["image"])
             if first != item["image"]:
-                if same.setdefault((first, item["image"]), _same_image(first, item["image"])):
+                pair = (first, item["image"])
+                if pair not in same:  # once per pair of files, not per frame
+                    same[pair] = _same_image(*pair)
+                if same[pair]:
                     add_error(errors, item["image"], f"duplicate of {first} (same SOPInstanceUID)")
                     continue
                 _add_warning(item, f"same SOPInstanceUID as {first}, other pixels: scored as an image of its own")
