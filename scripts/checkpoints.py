@@ -70,11 +70,16 @@ def read_settings(path: str | Path) -> dict[str, Any]:
     return settings
 
 
+def config_ids(settings: dict[str, Any]) -> dict[str, Any]:
+    """The recorded settings that are config ids (``CONFIG_SETTING_KEYS``): what makes a bundle's ``network_def``
+    and preprocessing fit the model they were recorded with."""
+    return {key: settings[key] for key in CONFIG_SETTING_KEYS if key in settings}
+
+
 def config_overrides(path: str | Path) -> dict[str, Any]:
     """The config ids that make a bundle's ``network_def`` and preprocessing fit a checkpoint: ``checkpoint`` and
     the settings recorded beside it (for ``ConfigWorkflow(..., **config_overrides(path))``)."""
-    settings = read_settings(path)
-    return {"checkpoint": str(path), **{key: settings[key] for key in CONFIG_SETTING_KEYS if key in settings}}
+    return {"checkpoint": str(path), **config_ids(read_settings(path))}
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, dict[str, Any]]:

@@ -138,7 +138,7 @@ class SliceScorer:
         """
         from monai.bundle import ConfigParser
 
-        from scripts.checkpoints import CONFIG_SETTING_KEYS, CheckpointError, read_checkpoint
+        from scripts.checkpoints import CheckpointError, config_ids, read_checkpoint
         from scripts.networks import network_with_weights
 
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
@@ -147,7 +147,7 @@ class SliceScorer:
         parser.update({"bundle_root": str(bundle_dir), "device": device, **overrides})
         checkpoint = parser.get_parsed_content("checkpoint")
         state_dict, settings = read_checkpoint(checkpoint)  # settings: model.json, or inside an earlier-form file
-        parser.update({key: settings[key] for key in CONFIG_SETTING_KEYS if key in settings and key not in overrides})
+        parser.update({key: value for key, value in config_ids(settings).items() if key not in overrides})
         try:
             network = network_with_weights(lambda: parser.get_parsed_content("network_def"), state_dict, device)
         except RuntimeError as error:

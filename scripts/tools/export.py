@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from scripts import bundle_root
-from scripts.checkpoints import CONFIG_SETTING_KEYS, read_checkpoint, write_checkpoint_atomic
+from scripts.checkpoints import config_ids, read_checkpoint, write_checkpoint_atomic
 from scripts.networks import NETWORK_SETTING_KEYS, build_network
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # scripts/: its flat modules are the runtime the configs import
@@ -103,7 +103,7 @@ def export_torchscript(dist: Path, checkpoint: Path, settings: dict[str, Any]) -
         use_trace=not settings.get("patch_size"),
         input_shape=[1, channels, size, size],
         bundle_root=str(dist),
-        **{key: settings[key] for key in CONFIG_SETTING_KEYS if key in settings},  # as written into the configs
+        **config_ids(settings),  # as written into the configs
     )
     eager = build_network(**{k: v for k, v in settings.items() if k in NETWORK_SETTING_KEYS})
     eager.load_state_dict(read_checkpoint(checkpoint)[0])
