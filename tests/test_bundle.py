@@ -118,6 +118,7 @@ def test_the_benchmarks_device_figures_time_every_variant() -> None:
     import torch
 
     from scripts.networks import build_network
+    from scripts.tools.bench import gpu_lines
     from scripts.tools.bench_pipeline import GPU_VARIANTS, gpu_figures
 
     network = build_network(**TINY_NETWORKS)
@@ -125,3 +126,5 @@ def test_the_benchmarks_device_figures_time_every_variant() -> None:
     names = [name for name, *_ in GPU_VARIANTS] + ["bf16_channels_last_compiled"]
     assert sorted(figures) == sorted(f"{name}_slices_per_s" for name in names)
     assert min(figures.values()) > 0 and not torch.backends.cudnn.benchmark  # the autotuner's setting is restored
+    lines = gpu_lines(figures, batch_size=2)  # the report's block, as a GPU run prints it
+    assert [line.split()[0] for line in lines[1:]] == names

@@ -43,7 +43,6 @@ from scripts.networks import build_network, count_parameters
 from scripts.options import as_bool
 from scripts.output_dir import locked_output_dir, write_json_atomic
 from scripts.tools.bench_pipeline import (
-    GPU_VARIANTS,
     INPUT_KINDS,
     STAGES,
     bench_pipeline,
@@ -477,15 +476,19 @@ def _print_block(name: str, result: dict) -> None:
         f"trainer  {training['trainer_it_per_s']:9.3f} it/s     | ratio {training['ratio']:.2f} (target >= 0.95)"
         f"{peak}"
     )
-    gpu = result.get("gpu")
-    if gpu:
-        variants = [name for name, *_ in GPU_VARIANTS] + (
-            ["bf16_channels_last_compiled"] if "bf16_channels_last_compiled_slices_per_s" in gpu else []
-        )
-        lines.append(f"  GPU, 512 px, batch {profile['batch_size']}, bare forward, slices/s (peak GiB):")
-        lines += [
-            f"    {name:<36} {gpu[name + '_slices_per_s']:8.1f} ({gpu.get(name + '_peak_gib', 0.0):.2f})"
-            for name in variants
-        ]
-        lines.append(f"    largest bf16 batch that fits: {gpu['largest_bf16_batch']}")
+    if result.get("gpu"):
+        lines += gpu_lines(result["gpu"], profile["batch_size"])
     print("\n".join(lines), flush=True)
+
+
+def gpu_lines(gpu: dict[str, Any], batch_size: int) -> list[str]:
+    """The report's GPU block: each variant ``gpu_figures`` timed, in its order, with its peak memory (GPU only)."""
+    variants = [key.removesuffix("_slices_per_s") for key in gpu if key.endswith("_slices_per_s")]
+    lines = [f"  GPU, 512 px, batch {batch_size}, bare forward, slices/s (peak GiB):"]
+    lines += [
+        f"    {name:<36} {gpu[name + '_slices_per_s']:8.1f} ({gpu.get(name + '_peak_gib', 0.0):.2f})"
+        for name in variants
+    ]
+    if "largest_bf16_batch" in gpu:
+        lines.append(f"    largest bf16 batch that fits: {gpu['largest_bf16_batch']}")
+    return lines
