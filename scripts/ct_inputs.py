@@ -407,7 +407,7 @@ def _volume_image(path: Path, pixels: bool = False) -> Any:
     shape = (*shape, 1) if len(shape) == 2 else shape  # one slice saved as a 2-D image
     if len(shape) != 3:
         raise InputError(f"expected a 3-D volume, got shape {tuple(image.shape)} (wrong dimensionality)")
-    _check_nifti_size(path, image, shape)
+    _check_volume_size(path, image, shape)
     if is_nrrd and pixels:
         image = _nrrd_image(path, pixels=True)
     if shape != image.shape:
@@ -415,7 +415,7 @@ def _volume_image(path: Path, pixels: bool = False) -> Any:
     return image
 
 
-def _check_nifti_size(path: Path, image: Any, shape: tuple[int, ...]) -> None:
+def _check_volume_size(path: Path, image: Any, shape: tuple[int, ...]) -> None:
     """``InputError`` when an uncompressed NIfTI volume's declared voxels do not fit in its file, or (any volume: a
     compressed size says little) the volume as float32 exceeds ``MAX_VOLUME_MB`` (read at call time)."""
     declared = " x ".join(map(str, shape))
