@@ -86,7 +86,7 @@ def score(
     num_workers: Any = "auto",
     max_slice_mb: float = 64.0,
     amp: Any = False,
-    channels_last: Any = False,
+    channels_last: Any = "auto",
     compile: Any = False,
     plots: Any = True,
 ) -> None:

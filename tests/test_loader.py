@@ -2,24 +2,51 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from scripts.clinical.score import SliceScorer
-from scripts.engines import reader_processes
+from scripts.ct_inputs import PARALLEL_INDEX_FILES, index_inputs
+from scripts.ct_io import write_dicom_slice
+from scripts.engines import GPU_READERS, IN_PROCESS_SLICES, reader_processes
 
 
 def test_reader_processes() -> None:
-    """``auto`` reads in the network's process on a CPU (whose cores the network uses); numbers are taken as given."""
+    """``auto`` reads in the network's process on a CPU (whose cores the network uses) and for short runs on a GPU
+    (whose readers take longer to start than a short run takes to read); numbers are taken as given."""
     assert reader_processes("auto", "cpu") == 0 and reader_processes(" AUTO ", torch.device("cpu")) == 0
+    assert reader_processes("auto", "cpu", slices=10**6) == 0
+    gpu_readers = min(GPU_READERS, os.cpu_count() or 1)
+    assert reader_processes("auto", "cuda") == gpu_readers == reader_processes("auto", "cuda:0", IN_PROCESS_SLICES + 1)
+    assert reader_processes("auto", "cuda", IN_PROCESS_SLICES) == 0
     assert reader_processes(3, "cpu") == 3 and reader_processes("0", torch.device("cpu")) == 0
+    assert reader_processes(3, "cuda", slices=1) == 3
     for bad in (-1, 1.5, "many", None):
         with pytest.raises(ValueError, match="num_workers must be a number of processes"):
             reader_processes(bad, "cpu")
 
 
 def test_scoring_reads_in_process_on_a_cpu_by_default(tiny_checkpoint: Path) -> None:
-    assert SliceScorer.from_checkpoint(tiny_checkpoint, "cpu").num_workers == 0
-    assert SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", num_workers=2).num_workers == 2
+    assert SliceScorer.from_checkpoint(tiny_checkpoint, "cpu").readers(10**6) == 0
+    assert SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", num_workers=2).readers() == 2
+    with pytest.raises(ValueError, match="num_workers must be a number of processes"):
+        SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", num_workers="many")
+
+
+def test_many_headers_are_indexed_by_processes_with_the_same_items_and_reasons(tmp_path: Path) -> None:
+    """A long series indexed by reading processes (as a GPU run does) gives the items and reasons of one process,
+    in the same order, a bad file among them."""
+    rng = np.random.default_rng(0)
+    for index in range(PARALLEL_INDEX_FILES + 8):
+        write_dicom_slice(tmp_path / f"{index:04d}.dcm", rng.normal(0, 300, (8, 8)), "1.2.3.4", 60.0 - index)
+    (tmp_path / "0100.dcm").write_bytes(b"not a DICOM file at all")
+    alone = index_inputs([tmp_path])
+    assert len(alone[0]) == PARALLEL_INDEX_FILES + 7 and [error["path"] for error in alone[1]] == [
+        str(tmp_path / "0100.dcm")
+    ]
+    assert alone[0][0]["image"] == str(tmp_path / f"{PARALLEL_INDEX_FILES + 7:04d}.dcm")  # by position
+    assert index_inputs([tmp_path], processes=2) == alone

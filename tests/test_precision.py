@@ -14,8 +14,8 @@ import pytest
 import torch
 from ignite.engine import Events
 
-from scripts.engines import amp_dtype, needs_grad_scaler
-from tests.conftest import TINY_OVERRIDES, TRAIN_CONFIG, inference_workflow, make_workflow
+from scripts.engines import amp_dtype, needs_grad_scaler, place_network, wants_channels_last
+from tests.conftest import TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, inference_workflow, make_workflow
 
 TOLERANCES = {"channels_last": 1e-5, "compile": 1e-4, "amp": 0.05}
 OPTIONS = {"channels_last": {"channels_last": "true"}, "compile": {"compile": True}, "amp": {"amp": "bf16"}}
@@ -29,6 +29,21 @@ OPTIONS = {"channels_last": {"channels_last": "true"}, "compile": {"compile": Tr
 def test_amp_values(amp: object, expected: torch.dtype | None) -> None:
     assert amp_dtype(amp, "cpu") is expected  # true: nothing on a CPU, where bf16 must be asked for by name
     assert not needs_grad_scaler(amp, "cpu")  # a gradient scaler is for fp16 on CUDA only
+
+
+def test_channels_last_auto_is_for_cuda_gpus_only() -> None:
+    """``channels_last: auto`` (the inference config's and score's default): the channels-last format on a CUDA GPU,
+    where it runs faster, and the usual one on a CPU; true and false as given; other values are refused."""
+    from scripts.networks import build_network
+
+    assert wants_channels_last("auto", "cuda:0") and wants_channels_last(" AUTO ", torch.device("cuda"))
+    assert not wants_channels_last("auto", "cpu") and wants_channels_last("true", "cpu")
+    assert not wants_channels_last(False, "cuda")
+    with pytest.raises(ValueError, match="channels_last must be true, false or auto"):
+        wants_channels_last("sometimes", "cuda")
+    network = place_network(build_network(**TINY_NETWORKS), "cpu", "auto")
+    convolution = next(module for module in network.modules() if isinstance(module, torch.nn.Conv2d))
+    assert convolution.weight.is_contiguous() and convolution.weight.shape[-1] > 1
 
 
 @pytest.mark.parametrize(("bf16_supported", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
@@ -99,3 +114,20 @@ def test_score_takes_the_same_options(trained_bundle: Path, ldct_test_dir: Path,
             scores[name] = [float(row["score"]) for row in csv.DictReader(stream)]
     differences = [abs(a - b) for a, b in zip(scores["float32"], scores["bf16"], strict=True)]
     assert len(differences) == 4 and max(differences) <= TOLERANCES["amp"]
+
+
+def test_scoring_compiled_with_frozen_weights_gives_the_same_scores(tiny_checkpoint: Path, ldct_test_dir: Path) -> None:
+    """``score --compile true`` compiles with inductor's freezing (weights as constants, norms folded): the scores of
+    the uncompiled network within the compile tolerance."""
+    from scripts.clinical.score import SliceScorer
+    from scripts.ct_inputs import index_inputs
+
+    items, _ = index_inputs(sorted((ldct_test_dir / "images").glob("*.tiff"))[:6])
+    scores = {
+        compiled: [
+            score for score, _, _ in SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", compile=compiled)(items)
+        ]
+        for compiled in (False, True)
+    }
+    assert len(scores[True]) == 6 and None not in scores[True]
+    assert max(abs(a - b) for a, b in zip(scores[False], scores[True], strict=True)) <= TOLERANCES["compile"]

@@ -36,7 +36,7 @@ from scripts import bundle_root
 from scripts.ct_inputs import add_error, index_inputs, read_scored_slice, volume_hu
 from scripts.ct_io import HU_WINDOW
 from scripts.data import LDCT_RANGE
-from scripts.engines import PlainTensorBatch, place_network, reader_processes
+from scripts.engines import PlainTensorBatch, compiled_for_inference, place_network, reader_processes
 from scripts.handlers import figure_png, pyplot
 from scripts.options import as_bool
 from scripts.output_dir import (
@@ -89,18 +89,21 @@ class SliceScorer:
         window: Any = HU_WINDOW,
         inferer: Any = None,
         prepare_batch: Any = None,
-        channels_last: Any = False,
+        channels_last: Any = "auto",
         compile: Any = False,
     ) -> None:
         self.device = torch.device(device)
+        if self.device.type == "cuda":  # slices come resized to one size: cuDNN's fastest kernels for it are kept
+            torch.backends.cudnn.benchmark = True
         self.inferer = inferer or SpreadInferer()
         self.prepare_batch = prepare_batch or PlainTensorBatch(channels_last)
         self.network = place_network(network, self.device, channels_last).eval()
         if as_bool(compile, "compile"):
-            self.network = torch.compile(self.network)
+            self.network = compiled_for_inference(self.network)
         self.transform = transform
         self.batch_size = batch_size
-        self.num_workers = reader_processes(num_workers, self.device)
+        reader_processes(num_workers, self.device)  # a bad value fails here, not at the first run
+        self.num_workers = num_workers
         self.window = check_windows(window)
 
     @classmethod
@@ -164,27 +167,59 @@ class SliceScorer:
         options = {key: parser.get_parsed_content(key) for key in ("channels_last", "compile") if key in parser}
         return cls(network, transform, device, batch_size, num_workers, window, inferer, prepare_batch, **options)
 
+    def readers(self, slices: int | None = None) -> int:
+        """The reader processes of a run of ``slices`` slices (``scripts.engines.reader_processes``)."""
+        return reader_processes(self.num_workers, self.device, slices)
+
     @torch.inference_mode()
     def __call__(self, items: Sequence[dict]) -> list[tuple[float | None, float, str]]:
-        """(score, spread over its crops, "") for each item, or (None, 0, reason) when its pixels could not be used."""
+        """(score, spread over its crops, "") for each item, or (None, 0, reason) when its pixels could not be used.
+
+        A batch's predictions are copied back while the next batch is read and queued on the device, so a GPU is
+        never left waiting for this process between batches."""
         loader = DataLoader(
             Dataset(list(items), self.transform),
             batch_size=self.batch_size,
-            num_workers=self.num_workers,
+            num_workers=self.readers(len(items)),
             shuffle=False,
             collate_fn=pad_collate,
             pin_memory=self.device.type == "cuda",
         )
         results: list[tuple[float | None, float, str]] = []
+        pending: tuple[torch.Tensor, Any, list[str]] | None = None
         for batch in loader:
             images, _ = self.prepare_batch(batch, self.device, non_blocking=True)
-            predictions = self.inferer(images, self.network).reshape(len(images), -1).cpu()
-            scores = predictions[:, 0].clamp(*SCORE_RANGE).tolist()
-            spreads = predictions[:, 1].tolist() if predictions.shape[1] > 1 else [0.0] * len(scores)
-            for score, spread, error in zip(scores, spreads, batch["error"], strict=True):
-                results.append((None, 0.0, error) if error else (score, spread, ""))
+            predictions = self.inferer(images, self.network).reshape(len(images), -1)
+            if pending is not None:
+                results += _collect(*pending)
+            pending = (*_copy_to_host(predictions), batch["error"])
+        if pending is not None:
+            results += _collect(*pending)
         volume_hu.cache_clear()  # the last volume read in this process (num_workers=0)
         return results
+
+
+def _copy_to_host(predictions: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A copy of ``predictions`` in host memory, queued behind the network on a GPU, and the event it is ready at
+    (None on a CPU, where it is ready now)."""
+    if predictions.device.type != "cuda":
+        return predictions, None
+    host = predictions.to("cpu", non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
+def _collect(predictions: torch.Tensor, ready: Any, errors: list[str]) -> list[tuple[float | None, float, str]]:
+    """One batch's results from its predictions (score, spread) once they are on the host."""
+    if ready is not None:
+        ready.synchronize()
+    scores = predictions[:, 0].clamp(*SCORE_RANGE).tolist()
+    spreads = predictions[:, 1].tolist() if predictions.shape[1] > 1 else [0.0] * len(scores)
+    return [
+        (None, 0.0, error) if error else (score, spread, "")
+        for score, spread, error in zip(scores, spreads, errors, strict=True)
+    ]
 
 
 def downsample(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
@@ -292,7 +327,7 @@ def _score_shares(
     """``score_inputs`` over ``world`` processes: each indexes the inputs (headers only, the same list everywhere),
     scores whole series of its own share, and rank 0 gathers every result; also the slices each process had.
     Ranks other than 0 return nothing."""
-    items, errors = index_inputs(paths, skip=output_dir)
+    items, errors = index_inputs(paths, skip=output_dir, processes=scorer.readers())
     if output_dir is not None and rank == 0:
         check_free_space(Path(output_dir), report_size(len(items), len({item["series"] for item in items})))
     shares = share_series(items, world)

@@ -208,7 +208,7 @@ def bench_scoring(
 
     def score_series() -> None:
         with _autocast(device, amp):
-            items, errors = index_inputs([series])
+            items, errors = index_inputs([series], processes=scorer.readers())
             results = scorer(items)
         if errors or any(score is None for score, _, _ in results):
             raise RuntimeError(f"the timing series was not fully scored: {errors or results}")

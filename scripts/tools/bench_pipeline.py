@@ -23,7 +23,7 @@ from monai.transforms import Compose, EnsureTyped
 
 from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import HU_WINDOW, write_dicom_slice
-from scripts.engines import PlainTensorBatch, reader_processes
+from scripts.engines import PlainTensorBatch, compiled_for_inference, reader_processes
 from scripts.patches import pad_collate
 from scripts.transforms import BatchPreprocess
 
@@ -176,11 +176,11 @@ def fixed_costs(scorer: Any, folder: Path, workdir: Path) -> dict[str, float]:
     from scripts.clinical.score import group_scores, write_report
 
     items: list[dict] = []
-    index_s = _seconds(lambda: items.extend(index_inputs([folder])[0]), scorer.device)
+    index_s = _seconds(lambda: items.extend(index_inputs([folder], processes=scorer.readers())[0]), scorer.device)
     loader = DataLoader(
         Dataset(items, scorer.transform),
         batch_size=scorer.batch_size,
-        num_workers=scorer.num_workers,
+        num_workers=scorer.readers(len(items)),
         collate_fn=pad_collate,
     )
     first_batch_s = _seconds(lambda: next(iter(loader)), scorer.device)
@@ -211,7 +211,8 @@ def gpu_figures(
     largest_batch: int = 1024,
 ) -> dict[str, Any]:
     """Bare forward slices/s in float32, bf16, bf16 + channels_last, and that with cuDNN's autotuner
-    (``torch.backends.cudnn.benchmark``), with ``compile`` also bf16 + channels_last through ``torch.compile``; on a
+    (``torch.backends.cudnn.benchmark``), with ``compile`` also bf16 + channels_last compiled as ``score`` does
+    (``compiled_for_inference``); on a
     GPU the peak memory of each and the largest bf16 batch that fits at ``image_size`` (doubling until out of
     memory, up to ``largest_batch``). The bench runs it on GPUs; on a CPU (the tests) it gives the rates only."""
     network = network.to(device).eval()
@@ -221,7 +222,7 @@ def gpu_figures(
     for name, dtype, channels_last, benchmark in variants:
         torch.backends.cudnn.benchmark = benchmark
         model = network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        model = torch.compile(model) if name.endswith("compiled") else model
+        model = compiled_for_inference(model) if name.endswith("compiled") else model
         batch = torch.rand(batch_size, 1, image_size, image_size, device=device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
