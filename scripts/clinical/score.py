@@ -206,7 +206,7 @@ def _copy_to_host(predictions: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return predictions, None
     host = predictions.to("cpu", non_blocking=True)
     ready = torch.cuda.Event()
-    ready.record()
+    ready.record(torch.cuda.current_stream(predictions.device))  # the network's GPU, not always the current one
     return host, ready
 
 
