@@ -353,10 +353,11 @@ def run_benchmark(
     run; the paper profile runs it on a GPU only), the fixed costs of a run and, on a GPU, bf16/channels_last
     figures, peak memory and the largest batch. ``amp``: false, true, bf16 or fp16, as in the configs;
     ``train_batch_size``: the training side's batch, when it must be smaller than inference's; ``num_workers``: the
-    reading processes of the pipeline, of inference and of scoring (``"auto"``, as the configs: none on a CPU, 2 on
-    a GPU); the pipeline is also timed with each count of ``pipeline_workers`` (one number or a comma list, as
-    ``2,4,8``), its steady rate and its start apart; ``compile``: on a GPU also the bare forward through
-    ``torch.compile`` (bf16 + channels_last)."""
+    reading processes of the pipeline, of inference and of scoring (``"auto"``, as the configs: none on a CPU, 4 on
+    a GPU, none there for a run of at most 128 slices); the pipeline is also timed with each count of
+    ``pipeline_workers`` (one number or a comma list, as ``2,4,8``), its steady rate and its start apart;
+    ``compile``: on a GPU also the bare forward compiled as ``score`` compiles it (bf16 + channels_last, frozen
+    weights)."""
     names = [profiles] if isinstance(profiles, str) else list(profiles)
     names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
     unknown = [n for n in names if n not in PROFILES]
