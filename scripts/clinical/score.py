@@ -36,7 +36,13 @@ from scripts import bundle_root
 from scripts.ct_inputs import add_error, index_inputs, read_scored_slice, volume_hu
 from scripts.ct_io import HU_WINDOW
 from scripts.data import LDCT_RANGE
-from scripts.engines import PlainTensorBatch, compiled_for_inference, place_network, reader_processes
+from scripts.engines import (
+    PlainTensorBatch,
+    compiled_for_inference,
+    place_network,
+    reader_processes,
+    use_cudnn_autotuner,
+)
 from scripts.handlers import figure_png, pyplot
 from scripts.options import as_bool
 from scripts.output_dir import (
@@ -93,8 +99,7 @@ class SliceScorer:
         compile: Any = False,
     ) -> None:
         self.device = torch.device(device)
-        if self.device.type == "cuda":  # slices come resized to one size: cuDNN's fastest kernels for it are kept
-            torch.backends.cudnn.benchmark = True
+        use_cudnn_autotuner(self.device)
         self.inferer = inferer or SpreadInferer()
         self.prepare_batch = prepare_batch or PlainTensorBatch(channels_last)
         self.network = place_network(network, self.device, channels_last).eval()
@@ -170,6 +175,10 @@ class SliceScorer:
     def readers(self, slices: int | None = None) -> int:
         """The reader processes of a run of ``slices`` slices (``scripts.engines.reader_processes``)."""
         return reader_processes(self.num_workers, self.device, slices)
+
+    def index(self, paths: Sequence[str | Path], skip: str | Path | None = None) -> tuple[list[dict], list[dict]]:
+        """``index_inputs`` of ``paths``, long folders read by this scorer's reader processes."""
+        return index_inputs(paths, skip, self.readers())
 
     @torch.inference_mode()
     def __call__(self, items: Sequence[dict]) -> list[tuple[float | None, float, str]]:
@@ -327,7 +336,7 @@ def _score_shares(
     """``score_inputs`` over ``world`` processes: each indexes the inputs (headers only, the same list everywhere),
     scores whole series of its own share, and rank 0 gathers every result; also the slices each process had.
     Ranks other than 0 return nothing."""
-    items, errors = index_inputs(paths, skip=output_dir, processes=scorer.readers())
+    items, errors = scorer.index(paths, skip=output_dir)
     if output_dir is not None and rank == 0:
         check_free_space(Path(output_dir), report_size(len(items), len({item["series"] for item in items})))
     shares = share_series(items, world)

@@ -35,7 +35,6 @@ from monai.bundle import ConfigWorkflow
 from scripts import bundle_root
 from scripts.checkpoints import config_overrides, save_checkpoint
 from scripts.clinical.score import SliceScorer, score_inputs, score_paths, write_report
-from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
 from scripts.data import MIN_VALIDATION
 from scripts.engines import amp_dtype, autocast, needs_grad_scaler, reader_processes
@@ -208,7 +207,7 @@ def bench_scoring(
 
     def score_series() -> None:
         with _autocast(device, amp):
-            items, errors = index_inputs([series], processes=scorer.readers())
+            items, errors = scorer.index([series])
             results = scorer(items)
         if errors or any(score is None for score, _, _ in results):
             raise RuntimeError(f"the timing series was not fully scored: {errors or results}")

@@ -176,7 +176,7 @@ def fixed_costs(scorer: Any, folder: Path, workdir: Path) -> dict[str, float]:
     from scripts.clinical.score import group_scores, write_report
 
     items: list[dict] = []
-    index_s = _seconds(lambda: items.extend(index_inputs([folder], processes=scorer.readers())[0]), scorer.device)
+    index_s = _seconds(lambda: items.extend(scorer.index([folder])[0]), scorer.device)
     loader = DataLoader(
         Dataset(items, scorer.transform),
         batch_size=scorer.batch_size,
