@@ -118,16 +118,29 @@ def test_score_takes_the_same_options(trained_bundle: Path, ldct_test_dir: Path,
 
 def test_scoring_compiled_with_frozen_weights_gives_the_same_scores(tiny_checkpoint: Path, ldct_test_dir: Path) -> None:
     """``score --compile true`` compiles with inductor's freezing (weights as constants, norms folded): the scores of
-    the uncompiled network within the compile tolerance."""
+    the uncompiled network within the compile tolerance. Six slices in batches of four: the last batch is padded to
+    four, so the network is compiled once, not again for a batch of two."""
+    from torch._dynamo.utils import counters
+
     from scripts.clinical.score import SliceScorer
     from scripts.ct_inputs import index_inputs
 
     items, _ = index_inputs(sorted((ldct_test_dir / "images").glob("*.tiff"))[:6])
-    scores = {
-        compiled: [
-            score for score, _, _ in SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", compile=compiled)(items)
-        ]
-        for compiled in (False, True)
-    }
-    assert len(scores[True]) == 6 and None not in scores[True]
-    assert max(abs(a - b) for a, b in zip(scores[False], scores[True], strict=True)) <= TOLERANCES["compile"]
+    graphs_before = counters["stats"]["unique_graphs"]
+    scores = {}
+    for compiled in (0, 1):
+        scorer = SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", batch_size=4, compile=compiled)
+        scores[compiled] = [score for score, _, _ in scorer(items)]
+    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert len(scores[1]) == 6 and None not in scores[1]
+    assert max(abs(a - b) for a, b in zip(scores[0], scores[1], strict=True)) <= TOLERANCES["compile"]
+
+
+def test_padded_batch_keeps_the_images_and_their_memory_format() -> None:
+    from scripts.clinical.score import padded_batch
+
+    images = torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    padded = padded_batch(images, 5)
+    assert padded.shape == (5, 3, 8, 8) and padded.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(padded[:2], images) and not padded[2:].any()
+    assert padded_batch(images, 2) is images
