@@ -69,9 +69,14 @@ def _predictions(trained_bundle: Path, slices: Path, output: Path, **options: ob
 def test_inference_options_give_the_same_scores(
     trained_bundle: Path, ldct_test_dir: Path, tmp_path: Path, option: str
 ) -> None:
+    """Twelve slices in batches of eight: compiled, the last batch is padded, so the network is compiled once."""
+    from torch._dynamo.utils import counters
+
     slices = ldct_test_dir / "images"
     reference = _predictions(trained_bundle, slices, tmp_path / "float32")
+    graphs_before = counters["stats"]["unique_graphs"]
     changed = _predictions(trained_bundle, slices, tmp_path / option, **OPTIONS[option])
+    assert counters["stats"]["unique_graphs"] - graphs_before == (1 if option == "compile" else 0)
     assert changed.keys() == reference.keys() and len(reference) == 12
     worst = max(abs(changed[name] - reference[name]) for name in reference)
     assert worst <= TOLERANCES[option], worst
@@ -137,7 +142,7 @@ def test_scoring_compiled_with_frozen_weights_gives_the_same_scores(tiny_checkpo
 
 
 def test_padded_batch_keeps_the_images_and_their_memory_format() -> None:
-    from scripts.clinical.score import padded_batch
+    from scripts.patches import padded_batch
 
     images = torch.rand(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     padded = padded_batch(images, 5)

@@ -100,11 +100,10 @@ class SliceScorer:
     ) -> None:
         self.device = torch.device(device)
         use_cudnn_autotuner(self.device)
-        self.inferer = inferer or SpreadInferer()
+        self.inferer = inferer or SpreadInferer(batch_size=batch_size)
         self.prepare_batch = prepare_batch or PlainTensorBatch(channels_last)
         self.network = place_network(network, self.device, channels_last).eval()
-        self.compiled = as_bool(compile, "compile")
-        if self.compiled:
+        if as_bool(compile, "compile"):
             self.network = compiled_for_inference(self.network)
         self.transform = transform
         self.batch_size = batch_size
@@ -153,7 +152,7 @@ class SliceScorer:
         device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
         parser = ConfigParser()
         parser.read_config(str(Path(bundle_dir) / config_file))
-        parser.update({"bundle_root": str(bundle_dir), "device": device, **overrides})
+        parser.update({"bundle_root": str(bundle_dir), "device": device, "batch_size": batch_size, **overrides})
         checkpoint = parser.get_parsed_content("checkpoint")
         state_dict, settings = read_checkpoint(checkpoint)  # settings: model.json, or inside an earlier-form file
         parser.update({key: value for key, value in config_ids(settings).items() if key not in overrides})
@@ -186,8 +185,7 @@ class SliceScorer:
         """(score, spread over its crops, "") for each item, or (None, 0, reason) when its pixels could not be used.
 
         A batch's predictions are copied back while the next batch is read and queued on the device, so a GPU is
-        never left waiting for this process between batches. A compiled network is handed full batches only (the
-        last one padded with blank slices, whose scores are dropped): a smaller batch would compile it again."""
+        never left waiting for this process between batches."""
         loader = DataLoader(
             Dataset(list(items), self.transform),
             batch_size=self.batch_size,
@@ -200,10 +198,7 @@ class SliceScorer:
         pending: tuple[torch.Tensor, Any, list[str]] | None = None
         for batch in loader:
             images, _ = self.prepare_batch(batch, self.device, non_blocking=True)
-            count = len(images)
-            if self.compiled:
-                images = padded_batch(images, self.batch_size)
-            predictions = self.inferer(images, self.network)[:count].reshape(count, -1)
+            predictions = self.inferer(images, self.network).reshape(len(images), -1)
             if pending is not None:
                 results += _collect(*pending)
             pending = (*_copy_to_host(predictions), batch["error"])
@@ -211,20 +206,6 @@ class SliceScorer:
             results += _collect(*pending)
         volume_hu.cache_clear()  # the last volume read in this process (num_workers=0)
         return results
-
-
-def padded_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``images`` with blank (zero) images appended up to ``size``, so that a compiled network sees one batch shape."""
-    if len(images) >= size:
-        return images
-    blank = images.new_zeros((size - len(images), *images.shape[1:]))
-    return torch.cat([images, blank]).contiguous(memory_format=_memory_format(images))
-
-
-def _memory_format(images: torch.Tensor) -> torch.memory_format:
-    if images.ndim == 4 and images.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _copy_to_host(predictions: torch.Tensor) -> tuple[torch.Tensor, Any]:
