@@ -214,9 +214,10 @@ class SpreadInferer(Inferer):
 
     Evaluation and inference use it so that ``predictions.csv`` can report ``score_sd``; metrics and
     writers read column 0 as the score. ``dtype`` runs the network under autocast (the config's ``amp``);
-    the predictions come back as float32. A compiled network (``torch.compile``'s module) is handed batches of
-    ``batch_size`` only, the last one padded with blank images whose predictions are dropped: a smaller batch would
-    compile it a second time, which takes as long as the first (a minute or two for the paper network).
+    the predictions come back as float32. A compiled network that reads whole slices (``torch.compile``'s module) is
+    handed batches of ``batch_size`` only, the last one padded with blank images whose predictions are dropped: a
+    smaller batch would compile it a second time, which takes as long as the first (a minute or two for the paper
+    network).
     """
 
     def __init__(self, dtype: torch.dtype | None = None, batch_size: int = 0) -> None:
@@ -226,13 +227,13 @@ class SpreadInferer(Inferer):
     def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
         if isinstance(inputs, MetaTensor):
             inputs = inputs.as_tensor()
-        count = len(inputs)
-        if getattr(network, "_orig_mod", None) is not None:  # torch.compile's module
-            inputs = padded_batch(inputs, self.batch_size)
         scorer = getattr(network, "module", network)  # DistributedDataParallel
         with autocast(inputs.device, self.dtype):
-            if hasattr(scorer, "score_with_spread"):
-                return scorer.score_with_spread(inputs)[:count].float()
+            if hasattr(scorer, "score_with_spread"):  # crops: how many there are varies from batch to batch anyway
+                return scorer.score_with_spread(inputs).float()
+            count = len(inputs)
+            if getattr(network, "_orig_mod", None) is not None:  # torch.compile's module
+                inputs = padded_batch(inputs, self.batch_size)
             scores = network(inputs, *args, **kwargs)[:count].reshape(count, 1).float()
         return torch.cat([scores, torch.zeros_like(scores)], dim=1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -121,6 +122,23 @@ def test_whole_slice_networks_get_a_zero_spread() -> None:
     with torch.no_grad():
         predictions = SpreadInferer()(images, network)
         assert torch.allclose(predictions[:, :1], network(images)) and torch.all(predictions[:, 1] == 0)
+
+
+def test_compiling_a_crop_scorer_compiles_its_network_of_one_crop(patch_network: PatchScorer) -> None:
+    """Scoring calls ``score_with_spread``, which a compiled PatchScorer would run uncompiled: so
+    ``compiled_for_inference`` compiles the crop network inside it; scores stay the uncompiled ones (within 1e-4)."""
+    from torch._dynamo.utils import counters
+
+    from scripts.engines import compiled_for_inference
+
+    images = torch.cat([disc_slice(128)[None], disc_slice(128, radius=30)[None]]) + 0.02 * torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        expected = SpreadInferer(batch_size=4)(images, patch_network)
+        graphs_before = counters["stats"]["unique_graphs"]
+        compiled = compiled_for_inference(copy.deepcopy(patch_network))
+        predictions = SpreadInferer(batch_size=4)(images, compiled)
+    assert counters["stats"]["unique_graphs"] > graphs_before
+    assert predictions.shape == (2, 2) and torch.allclose(predictions, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize("size", [256, 200])
