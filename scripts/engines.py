@@ -81,9 +81,15 @@ def compiled_for_inference(network: nn.Module) -> nn.Module:
     A network that scores crops (``scripts.patches.PatchScorer``) keeps its tiling uncompiled, and its network of one
     crop is compiled: scoring calls ``score_with_spread``, which a compiled module would run uncompiled."""
     if hasattr(network, "score_with_spread"):
-        network.network = torch.compile(network.network, options={"freezing": True})
+        network.network = torch.compile(network.network, **inference_compile_kwargs())
         return network
-    return torch.compile(network, options={"freezing": True})
+    return torch.compile(network, **inference_compile_kwargs())
+
+
+def inference_compile_kwargs() -> dict[str, Any]:
+    """``torch.compile``'s arguments for a network that only scores (``compiled_for_inference``; the inference config's
+    evaluator): frozen weights. Never for training or its validation, whose weights change between calls."""
+    return {"options": {"freezing": True}}
 
 
 GPU_READERS = 4  # "auto" on a GPU; an H100 host read 952 / 1412 / 1599 DICOM slices/s with 2 / 4 / 8 of them
