@@ -81,8 +81,7 @@ def compiled_for_inference(network: nn.Module) -> nn.Module:
     A network that scores crops (``scripts.patches.PatchScorer``) keeps its tiling uncompiled, and its network of one
     crop is compiled: scoring calls ``score_with_spread``, which a compiled module would run uncompiled."""
     if hasattr(network, "score_with_spread"):
-        network.network = torch.compile(network.network, **inference_compile_kwargs())
-        return network
+        return network.around(torch.compile(network.network, **inference_compile_kwargs()))
     return torch.compile(network, **inference_compile_kwargs())
 
 

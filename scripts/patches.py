@@ -194,7 +194,11 @@ class PatchScorer(nn.Module):
         example = torch.zeros(2, self.network.settings.get("in_channels", 1), self.patch_size, self.patch_size)
         with torch.no_grad():
             traced = torch.jit.trace(self.network.eval(), example.to(parameter.device, parameter.dtype))
-        return PatchScorer(traced, self.patch_size, self.min_fraction, self.threshold)
+        return self.around(traced)
+
+    def around(self, network: nn.Module) -> PatchScorer:
+        """A PatchScorer with this one's tiling around ``network`` (this one's network traced or compiled)."""
+        return PatchScorer(network, self.patch_size, self.min_fraction, self.threshold)
 
 
 def pad_collate(batch: Sequence[Any]) -> Any:
