@@ -159,6 +159,13 @@ def tiny_bundle(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory)
     return root
 
 
+def compiled_graphs() -> int:
+    """How many graphs ``torch.compile`` has compiled in this process so far (a test takes the difference)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def copy_checkpoint(source: Path, target: Path) -> Path:
     """A checkpoint and the settings file beside it (``model.json``), copied to ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,14 @@ from scripts.clinical.score import score_paths
 from scripts.ct_io import write_dicom_slice
 from scripts.networks import build_network, load_network
 from scripts.patches import BODY_THRESHOLD, PatchScorer, RandBodyCropd, SpreadInferer
-from tests.conftest import EVALUATE_CONFIGS, TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
+from tests.conftest import (
+    EVALUATE_CONFIGS,
+    TINY_NETWORKS,
+    TINY_OVERRIDES,
+    TRAIN_CONFIG,
+    compiled_graphs,
+    make_workflow,
+)
 
 PATCH = 32
 
@@ -126,17 +133,15 @@ def test_whole_slice_networks_get_a_zero_spread() -> None:
 def test_compiling_a_crop_scorer_compiles_its_network_of_one_crop(patch_network: PatchScorer) -> None:
     """Scoring calls ``score_with_spread``, which a compiled PatchScorer would run uncompiled: so
     ``compiled_for_inference`` compiles the crop network inside it; scores stay the uncompiled ones (within 1e-4)."""
-    from torch._dynamo.utils import counters
-
     from scripts.engines import compiled_for_inference
 
     images = torch.cat([disc_slice(128)[None], disc_slice(128, radius=30)[None]]) + 0.02 * torch.rand(2, 1, 128, 128)
     with torch.no_grad():
         expected = SpreadInferer(batch_size=4)(images, patch_network)
-        graphs_before = counters["stats"]["unique_graphs"]
+        graphs_before = compiled_graphs()
         compiled = compiled_for_inference(patch_network)
         predictions = SpreadInferer(batch_size=4)(images, compiled)
-    assert counters["stats"]["unique_graphs"] > graphs_before
+    assert compiled_graphs() > graphs_before
     assert predictions.shape == (2, 2) and torch.allclose(predictions, expected, atol=1e-4)
     assert compiled is not patch_network and not hasattr(patch_network.network, "_orig_mod")  # left as it was
 

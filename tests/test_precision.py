@@ -15,7 +15,14 @@ import torch
 from ignite.engine import Events
 
 from scripts.engines import amp_dtype, needs_grad_scaler, place_network, wants_channels_last
-from tests.conftest import TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, inference_workflow, make_workflow
+from tests.conftest import (
+    TINY_NETWORKS,
+    TINY_OVERRIDES,
+    TRAIN_CONFIG,
+    compiled_graphs,
+    inference_workflow,
+    make_workflow,
+)
 
 TOLERANCES = {"channels_last": 1e-5, "compile": 1e-4, "amp": 0.05}
 OPTIONS = {"channels_last": {"channels_last": "true"}, "compile": {"compile": True}, "amp": {"amp": "bf16"}}
@@ -70,13 +77,11 @@ def test_inference_options_give_the_same_scores(
     trained_bundle: Path, ldct_test_dir: Path, tmp_path: Path, option: str
 ) -> None:
     """Twelve slices in batches of eight: compiled, the last batch is padded, so the network is compiled once."""
-    from torch._dynamo.utils import counters
-
     slices = ldct_test_dir / "images"
     reference = _predictions(trained_bundle, slices, tmp_path / "float32")
-    graphs_before = counters["stats"]["unique_graphs"]
+    graphs_before = compiled_graphs()
     changed = _predictions(trained_bundle, slices, tmp_path / option, **OPTIONS[option])
-    assert counters["stats"]["unique_graphs"] - graphs_before == (1 if option == "compile" else 0)
+    assert compiled_graphs() - graphs_before == (1 if option == "compile" else 0)
     assert changed.keys() == reference.keys() and len(reference) == 12
     worst = max(abs(changed[name] - reference[name]) for name in reference)
     assert worst <= TOLERANCES[option], worst
@@ -125,18 +130,16 @@ def test_scoring_compiled_with_frozen_weights_gives_the_same_scores(tiny_checkpo
     """``score --compile true`` compiles with inductor's freezing (weights as constants, norms folded): the scores of
     the uncompiled network within the compile tolerance. Six slices in batches of four: the last batch is padded to
     four, so the network is compiled once, not again for a batch of two."""
-    from torch._dynamo.utils import counters
-
     from scripts.clinical.score import SliceScorer
     from scripts.ct_inputs import index_inputs
 
     items, _ = index_inputs(sorted((ldct_test_dir / "images").glob("*.tiff"))[:6])
-    graphs_before = counters["stats"]["unique_graphs"]
+    graphs_before = compiled_graphs()
     scores = {}
     for compiled in (0, 1):
         scorer = SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", batch_size=4, compile=compiled)
         scores[compiled] = [score for score, _, _ in scorer(items)]
-    assert counters["stats"]["unique_graphs"] - graphs_before == 1
+    assert compiled_graphs() - graphs_before == 1
     assert len(scores[1]) == 6 and None not in scores[1]
     assert max(abs(a - b) for a, b in zip(scores[0], scores[1], strict=True)) <= TOLERANCES["compile"]
 
