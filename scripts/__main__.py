@@ -99,7 +99,7 @@ def score(
     read than readers take to start; a folder of 256 files or more has its headers read by the readers too); a slice
     that would take more than ``max_slice_mb`` MiB as float32 is refused unread (listed in errors). ``amp``
     (false/true/bf16/fp16), ``channels_last`` (default auto: on a CUDA GPU) and ``compile`` (torch.compile, with the
-    weights frozen) as in the inference config; ``plots``
+    weights frozen; true or a mode: max-autotune, reduce-overhead, ...) as in the inference config; ``plots``
     false skips the series plots. Exits
     non-zero when no input could be scored, or (before scoring, with one line) when output_dir cannot be used.
     """

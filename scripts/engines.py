@@ -74,21 +74,46 @@ def use_cudnn_autotuner(device: str | torch.device) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def compiled_for_inference(network: nn.Module) -> nn.Module:
-    """``torch.compile`` for scoring, which never trains: inductor's freezing makes the weights constants and folds
-    each BatchNorm into its convolution (the paper network in bf16 on an H100: 1293 slices/s, 923 without it).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
+def compile_mode(compile: Any) -> str | None:
+    """The ``compile`` id: false (None), true (``"default"``) or one of ``torch.compile``'s modes by name, such as
+    ``max-autotune`` (tunes each kernel: a longer first call) or ``reduce-overhead`` (CUDA graphs)."""
+    if isinstance(compile, str) and compile.strip().lower() in COMPILE_MODES:
+        return compile.strip().lower()
+    try:
+        return "default" if as_bool(compile, "compile") else None
+    except ValueError:
+        modes = ", ".join(COMPILE_MODES)
+        raise ValueError(f"compile must be true, false or a torch.compile mode ({modes}), got {compile!r}") from None
+
+
+def wants_compile(compile: Any) -> bool:
+    """Whether the ``compile`` id asks for ``torch.compile`` (the engines' ``compile`` flag)."""
+    return compile_mode(compile) is not None
+
+
+def compile_kwargs(compile: Any = True, frozen: bool = False) -> dict[str, Any]:
+    """``torch.compile``'s arguments for the ``compile`` id: its mode as inductor's options and, for a network that
+    only scores (``frozen``), frozen weights: inductor makes them constants and folds each BatchNorm into its
+    convolution (the paper network in bf16 on an H100: 1293 slices/s, 923 without). Never frozen for training or
+    its validation, whose weights change between calls."""
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(compile_mode(compile) or "default"))
+    return {"options": {**options, "freezing": True} if frozen else options}
+
+
+def compiled_for_inference(network: nn.Module, compile: Any = True) -> nn.Module:
+    """``torch.compile`` for scoring, which never trains (``compile_kwargs`` frozen), in the mode ``compile`` names.
 
     A network that scores crops (``scripts.patches.PatchScorer``) keeps its tiling uncompiled, and its network of one
     crop is compiled: scoring calls ``score_with_spread``, which a compiled module would run uncompiled."""
+    arguments = compile_kwargs(compile, frozen=True)
     if hasattr(network, "score_with_spread"):
-        return network.around(torch.compile(network.network, **inference_compile_kwargs()))
-    return torch.compile(network, **inference_compile_kwargs())
-
-
-def inference_compile_kwargs() -> dict[str, Any]:
-    """``torch.compile``'s arguments for a network that only scores (``compiled_for_inference``; the inference config's
-    evaluator): frozen weights. Never for training or its validation, whose weights change between calls."""
-    return {"options": {"freezing": True}}
+        return network.around(torch.compile(network.network, **arguments))
+    return torch.compile(network, **arguments)
 
 
 GPU_READERS = 4  # "auto" on a GPU; an H100 host read 952 / 1412 / 1599 DICOM slices/s with 2 / 4 / 8 of them

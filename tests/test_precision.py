@@ -53,6 +53,30 @@ def test_channels_last_auto_is_for_cuda_gpus_only() -> None:
     assert convolution.weight.is_contiguous() and convolution.weight.shape[-1] > 1
 
 
+def test_compile_values_and_the_configs_compile_arguments() -> None:
+    """``compile``: false, true or a torch.compile mode by name, as inductor's options; frozen weights for the
+    inference config only (training's weights change between calls); other values refused by name."""
+    from monai.bundle import ConfigParser
+    from torch._inductor import list_mode_options
+
+    from scripts.engines import compile_kwargs, compile_mode
+
+    assert compile_mode(False) is None and compile_mode("0") is None and compile_mode(True) == "default"
+    assert compile_mode(" Max-Autotune ") == "max-autotune" and compile_mode("reduce-overhead") == "reduce-overhead"
+    with pytest.raises(ValueError, match="compile must be true, false or a torch.compile mode .*'fastest'"):
+        compile_mode("fastest")
+    assert compile_kwargs(True) == {"options": {}}
+    assert compile_kwargs(True, frozen=True) == {"options": {"freezing": True}}
+    tuned = {**list_mode_options("max-autotune"), "freezing": True}
+    assert compile_kwargs("max-autotune", frozen=True) == {"options": tuned} and tuned["max_autotune"]
+    for config, frozen in ((TRAIN_CONFIG, False), (str(Path(TRAIN_CONFIG).with_name("inference.json")), True)):
+        parser = ConfigParser()
+        parser.read_config(config)
+        parser.update({"compile": "max-autotune"})
+        assert parser.get_parsed_content("use_compile") is True
+        assert parser.get_parsed_content("compile_kwargs") == compile_kwargs("max-autotune", frozen), config
+
+
 @pytest.mark.parametrize(("bf16_supported", "expected"), [(True, torch.bfloat16), (False, torch.float16)])
 def test_amp_true_on_cuda_prefers_bf16(monkeypatch: pytest.MonkeyPatch, bf16_supported: bool, expected) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16_supported)  # no GPU here

@@ -42,6 +42,7 @@ from scripts.engines import (
     place_network,
     reader_processes,
     use_cudnn_autotuner,
+    wants_compile,
 )
 from scripts.handlers import figure_png, pyplot
 from scripts.options import as_bool
@@ -103,8 +104,8 @@ class SliceScorer:
         self.inferer = inferer or SpreadInferer(batch_size=batch_size)
         self.prepare_batch = prepare_batch or PlainTensorBatch(channels_last)
         self.network = place_network(network, self.device, channels_last).eval()
-        if as_bool(compile, "compile"):
-            self.network = compiled_for_inference(self.network)
+        if wants_compile(compile):
+            self.network = compiled_for_inference(self.network, compile)
         self.transform = transform
         self.batch_size = batch_size
         reader_processes(num_workers, self.device)  # a bad value fails here, not at the first run

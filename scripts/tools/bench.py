@@ -37,9 +37,8 @@ from scripts.checkpoints import config_overrides, save_checkpoint
 from scripts.clinical.score import SliceScorer, score_inputs, score_paths, write_report
 from scripts.ct_io import write_dicom_slice
 from scripts.data import MIN_VALIDATION
-from scripts.engines import amp_dtype, autocast, needs_grad_scaler, reader_processes
+from scripts.engines import amp_dtype, autocast, compile_mode, needs_grad_scaler, reader_processes
 from scripts.networks import build_network, count_parameters
-from scripts.options import as_bool
 from scripts.output_dir import locked_output_dir, write_json_atomic
 from scripts.tools.bench_pipeline import (
     INPUT_KINDS,
@@ -355,13 +354,14 @@ def run_benchmark(
     reading processes of the pipeline, of inference and of scoring (``"auto"``, as the configs: none on a CPU, 4 on
     a GPU, none there for a run of at most 128 slices); the pipeline is also timed with each count of
     ``pipeline_workers`` (one number or a comma list, as ``2,4,8``), its steady rate and its start apart;
-    ``compile``: on a GPU also the bare forward compiled as ``score`` compiles it (bf16 + channels_last, frozen
-    weights)."""
+    ``compile`` (true or a torch.compile mode, as ``max-autotune``): on a GPU also the bare forward compiled as
+    ``score`` compiles it (bf16 + channels_last, frozen weights)."""
     names = [profiles] if isinstance(profiles, str) else list(profiles)
     names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
     unknown = [n for n in names if n not in PROFILES]
     if unknown:
         raise ValueError(f"unknown profiles {unknown}; choose from {sorted(PROFILES)}")
+    compile_mode(compile)  # a bad value fails here, not after the CPU-side figures
     target = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     other_workers = _worker_counts(pipeline_workers)
     results: dict[str, dict] = {}
@@ -394,7 +394,7 @@ def run_benchmark(
             gpu = None
             if target.type == "cuda":
                 network = SliceScorer.from_checkpoint(checkpoint, target).network
-                gpu = gpu_figures(network, target, 512, profile["batch_size"], as_bool(compile, "compile"))
+                gpu = gpu_figures(network, target, 512, profile["batch_size"], compile)
         results[name] = {
             "profile": profile,
             "device": str(target),

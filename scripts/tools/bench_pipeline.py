@@ -23,7 +23,7 @@ from monai.transforms import Compose, EnsureTyped
 
 from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import HU_WINDOW, write_dicom_slice
-from scripts.engines import PlainTensorBatch, compiled_for_inference, reader_processes
+from scripts.engines import PlainTensorBatch, compiled_for_inference, reader_processes, wants_compile
 from scripts.patches import pad_collate
 from scripts.transforms import BatchPreprocess
 
@@ -207,22 +207,23 @@ def gpu_figures(
     device: torch.device,
     image_size: int,
     batch_size: int,
-    compile: bool = False,
+    compile: Any = False,
     largest_batch: int = 1024,
 ) -> dict[str, Any]:
     """Bare forward slices/s in float32, bf16, bf16 + channels_last, and that with cuDNN's autotuner
-    (``torch.backends.cudnn.benchmark``), with ``compile`` also bf16 + channels_last compiled as ``score`` does
-    (``compiled_for_inference``); on a
+    (``torch.backends.cudnn.benchmark``), with ``compile`` (true or a torch.compile mode) also bf16 + channels_last
+    compiled as ``score`` compiles it (``compiled_for_inference``); on a
     GPU the peak memory of each and the largest bf16 batch that fits at ``image_size`` (doubling until out of
     memory, up to ``largest_batch``). The bench runs it on GPUs; on a CPU (the tests) it gives the rates only."""
     network = network.to(device).eval()
     results: dict[str, Any] = {}
-    variants = list(GPU_VARIANTS) + ([("bf16_channels_last_compiled", torch.bfloat16, True, False)] if compile else [])
+    compiled = [("bf16_channels_last_compiled", torch.bfloat16, True, False)] if wants_compile(compile) else []
+    variants = list(GPU_VARIANTS) + compiled
     autotune = torch.backends.cudnn.benchmark
     for name, dtype, channels_last, benchmark in variants:
         torch.backends.cudnn.benchmark = benchmark
         model = network.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        model = compiled_for_inference(model) if name.endswith("compiled") else model
+        model = compiled_for_inference(model, compile) if name.endswith("compiled") else model
         batch = torch.rand(batch_size, 1, image_size, image_size, device=device)
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
