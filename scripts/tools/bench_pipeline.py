@@ -170,11 +170,9 @@ def bench_pipeline(
     return results
 
 
-def fixed_costs(scorer: Any, folder: Path, workdir: Path) -> dict[str, float]:
-    """Seconds a scoring run spends outside the network's steady state on ``folder``: indexing, the first batch
-    (worker start, first reads), and the report with its plots and without (``--plots false``)."""
-    from scripts.clinical.score import group_scores, write_report
-
+def start_costs(scorer: Any, folder: Path) -> tuple[list[dict], dict[str, float]]:
+    """The items of ``folder`` and the seconds a scoring run spends on them before its network's first batch:
+    indexing, and the first batch (worker start, first reads)."""
     items: list[dict] = []
     index_s = _seconds(lambda: items.extend(scorer.index([folder])[0]), scorer.device)
     loader = DataLoader(
@@ -184,8 +182,16 @@ def fixed_costs(scorer: Any, folder: Path, workdir: Path) -> dict[str, float]:
         collate_fn=pad_collate,
     )
     first_batch_s = _seconds(lambda: next(iter(loader)), scorer.device)
+    return items, {"index_s": index_s, "first_batch_s": first_batch_s}
+
+
+def fixed_costs(scorer: Any, folder: Path, workdir: Path) -> dict[str, float]:
+    """Seconds a scoring run spends outside the network's steady state on ``folder``: indexing, the first batch
+    (``start_costs``), and the report with its plots and without (``--plots false``)."""
+    from scripts.clinical.score import group_scores, write_report
+
+    items, costs = start_costs(scorer, folder)
     series, errors = group_scores(items, scorer(items))
-    costs = {"index_s": index_s, "first_batch_s": first_batch_s}
     for plots in (True, False):
         report = workdir / f"report_{plots}"
         report.mkdir(exist_ok=True)
