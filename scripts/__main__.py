@@ -41,6 +41,20 @@ def _checkpoint_or_exit(ckpt: str | None) -> str:
     return str(path)
 
 
+def _options_or_exit(amp: Any, channels_last: Any, compile: Any, num_workers: Any) -> None:
+    """One line and exit 2 for a speed option ``score`` cannot take, before the model is loaded."""
+    from scripts.engines import amp_dtype, compile_mode, reader_processes, wants_channels_last
+
+    try:
+        amp_dtype(amp)
+        wants_channels_last(channels_last, "cpu")
+        compile_mode(compile)
+        reader_processes(num_workers)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
 def check_data(
     dataset_dir: str | None = None, layout: str = "ldct", labels: str | None = None, score_range: Any = LDCT_RANGE
 ) -> None:
@@ -107,6 +121,7 @@ def score(
     from scripts.clinical.score import score_paths
     from scripts.output_dir import OutputError, printable
 
+    _options_or_exit(amp, channels_last, compile, num_workers)
     ckpt = _checkpoint_or_exit(ckpt)
     transforms.MAX_SLICE_MB = float(max_slice_mb)  # this process and the reading workers it forks
     try:

@@ -87,6 +87,21 @@ def test_a_misspelt_flag_stops_with_its_name(ldct_train_dir: Path, tmp_path: Pat
     assert not (tmp_path / "model.pt").exists()
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [("--amp", "fp8", "amp must be false, true, bf16 or fp16 (or 0/1), got 'fp8'"),
+     ("--compile", "fastest", "compile must be true, false or a torch.compile mode (default, reduce-overhead, "
+      "max-autotune, max-autotune-no-cudagraphs), got 'fastest'"),
+     ("--channels_last", "sometimes", "channels_last must be true, false or auto, got 'sometimes'"),
+     ("--num_workers", "-1", "num_workers must be a number of processes (0 or more) or 'auto', got -1")],
+)  # fmt: skip
+def test_score_refuses_a_bad_speed_option_in_one_line(tmp_path: Path, option: str, value: str, reason: str) -> None:
+    """Before any model is loaded or output written: the reason alone on stderr, exit status 2."""
+    result = run_cli("scripts", "score", str(tmp_path), "--output_dir", str(tmp_path / "out"), option, value)
+    assert result.returncode == 2 and result.stderr.strip() == reason, result.stderr[-2000:]
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize(("spelling", "expected"), [("false", False), ("True", True)])
 def test_logistic_fit_from_the_command_line(
     trained_bundle: Path, ldct_test_dir: Path, tmp_path: Path, spelling: str, expected: bool
