@@ -14,7 +14,7 @@ from monai.engines import PrepareBatch
 from monai.inferers import Inferer
 from torch import nn
 
-from scripts.options import as_bool
+from scripts.options import as_bool, as_bool_or_word
 
 AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
@@ -49,12 +49,8 @@ def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextli
 def wants_channels_last(channels_last: Any, device: str | torch.device) -> bool:
     """The ``channels_last`` id: true or false, or ``"auto"``: on a CUDA GPU (the paper network's bf16 forward ran
     1.27 times as fast on an H100), not on a CPU, where it gains little."""
-    if isinstance(channels_last, str) and channels_last.strip().lower() == "auto":
-        return torch.device(device).type == "cuda"
-    try:
-        return as_bool(channels_last, "channels_last")
-    except ValueError:
-        raise ValueError(f"channels_last must be true, false or auto, got {channels_last!r}") from None
+    choice = as_bool_or_word(channels_last, "channels_last", ("auto",), "auto")
+    return torch.device(device).type == "cuda" if choice == "auto" else bool(choice)
 
 
 def place_network(network: nn.Module, device: str | torch.device, channels_last: Any = False) -> nn.Module:
@@ -80,13 +76,11 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 def compile_mode(compile: Any) -> str | None:
     """The ``compile`` id: false (None), true (``"default"``) or one of ``torch.compile``'s modes by name, such as
     ``max-autotune`` (tunes each kernel: a longer first call) or ``reduce-overhead`` (CUDA graphs)."""
-    if isinstance(compile, str) and compile.strip().lower() in COMPILE_MODES:
-        return compile.strip().lower()
-    try:
-        return "default" if as_bool(compile, "compile") else None
-    except ValueError:
-        modes = ", ".join(COMPILE_MODES)
-        raise ValueError(f"compile must be true, false or a torch.compile mode ({modes}), got {compile!r}") from None
+    modes = f"a torch.compile mode ({', '.join(COMPILE_MODES)})"
+    choice = as_bool_or_word(compile, "compile", COMPILE_MODES, modes)
+    if isinstance(choice, str):
+        return choice
+    return "default" if choice else None
 
 
 def wants_compile(compile: Any) -> bool:

@@ -25,6 +25,17 @@ def as_bool(value: Any, name: str) -> bool:
     raise ValueError(f"{name} must be true or false (true/false/True/False/1/0), got {value!r}")
 
 
+def as_bool_or_word(value: Any, name: str, words: tuple[str, ...], described: str) -> bool | str:
+    """``value`` as one of ``words`` (case and spaces ignored), else as ``as_bool``; ``ValueError`` naming the option,
+    ``described`` (what the words are) and the value otherwise."""
+    if isinstance(value, str) and value.strip().lower() in words:
+        return value.strip().lower()
+    try:
+        return as_bool(value, name)
+    except ValueError:
+        raise ValueError(f"{name} must be true, false or {described}, got {value!r}") from None
+
+
 def optional_size(value: Any, name: str) -> int | None:
     """A size in pixels, or None for "not set" (also the command line's "None"/"null" strings)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
