@@ -68,6 +68,12 @@ HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the fi
 PLACEHOLDER_SIZE = 8
 MIN_SIDE = 8  # pixels: smaller "slices" are not images a radiologist could score
 ASSUMED_MONOCHROME2 = "no PhotometricInterpretation: read as MONOCHROME2"
+ASSUMED_CT = "no Modality: read as CT by its SOP class"
+CT_SOP_CLASSES = {  # CT Image, Enhanced CT Image and Legacy Converted Enhanced CT Image Storage
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.2.2",
+}
 ASSUMED_HU = "no RescaleSlope/RescaleIntercept: its signed stored values read as HU"
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
@@ -191,6 +197,13 @@ def _ensure_transfer_syntax(ds: Any) -> None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
+def _sop_name(uid: str) -> str:
+    """A SOP class UID's name where pydicom knows it (``Secondary Capture Image Storage``), else the UID."""
+    from pydicom.uid import UID
+
+    return UID(uid).name or uid
+
+
 def _gunzipped(path: Path) -> io.BytesIO | None:
     """A gzip-compressed file's contents (e.g. ``slice.dcm.gz``, as some archives and test corpora keep DICOM), or
     None for any other file; ``InputError`` when they are corrupt or would exceed ``MAX_VOLUME_MB`` unpacked."""
@@ -228,9 +241,15 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
             raise InputError(_not_dicom(path))
         kind = ds.get("Modality", "") or getattr(sop_class, "name", str(sop_class))  # e.g. a DICOMDIR
         raise InputError(f"no pixel data (a {kind} object, not an image)")
-    modality = str(ds.get("Modality", ""))
-    if modality != "CT":
-        raise InputError(f"modality {modality or 'missing'} is not CT; only CT is scored")
+    modality = str(ds.get("Modality", "")).strip()
+    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
+    if not modality and sop_class in CT_SOP_CLASSES:  # Modality removed (by a de-identification tool, say)
+        ds.modality_assumed = True
+    elif not modality:
+        kind = f" (a {_sop_name(sop_class)} object)" if sop_class else ""
+        raise InputError(f"no Modality in the header{kind}; only CT is scored")
+    elif modality != "CT":
+        raise InputError(f"modality {modality} is not CT; only CT is scored")
     image_type = ds.get("ImageType") or []
     image_type = [image_type] if isinstance(image_type, str) else list(image_type)
     if len(image_type) > 2 and str(image_type[2]).strip().upper() == "LOCALIZER":  # the CT IOD's value 3
@@ -488,7 +507,8 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
         return str(path), [{"position": 0.0}], ""
     ds = read_dicom_ct(path, header_only=True)
     series = str(ds.get("SeriesInstanceUID", "")) or f"{path.name} (no SeriesInstanceUID)"
-    assumed = [ASSUMED_MONOCHROME2] if getattr(ds, "photometric_assumed", False) else []
+    assumed = [ASSUMED_CT] if getattr(ds, "modality_assumed", False) else []
+    assumed += [ASSUMED_MONOCHROME2] if getattr(ds, "photometric_assumed", False) else []
     assumed += [ASSUMED_HU] if stored_values_are_hu(ds) else []
     return series, _frame_geometry(ds, frame_count(ds)), "; ".join(assumed)
 

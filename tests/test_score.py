@@ -185,6 +185,26 @@ def test_other_modalities_are_reported_not_scored(modality: str, tmp_path: Path)
     ]
 
 
+def test_a_missing_modality_is_ct_by_its_sop_class_only(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A CT slice whose Modality was removed (a de-identification tool, say) is scored, with a warning; another
+    image without one is reported by its SOP class."""
+    ds = pydicom.dcmread(write_dicom(tmp_path / "in" / "ct.dcm", "CT", "5.5", 0.0, np.zeros((16, 16))))
+    del ds.Modality
+    ds.save_as(tmp_path / "in" / "ct.dcm", enforce_file_format=True)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.save_as(tmp_path / "in" / "capture.dcm", enforce_file_format=True)
+    summary = score_paths([tmp_path / "in"], tmp_path / "out", tiny_checkpoint, device="cpu")
+    assert summary["errors"] == [
+        {
+            "path": str(tmp_path / "in" / "capture.dcm"),
+            "reason": "no Modality in the header (a Secondary Capture Image Storage object); only CT is scored",
+        }
+    ]
+    with open(tmp_path / "out" / "scores.csv", newline="") as stream:
+        (row,) = csv.DictReader(stream)
+    assert Path(row["source"]).name == "ct.dcm" and row["warning"] == "no Modality: read as CT by its SOP class"
+
+
 @pytest.mark.parametrize("modality", ["RTSTRUCT", "SR", "KO", "PR"])
 def test_objects_without_pixel_data_are_reported(modality: str, tmp_path: Path) -> None:
     ds = pydicom.dcmread(write_dicom(tmp_path / "object.dcm", "RTSTRUCT", "6.6", 0.0))
