@@ -69,12 +69,12 @@ PLACEHOLDER_SIZE = 8
 MIN_SIDE = 8  # pixels: smaller "slices" are not images a radiologist could score
 ASSUMED_MONOCHROME2 = "no PhotometricInterpretation: read as MONOCHROME2"
 ASSUMED_CT = "no Modality: read as CT by its SOP class"
+ASSUMED_HU = "no RescaleSlope/RescaleIntercept: its signed stored values read as HU"
 CT_SOP_CLASSES = {  # CT Image, Enhanced CT Image and Legacy Converted Enhanced CT Image Storage
     "1.2.840.10008.5.1.4.1.1.2",
     "1.2.840.10008.5.1.4.1.1.2.1",
     "1.2.840.10008.5.1.4.1.1.2.2",
 }
-ASSUMED_HU = "no RescaleSlope/RescaleIntercept: its signed stored values read as HU"
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
 PARALLEL_INDEX_FILES = 256  # fewer files: reading their headers here costs less than starting processes
@@ -197,11 +197,11 @@ def _ensure_transfer_syntax(ds: Any) -> None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def _sop_name(uid: str) -> str:
+def _sop_name(uid: Any) -> str:
     """A SOP class UID's name where pydicom knows it (``Secondary Capture Image Storage``), else the UID."""
     from pydicom.uid import UID
 
-    return UID(uid).name or uid
+    return UID(str(uid)).name or str(uid)
 
 
 def _gunzipped(path: Path) -> io.BytesIO | None:
@@ -235,15 +235,14 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
         ds = pydicom.dcmread(path if source is None else source, force=True, defer_size=defer_size)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
         raise InputError(f"not a readable DICOM file ({type(error).__name__}: {error})") from error
+    sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
     if not any(tag in ds for tag in PIXEL_TAGS):
-        sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
         if len(ds) == 0 or (sop_class is None and "Modality" not in ds):
             raise InputError(_not_dicom(path))
-        kind = ds.get("Modality", "") or getattr(sop_class, "name", str(sop_class))  # e.g. a DICOMDIR
+        kind = ds.get("Modality", "") or _sop_name(sop_class)  # e.g. a DICOMDIR
         raise InputError(f"no pixel data (a {kind} object, not an image)")
     modality = str(ds.get("Modality", "")).strip()
-    sop_class = str(ds.get("SOPClassUID", "") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", ""))
-    if not modality and sop_class in CT_SOP_CLASSES:  # Modality removed (by a de-identification tool, say)
+    if not modality and str(sop_class) in CT_SOP_CLASSES:  # Modality removed (by a de-identification tool, say)
         ds.modality_assumed = True
     elif not modality:
         kind = f" (a {_sop_name(sop_class)} object)" if sop_class else ""
