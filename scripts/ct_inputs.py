@@ -15,8 +15,8 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
    ``MAX_VOLUME_MB`` per NIfTI volume) are listed as ``{path, reason}`` instead.
 2. ``LoadCTSliced`` reads one item's pixels: CT to HU (rescale slope and intercept, Modality LUT), which
    ``scripts.transforms.WindowHUd`` (the config's ``window``) then brings to [0, 1]. Problems only found in
-   the pixels (truncated or undecodable data, NaN/Inf) are recorded in the item's ``error`` instead of
-   stopping the batch.
+   the pixels (truncated or undecodable data, NaN/Inf, a NIfTI/NRRD volume whose values are not CT in HU:
+   ``not_hu_reason``) are recorded in the item's ``error`` instead of stopping the batch.
 """
 
 from __future__ import annotations
@@ -77,6 +77,9 @@ CT_SOP_CLASSES = {  # CT Image, Enhanced CT Image and Legacy Converted Enhanced 
 }
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
+LOWEST_AIR_HU = -500.0  # a CT volume in HU holds air (about -1000 HU) somewhere: outside the body, lungs, bowel
+ONLY_HU = "only CT in HU is scored"
+MAX_LABEL = 255  # a volume of whole values from 0 to at most this is a label map (segmentation)
 PARALLEL_INDEX_FILES = 256  # fewer files: reading their headers here costs less than starting processes
 FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
@@ -423,6 +426,8 @@ def _volume_image(path: Path, pixels: bool = False) -> Any:
             raise InputError(f"not a readable NIfTI volume ({type(error).__name__}: {error})") from error
     if isinstance(image, nibabel.cifti2.Cifti2Image):
         raise InputError("a CIFTI-2 file (surface or connectivity data), not an image volume")
+    if not is_nrrd:
+        _check_nifti_content(image)
     shape = tuple(int(side) for side in image.shape)
     while len(shape) > 3 and shape[-1] == 1:  # e.g. (x, y, z, 1) or (x, y, z, 1, 1): one volume
         shape = shape[:-1]
@@ -435,6 +440,41 @@ def _volume_image(path: Path, pixels: bool = False) -> Any:
     if shape != image.shape:
         image = type(image)(image.dataobj.reshape(shape), image.affine, image.header)
     return image
+
+
+def _check_nifti_content(image: Any) -> None:
+    """``InputError`` when the NIfTI header says the volume is not grey levels (RGB, complex) or is a label map."""
+    dtype = image.header.get_data_dtype()
+    if dtype.kind not in "iuf":
+        name = image.header.get_value_label("datatype")
+        raise InputError(f"NIfTI data of type {name} is not a grey-level volume; {ONLY_HU}")
+    if image.header.get("intent_code") is not None and image.header.get_intent()[0] == "label":
+        raise InputError(f"a label map (NIfTI intent 'label': a segmentation), not CT; {ONLY_HU}")
+
+
+def not_hu_reason(volume: np.ndarray) -> str:
+    """Why the values of a whole NIfTI/NRRD volume cannot be CT in HU, or ``""`` when they can: such a volume has no
+    Modality to check, so a segmentation, an MR volume or already normalised data would otherwise be scored as CT."""
+    finite = volume if np.isfinite(volume.min()) else volume[np.isfinite(volume)]
+    if finite.size == 0:
+        return ""  # every voxel NaN or Inf: each slice gives that reason
+    lowest, highest = float(finite.min()), float(finite.max())
+    if lowest <= LOWEST_AIR_HU:
+        return ""
+    if lowest == highest:
+        return f"every voxel is {lowest:g}: an empty volume; {ONLY_HU}"
+    if lowest >= 0 and highest <= MAX_LABEL and np.array_equal(finite, np.round(finite)):
+        labels = int(np.count_nonzero(np.bincount(finite.astype(np.int64).ravel())))
+        return f"a label map (a segmentation: {labels} whole values from 0 to {highest:g}), not CT; {ONLY_HU}"
+    if lowest >= 0 and highest <= 1:
+        return (
+            "values within [0, 1]: already windowed or normalised, not HU (save such slices as TIFF, which are "
+            f"scored as rendered); {ONLY_HU}"
+        )
+    return (
+        f"no voxel below {LOWEST_AIR_HU:g} HU (lowest {lowest:g}): not CT in HU, which has air at about -1000 HU "
+        f"(an MR or PET volume, a crop inside the body, or CT saved without its rescale intercept); {ONLY_HU}"
+    )
 
 
 def _check_volume_size(path: Path, image: Any, shape: tuple[int, ...]) -> None:
@@ -475,17 +515,29 @@ def _volume_depth(path: Path) -> int:
     return int(image.shape[axial])
 
 
-@functools.lru_cache(maxsize=1)
 def volume_hu(path: str, modified: float) -> np.ndarray:
-    """The whole RAS volume in HU, kept for the next slices of the same file (one per process)."""
+    """The whole RAS volume in HU, kept for the next slices of the same file (one per process); ``InputError``
+    when it cannot be read or is not CT in HU."""
+    volume = read_volume(path, modified)
+    if isinstance(volume, str):
+        raise InputError(volume)
+    return volume
+
+
+@functools.lru_cache(maxsize=1)
+def read_volume(path: str, modified: float) -> np.ndarray | str:
+    """``volume_hu``'s volume, or the reason it cannot be scored: the reason is kept too, so the other slices
+    of a refused volume do not read it again."""
     import nibabel
 
-    image = _volume_image(Path(path), pixels=True)
     try:
+        image = _volume_image(Path(path), pixels=True)
         volume = np.asarray(nibabel.as_closest_canonical(image).get_fdata(dtype=np.float32))
+    except InputError as error:
+        return str(error)
     except Exception as error:  # truncated or corrupt data blocks
-        raise InputError(f"volume pixel data cannot be read ({type(error).__name__}: {error})") from error
-    return volume
+        return f"volume pixel data cannot be read ({type(error).__name__}: {error})"
+    return not_hu_reason(volume) or volume
 
 
 # --- both steps --------------------------------------------------------------------------------
@@ -745,6 +797,7 @@ class LoadCTSliced(MapTransform):
         self.frame_key = frame_key
         self.error_key = error_key
         self.hu_key = hu_key
+        self._last_logged: tuple[str, str] = ("", "")
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -761,7 +814,9 @@ class LoadCTSliced(MapTransform):
                     if self.error_key is None:
                         raise InputError(f"{path}: {caught}") from caught
                     error = str(caught) if isinstance(caught, InputError) else f"{type(caught).__name__}: {caught}"
-                    logger.warning("not scored: %s [slice %d]: %s", path, frame, error)
+                    if (path, error) != self._last_logged:  # a refused volume's reason once, not once per slice
+                        logger.warning("not scored: %s [slice %d]: %s", path, frame, error)
+                        self._last_logged = (path, error)
             if pixels is None:
                 pixels = np.zeros((self.channels, PLACEHOLDER_SIZE, PLACEHOLDER_SIZE), dtype=np.float32)
             d[key] = MetaTensor(torch.from_numpy(pixels), meta={"filename_or_obj": path})

@@ -85,6 +85,7 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory, ldct_test_dir: Path) 
     write_dicom(root / "float_inf.dcm", "CT", "1.2.3.7", 0.0, np.where(np.eye(16) > 0, np.inf, 40.0), floats=True)
     (root / "corrupt.dcm").write_bytes(b"\x00" * 50 + b"garbage")
     volume = rng.normal(0, 30, (40, 40, 5)).astype(np.float32)
+    volume[:, :4] = -1000.0  # air in front of the body: CT in HU
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "vol.nii.gz")
     volume[3, 3, 2] = np.nan
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "vol_nan.nii")
@@ -263,13 +264,14 @@ def test_dicom_goes_to_hu_then_through_the_window(tiny_checkpoint: Path, tmp_pat
 
 def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
     volume = (np.arange(9 * 10 * 8, dtype=np.float32).reshape(9, 10, 8) - 360) / 4  # within the window
+    volume[0, 0] = -1000.0  # a column of air: CT in HU
     flipped = np.diag([-1.0, 1.0, -1.0, 1.0])  # stored left-to-right and top-down: reoriented to RAS
     nibabel.save(nibabel.Nifti1Image(volume, flipped), tmp_path / "vol.nii")
     items, _ = index_inputs([tmp_path / "vol.nii"])
     assert [item["frame"] for item in items] == list(range(8))
     first = read_scored_slice(tmp_path / "vol.nii", 0, (-100.0, 100.0))[0]
     ras = volume[::-1, :, ::-1]
-    assert np.allclose(first, (ras[:, :, 0].T[::-1] + 100.0) / 200.0)
+    assert np.allclose(first, np.clip((ras[:, :, 0].T[::-1] + 100.0) / 200.0, 0.0, 1.0))
     permuted = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # voxel axis 0 is S
     nibabel.save(nibabel.Nifti1Image(volume, permuted), tmp_path / "permuted.nii")
     items, _ = index_inputs([tmp_path / "permuted.nii"])
@@ -281,12 +283,13 @@ def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
 
 def test_a_slice_saved_2d_or_with_unit_axes_reads_as_the_3d_volume_and_cifti_is_named(tmp_path: Path) -> None:
     pixels = np.arange(12 * 10, dtype=np.float32).reshape(12, 10) - 60
+    pixels[0, 0] = -1000.0  # air: CT in HU
     for shape in [(12, 10, 1), (12, 10), (12, 10, 1, 1, 1)]:
         nibabel.save(nibabel.Nifti1Image(pixels.reshape(shape), np.eye(4)), tmp_path / f"{len(shape)}d.nii.gz")
     items, errors = index_inputs(sorted(tmp_path.glob("*.nii.gz")))
     assert errors == [] and [Path(item["image"]).name for item in items] == ["2d.nii.gz", "3d.nii.gz", "5d.nii.gz"]
     expected = read_scored_slice(tmp_path / "3d.nii.gz", 0, (-100.0, 100.0))
-    assert np.allclose(expected[0], (pixels.T[::-1] + 100.0) / 200.0)
+    assert np.allclose(expected[0], np.clip((pixels.T[::-1] + 100.0) / 200.0, 0.0, 1.0))
     for name in ("2d.nii.gz", "5d.nii.gz"):
         assert np.array_equal(read_scored_slice(tmp_path / name, 0, (-100.0, 100.0)), expected)
     cifti = nibabel.cifti2.Cifti2Image(
@@ -302,9 +305,57 @@ def test_a_slice_saved_2d_or_with_unit_axes_reads_as_the_3d_volume_and_cifti_is_
     ]
 
 
+def test_a_volume_that_is_not_ct_in_hu_is_listed_with_its_reason_once(
+    tiny_checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A NIfTI volume has no Modality: segmentations, MR and normalised data are told from CT by their values
+    (CT in HU has air near -1000 HU) or header, and each refused volume is read and logged once, not per slice."""
+    rng = np.random.default_rng(5)
+    ct = rng.normal(40.0, 20.0, (24, 24, 3)).astype(np.float32)
+    ct[:, :4] = -1000.0  # air in front of the body
+    labels = np.zeros((24, 24, 6), np.uint8)
+    labels[4:12, 4:12], labels[14:20, 6:18, 2:] = 1, 3  # two organs
+    volumes = {
+        "ct.nii.gz": ct,
+        "organs.nii.gz": labels,
+        "mr.nii.gz": rng.normal(300.0, 100.0, (24, 24, 4)).clip(-40.0, None).astype(np.float32),
+        "normalised.nii.gz": rng.random((24, 24, 4), dtype=np.float32),
+        "empty.nii.gz": np.zeros((24, 24, 4), np.int16),
+    }
+    for name, volume in volumes.items():
+        nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), tmp_path / name)
+    tagged = nibabel.Nifti1Image(ct, np.eye(4))
+    tagged.header.set_intent("label")  # CT values, but the header says segmentation
+    tagged.to_filename(tmp_path / "tagged.nii.gz")
+    rgb = np.zeros((24, 24, 2), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nibabel.save(nibabel.Nifti1Image(rgb, np.eye(4)), tmp_path / "colour.nii.gz")
+    inputs = sorted(tmp_path.glob("*.nii.gz"))
+
+    _, index_errors = index_inputs(inputs)  # the header alone tells these two
+    assert {Path(error["path"]).name: error["reason"] for error in index_errors} == {
+        "colour.nii.gz": "NIfTI data of type RGB is not a grey-level volume; only CT in HU is scored",
+        "tagged.nii.gz": "a label map (NIfTI intent 'label': a segmentation), not CT; only CT in HU is scored",
+    }
+    with caplog.at_level("WARNING", logger="scripts.ct_inputs"):
+        summary = score_paths(inputs, tmp_path / "out", ckpt=tiny_checkpoint, plots=False, num_workers=0)
+    assert [Path(name).name for name in summary["series"]] == ["ct.nii.gz"]
+    assert summary["series"][str(tmp_path / "ct.nii.gz")]["n_slices"] == 3
+    reasons = {Path(error["path"]).name: error["reason"] for error in summary["errors"]}
+    assert reasons["organs.nii.gz"] == (
+        "a label map (a segmentation: 3 whole values from 0 to 3), not CT; only CT in HU is scored"
+    )
+    assert reasons["mr.nii.gz"].startswith("no voxel below -500 HU (lowest -40): not CT in HU")
+    assert reasons["normalised.nii.gz"].startswith("values within [0, 1]: already windowed or normalised, not HU")
+    assert reasons["empty.nii.gz"] == "every voxel is 0: an empty volume; only CT in HU is scored"
+    assert len(reasons) == 6 and len(summary["errors"]) == 6  # one entry per file, not per slice
+    logged = [record.getMessage() for record in caplog.records if "organs.nii.gz" in record.getMessage()]
+    assert len(logged) == 1, logged  # six slices, one line
+
+
 def test_nrrd_volumes_read_like_the_same_grid_saved_as_nifti(tiny_checkpoint: Path, tmp_path: Path) -> None:
     hu = np.random.default_rng(4).normal(0, 80, (20, 16, 3)).round().astype(np.int16)
     hu[:4, :2] = 300  # a corner that shows which way each axis runs
+    hu[-2:] = -1000  # air along one side: CT in HU
     lps = np.array([[0.7, 0.0, 0.0], [0.0, 0.8, 0.0], [0.0, 0.0, 5.0]])  # DICOM's frame: x to the left, y back
     header = {"space": "left-posterior-superior", "space directions": lps, "space origin": [10.0, 20.0, 30.0]}
     nrrd.write(str(tmp_path / "ct.nrrd"), hu, header)  # gzip-encoded, as 3D Slicer writes by default

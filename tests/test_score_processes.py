@@ -26,6 +26,7 @@ def _study(root: Path) -> list[str]:
             hu = rng.normal(40.0, 30.0 * (number + 1), (64, 64))
             write_dicom_slice(root / f"series{number}" / f"{k}.dcm", hu, f"1.2.3.{number}", position=float(k))
     volume = rng.normal(0.0, 50.0, (64, 64, 4)).astype(np.float32)
+    volume[:, :8] = -1000.0  # air in front of the body: CT in HU
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "volume.nii.gz")
     (root / "broken.dcm").write_bytes(b"DICM" * 100)
     return [str(root)]

@@ -33,7 +33,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 
 from scripts import bundle_root
-from scripts.ct_inputs import add_error, index_inputs, read_scored_slice, volume_hu
+from scripts.ct_inputs import add_error, index_inputs, read_scored_slice, read_volume
 from scripts.ct_io import HU_WINDOW
 from scripts.data import LDCT_RANGE
 from scripts.engines import (
@@ -205,7 +205,7 @@ class SliceScorer:
             pending = (*_copy_to_host(predictions), batch["error"])
         if pending is not None:
             results += _collect(*pending)
-        volume_hu.cache_clear()  # the last volume read in this process (num_workers=0)
+        read_volume.cache_clear()  # the last volume read in this process (num_workers=0)
         return results
 
 
