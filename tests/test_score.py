@@ -20,6 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import (
     CTImageStorage,
     JPEG2000Lossless,
+    JPEGLSLossless,
     RLELossless,
 )
 
@@ -250,6 +251,19 @@ def test_jpeg_lossless_ct_decodes(tmp_path: Path) -> None:
     assert pixels.shape == (original.Rows, original.Columns)
     hu = original.pixel_array.astype(np.float32) - 1024
     assert np.allclose(pixels, np.clip((hu - WINDOW[0]) / (WINDOW[1] - WINDOW[0]), 0, 1))
+
+
+def test_jpeg_ls_ct_decodes_to_the_same_hu_as_its_uncompressed_original(tmp_path: Path) -> None:
+    """JPEG-LS (lossless) decodes with the libjpeg plugin that is already a dependency: same slice, same HU."""
+    for name in ("MR_small.dcm", "MR_small_jpeg_ls_lossless.dcm"):  # one image, uncompressed and JPEG-LS
+        ds = pydicom.dcmread(get_testdata_file(name))
+        ds.Modality, ds.SOPClassUID = "CT", CTImageStorage
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.save_as(tmp_path / name, enforce_file_format=True)
+    assert pydicom.dcmread(tmp_path / "MR_small_jpeg_ls_lossless.dcm").file_meta.TransferSyntaxUID == JPEGLSLossless
+    expected = read_scored_slice(tmp_path / "MR_small.dcm", 0, WINDOW)
+    assert np.array_equal(read_scored_slice(tmp_path / "MR_small_jpeg_ls_lossless.dcm", 0, WINDOW), expected)
+    assert expected.std() > 0.1  # the image itself, not a blank
 
 
 def test_dicom_goes_to_hu_then_through_the_window(tiny_checkpoint: Path, tmp_path: Path) -> None:
