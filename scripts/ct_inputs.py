@@ -77,7 +77,8 @@ CT_SOP_CLASSES = {  # CT Image, Enhanced CT Image and Legacy Converted Enhanced 
 }
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
-LOWEST_AIR_HU = -500.0  # a CT volume in HU holds air (about -1000 HU) somewhere: outside the body, lungs, bowel
+AIR_HU = -500.0  # at or below: air (about -1000 HU), which a CT volume holds around the body, in lungs and bowel
+MIN_AIR_SHARE = 0.01  # of a volume's voxels: CT volumes hold 15-40 %, MR at most a few interpolation ripples
 ONLY_HU = "only CT in HU is scored"
 MAX_LABEL = 255  # a volume of whole values from 0 to at most this is a label map (segmentation)
 PARALLEL_INDEX_FILES = 256  # fewer files: reading their headers here costs less than starting processes
@@ -459,7 +460,8 @@ def not_hu_reason(volume: np.ndarray) -> str:
     if finite.size == 0:
         return ""  # every voxel NaN or Inf: each slice gives that reason
     lowest, highest = float(finite.min()), float(finite.max())
-    if lowest <= LOWEST_AIR_HU:
+    air_share = float(np.count_nonzero(finite <= AIR_HU)) / finite.size
+    if air_share >= MIN_AIR_SHARE:
         return ""
     if lowest == highest:
         return f"every voxel is {lowest:g}: an empty volume; {ONLY_HU}"
@@ -471,9 +473,11 @@ def not_hu_reason(volume: np.ndarray) -> str:
             "values within [0, 1]: already windowed or normalised, not HU (save such slices as TIFF, which are "
             f"scored as rendered); {ONLY_HU}"
         )
+    air = f"{air_share:.2%} of the voxels" if air_share else "no voxel"
     return (
-        f"no voxel below {LOWEST_AIR_HU:g} HU (lowest {lowest:g}): not CT in HU, which has air at about -1000 HU "
-        f"(an MR or PET volume, a crop inside the body, or CT saved without its rescale intercept); {ONLY_HU}"
+        f"{air} at or below {AIR_HU:g} HU (lowest {lowest:g}): not CT in HU, which has air (about -1000 HU) around "
+        f"the body and in lungs and bowel (an MR or PET volume, a crop inside the body, or CT saved without its "
+        f"rescale intercept); {ONLY_HU}"
     )
 
 

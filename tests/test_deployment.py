@@ -87,9 +87,12 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("studies")
     rng = np.random.default_rng(7)
     volume = rng.normal(40, 200, (40, 40, 4)).astype(np.float32)
+    volume[:, :5] = -1000.0  # air in front of the body: CT in HU
     nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 2.5, 1.0])), root / "chest.nii.gz")
     lps = {"space": "left-posterior-superior", "space directions": np.diag([0.7, 0.7, 3.0])}  # as 3D Slicer saves
-    nrrd.write(str(root / "abdomen.nrrd"), rng.normal(40, 200, (40, 40, 5)).round().astype(np.int16), lps)
+    abdomen = rng.normal(40, 200, (40, 40, 5)).round().astype(np.int16)
+    abdomen[:, :5] = -1000  # air in front of the body
+    nrrd.write(str(root / "abdomen.nrrd"), abdomen, lps)
     for z in (2.0, 3.0, 1.0):
         write_dicom_slice(root / "series_a" / f"im{int(z)}.dcm", rng.normal(40, 150, (40, 40)), "1.2.3.9", z)
     return root

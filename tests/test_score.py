@@ -278,7 +278,7 @@ def test_dicom_goes_to_hu_then_through_the_window(tiny_checkpoint: Path, tmp_pat
 
 def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
     volume = (np.arange(9 * 10 * 8, dtype=np.float32).reshape(9, 10, 8) - 360) / 4  # within the window
-    volume[0, 0] = -1000.0  # a column of air: CT in HU
+    volume[0] = -1000.0  # a side of air: CT in HU
     flipped = np.diag([-1.0, 1.0, -1.0, 1.0])  # stored left-to-right and top-down: reoriented to RAS
     nibabel.save(nibabel.Nifti1Image(volume, flipped), tmp_path / "vol.nii")
     items, _ = index_inputs([tmp_path / "vol.nii"])
@@ -297,7 +297,7 @@ def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
 
 def test_a_slice_saved_2d_or_with_unit_axes_reads_as_the_3d_volume_and_cifti_is_named(tmp_path: Path) -> None:
     pixels = np.arange(12 * 10, dtype=np.float32).reshape(12, 10) - 60
-    pixels[0, 0] = -1000.0  # air: CT in HU
+    pixels[0] = -1000.0  # a row of air: CT in HU
     for shape in [(12, 10, 1), (12, 10), (12, 10, 1, 1, 1)]:
         nibabel.save(nibabel.Nifti1Image(pixels.reshape(shape), np.eye(4)), tmp_path / f"{len(shape)}d.nii.gz")
     items, errors = index_inputs(sorted(tmp_path.glob("*.nii.gz")))
@@ -329,10 +329,14 @@ def test_a_volume_that_is_not_ct_in_hu_is_listed_with_its_reason_once(
     ct[:, :4] = -1000.0  # air in front of the body
     labels = np.zeros((24, 24, 6), np.uint8)
     labels[4:12, 4:12], labels[14:20, 6:18, 2:] = 1, 3  # two organs
+    mr = rng.normal(300.0, 100.0, (24, 24, 4)).clip(-40.0, None).astype(np.float32)
+    ripples = mr.copy()
+    ripples[0, :3] = -600.0  # an interpolation's ringing: 12 of 2304 voxels, not a CT volume's air
     volumes = {
         "ct.nii.gz": ct,
         "organs.nii.gz": labels,
-        "mr.nii.gz": rng.normal(300.0, 100.0, (24, 24, 4)).clip(-40.0, None).astype(np.float32),
+        "mr.nii.gz": mr,
+        "mr_ripples.nii.gz": ripples,
         "normalised.nii.gz": rng.random((24, 24, 4), dtype=np.float32),
         "empty.nii.gz": np.zeros((24, 24, 4), np.int16),
     }
@@ -358,10 +362,11 @@ def test_a_volume_that_is_not_ct_in_hu_is_listed_with_its_reason_once(
     assert reasons["organs.nii.gz"] == (
         "a label map (a segmentation: 3 whole values from 0 to 3), not CT; only CT in HU is scored"
     )
-    assert reasons["mr.nii.gz"].startswith("no voxel below -500 HU (lowest -40): not CT in HU")
+    assert reasons["mr.nii.gz"].startswith("no voxel at or below -500 HU (lowest -40): not CT in HU")
+    assert reasons["mr_ripples.nii.gz"].startswith("0.52% of the voxels at or below -500 HU (lowest -600)")
     assert reasons["normalised.nii.gz"].startswith("values within [0, 1]: already windowed or normalised, not HU")
     assert reasons["empty.nii.gz"] == "every voxel is 0: an empty volume; only CT in HU is scored"
-    assert len(reasons) == 6 and len(summary["errors"]) == 6  # one entry per file, not per slice
+    assert len(reasons) == 7 and len(summary["errors"]) == 7  # one entry per file, not per slice
     logged = [record.getMessage() for record in caplog.records if "organs.nii.gz" in record.getMessage()]
     assert len(logged) == 1, logged  # six slices, one line
 
