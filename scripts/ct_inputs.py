@@ -456,13 +456,17 @@ def _check_nifti_content(image: Any) -> None:
 def not_hu_reason(volume: np.ndarray) -> str:
     """Why the values of a whole NIfTI/NRRD volume cannot be CT in HU, or ``""`` when they can: such a volume has no
     Modality to check, so a segmentation, an MR volume or already normalised data would otherwise be scored as CT."""
-    finite = volume if np.isfinite(volume.min()) else volume[np.isfinite(volume)]
+    step = 4 if min(volume.shape[:2]) >= 64 else 1  # every 16th voxel of a large slice tells CT's air: 1/16 the work
+    sample = volume[::step, ::step]
+    if np.count_nonzero(sample <= AIR_HU) >= MIN_AIR_SHARE * sample.size:
+        return ""
+    finite = volume[np.isfinite(volume)]
     if finite.size == 0:
         return ""  # every voxel NaN or Inf: each slice gives that reason
-    lowest, highest = float(finite.min()), float(finite.max())
     air_share = float(np.count_nonzero(finite <= AIR_HU)) / finite.size
     if air_share >= MIN_AIR_SHARE:
         return ""
+    lowest, highest = float(finite.min()), float(finite.max())
     if lowest == highest:
         return f"every voxel is {lowest:g}: an empty volume; {ONLY_HU}"
     if lowest >= 0 and highest <= MAX_LABEL and np.array_equal(finite, np.round(finite)):
