@@ -332,8 +332,12 @@ def test_a_volume_that_is_not_ct_in_hu_is_listed_with_its_reason_once(
     mr = rng.normal(300.0, 100.0, (24, 24, 4)).clip(-40.0, None).astype(np.float32)
     ripples = mr.copy()
     ripples[0, :3] = -600.0  # an interpolation's ringing: 12 of 2304 voxels, not a CT volume's air
+    wide_ct = rng.normal(40.0, 20.0, (64, 64, 2)).astype(np.float32)  # 64 px and more: every 16th voxel is checked
+    wide_ct[:, -3:] = -1000.0  # 4.7 % air, in rows the sample skips: the whole volume then decides
     volumes = {
         "ct.nii.gz": ct,
+        "wide_ct.nii.gz": wide_ct,
+        "wide_mr.nii.gz": np.abs(wide_ct),
         "organs.nii.gz": labels,
         "mr.nii.gz": mr,
         "mr_ripples.nii.gz": ripples,
@@ -356,8 +360,10 @@ def test_a_volume_that_is_not_ct_in_hu_is_listed_with_its_reason_once(
     }
     with caplog.at_level("WARNING", logger="scripts.ct_inputs"):
         summary = score_paths(inputs, tmp_path / "out", ckpt=tiny_checkpoint, plots=False, num_workers=0)
-    assert [Path(name).name for name in summary["series"]] == ["ct.nii.gz"]
-    assert summary["series"][str(tmp_path / "ct.nii.gz")]["n_slices"] == 3
+    assert {Path(name).name: entry["n_slices"] for name, entry in summary["series"].items()} == {
+        "ct.nii.gz": 3,
+        "wide_ct.nii.gz": 2,
+    }
     reasons = {Path(error["path"]).name: error["reason"] for error in summary["errors"]}
     assert reasons["organs.nii.gz"] == (
         "a label map (a segmentation: 3 whole values from 0 to 3), not CT; only CT in HU is scored"
@@ -366,7 +372,8 @@ def test_a_volume_that_is_not_ct_in_hu_is_listed_with_its_reason_once(
     assert reasons["mr_ripples.nii.gz"].startswith("0.52% of the voxels at or below -500 HU (lowest -600)")
     assert reasons["normalised.nii.gz"].startswith("values within [0, 1]: already windowed or normalised, not HU")
     assert reasons["empty.nii.gz"] == "every voxel is 0: an empty volume; only CT in HU is scored"
-    assert len(reasons) == 7 and len(summary["errors"]) == 7  # one entry per file, not per slice
+    assert reasons["wide_mr.nii.gz"].startswith("no voxel at or below -500 HU (lowest ")
+    assert len(reasons) == 8 and len(summary["errors"]) == 8  # one entry per file, not per slice
     logged = [record.getMessage() for record in caplog.records if "organs.nii.gz" in record.getMessage()]
     assert len(logged) == 1, logged  # six slices, one line
 
