@@ -89,11 +89,20 @@ class InputError(ValueError):
     """An input that cannot be scored, with the reason."""
 
 
-def add_error(errors: list[dict], path: str, reason: str) -> None:
-    """Add ``{path, reason}`` to ``errors`` unless it is there already (a volume's slices share one reason)."""
-    entry = {"path": str(path), "reason": reason}
-    if entry not in errors:
-        errors.append(entry)
+class ErrorList(list):
+    """``{path, reason}`` for each input not scored, each pair once (a volume's slices share one reason), in the
+    order first met. ``add`` looks pairs up in a set: an archive of a million MR files is listed in seconds, where
+    searching the list for each took hours. Serialises as a plain list (JSON, pickle)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[tuple[str, str]] = set()
+
+    def add(self, path: str | Path, reason: str) -> None:
+        key = (str(path), reason)
+        if key not in self._seen:
+            self._seen.add(key)
+            self.append({"path": key[0], "reason": reason})
 
 
 def _unreachable(path: Path, error: OSError) -> str:
@@ -116,7 +125,7 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
     (logged); named as an input itself, only its report and lock are left out.
     """
     files: list[Path] = []
-    errors: list[dict] = []
+    errors = ErrorList()
     seen: dict[tuple[int, int], Path] = {}
     skip_info = os.stat(skip) if skip is not None and os.path.isdir(skip) else None
     skip_key = (skip_info.st_dev, skip_info.st_ino) if skip_info else None
@@ -125,11 +134,11 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
         try:
             info = path.stat()
         except OSError as error:
-            add_error(errors, str(path), _unreachable(path, error))
+            errors.add(str(path), _unreachable(path, error))
             return
         key = (info.st_dev, info.st_ino)
         if key in ancestors:
-            add_error(errors, str(path), f"symbolic link loop: leads back to {ancestors[key]}")
+            errors.add(str(path), f"symbolic link loop: leads back to {ancestors[key]}")
             return
         if key in seen:
             logger.info("already read as %s: %s", seen[key], path)
@@ -139,11 +148,11 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
             if os.access(path, os.R_OK):
                 files.append(path)
             else:
-                add_error(errors, str(path), "permission denied: the file cannot be read")
+                errors.add(str(path), "permission denied: the file cannot be read")
             return
         if not stat.S_ISDIR(info.st_mode):
             kind = FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a file or folder")
-            add_error(errors, str(path), f"not a regular file ({kind})")
+            errors.add(str(path), f"not a regular file ({kind})")
             return
         if key == skip_key and ancestors:
             logger.warning("not read as input: %s is the output folder", path)
@@ -152,7 +161,7 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
         try:
             names = sorted(entry.name for entry in os.scandir(path))
         except OSError as error:
-            add_error(errors, str(path), f"folder: {_unreachable(path, error)}")
+            errors.add(str(path), f"folder: {_unreachable(path, error)}")
             return
         if key == skip_key:  # the output folder named as an input: its own files are not inputs
             names = [n for n in names if n not in (*REPORT_ENTRIES, LOCK_NAME) and not n.startswith(TEMP_PREFIX)]
@@ -629,7 +638,7 @@ def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dic
     """
     seen: dict[str, str] = {}
     same: dict[tuple[str, str], bool] = {}
-    errors: list[dict] = []
+    errors = ErrorList()
     items: list[dict] = []
     for series, group in by_series.items():
         kept: list[dict] = []
@@ -641,7 +650,7 @@ def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dic
                 if pair not in same:  # once per pair of files, not per frame
                     same[pair] = _same_image(*pair)
                 if same[pair]:
-                    add_error(errors, item["image"], f"duplicate of {first} (same SOPInstanceUID)")
+                    errors.add(item["image"], f"duplicate of {first} (same SOPInstanceUID)")
                     continue
                 _add_warning(item, f"same SOPInstanceUID as {first}, other pixels: scored as an image of its own")
                 reused = True
@@ -681,11 +690,11 @@ def index_inputs(
     for path, outcome in zip(files, _index_all(files, processes), strict=True):
         if isinstance(outcome, str):
             logger.warning("not scored: %s: %s", path, outcome)
-            add_error(errors, str(path), outcome)
+            errors.add(str(path), outcome)
             continue
         series, positions, warning = outcome
         if not positions:  # e.g. a NIfTI whose slice axis has length 0: nothing to score, and it must say so
-            add_error(errors, str(path), "no slices: the header declares an empty slice axis")
+            errors.add(str(path), "no slices: the header declares an empty slice axis")
             continue
         by_series.setdefault(series, []).extend(
             {"image": str(path), "frame": frame, "series": series, **geometry, "error": "", "warning": warning}

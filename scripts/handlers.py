@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from ignite.engine import Engine, Events
 
-from scripts.ct_inputs import add_error
+from scripts.ct_inputs import ErrorList
 from scripts.data import LDCT_RANGE, DatasetError
 from scripts.metrics import METRIC_NAMES, correlations, logistic_plcc
 from scripts.options import as_bool
@@ -152,7 +152,7 @@ class PredictionWriter:
         self.errors_file = errors_file
         self.rows: list[tuple[str, int | None, float | None, float, float]] = []
         self.patients: list[str | None] = []
-        self.errors: list[dict[str, str]] = []
+        self.errors = ErrorList()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
@@ -162,7 +162,7 @@ class PredictionWriter:
     def reset(self, engine: Engine | None = None) -> None:
         self.rows = []
         self.patients = []
-        self.errors = []
+        self.errors = ErrorList()
 
     def collect(self, engine: Engine) -> None:
         batch, outputs = engine.state.batch, engine.state.output
@@ -172,7 +172,7 @@ class PredictionWriter:
         patients = _batch_field(batch, "patient", len(outputs))
         for name, frame, error, patient, item in zip(names, frames, errors, patients, outputs, strict=True):
             if error:
-                add_error(self.errors, name, str(error))
+                self.errors.add(name, str(error))
                 continue
             self.patients.append(None if patient is None else str(patient))
             pred = item["pred"].reshape(-1)

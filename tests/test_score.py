@@ -25,7 +25,7 @@ from pydicom.uid import (
 )
 
 from scripts.clinical.score import score_paths
-from scripts.ct_inputs import InputError, index_inputs, read_ct_slice, read_scored_slice
+from scripts.ct_inputs import ErrorList, InputError, index_inputs, read_ct_slice, read_scored_slice
 from scripts.ct_io import write_dicom_slice
 from tests.conftest import NOT_DICOM, REPO_ROOT, inference_workflow
 
@@ -376,6 +376,19 @@ def test_a_volume_that_is_not_ct_in_hu_is_listed_with_its_reason_once(
     assert len(reasons) == 8 and len(summary["errors"]) == 8  # one entry per file, not per slice
     logged = [record.getMessage() for record in caplog.records if "organs.nii.gz" in record.getMessage()]
     assert len(logged) == 1, logged  # six slices, one line
+
+
+def test_the_error_list_holds_each_path_and_reason_once_in_the_order_met() -> None:
+    errors = ErrorList()
+    added = [("b.nii", "slice 2: NaN"), ("a.dcm", "modality MR"), ("b.nii", "slice 2: NaN"), ("b.nii", "x")]
+    for path, reason in added:
+        errors.add(Path(path), reason)
+    expected = [
+        {"path": "b.nii", "reason": "slice 2: NaN"},
+        {"path": "a.dcm", "reason": "modality MR"},
+        {"path": "b.nii", "reason": "x"},
+    ]
+    assert errors == expected and json.loads(json.dumps(errors)) == expected
 
 
 def test_nrrd_volumes_read_like_the_same_grid_saved_as_nifti(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose
 
 from scripts import bundle_root
-from scripts.ct_inputs import add_error, index_inputs, read_scored_slice, read_volume
+from scripts.ct_inputs import ErrorList, index_inputs, read_scored_slice, read_volume
 from scripts.ct_io import HU_WINDOW
 from scripts.data import LDCT_RANGE
 from scripts.engines import (
@@ -308,10 +308,10 @@ def group_scores(
 ) -> tuple[list[Series], list[dict]]:
     """Scored items into their series (order kept); one ``{path, reason}`` per file and reason for the rest."""
     series: dict[str, Series] = {}
-    errors: list[dict] = []
+    errors = ErrorList()
     for item, (score, spread, reason) in zip(items, results, strict=True):
         if score is None:
-            add_error(errors, item["image"], reason)
+            errors.add(item["image"], reason)
             continue
         entry = series.setdefault(item["series"], Series(item["series"]))
         entry.items.append(item)

@@ -23,7 +23,7 @@ from typing import Any
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from scripts.clinical.score import SliceScorer, score_inputs, series_summary
-from scripts.ct_inputs import add_error
+from scripts.ct_inputs import ErrorList
 
 
 class CTQualityTask(InferTask):
@@ -65,8 +65,8 @@ class CTQualityTask(InferTask):
         image = request.get("image")
         if not isinstance(image, (str, Path)) or not str(image):
             reason = "no image path (MONAI Label passes an empty one for an id its datastore does not hold)"
-            errors: list[dict] = []
-            add_error(errors, str(image or ""), reason)
+            errors = ErrorList()
+            errors.add(str(image or ""), reason)
             return None, {"score": None, "errors": errors}
         series, errors = score_inputs([image], self.scorer())
         if not series:
