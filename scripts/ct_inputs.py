@@ -458,7 +458,7 @@ def _check_nifti_content(image: Any) -> None:
     if dtype.kind not in "iuf":
         name = image.header.get_value_label("datatype")
         raise InputError(f"NIfTI data of type {name} is not a grey-level volume; {ONLY_HU}")
-    if image.header.get("intent_code") is not None and image.header.get_intent()[0] == "label":
+    if image.header.get_intent()[0] == "label":
         raise InputError(f"a label map (NIfTI intent 'label': a segmentation), not CT; {ONLY_HU}")
 
 
