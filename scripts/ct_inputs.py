@@ -32,7 +32,7 @@ import multiprocessing
 import os
 import stat
 import zlib
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -685,8 +685,14 @@ def index_inputs(
     ``processes`` (the reading processes a GPU run has) a folder of ``PARALLEL_INDEX_FILES`` files or more has its
     headers read by that many processes: on a GPU, indexing a long series otherwise takes longer than scoring it.
     """
-    by_series: dict[str, list[dict]] = {}
     files, errors = find_files(paths, skip)
+    return ordered_items(file_items(files, errors, processes), errors)
+
+
+def file_items(files: list[Path], errors: ErrorList, processes: int = 0) -> Iterator[list[dict]]:
+    """Each scorable file's slice items, in file order, as soon as its header is read (by ``processes`` processes
+    for ``PARALLEL_INDEX_FILES`` files or more); the files that are not scored are added to ``errors``. The items
+    are not yet grouped into series or sorted: ``ordered_items`` does that once every file is indexed."""
     for path, outcome in zip(files, _index_all(files, processes), strict=True):
         if isinstance(outcome, str):
             logger.warning("not scored: %s: %s", path, outcome)
@@ -696,12 +702,26 @@ def index_inputs(
         if not positions:  # e.g. a NIfTI whose slice axis has length 0: nothing to score, and it must say so
             errors.add(str(path), "no slices: the header declares an empty slice axis")
             continue
-        by_series.setdefault(series, []).extend(
+        yield [
             {"image": str(path), "frame": frame, "series": series, **geometry, "error": "", "warning": warning}
             for frame, geometry in enumerate(positions)
-        )
+        ]
+
+
+def ordered_items(indexed: Iterable[list[dict]], errors: ErrorList) -> tuple[list[dict], list[dict]]:
+    """The items of ``file_items`` grouped by series and sorted by position (``order_series``), and ``errors`` with
+    the duplicates added."""
+    by_series: dict[str, list[dict]] = {}
+    for items in indexed:
+        by_series.setdefault(items[0]["series"], []).extend(items)
     items, duplicates = order_series(by_series)
     return items, errors + duplicates
+
+
+def slice_item(item: dict) -> dict:
+    """An indexed item as the readers take it, without the ordering keys (``_sop``, ``_orientation``, ...) that
+    ``order_series`` uses and removes."""
+    return {key: value for key, value in item.items() if not key.startswith("_")}
 
 
 def _index_outcome(path: Path) -> tuple[str, list[dict], str] | str:
@@ -712,18 +732,25 @@ def _index_outcome(path: Path) -> tuple[str, list[dict], str] | str:
         return str(error) if isinstance(error, InputError) else f"unreadable ({type(error).__name__}: {error})"
 
 
-def _index_all(files: list[Path], processes: int) -> list[tuple[str, list[dict], str] | str]:
-    """``_index_outcome`` of each file, in order: here, or by ``processes`` forked processes for many files (fork
-    shares what this process has imported, so they start in milliseconds); here again if a process dies."""
+def _index_all(files: list[Path], processes: int) -> Iterator[tuple[str, list[dict], str] | str]:
+    """``_index_outcome`` of each file, in order, each as soon as it is read: here, or by ``processes`` forked
+    processes for many files (fork shares what this process has imported, so they start in milliseconds); here
+    again for the rest if a process dies."""
     if processes < 2 or len(files) < PARALLEL_INDEX_FILES or "fork" not in multiprocessing.get_all_start_methods():
-        return [_index_outcome(path) for path in files]
+        yield from map(_index_outcome, files)
+        return
     chunk = max(16, len(files) // (4 * processes))
+    done = 0
+    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
     try:
-        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) as pool:
-            return list(pool.map(_index_outcome, files, chunksize=chunk))
+        for outcome in pool.map(_index_outcome, files, chunksize=chunk):
+            yield outcome
+            done += 1
     except BrokenProcessPool:
-        logger.warning("an indexing process died; reading the %d headers in this process", len(files))
-        return [_index_outcome(path) for path in files]
+        logger.warning("an indexing process died; reading the other %d headers in this process", len(files) - done)
+        yield from map(_index_outcome, files[done:])
+    finally:  # also when the reader of these outcomes stops early: the headers not yet read are not read
+        pool.shutdown(cancel_futures=True)
 
 
 def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:

@@ -266,14 +266,17 @@ def test_slices_of_any_size_score_the_same_alone_or_batched(
         write_dicom_slice(tmp_path / "in" / f"{size}.dcm", hu, f"1.2.{index}")
     (tmp_path / "in" / "broken.dcm").write_bytes(b"not a dicom file at all")
     scores = {}
-    for batch_size in (1, 4):
-        out = tmp_path / f"out{batch_size}"
-        summary = score_paths([tmp_path / "in"], out, root / "model.pt", device="cpu", batch_size=batch_size)
+    for batch_size, readers in ((1, 0), (4, 0), (4, 2)):  # 2 readers: parts of 2 slices, joined where sizes allow
+        out = tmp_path / f"out{batch_size}_{readers}"
+        summary = score_paths(
+            [tmp_path / "in"], out, root / "model.pt", device="cpu", batch_size=batch_size, num_workers=readers
+        )
         assert len(summary["errors"]) == 1
         with open(out / "scores.csv", newline="") as stream:
-            scores[batch_size] = {
+            scores[batch_size, readers] = {
                 row["series"]: (float(row["score"]), float(row["score_sd"])) for row in csv.DictReader(stream)
             }
-    assert len(scores[1]) == 3
-    for series, (score, spread) in scores[1].items():
-        assert scores[4][series] == pytest.approx((score, spread), abs=1e-4)
+    assert len(scores[1, 0]) == 3
+    for series, (score, spread) in scores[1, 0].items():
+        assert scores[4, 0][series] == pytest.approx((score, spread), abs=1e-4)
+        assert scores[4, 2][series] == pytest.approx((score, spread), abs=1e-4)

@@ -25,7 +25,15 @@ from pydicom.uid import (
 )
 
 from scripts.clinical.score import score_paths
-from scripts.ct_inputs import ErrorList, InputError, index_inputs, read_ct_slice, read_scored_slice
+from scripts.ct_inputs import (
+    PARALLEL_INDEX_FILES,
+    ErrorList,
+    InputError,
+    find_files,
+    index_inputs,
+    read_ct_slice,
+    read_scored_slice,
+)
 from scripts.ct_io import write_dicom_slice
 from tests.conftest import NOT_DICOM, REPO_ROOT, inference_workflow
 
@@ -154,6 +162,37 @@ def test_scores_do_not_depend_on_reading_workers(tiny_checkpoint: Path, mixed_fo
     # batches of 16 and of 3 round differently in the last float bits; scores.csv keeps 4 decimals
     assert np.allclose([float(r["score"]) for r in rows["a"]], [float(r["score"]) for r in rows["b"]], atol=2e-4)
     assert in_process["errors"] == workers["errors"]
+
+
+def test_a_long_run_scores_each_file_as_its_header_is_read_with_the_results_of_indexing_first(
+    tiny_checkpoint: Path, mixed_folder: Path, tmp_path: Path
+) -> None:
+    """With reader processes, a run of ``PARALLEL_INDEX_FILES`` files or more is scored while its headers are read,
+    in file order: the same rows in slice order, scores, series and reasons as indexing every header first, a
+    duplicate copy dropped. Batches of 5 are read in parts of 3 by 2 readers and joined on the device."""
+    shutil.copytree(mixed_folder, tmp_path / "in")
+    rng = np.random.default_rng(2)
+    for index in range(PARALLEL_INDEX_FILES):  # file names against the slice order
+        write_dicom(tmp_path / "in" / "long" / f"{index:04d}.dcm", "CT", "7.7", -index, rng.normal(0, 300, (16, 16)))
+    shutil.copy(tmp_path / "in" / "long" / "0007.dcm", tmp_path / "in" / "long" / "copy.dcm")
+    assert len(find_files([tmp_path / "in"])[0]) >= PARALLEL_INDEX_FILES
+    runs, rows = {}, {}
+    for name, options in {"first": {"num_workers": 0}, "streamed": {"num_workers": 2, "batch_size": 5}}.items():
+        runs[name] = score_paths([tmp_path / "in"], tmp_path / name, tiny_checkpoint, device="cpu", **options)
+        with open(tmp_path / name / "scores.csv", newline="") as stream:
+            rows[name] = list(csv.DictReader(stream))
+    assert len(rows["first"]) == 21 + PARALLEL_INDEX_FILES
+    places = {name: [(row["source"], row["series"], row["slice_index"]) for row in rows[name]] for name in rows}
+    assert places["streamed"] == places["first"]
+    long_rows = [row for row in rows["first"] if row["series"] == "7.7"]
+    assert Path(long_rows[0]["source"]).name == f"{PARALLEL_INDEX_FILES - 1:04d}.dcm"  # lowest position first
+    scores = {name: [float(row["score"]) for row in rows[name]] for name in rows}
+    assert np.allclose(scores["streamed"], scores["first"], atol=2e-4) and len(set(scores["first"])) > 10
+    assert runs["streamed"]["errors"] == runs["first"]["errors"]
+    copy, original = tmp_path / "in" / "long" / "copy.dcm", tmp_path / "in" / "long" / "0007.dcm"
+    assert {"path": str(copy), "reason": f"duplicate of {original} (same SOPInstanceUID)"} in runs["first"]["errors"]
+    counts = {name: {series: entry["n_slices"] for series, entry in runs[name]["series"].items()} for name in runs}
+    assert counts["streamed"] == counts["first"]
 
 
 def test_bundle_inference_config_scores_the_same_files(
