@@ -33,7 +33,7 @@ import os
 import stat
 import zlib
 from collections.abc import Hashable, Iterable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,7 @@ MIN_AIR_SHARE = 0.01  # of a volume's voxels: CT volumes hold 15-40 %, MR at mos
 ONLY_HU = "only CT in HU is scored"
 MAX_LABEL = 255  # a volume of whole values from 0 to at most this is a label map (segmentation)
 PARALLEL_INDEX_FILES = 256  # fewer files: reading their headers here costs less than starting processes
+INDEX_CHUNK = 16  # headers per task of an indexing process: the first ones come back within milliseconds
 FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
 
 
@@ -689,11 +690,14 @@ def index_inputs(
     return ordered_items(file_items(files, errors, processes), errors)
 
 
-def file_items(files: list[Path], errors: ErrorList, processes: int = 0) -> Iterator[list[dict]]:
+def file_items(
+    files: list[Path], errors: ErrorList, processes: int = 0, pool: Executor | None = None
+) -> Iterator[list[dict]]:
     """Each scorable file's slice items, in file order, as soon as its header is read (by ``processes`` processes
-    for ``PARALLEL_INDEX_FILES`` files or more); the files that are not scored are added to ``errors``. The items
-    are not yet grouped into series or sorted: ``ordered_items`` does that once every file is indexed."""
-    for path, outcome in zip(files, _index_all(files, processes), strict=True):
+    for ``PARALLEL_INDEX_FILES`` files or more: ``pool``'s, or forked for this call); the files that are not scored
+    are added to ``errors``. The items are not yet grouped into series or sorted: ``ordered_items`` does that once
+    every file is indexed."""
+    for path, outcome in zip(files, _index_all(files, processes, pool), strict=True):
         if isinstance(outcome, str):
             logger.warning("not scored: %s: %s", path, outcome)
             errors.add(str(path), outcome)
@@ -732,25 +736,30 @@ def _index_outcome(path: Path) -> tuple[str, list[dict], str] | str:
         return str(error) if isinstance(error, InputError) else f"unreadable ({type(error).__name__}: {error})"
 
 
-def _index_all(files: list[Path], processes: int) -> Iterator[tuple[str, list[dict], str] | str]:
-    """``_index_outcome`` of each file, in order, each as soon as it is read: here, or by ``processes`` forked
-    processes for many files (fork shares what this process has imported, so they start in milliseconds); here
-    again for the rest if a process dies."""
-    if processes < 2 or len(files) < PARALLEL_INDEX_FILES or "fork" not in multiprocessing.get_all_start_methods():
+def _index_all(
+    files: list[Path], processes: int, pool: Executor | None = None
+) -> Iterator[tuple[str, list[dict], str] | str]:
+    """``_index_outcome`` of each file, in order, each as soon as it is read: here, or by ``pool`` or ``processes``
+    processes forked for this call for many files (fork shares what this process has imported, so they start in
+    milliseconds); here again for the rest if a process dies."""
+    forks = "fork" in multiprocessing.get_all_start_methods()
+    if processes < 2 or len(files) < PARALLEL_INDEX_FILES or (pool is None and not forks):
         yield from map(_index_outcome, files)
         return
-    chunk = max(16, len(files) // (4 * processes))
+    own = pool is None
+    if own:
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
     done = 0
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
     try:
-        for outcome in pool.map(_index_outcome, files, chunksize=chunk):
+        for outcome in pool.map(_index_outcome, files, chunksize=INDEX_CHUNK):
             yield outcome
             done += 1
     except BrokenProcessPool:
         logger.warning("an indexing process died; reading the other %d headers in this process", len(files) - done)
         yield from map(_index_outcome, files[done:])
     finally:  # also when the reader of these outcomes stops early: the headers not yet read are not read
-        pool.shutdown(cancel_futures=True)
+        if own:
+            pool.shutdown(cancel_futures=True)
 
 
 def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:

@@ -21,8 +21,10 @@ import csv
 import io
 import json
 import logging
+import multiprocessing
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
@@ -40,7 +42,6 @@ from scripts.ct_inputs import (
     ErrorList,
     file_items,
     find_files,
-    index_inputs,
     ordered_items,
     read_scored_slice,
     read_volume,
@@ -111,6 +112,7 @@ class SliceScorer:
         prepare_batch: Any = None,
         channels_last: Any = "auto",
         compile: Any = False,
+        readers: SliceReaders | None = None,
     ) -> None:
         self.device = torch.device(device)
         use_cudnn_autotuner(self.device)
@@ -121,9 +123,10 @@ class SliceScorer:
             self.network = compiled_for_inference(self.network, compile)
         self.transform = transform
         self.batch_size = batch_size
-        reader_processes(num_workers, self.device)  # a bad value fails here, not at the first run
         self.num_workers = num_workers
         self.window = check_windows(window)
+        processes = self.readers()  # a bad num_workers fails here, not at the first run
+        self.reader_pool = readers or (SliceReaders(transform, processes, self.device) if processes else None)
 
     @classmethod
     def from_checkpoint(
@@ -170,6 +173,9 @@ class SliceScorer:
         checkpoint = parser.get_parsed_content("checkpoint")
         state_dict, settings = read_checkpoint(checkpoint)  # settings: model.json, or inside an earlier-form file
         parser.update({key: value for key, value in config_ids(settings).items() if key not in overrides})
+        transform = parser.get_parsed_content("preprocessing")
+        processes = reader_processes(num_workers, device)
+        readers = SliceReaders(transform, processes, device) if processes else None  # forked before the network
         try:
             network = network_with_weights(lambda: parser.get_parsed_content("network_def"), state_dict, device)
         except RuntimeError as error:
@@ -179,12 +185,22 @@ class SliceScorer:
                 "written with it (model.json) beside it, or set the network ids (network, f_name, s_name, side, "
                 "in_channels, patch_size, image_size) to those it was trained with"
             ) from None
-        transform = parser.get_parsed_content("preprocessing")
         window = parser.get_parsed_content("window")
         inferer = parser.get_parsed_content("inferer")
         prepare_batch = parser.get_parsed_content("prepare_batch")
         options = {key: parser.get_parsed_content(key) for key in ("channels_last", "compile") if key in parser}
-        return cls(network, transform, device, batch_size, num_workers, window, inferer, prepare_batch, **options)
+        return cls(
+            network,
+            transform,
+            device,
+            batch_size,
+            num_workers,
+            window,
+            inferer,
+            prepare_batch,
+            **options,
+            readers=readers,
+        )
 
     def readers(self, slices: int | None = None) -> int:
         """The reader processes of a run of ``slices`` slices (``scripts.engines.reader_processes``)."""
@@ -192,7 +208,13 @@ class SliceScorer:
 
     def index(self, paths: Sequence[str | Path], skip: str | Path | None = None) -> tuple[list[dict], list[dict]]:
         """``index_inputs`` of ``paths``, long folders read by this scorer's reader processes."""
-        return index_inputs(paths, skip, self.readers())
+        files, errors = find_files(paths, skip)
+        return ordered_items(self._file_items(files, errors), errors)
+
+    def _file_items(self, files: list[Path], errors: ErrorList) -> Iterator[list[dict]]:
+        """``scripts.ct_inputs.file_items``, the headers of many files read by this scorer's header processes."""
+        pool = self.reader_pool
+        return file_items(files, errors, pool.processes if pool else 0, pool.headers if pool else None)
 
     def index_and_score(
         self,
@@ -208,9 +230,8 @@ class SliceScorer:
         1000-file series took as long as a quarter of its network time. The results are put in slice order at the
         end, and those of duplicates dropped, exactly as ``index`` orders and drops them."""
         files, errors = find_files(paths, skip)
-        readers = self.readers()
-        if readers == 0 or len(files) < PARALLEL_INDEX_FILES:
-            items, errors = ordered_items(file_items(files, errors, readers), errors)
+        if self.reader_pool is None or len(files) < PARALLEL_INDEX_FILES:
+            items, errors = ordered_items(self._file_items(files, errors), errors)
             if indexed is not None:
                 indexed(items, errors)
             return items, errors, self(items)
@@ -218,14 +239,14 @@ class SliceScorer:
         ordered: list[tuple[list[dict], list[dict]]] = []
 
         def streamed() -> Iterator[list[dict]]:
-            for items in file_items(files, errors, readers):
+            for items in self._file_items(files, errors):
                 by_file.append(items)
                 yield items
             ordered.append(ordered_items(by_file, errors))
             if indexed is not None:
                 indexed(*ordered[0])
 
-        results = self._score_batches(self.batches(streamed(), readers))
+        results = self._score_batches(self.batches(streamed()))
         items, errors = ordered[0]
         by_slice = {
             (item["image"], item["frame"]): result for item, result in zip(chain(*by_file), results, strict=True)
@@ -235,8 +256,7 @@ class SliceScorer:
     @torch.inference_mode()
     def __call__(self, items: Sequence[dict]) -> list[SliceResult]:
         """(score, spread over its crops, "") for each item, or (None, 0, reason) when its pixels could not be used."""
-        readers = self.readers(len(items))
-        return self._score_batches(self.batches([list(items)], readers))
+        return self._score_batches(self.batches([list(items)], len(items)))
 
     def _parts(self, items_by_file: Iterable[list[dict]], readers: int) -> Iterator[list[dict]]:
         """The items in the batches each reader reads: with several readers the network's batch is split among them,
@@ -269,17 +289,19 @@ class SliceScorer:
         read_volume.cache_clear()  # the last volume read in this process (num_workers=0)
         return results
 
-    def batches(self, items_by_file: Iterable[list[dict]], readers: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    def batches(
+        self, items_by_file: Iterable[list[dict]], slices: int | None = None
+    ) -> Iterator[tuple[torch.Tensor, list[str]]]:
         """The network's batches of the items on its device, ``batch_size`` slices each (fewer at the end, or where
-        the slices' preprocessed size changes), put together from the parts ``readers`` processes read; with each
-        slice's reason it could not be read ("" if it was)."""
-        loader = DataLoader(
-            _SliceReader(self.transform),
-            batch_sampler=self._parts(items_by_file, readers),
-            num_workers=readers,
-            collate_fn=pad_collate,
-            pin_memory=self.device.type == "cuda",
-        )
+        the slices' preprocessed size changes), put together from the parts the reader processes read (in this
+        process for a run of ``slices`` too few for them, see ``readers``); with each slice's reason it could not be
+        read ("" if it was)."""
+        readers = self.readers(slices)
+        parts = self._parts(items_by_file, readers)
+        if readers and self.reader_pool is not None:
+            loader = self.reader_pool.read(parts)
+        else:
+            loader = DataLoader(_SliceReader(self.transform), batch_sampler=parts, collate_fn=pad_collate)
         held: list[torch.Tensor] = []
         errors: list[str] = []
         for batch in loader:
@@ -307,6 +329,49 @@ class _SliceReader(TorchDataset):
 
     def __getitem__(self, item: dict) -> dict:
         return self.transform(item)
+
+
+class SliceReaders:
+    """Reader processes that last as long as their scorer, so that a run does not wait for them to start: ``read``
+    reads parts of items (lists) as ``DataLoader`` batches, by ``processes`` workers, and ``headers`` is a pool of as
+    many processes for the headers of long runs (``scripts.ct_inputs.file_items``).
+
+    Forking a process that holds a network on a GPU took 26 ms on an H200 host: four readers and four header
+    processes started for each run cost it 0.2 s before its first slice was read. ``SliceScorer.from_bundle`` starts
+    them before it loads the network. Each worker keeps the last volume it read (``read_volume``, checked against the
+    file's modification time) until its next run.
+    """
+
+    def __init__(self, transform: Compose, processes: int, device: str | torch.device) -> None:
+        self.processes = processes
+        self._source = _PartSource()
+        self.loader = DataLoader(
+            _SliceReader(transform),
+            batch_sampler=self._source,
+            num_workers=processes,
+            collate_fn=pad_collate,
+            pin_memory=torch.device(device).type == "cuda",
+            persistent_workers=True,
+        )
+        iter(self.loader)  # the readers start now, and wait for parts
+        self.headers: ProcessPoolExecutor | None = None
+        if "fork" in multiprocessing.get_all_start_methods():
+            self.headers = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+            self.headers.submit(int).result()  # a forking pool starts all its processes at its first task
+
+    def read(self, parts: Iterable[list[dict]]) -> Iterator[dict]:
+        """The collated, pinned batches of the items of ``parts``, in order."""
+        self._source.parts = parts
+        return iter(self.loader)
+
+
+class _PartSource:
+    """The batch sampler of ``SliceReaders``' loader: the parts of the run at hand."""
+
+    parts: Iterable[list[dict]] = ()
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        return iter(self.parts)
 
 
 def _joined(images: list[torch.Tensor]) -> torch.Tensor:

@@ -207,8 +207,7 @@ def bench_scoring(
 
     def score_series() -> None:
         with _autocast(device, amp):
-            items, errors = scorer.index([series])
-            results = scorer(items)
+            _, errors, results = scorer.index_and_score([series])
         if errors or any(score is None for score, _, _ in results):
             raise RuntimeError(f"the timing series was not fully scored: {errors or results}")
 

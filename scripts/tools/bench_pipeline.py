@@ -175,7 +175,7 @@ def start_costs(scorer: Any, folder: Path) -> tuple[list[dict], dict[str, float]
     indexing, and the first batch (worker start, first reads)."""
     items: list[dict] = []
     index_s = _seconds(lambda: items.extend(scorer.index([folder])[0]), scorer.device)
-    batches = scorer.batches([items], scorer.readers(len(items)))
+    batches = scorer.batches([items], len(items))
     first_batch_s = _seconds(lambda: next(batches), scorer.device)
     batches.close()
     return items, {"index_s": index_s, "first_batch_s": first_batch_s}
