@@ -110,7 +110,9 @@ def compiled_for_inference(network: nn.Module, compile: Any = True) -> nn.Module
     return torch.compile(network, **arguments)
 
 
-GPU_READERS = 4  # "auto" on a GPU; an H100 host read 952 / 1412 / 1599 DICOM slices/s with 2 / 4 / 8 of them
+# "auto" on a GPU: an H100 host read 952 / 1412 / 1599 DICOM slices/s with 2 / 4 / 8 of them; an H200 host scored a
+# 1000-slice series at 0.84 and 0.82 of the bare forward with 4, 0.81 and 0.77 with 8
+GPU_READERS = 4
 IN_PROCESS_SLICES = 128  # "auto" on a GPU reads a run of this many slices or fewer in the network's process
 
 
@@ -122,8 +124,9 @@ def reader_processes(num_workers: Any, device: str | torch.device = "cpu", slice
     thread) delays one of them, and every parallel operation waits for its slowest thread, so the network loses far
     more time than the reading takes (2 cores: 0.65-0.86 of the bare network with a reader thread, 0.90-0.99 reading
     between batches). Reading in this process also spares the copy of every slice between processes. A GPU leaves
-    the cores to the readers, but starting them takes 0.2-0.3 s, more than reading 100 slices here (1.3 ms each
-    on an H100 host) while the GPU scores the batch before.
+    the cores to the readers, but handing them a run took 0.2-0.3 s when they were started for each run, more than
+    reading 100 slices here (1.3 ms each on an H100 host) while the GPU scores the batch before; scoring now starts
+    them once, with its network (``scripts.clinical.score.SliceReaders``).
     """
     if isinstance(num_workers, str) and num_workers.strip().lower() == "auto":
         if torch.device(device).type == "cpu" or (slices is not None and slices <= IN_PROCESS_SLICES):

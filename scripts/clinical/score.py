@@ -339,7 +339,7 @@ class SliceReaders:
     Forking a process that holds a network on a GPU took 26 ms on an H200 host: four readers and four header
     processes started for each run cost it 0.2 s before its first slice was read. ``SliceScorer.from_bundle`` starts
     them before it loads the network. Each worker keeps the last volume it read (``read_volume``, checked against the
-    file's modification time) until its next run.
+    file's modification time) until its next run. One run at a time: a ``read`` ends the one before it.
     """
 
     def __init__(self, transform: Compose, processes: int, device: str | torch.device) -> None:
@@ -354,8 +354,8 @@ class SliceReaders:
             persistent_workers=True,
         )
         iter(self.loader)  # the readers start now, and wait for parts
-        self.headers: ProcessPoolExecutor | None = None
-        if "fork" in multiprocessing.get_all_start_methods():
+        self.headers: ProcessPoolExecutor | None = None  # None: headers are read in the scoring process
+        if processes > 1 and "fork" in multiprocessing.get_all_start_methods():
             self.headers = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
             self.headers.submit(int).result()  # a forking pool starts all its processes at its first task
 
