@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
 import torch
@@ -50,3 +52,26 @@ def test_many_headers_are_indexed_by_processes_with_the_same_items_and_reasons(t
     ]
     assert alone[0][0]["image"] == str(tmp_path / f"{PARALLEL_INDEX_FILES + 7:04d}.dcm")  # by position
     assert index_inputs([tmp_path], processes=2) == alone
+
+
+def test_reader_processes_start_with_the_scorer_and_serve_every_run(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Readers (and as many header processes) are started once, with the scorer, not for each run; a volume
+    rewritten at the same path between runs is read anew by them, as a fresh scorer reads it."""
+    volume = np.random.default_rng(3).normal(0, 200, (40, 40, 6)).astype(np.float32)
+    volume[:, :4] = -1000.0  # air: CT in HU
+    path = tmp_path / "vol.nii"
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
+    before = {child.pid for child in multiprocessing.active_children()}
+    scorer = SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", batch_size=4, num_workers=2)
+    started = {child.pid for child in multiprocessing.active_children()} - before
+    assert len(started) == 4  # 2 readers, 2 header processes
+    first = scorer.index_and_score([path])[2]
+    volume[:, 4:] = np.clip(volume[:, 4:] * 3, -1000, 3000)  # other pixels, same path and shape
+    nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), path)
+    os.utime(path, ns=(path.stat().st_mtime_ns + 10**9,) * 2)  # a later modification time, as a new write has
+    second = scorer.index_and_score([path])[2]
+    assert {child.pid for child in multiprocessing.active_children()} - before == started
+    fresh = SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", batch_size=4, num_workers=0).index_and_score([path])[2]
+    assert len(first) == len(second) == 6 and all(score is not None for score, _, _ in first + second)
+    assert np.allclose([score for score, _, _ in second], [score for score, _, _ in fresh], atol=1e-5)
+    assert not np.allclose([score for score, _, _ in first], [score for score, _, _ in second], atol=1e-3)
