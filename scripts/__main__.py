@@ -109,8 +109,9 @@ def score(
 
     ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names);
     ``num_workers`` processes read slices while the network runs (0: this process reads between batches; ``auto``:
-    0 on a CPU, where the network uses every core, and on a GPU 4, or 0 for at most 128 slices, which take less to
-    read than readers take to start; a folder of 256 files or more has its headers read by the readers too); a slice
+    0 on a CPU, where the network uses every core, and on a GPU 4, or 0 for at most 128 slices; the readers and as
+    many header processes start before the network loads, and with them a folder of 256 files or more is scored
+    while its headers are read); a slice
     that would take more than ``max_slice_mb`` MiB as float32 is refused unread (listed in errors). ``amp``
     (false/true/bf16/fp16), ``channels_last`` (default auto: on a CUDA GPU) and ``compile`` (torch.compile, with the
     weights frozen; true or a mode: max-autotune, reduce-overhead, ...) as in the inference config; ``plots``

@@ -92,8 +92,9 @@ class Series:
 class SliceScorer:
     """A network behind the bundle's preprocessing; scores are clipped to [0, 4].
 
-    Slices are read by ``num_workers`` DataLoader worker processes while the network runs, or with none (``"auto"``
-    on a CPU, where the network uses every core) between batches in this process. Both constructors take the
+    Slices are read by ``num_workers`` DataLoader worker processes while the network runs (``SliceReaders``, started
+    with the scorer), or with none (``"auto"`` on a CPU, where the network uses every core) between batches in this
+    process. Both constructors take the
     network, preprocessing, inferer and window from a bundle's inference config, so scoring and
     ``monai.bundle run`` cannot drift apart:
     ``from_bundle`` for a bundle folder (its ``models/model.pt``), ``from_checkpoint`` for this
