@@ -172,7 +172,7 @@ def bench_pipeline(
 
 def start_costs(scorer: Any, folder: Path) -> tuple[list[dict], dict[str, float]]:
     """The items of ``folder`` and the seconds a scoring run spends on them before its network's first batch:
-    indexing, and the first batch (worker start, first reads)."""
+    indexing, and the first network batch (the first reads: the readers start with the scorer)."""
     items: list[dict] = []
     index_s = _seconds(lambda: items.extend(scorer.index([folder])[0]), scorer.device)
     batches = scorer.batches([items], len(items))
