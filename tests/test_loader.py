@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+from itertools import chain
 from pathlib import Path
 
 import nibabel
@@ -75,3 +76,27 @@ def test_reader_processes_start_with_the_scorer_and_serve_every_run(tiny_checkpo
     assert len(first) == len(second) == 6 and all(score is not None for score, _, _ in first + second)
     assert np.allclose([score for score, _, _ in second], [score for score, _, _ in fresh], atol=1e-5)
     assert not np.allclose([score for score, _, _ in first], [score for score, _, _ in second], atol=1e-3)
+
+
+def test_a_run_started_while_another_reads_gets_readers_of_its_own(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The scorer's readers serve one run at a time: a second run started while the first is reading (here a
+    second iterator; in a server, another thread) is read by readers of its own, and neither run's slices mix."""
+    rng = np.random.default_rng(4)
+    for series in ("1.1", "2.2"):
+        for index in range(6):
+            hu = rng.normal(0, 100 * (1 + index), (24, 24))
+            hu[:4] = -1000.0
+            write_dicom_slice(tmp_path / series / f"{index}.dcm", hu, series, float(index))
+    scorer = SliceScorer.from_checkpoint(tiny_checkpoint, "cpu", batch_size=4, num_workers=2)
+    items = {series: scorer.index([tmp_path / series])[0] for series in ("1.1", "2.2")}
+    alone = {series: scorer(items[series]) for series in items}
+    first = scorer.batches([items["1.1"]], len(items["1.1"]))
+    opening = next(first)  # the first run holds the scorer's readers
+    assert not scorer.reader_pool.busy.acquire(blocking=False)
+    meanwhile = scorer._score_batches(scorer.batches([items["2.2"]], len(items["2.2"])))
+    rest = scorer._score_batches(chain([opening], first))
+    assert scorer.reader_pool.busy.acquire(blocking=False)  # released when the first run ended
+    scorer.reader_pool.busy.release()
+    for got, expected in ((meanwhile, alone["2.2"]), (rest, alone["1.1"])):
+        assert np.allclose([score for score, _, _ in got], [score for score, _, _ in expected], atol=1e-6)
+    assert not np.allclose([score for score, _, _ in alone["1.1"]], [score for score, _, _ in alone["2.2"]])

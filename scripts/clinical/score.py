@@ -23,6 +23,7 @@ import json
 import logging
 import multiprocessing
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -296,29 +297,44 @@ class SliceScorer:
         """The network's batches of the items on its device, ``batch_size`` slices each (fewer at the end, or where
         the slices' preprocessed size changes), put together from the parts the reader processes read (in this
         process for a run of ``slices`` too few for them, see ``readers``); with each slice's reason it could not be
-        read ("" if it was)."""
+        read ("" if it was). A run that starts while another holds the scorer's readers (another thread, or
+        another of these iterators) gets readers of its own, started for it."""
         readers = self.readers(slices)
         parts = self._parts(items_by_file, readers)
-        if readers and self.reader_pool is not None:
-            loader = self.reader_pool.read(parts)
-        else:
-            loader = DataLoader(_SliceReader(self.transform), batch_sampler=parts, collate_fn=pad_collate)
+        pool = self.reader_pool if readers else None
+        if pool is not None and pool.busy.acquire(blocking=False):
+            try:
+                yield from self._joined(pool.read(parts))
+            finally:
+                pool.busy.release()
+            return
+        loader = DataLoader(
+            _SliceReader(self.transform),
+            batch_sampler=parts,
+            num_workers=readers,
+            collate_fn=pad_collate,
+            pin_memory=self.device.type == "cuda",
+        )
+        yield from self._joined(loader)
+
+    def _joined(self, loader: Iterable[dict]) -> Iterator[tuple[torch.Tensor, list[str]]]:
+        """``batches`` from the readers' parts: each part preprocessed on the device, joined into network batches."""
         held: list[torch.Tensor] = []
         errors: list[str] = []
         for batch in loader:
             images, _ = self.prepare_batch(batch, self.device, non_blocking=True)
             if held and images.shape[1:] != held[0].shape[1:]:
-                yield _joined(held), errors
+                yield _cat(held), errors
                 held, errors = [], []
             held.append(images)
             errors += batch["error"]
             while len(errors) >= self.batch_size:
-                joined = _joined(held)
+                joined = _cat(held)
                 yield joined[: self.batch_size], errors[: self.batch_size]
                 held = [joined[self.batch_size :]] if len(joined) > self.batch_size else []
                 errors = errors[self.batch_size :]
         if errors:
-            yield _joined(held), errors
+            yield _cat(held), errors
 
 
 class _SliceReader(TorchDataset):
@@ -340,11 +356,13 @@ class SliceReaders:
     Forking a process that holds a network on a GPU took 26 ms on an H200 host: four readers and four header
     processes started for each run cost it 0.2 s before its first slice was read. ``SliceScorer.from_bundle`` starts
     them before it loads the network. Each worker keeps the last volume it read (``read_volume``, checked against the
-    file's modification time) until its next run. One run at a time: a ``read`` ends the one before it.
+    file's modification time) until its next run. One run at a time: a ``read`` ends the one before it, so
+    ``SliceScorer.batches`` holds ``busy`` while it reads.
     """
 
     def __init__(self, transform: Compose, processes: int, device: str | torch.device) -> None:
         self.processes = processes
+        self.busy = threading.Lock()  # held by the run that reads with them
         self._source = _PartSource()
         self.loader = DataLoader(
             _SliceReader(transform),
@@ -375,7 +393,7 @@ class _PartSource:
         return iter(self.parts)
 
 
-def _joined(images: list[torch.Tensor]) -> torch.Tensor:
+def _cat(images: list[torch.Tensor]) -> torch.Tensor:
     return images[0] if len(images) == 1 else torch.cat(images)
 
 
