@@ -72,7 +72,9 @@ def test_monailabel_task_returns_the_score(tiny_bundle: Path, study: Path, expec
     assert task.is_valid() and task.info()["output"] == "score" and task.info()["dimension"] == 2
     label, result = task({"image": str(study / "CT_small.dcm")})
     assert label is None and result["n_slices"] == 1 and result["errors"] == []
-    assert result["score"] == pytest.approx(expected_scores["CT_small.dcm"], abs=1e-5)
+    # alone here, in a batch of 4 in expected_scores: the tiny head's 50-fold weights magnify the batch's rounding
+    # (1.4e-5 in one CI run); scores.csv keeps 4 decimals
+    assert result["score"] == pytest.approx(expected_scores["CT_small.dcm"], abs=1e-4)
     _, result = task({"image": str(study)})  # MONAI Label passes a DICOM series as its folder
     assert result["n_slices"] == 4 and [Path(error["path"]).name for error in result["errors"]] == ["mr.dcm"]
     assert result["score"] == pytest.approx(np.mean(list(expected_scores.values())), abs=1e-5)
@@ -234,7 +236,7 @@ def test_monai_deploy_app_scores_the_ct_series(
     ct_series = series["1.2.3.4"]
     assert sorted(Path(worst["source"]).name for worst in ct_series["worst"]) == ["ct_1.dcm", "ct_2.dcm", "ct_3.dcm"]
     expected_mean = np.mean([expected_scores[f"ct_{z}.dcm"] for z in (1, 2, 3)])
-    assert ct_series["mean"] == pytest.approx(expected_mean, abs=1e-5)
+    assert ct_series["mean"] == pytest.approx(expected_mean, abs=1e-4)  # 3 slices a batch here, 4 in expected_scores
     assert report["errors"] == []
 
 
