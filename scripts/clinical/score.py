@@ -238,18 +238,19 @@ class SliceScorer:
                 indexed(items, errors)
             return items, errors, self(items)
         by_file: list[list[dict]] = []
-        ordered: list[tuple[list[dict], list[dict]]] = []
+        ordered: tuple[list[dict], list[dict]] = ([], [])
 
         def streamed() -> Iterator[list[dict]]:
+            nonlocal ordered
             for items in self._file_items(files, errors):
                 by_file.append(items)
                 yield items
-            ordered.append(ordered_items(by_file, errors))
+            ordered = ordered_items(by_file, errors)
             if indexed is not None:
-                indexed(*ordered[0])
+                indexed(*ordered)
 
         results = self._score_batches(self.batches(streamed()))
-        items, errors = ordered[0]
+        items, errors = ordered
         by_slice = {
             (item["image"], item["frame"]): result for item, result in zip(chain(*by_file), results, strict=True)
         }
