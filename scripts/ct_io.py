@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from scripts.jpeg2000 import decoding_options
+
 HU_WINDOW = (-1000.0, 400.0)
 
 ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
@@ -78,9 +80,9 @@ def frame_hu(ds: Any, index: int = 0, compact: bool = False) -> np.ndarray:
     With ``compact``, HU that are whole numbers within int16 by construction (the usual integer rescale) come as
     int16, the same values in half the bytes: what reader processes pass on and copy to the GPU.
     """
-    from pydicom.pixels import apply_modality_lut, pixel_array
+    from pydicom.pixels import apply_modality_lut
 
-    pixels = pixel_array(ds, index=index) if frame_count(ds) > 1 else ds.pixel_array
+    pixels = _frame_pixels(ds, index)
     transformation = _frame_transformation(ds, index)
     if transformation is None:
         check_hu_mapping(ds)
@@ -91,6 +93,20 @@ def frame_hu(ds: Any, index: int = 0, compact: bool = False) -> np.ndarray:
         fits = compact and exact.size > 0 and info.min <= exact.min() and exact.max() <= info.max
         return exact.astype(np.int16 if fits else np.float32)
     return apply_modality_lut(pixels, transformation).astype(np.float32, copy=False)
+
+
+def _frame_pixels(ds: Any, index: int) -> np.ndarray:
+    """One frame's stored values, decoded by pydicom; JPEG 2000 on several cores (``scripts.jpeg2000``), falling
+    back to pydicom's own decoders where that plugin fails."""
+    from pydicom.pixels import pixel_array
+
+    options = decoding_options(ds)
+    if options:
+        try:
+            return pixel_array(ds, index=index, **options)
+        except Exception:  # left to pydicom's own decoders, which raise the reason if they fail too
+            pass
+    return pixel_array(ds, index=index) if frame_count(ds) > 1 else ds.pixel_array
 
 
 def _exact_integer_rescale(pixels: np.ndarray, transformation: Any) -> np.ndarray | None:
