@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from scripts.jpeg2000 import decoding_options
+from scripts.decoders import decoding_options
 
 HU_WINDOW = (-1000.0, 400.0)
 
@@ -96,8 +96,8 @@ def frame_hu(ds: Any, index: int = 0, compact: bool = False) -> np.ndarray:
 
 
 def _frame_pixels(ds: Any, index: int) -> np.ndarray:
-    """One frame's stored values, decoded by pydicom; JPEG 2000 on several cores (``scripts.jpeg2000``), falling
-    back to pydicom's own decoders where that plugin fails."""
+    """One frame's stored values, decoded by pydicom: compressed frames through imagecodecs where it is faster
+    (``scripts.decoders``), falling back to pydicom's own decoders where that plugin fails."""
     from pydicom.pixels import pixel_array
 
     options = decoding_options(ds)
@@ -170,5 +170,34 @@ def write_dicom_slice(
             ds.PixelData = np.clip(np.rint(hu + 1024), 0, 65535).astype(np.uint16).tobytes()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def compress_dicom(source: str | Path, syntax: str, target: str | Path | None = None) -> Path:
+    """A one-frame monochrome DICOM file re-encoded losslessly in ``syntax``, at ``target`` (default: in place): RLE
+    and JPEG 2000 by pydicom; JPEG lossless (SV1), JPEG-LS and HTJ2K by imagecodecs, which pydicom cannot encode,
+    from the stored bits as DICOM encoders write them. Used by the benchmark's series and by the tests."""
+    import imagecodecs
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless
+
+    encoders = {
+        JPEGLosslessSV1: lambda bits: imagecodecs.jpeg8_encode(bits, lossless=True, predictor=1, bitspersample=16),
+        JPEGLSLossless: imagecodecs.jpegls_encode,
+        HTJ2KLossless: lambda bits: imagecodecs.htj2k_encode(bits),
+    }
+    ds = pydicom.dcmread(source)
+    if syntax in encoders:
+        if ds.BitsAllocated != 16 or ds.SamplesPerPixel != 1:
+            raise ValueError(f"{source}: only one-sample 16-bit pixel data is re-encoded by imagecodecs")
+        stored = ds.pixel_array.view(np.uint16)  # the 16 stored bits, signed values as their two's complement
+        ds.PixelData = encapsulate([encoders[syntax](stored)])
+        ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
+        ds.file_meta.TransferSyntaxUID = syntax
+    else:
+        ds.compress(syntax)
+    path = Path(target if target is not None else source)
     ds.save_as(path, enforce_file_format=True)
     return path

@@ -20,6 +20,7 @@ from pydicom.data import get_testdata_file
 from pydicom.uid import (
     CTImageStorage,
     JPEG2000Lossless,
+    JPEGLosslessSV1,
     JPEGLSLossless,
     RLELossless,
 )
@@ -34,7 +35,7 @@ from scripts.ct_inputs import (
     read_ct_slice,
     read_scored_slice,
 )
-from scripts.ct_io import write_dicom_slice
+from scripts.ct_io import compress_dicom, write_dicom_slice
 from tests.conftest import NOT_DICOM, REPO_ROOT, inference_workflow
 
 WINDOW = (-1000.0, 400.0)
@@ -58,10 +59,7 @@ def write_rgb_ct(path: Path) -> Path:
 
 def write_compressed_ct(path: Path, transfer_syntax: str) -> Path:
     """pydicom's CT_small.dcm re-encoded with a compressed transfer syntax."""
-    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    ds.compress(transfer_syntax)
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    return compress_dicom(get_testdata_file("CT_small.dcm"), transfer_syntax, path)
 
 
 def write_jpeg_lossless_ct(path: Path) -> Path:
@@ -275,7 +273,11 @@ def test_a_malformed_header_is_reported_and_the_rest_indexed(tmp_path: Path) -> 
     assert errors[0]["reason"].startswith("unreadable (IndexError")
 
 
-@pytest.mark.parametrize("transfer_syntax", [RLELossless, JPEG2000Lossless], ids=["rle", "jpeg2000"])
+@pytest.mark.parametrize(
+    "transfer_syntax",
+    [RLELossless, JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless],
+    ids=["rle", "jpeg2000", "jpeg_lossless", "jpeg_ls"],
+)
 def test_compressed_ct_decodes_to_the_same_hu(transfer_syntax: str, tmp_path: Path) -> None:
     path = write_compressed_ct(tmp_path / "compressed.dcm", transfer_syntax)
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == transfer_syntax

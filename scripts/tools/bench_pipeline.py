@@ -22,19 +22,20 @@ from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped
 
 from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
-from scripts.ct_io import HU_WINDOW, write_dicom_slice
+from scripts.ct_io import HU_WINDOW, compress_dicom, write_dicom_slice
 from scripts.engines import PlainTensorBatch, compiled_for_inference, reader_processes, wants_compile
 from scripts.patches import pad_collate
 from scripts.transforms import BatchPreprocess
 
-INPUT_KINDS = ("tiff", "dicom", "dicom_j2k", "nifti")
+INPUT_KINDS = ("tiff", "dicom", "dicom_jpeg_ll", "dicom_j2k", "nifti")
+COMPRESSED = {"dicom_jpeg_ll": "1.2.840.10008.1.2.4.70", "dicom_j2k": "1.2.840.10008.1.2.4.90"}  # lossless both
 STAGES = ("read_decode", "hu_window", "resize", "normalise", "collate", "to_device")
 STAGE_SLICES = 64  # stages are timed per slice over at most these many (enough for a steady figure)
 
 
 def write_inputs(kind: str, folder: Path, n: int, size: int = 512, seed: int = 0) -> Path:
-    """``n`` slices of ``size`` px of one input kind: float32 TIFF in [0, 1] (LDCTIQA's form), an uncompressed or a
-    JPEG 2000 (lossless) DICOM series, or one NIfTI volume of ``n`` slices."""
+    """``n`` slices of ``size`` px of one input kind: float32 TIFF in [0, 1] (LDCTIQA's form), a DICOM series
+    uncompressed, in JPEG lossless (SV1) or in JPEG 2000 (lossless), or one NIfTI volume of ``n`` slices."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "nifti":
@@ -48,13 +49,8 @@ def write_inputs(kind: str, folder: Path, n: int, size: int = 512, seed: int = 0
             tifffile.imwrite(folder / f"{index:04d}.tif", rng.random((size, size), dtype=np.float32))
             continue
         path = write_dicom_slice(folder / f"{index:04d}.dcm", rng.normal(0.0, 300.0, (size, size)), "1.2.826.0.1.99.2")
-        if kind == "dicom_j2k":
-            import pydicom
-            from pydicom.uid import JPEG2000Lossless
-
-            ds = pydicom.dcmread(path)
-            ds.compress(JPEG2000Lossless)
-            ds.save_as(path, enforce_file_format=True)
+        if kind in COMPRESSED:
+            compress_dicom(path, COMPRESSED[kind])
     return folder
 
 

@@ -1,0 +1,133 @@
+"""Compressed CT decoded through imagecodecs (``scripts.decoders``): the same values as pydicom's own decoders."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import imagecodecs
+import numpy as np
+import pydicom
+import pytest
+from pydicom.data import get_testdata_file
+from pydicom.encaps import encapsulate, generate_frames
+from pydicom.pixels import pixel_array
+from pydicom.uid import HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless
+from torch.utils.data import DataLoader, Dataset
+
+from scripts.ct_inputs import InputError, read_ct_slice
+from scripts.ct_io import compress_dicom, frame_count, frame_hu
+from scripts.decoders import PLUGIN, SYNTAXES, decode_threads, decoding_options, register_plugin
+
+CORPORA = (Path(get_testdata_file("693_J2KR.dcm")).parent, Path(get_testdata_file("CT_small.dcm")).parent)
+
+
+def _compressed_files(colour: bool) -> list[Path]:
+    """pydicom's and pydicom-data's files in a syntax the plugin decodes (JPEG 2000, JPEG lossless, JPEG-LS),
+    monochrome or colour."""
+    found = []
+    for path in sorted(path for corpus in CORPORA for path in corpus.iterdir()):
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            syntax = ds.file_meta.TransferSyntaxUID
+        except Exception:
+            continue
+        if syntax in SYNTAXES and (ds.get("SamplesPerPixel", 1) != 1) == colour:
+            found.append(path)
+    return found
+
+
+def _pylibjpeg_frames(ds: pydicom.Dataset) -> list[np.ndarray]:
+    return [pixel_array(ds, index=index, decoding_plugin="pylibjpeg") for index in range(frame_count(ds))]
+
+
+def test_every_monochrome_file_of_pydicoms_corpora_decodes_as_pylibjpeg_decodes_it() -> None:
+    """JPEG 2000 lossless and lossy, JPEG lossless, JPEG-LS lossless and near-lossless; signed and unsigned, 8 to
+    16 bits, a codestream whose sign differs from Pixel Representation (J2K_pixelrep_mismatch.dcm), a real CT in
+    JPEG lossless (bad_sequence.dcm), multi-frame: every frame the plugin decodes equals pydicom's default
+    decoder, value for value and type for type; a frame neither can decode fails with both."""
+    files = _compressed_files(colour=False)
+    names = {f.name for f in files}
+    assert {"J2K_pixelrep_mismatch.dcm", "693_J2KI.dcm", "emri_small_jpeg_2k_lossless.dcm"} <= names
+    assert {"JPEG-LL.dcm", "bad_sequence.dcm", "MR_small_jpeg_ls_lossless.dcm", "JPEGLSNearLossless_16.dcm"} <= names
+    decoded = failed = 0
+    for path in files:
+        ds = pydicom.dcmread(path)
+        options = decoding_options(ds)
+        assert options["decoding_plugin"] == PLUGIN and options["decode_threads"] == decode_threads()
+        try:
+            expected = _pylibjpeg_frames(ds)
+        except Exception:
+            with pytest.raises(Exception):  # noqa: B017 - the same file must fail, whatever pydicom raises
+                pixel_array(ds, **options)
+            failed += 1
+            continue
+        for index, frame in enumerate(expected):
+            pixels = pixel_array(ds, index=index, **options)  # the plugin alone, no fallback
+            assert pixels.dtype == frame.dtype and np.array_equal(pixels, frame), (path.name, index)
+            decoded += 1
+    assert decoded >= 35 and failed >= 1
+
+
+def test_colour_is_left_to_pydicoms_decoders() -> None:
+    files = _compressed_files(colour=True)
+    assert files
+    for path in files:
+        ds = pydicom.dcmread(path)
+        assert decoding_options(ds) == {}
+        register_plugin(ds.file_meta.TransferSyntaxUID)
+        with pytest.raises(RuntimeError, match="colour is left to pydicom"):
+            pixel_array(ds, decoding_plugin=PLUGIN)
+
+
+LOSSLESS = {"htj2k": HTJ2KLossless, "jpeg_ll": JPEGLosslessSV1, "jpeg_ls": JPEGLSLossless}
+
+
+@pytest.mark.parametrize("syntax", LOSSLESS.values(), ids=LOSSLESS.keys())
+def test_a_real_ct_slice_compressed_losslessly_reads_as_the_hu_of_its_original(syntax: str, tmp_path: Path) -> None:
+    """A real 512-px CT slice (signed, 14 bits stored) in HTJ2K (not in pydicom's corpora), JPEG lossless and
+    JPEG-LS, its stored bits encoded as DICOM encoders do: pydicom's own decoder and the plugin both give the
+    original's values, and the slice reads as the same HU."""
+    if syntax == HTJ2KLossless and not hasattr(imagecodecs, "htj2k_encode"):
+        pytest.skip(f"imagecodecs {imagecodecs.__version__} has no HTJ2K encoder, which newer versions have")
+    original = get_testdata_file("693_UNCI.dcm")
+    compressed = pydicom.dcmread(compress_dicom(original, syntax, tmp_path / "compressed.dcm"))
+    assert compressed.file_meta.TransferSyntaxUID == syntax
+    options = decoding_options(compressed)
+    assert options["decoding_plugin"] == PLUGIN
+    stored = pydicom.dcmread(original).pixel_array
+    assert np.array_equal(pixel_array(compressed, decoding_plugin="pylibjpeg"), stored)
+    assert np.array_equal(pixel_array(compressed, **options), stored)
+    hu, is_hu = read_ct_slice(tmp_path / "compressed.dcm")
+    expected, _ = read_ct_slice(original)
+    assert is_hu and np.array_equal(hu, expected) and expected.std() > 100
+    assert np.array_equal(frame_hu(compressed), frame_hu(pydicom.dcmread(original)))
+
+
+def test_a_truncated_jpeg2000_codestream_is_an_input_error_naming_the_decoders(tmp_path: Path) -> None:
+    ds = pydicom.dcmread(get_testdata_file("693_J2KR.dcm"))
+    codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    ds.PixelData = encapsulate([codestream[: len(codestream) // 2]])
+    ds.save_as(tmp_path / "truncated.dcm", enforce_file_format=True)
+    with pytest.raises(InputError, match=r"pixel data cannot be decoded .*pylibjpeg"):
+        read_ct_slice(tmp_path / "truncated.dcm")
+
+
+class _Threads(Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        return decode_threads()
+
+
+def test_decoding_threads_share_the_cores_among_the_processes_that_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert decode_threads() == cores
+    in_workers = [int(n) for n in DataLoader(_Threads(), batch_size=None, num_workers=2)]
+    assert in_workers == [max(1, cores // 2)] * 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two torchrun ranks on this machine, each with 2 readers
+    assert decode_threads() == max(1, cores // 2)
+    assert [int(n) for n in DataLoader(_Threads(), batch_size=None, num_workers=2)] == [max(1, cores // 4)] * 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more ranks than cores: one thread each
+    assert decode_threads() == 1
