@@ -437,7 +437,7 @@ def _print_block(name: str, result: dict) -> None:
         f"  pipeline alone (512 px inputs, no network), ms per slice by stage, alone; steady slices/s (and the "
         f"first pass's extra seconds: the readers' start) with num_workers={result['num_workers']} "
         f"({result['reader_processes']} reader processes) and with {', '.join(counts)} processes:",
-        "    input       " + " ".join(f"{stage:>11}" for stage in STAGES) + "   "
+        "    input         " + " ".join(f"{stage:>11}" for stage in STAGES) + "   "
         + " ".join(f"{heading:>16}" for heading in ["slices/s (start)"] + [f"{count} processes" for count in counts]),
     ]  # fmt: skip
     for kind in INPUT_KINDS:
@@ -445,7 +445,7 @@ def _print_block(name: str, result: dict) -> None:
         stages = " ".join(f"{entry['ms_per_slice'][stage]:11.2f}" for stage in STAGES)
         rates = [entry["pipeline"]] + [entry["by_processes"][count] for count in counts]
         lines.append(
-            f"    {kind:<11} {stages}   "
+            f"    {kind:<13} {stages}   "
             + " ".join(f"{rate['slices_per_s']:8.1f} ({rate['start_s']:.2f}s)" for rate in rates)
         )
     lines += [
