@@ -186,7 +186,7 @@ def compress_dicom(source: str | Path, syntax: str, target: str | Path | None = 
     encoders = {
         JPEGLosslessSV1: lambda bits: imagecodecs.jpeg8_encode(bits, lossless=True, predictor=1, bitspersample=16),
         JPEGLSLossless: imagecodecs.jpegls_encode,
-        HTJ2KLossless: lambda bits: imagecodecs.htj2k_encode(bits),
+        HTJ2KLossless: lambda bits: imagecodecs.htj2k_encode(bits),  # looked up when used: older versions lack it
     }
     ds = pydicom.dcmread(source)
     if syntax in encoders:

@@ -50,6 +50,23 @@ def is_available(uid: str) -> bool:
     return uid in JPEGLSTransferSyntaxes and bool(imagecodecs.JPEGLS.available)
 
 
+def is_lossless_jpeg(src: bytes) -> bool:
+    """Whether a JPEG codestream's frame header is a lossless one (SOF3, SOF7, SOF11 or SOF15), read by walking its
+    marker segments up to the first frame or scan header."""
+    position = 2  # after SOI
+    while position + 4 <= len(src) and src[position] == 0xFF:
+        marker = src[position + 1]
+        if marker == 0xFF:  # a fill byte
+            position += 1
+            continue
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (not DHT, JPG, DAC)
+            return marker in (0xC3, 0xC7, 0xCB, 0xCF)
+        if marker == 0xDA:  # a scan before any frame header
+            return False
+        position += 2 + int.from_bytes(src[position + 2 : position + 4], "big")
+    return False
+
+
 def _container_bits(precision: int) -> int:
     return 8 if precision <= 8 else 16 if precision <= 16 else 32
 
@@ -69,7 +86,9 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
     elif syntax in JPEGLSTransferSyntaxes:
         frame = imagecodecs.jpegls_decode(src)
         bits = _container_bits(runner.get_option("jls_precision", runner.bits_stored))
-    else:
+    else:  # lossless JPEG only: a lossy stream under a lossless syntax is left to pydicom's decoders
+        if not is_lossless_jpeg(src):
+            raise ValueError("not a lossless JPEG codestream")
         frame = imagecodecs.jpeg8_decode(src)
         bits = runner.bits_allocated
         if frame.dtype.itemsize < bits // 8:  # 8-bit samples allocated 16 bits

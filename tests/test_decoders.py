@@ -16,8 +16,8 @@ from pydicom.uid import HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless
 from torch.utils.data import DataLoader, Dataset
 
 from scripts.ct_inputs import InputError, read_ct_slice
-from scripts.ct_io import compress_dicom, frame_count, frame_hu
-from scripts.decoders import PLUGIN, SYNTAXES, decode_threads, decoding_options, register_plugin
+from scripts.ct_io import _frame_pixels, compress_dicom, frame_count, frame_hu
+from scripts.decoders import PLUGIN, SYNTAXES, decode_threads, decoding_options, is_lossless_jpeg, register_plugin
 
 CORPORA = (Path(get_testdata_file("693_J2KR.dcm")).parent, Path(get_testdata_file("CT_small.dcm")).parent)
 
@@ -131,3 +131,16 @@ def test_decoding_threads_share_the_cores_among_the_processes_that_decode(monkey
     assert [int(n) for n in DataLoader(_Threads(), batch_size=None, num_workers=2)] == [max(1, cores // 4)] * 4
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(2 * cores))  # more ranks than cores: one thread each
     assert decode_threads() == 1
+
+
+def test_a_lossy_jpeg_stream_under_a_lossless_syntax_is_left_to_pydicoms_decoders(tmp_path: Path) -> None:
+    """libjpeg-turbo and pylibjpeg-libjpeg may round a lossy JPEG differently, so the plugin decodes lossless
+    codestreams only: a baseline stream mislabelled JPEG lossless is refused by it and read by pydicom's own."""
+    ds = pydicom.dcmread(get_testdata_file("JPGLosslessP14SV1_1s_1f_8b.dcm"))
+    lossless = next(generate_frames(ds.PixelData, number_of_frames=1))
+    lossy = imagecodecs.jpeg8_encode(ds.pixel_array, level=80)
+    assert is_lossless_jpeg(lossless) and not is_lossless_jpeg(lossy) and not is_lossless_jpeg(b"\xff\xd8")
+    ds.PixelData = encapsulate([lossy])
+    with pytest.raises(RuntimeError, match="not a lossless JPEG codestream"):
+        pixel_array(ds, decoding_plugin=PLUGIN)
+    assert np.array_equal(_frame_pixels(ds, 0), pixel_array(ds, decoding_plugin="pylibjpeg"))

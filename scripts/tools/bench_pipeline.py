@@ -20,6 +20,7 @@ import tifffile
 import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 
 from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import HU_WINDOW, compress_dicom, write_dicom_slice
@@ -28,7 +29,7 @@ from scripts.patches import pad_collate
 from scripts.transforms import BatchPreprocess
 
 INPUT_KINDS = ("tiff", "dicom", "dicom_jpeg_ll", "dicom_j2k", "nifti")
-COMPRESSED = {"dicom_jpeg_ll": "1.2.840.10008.1.2.4.70", "dicom_j2k": "1.2.840.10008.1.2.4.90"}  # lossless both
+COMPRESSED = {"dicom_jpeg_ll": JPEGLosslessSV1, "dicom_j2k": JPEG2000Lossless}  # both lossless
 STAGES = ("read_decode", "hu_window", "resize", "normalise", "collate", "to_device")
 STAGE_SLICES = 64  # stages are timed per slice over at most these many (enough for a steady figure)
 
