@@ -211,3 +211,17 @@ def test_the_valid_seeds_are_scored(valid_files: dict[str, bytes], tmp_path: Pat
             hu = read_ct_slice(path)[0][0]
             assert np.array_equal(hu, np.rint(_hu(hu.shape)))
     assert len(syntaxes) == len(DICOM_KINDS)
+
+
+def test_a_decoder_that_panics_is_an_error_not_a_crash(valid_files: dict[str, bytes], tmp_path: Path) -> None:
+    """pylibjpeg-rle is written in Rust: corrupt RLE segments make it panic, and a panic is a ``BaseException``
+    that ``except Exception`` lets through (found by the fuzzing above). Every byte of the fragment is set to 50
+    in turn; several of these files made the decoder panic."""
+    data = valid_files["dicom_rle"]
+    offset_table = data.find(b"\xfe\xff\x00\xe0", data.find(b"\xe0\x7f\x10\x00"))
+    fragment = data.find(b"\xfe\xff\x00\xe0", offset_table + 8) + 8
+    path = tmp_path / "corrupt_rle.dcm"
+    for position in range(fragment, len(data)):
+        path.write_bytes(data[:position] + b"\x32" + data[position + 1 :])
+        read, errors = score_without_network(path)
+        assert read == 1 or [error["path"] for error in errors] == [str(path)]
