@@ -91,7 +91,7 @@ def test_layout_and_ignored_weights() -> None:
 def test_benchmark_prints_the_stage_table_the_ratios_and_the_fixed_costs() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "scripts", "bench", "--profiles", "tiny", "--batches", "2", "--iterations", "2",
-         "--rounds", "1", "--series_slices", "6", "--long_slices", "12", "--pipeline_slices", "8",
+         "--rounds", "1", "--series_slices", "6", "--long_slices", "12", "--long_rounds", "1", "--pipeline_slices", "8",
          "--pipeline_workers", "0,2"],
         cwd=REPO_ROOT,
         capture_output=True,

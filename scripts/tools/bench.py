@@ -339,6 +339,7 @@ def run_benchmark(
     rounds: int = 3,
     series_slices: int = 100,
     long_slices: int = 1000,
+    long_rounds: int = 2,
     pipeline_slices: int = 200,
     pipeline_workers: Any = 2,
     batch_size: int | None = None,
@@ -350,8 +351,10 @@ def run_benchmark(
 ) -> dict[str, dict]:
     """Run the benchmark for ``profiles`` and print one block per profile: the pipeline stage by stage per input
     kind, the workflows against bare PyTorch on a ``series_slices`` study and on a ``long_slices`` series (0: not
-    run; the paper profile runs it on a GPU only), the fixed costs of a run and, on a GPU, bf16/channels_last
-    figures, peak memory and the largest batch. ``amp``: false, true, bf16 or fp16, as in the configs;
+    run; the paper profile runs it on a GPU only; best of ``long_rounds`` after one to warm up, as ``rounds`` for
+    the others: one round on a busy machine moved the ratio by 0.15), the fixed costs of a run and, on a GPU,
+    bf16/channels_last figures, peak memory and the largest batch. ``amp``: false, true, bf16 or fp16, as in the
+    configs;
     ``train_batch_size``: the training side's batch, when it must be smaller than inference's; ``num_workers``: the
     reading processes of the pipeline, of inference and of scoring (``"auto"``, as the configs: none on a CPU, 4 on
     a GPU, none there for a run of at most 128 slices); the pipeline is also timed with each count of
@@ -387,8 +390,9 @@ def run_benchmark(
             long_run = None
             if long_slices and (target.type == "cuda" or name != "paper"):
                 long_run = bench_scoring(
-                    profile, checkpoint, target, long_slices, 1, folder, amp, num_workers, with_fixed_costs=False
-                )
+                    profile, checkpoint, target, long_slices, long_rounds, folder, amp, num_workers,
+                    with_fixed_costs=False,
+                )  # fmt: skip
             if long_run:
                 print(f"[{name}] scoring ratio {long_run['ratio']:.2f} ({long_slices} slices)", flush=True)
             training_profile = {**profile, "batch_size": int(train_batch_size or profile["batch_size"])}
