@@ -75,6 +75,20 @@ CT_SOP_CLASSES = {  # CT Image, Enhanced CT Image and Legacy Converted Enhanced 
     "1.2.840.10008.5.1.4.1.1.2.1",
     "1.2.840.10008.5.1.4.1.1.2.2",
 }
+SECONDARY_CAPTURE_SOP_CLASSES = {  # Secondary Capture Image Storage and its four multi-frame kinds
+    "1.2.840.10008.5.1.4.1.1.7",
+    "1.2.840.10008.5.1.4.1.1.7.1",
+    "1.2.840.10008.5.1.4.1.1.7.2",
+    "1.2.840.10008.5.1.4.1.1.7.3",
+    "1.2.840.10008.5.1.4.1.1.7.4",
+}
+SCREEN_IMAGE_TYPES = {  # ImageType values scanners give the pages they save beside a series (dose, protocol)
+    "SCREEN SAVE",
+    "DOSE_INFO",
+    "DOSE INFO",
+    "DOSE REPORT",
+    "CSA REPORT",
+}
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
 AIR_HU = -500.0  # at or below: air (about -1000 HU), which a CT volume holds around the body, in lungs and bowel
@@ -267,6 +281,9 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
     image_type = [image_type] if isinstance(image_type, str) else list(image_type)
     if len(image_type) > 2 and str(image_type[2]).strip().upper() == "LOCALIZER":  # the CT IOD's value 3
         raise InputError("a localizer (scout) image, not a cross-sectional slice (ImageType LOCALIZER)")
+    screen = _screen_capture_reason(ds, image_type, sop_class)
+    if screen:
+        raise InputError(screen)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise InputError(f"{samples} samples per pixel: a colour image, not a CT slice (wrong dimensionality)")
@@ -284,6 +301,24 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
     _ensure_transfer_syntax(ds)
     check_dicom_size(ds, path)
     return ds
+
+
+def _screen_capture_reason(ds: Any, image_type: list, sop_class: Any) -> str | None:
+    """Why a CT-labelled image is a saved screen, not a reconstructed slice, or None.
+
+    Scanners save a dose report or a protocol page beside each series, labelled CT: a Secondary Capture whose
+    ImageType says so (GE ``SCREEN SAVE``, Philips ``DOSE_INFO``, Siemens ``CSA REPORT``), or one of 8-bit
+    grey levels, which cannot hold CT numbers. A Secondary Capture of 12 or 16 bits with a rescale (a volume
+    converted to DICOM by a research tool, say) is read as CT.
+    """
+    named = [str(value).strip().upper() for value in image_type if str(value).strip().upper() in SCREEN_IMAGE_TYPES]
+    if named:
+        return f"a saved screen (ImageType {named[0]}: a dose report or protocol page), not a CT slice"
+    if str(sop_class) in SECONDARY_CAPTURE_SOP_CLASSES:
+        bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
+        if bits <= 8:
+            return f"a Secondary Capture of {bits}-bit grey levels (a saved screen, a dose report say), not CT numbers"
+    return None
 
 
 def _fragment_counts(element: Any, path: Path) -> tuple[int, int]:

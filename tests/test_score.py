@@ -244,6 +244,35 @@ def test_a_missing_modality_is_ct_by_its_sop_class_only(tiny_checkpoint: Path, t
     assert Path(row["source"]).name == "ct.dcm" and row["warning"] == "no Modality: read as CT by its SOP class"
 
 
+@pytest.mark.parametrize(
+    ("image_type", "bits", "reason"),
+    [
+        (["DERIVED", "SECONDARY", "SCREEN SAVE"], 16, "a saved screen (ImageType SCREEN SAVE: a dose report or "),
+        (["DERIVED", "SECONDARY", "DOSE_INFO"], 16, "a saved screen (ImageType DOSE_INFO: a dose report or "),
+        (["DERIVED", "SECONDARY", "OTHER"], 8, "a Secondary Capture of 8-bit grey levels (a saved screen, "),
+        (["DERIVED", "SECONDARY"], 16, None),  # a volume converted to DICOM: CT numbers, scored
+    ],
+)
+def test_saved_screens_labelled_ct_are_reported(
+    image_type: list, bits: int, reason: str | None, tmp_path: Path
+) -> None:
+    """The dose report or protocol page a scanner saves beside a series (a Secondary Capture labelled CT, with a
+    rescale) is reported by what it is; a 16-bit Secondary Capture without such an ImageType is read as CT."""
+    ds = pydicom.dcmread(write_dicom(tmp_path / "page.dcm", "CT", "9.9", 0.0, np.full((16, 16), 40.0)))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.ImageType = image_type
+    if bits == 8:
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.PixelData = np.full((16, 16), 200, dtype=np.uint8).tobytes()
+    ds.save_as(tmp_path / "page.dcm", enforce_file_format=True)
+    items, errors = index_inputs([tmp_path])
+    if reason is None:
+        assert errors == [] and len(items) == 1
+        np.testing.assert_array_equal(read_ct_slice(tmp_path / "page.dcm")[0], np.full((1, 16, 16), 40.0))
+    else:
+        assert items == [] and len(errors) == 1 and errors[0]["reason"].startswith(reason)
+
+
 @pytest.mark.parametrize("modality", ["RTSTRUCT", "SR", "KO", "PR"])
 def test_objects_without_pixel_data_are_reported(modality: str, tmp_path: Path) -> None:
     ds = pydicom.dcmread(write_dicom(tmp_path / "object.dcm", "RTSTRUCT", "6.6", 0.0))
