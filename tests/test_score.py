@@ -94,10 +94,10 @@ def mixed_folder(tmp_path_factory: pytest.TempPathFactory, ldct_test_dir: Path) 
     volume = rng.normal(0, 30, (40, 40, 5)).astype(np.float32)
     volume[:, :4] = -1000.0  # air in front of the body: CT in HU
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "vol.nii.gz")
+    nrrd.write(str(root / "vol.nrrd"), volume[:, :, :3].round().astype(np.int16), {"space": "left-posterior-superior"})
     volume[3, 3, 2] = np.nan
     nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), root / "vol_nan.nii")
     nibabel.save(nibabel.Nifti1Image(np.stack([volume, volume], axis=3), np.eye(4)), root / "series_4d.nii")
-    nrrd.write(str(root / "vol.nrrd"), volume[:, :, :3].round().astype(np.int16), {"space": "left-posterior-superior"})
     packed = write_dicom(root / "packed" / "ct.dcm", "CT", "1.2.3.11", 0.0, rng.normal(40, 20, (48, 48)))
     (root / "ct_packed.dcm.gz").write_bytes(gzip.compress(packed.read_bytes()))
     shutil.rmtree(root / "packed")
