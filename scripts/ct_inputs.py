@@ -278,8 +278,8 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
     elif modality != "CT":
         raise InputError(f"modality {modality} is not CT; only CT is scored")
     image_type = ds.get("ImageType") or []
-    image_type = [image_type] if isinstance(image_type, str) else list(image_type)
-    if len(image_type) > 2 and str(image_type[2]).strip().upper() == "LOCALIZER":  # the CT IOD's value 3
+    image_type = [str(value).strip().upper() for value in ([image_type] if isinstance(image_type, str) else image_type)]
+    if len(image_type) > 2 and image_type[2] == "LOCALIZER":  # the CT IOD's value 3
         raise InputError("a localizer (scout) image, not a cross-sectional slice (ImageType LOCALIZER)")
     screen = _screen_capture_reason(ds, image_type, sop_class)
     if screen:
@@ -303,15 +303,16 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
     return ds
 
 
-def _screen_capture_reason(ds: Any, image_type: list, sop_class: Any) -> str | None:
-    """Why a CT-labelled image is a saved screen, not a reconstructed slice, or None.
+def _screen_capture_reason(ds: Any, image_type: list[str], sop_class: Any) -> str | None:
+    """Why a CT-labelled image is a saved screen, not a reconstructed slice, or None (``image_type``: its values
+    stripped and upper-case).
 
-    Scanners save a dose report or a protocol page beside each series, labelled CT: a Secondary Capture whose
-    ImageType says so (GE ``SCREEN SAVE``, Philips ``DOSE_INFO``, Siemens ``CSA REPORT``), or one of 8-bit
-    grey levels, which cannot hold CT numbers. A Secondary Capture of 12 or 16 bits with a rescale (a volume
-    converted to DICOM by a research tool, say) is read as CT.
+    Scanners save a dose report or a protocol page beside each series, labelled CT: an image whose ImageType
+    says so (GE ``SCREEN SAVE``, Philips ``DOSE_INFO``, Siemens ``CSA REPORT``), or a Secondary Capture of
+    8-bit grey levels, which cannot hold CT numbers. A Secondary Capture of 12 or 16 bits with a rescale (a
+    volume converted to DICOM by a research tool, say) is read as CT.
     """
-    named = [str(value).strip().upper() for value in image_type if str(value).strip().upper() in SCREEN_IMAGE_TYPES]
+    named = [value for value in image_type if value in SCREEN_IMAGE_TYPES]
     if named:
         return f"a saved screen (ImageType {named[0]}: a dose report or protocol page), not a CT slice"
     if str(sop_class) in SECONDARY_CAPTURE_SOP_CLASSES:
