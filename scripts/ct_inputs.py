@@ -277,13 +277,9 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
         raise InputError(f"no Modality in the header{kind}; only CT is scored")
     elif modality != "CT":
         raise InputError(f"modality {modality} is not CT; only CT is scored")
-    image_type = ds.get("ImageType") or []
-    image_type = [str(value).strip().upper() for value in ([image_type] if isinstance(image_type, str) else image_type)]
-    if len(image_type) > 2 and image_type[2] == "LOCALIZER":  # the CT IOD's value 3
-        raise InputError("a localizer (scout) image, not a cross-sectional slice (ImageType LOCALIZER)")
-    screen = _screen_capture_reason(ds, image_type, sop_class)
-    if screen:
-        raise InputError(screen)
+    not_a_slice = _not_a_slice_reason(ds, sop_class)
+    if not_a_slice:
+        raise InputError(not_a_slice)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     if samples != 1:
         raise InputError(f"{samples} samples per pixel: a colour image, not a CT slice (wrong dimensionality)")
@@ -303,18 +299,22 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
     return ds
 
 
-def _screen_capture_reason(ds: Any, image_type: list[str], sop_class: Any) -> str | None:
-    """Why a CT-labelled image is a saved screen, not a reconstructed slice, or None (``image_type``: its values
-    stripped and upper-case).
+def _not_a_slice_reason(ds: Any, sop_class: Any) -> str | None:
+    """Why a CT-labelled image is not a reconstructed cross-section, or None.
 
-    Scanners save a dose report or a protocol page beside each series, labelled CT: an image whose ImageType
-    says so (GE ``SCREEN SAVE``, Philips ``DOSE_INFO``, Siemens ``CSA REPORT``), or a Secondary Capture of
-    8-bit grey levels, which cannot hold CT numbers. A Secondary Capture of 12 or 16 bits with a rescale (a
-    volume converted to DICOM by a research tool, say) is read as CT.
+    A localizer (scout) is a projection: ImageType value 3 ``LOCALIZER``, as the CT IOD defines it. Scanners
+    also save a dose report or a protocol page beside each series, labelled CT: an image whose ImageType says so
+    (GE ``SCREEN SAVE``, Philips ``DOSE_INFO``, Siemens ``CSA REPORT``), or a Secondary Capture of 8-bit grey
+    levels, which cannot hold CT numbers. A Secondary Capture of 12 or 16 bits with a rescale (a volume
+    converted to DICOM by a research tool, say) is read as CT.
     """
-    named = [value for value in image_type if value in SCREEN_IMAGE_TYPES]
-    if named:
-        return f"a saved screen (ImageType {named[0]}: a dose report or protocol page), not a CT slice"
+    image_type = ds.get("ImageType") or []
+    image_type = [str(value).strip().upper() for value in ([image_type] if isinstance(image_type, str) else image_type)]
+    if len(image_type) > 2 and image_type[2] == "LOCALIZER":
+        return "a localizer (scout) image, not a cross-sectional slice (ImageType LOCALIZER)"
+    screen = next((value for value in image_type if value in SCREEN_IMAGE_TYPES), None)
+    if screen:
+        return f"a saved screen (ImageType {screen}: a dose report or protocol page), not a CT slice"
     if str(sop_class) in SECONDARY_CAPTURE_SOP_CLASSES:
         bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
         if bits <= 8:
