@@ -3,7 +3,8 @@
 Scoring runs in two steps so that reading can overlap with the network (DataLoader workers):
 
 1. ``index_inputs`` reads headers only. DICOM files (no preamble or file meta needed) are
-   grouped into series by SeriesInstanceUID (split by slice size and orientation; copies with the
+   grouped into series by SeriesInstanceUID (by folder and shared attributes where it was removed;
+   split by slice size and orientation; copies with the
    same SOPInstanceUID and pixels reported once, other images under a reused UID split by folder)
    and sorted along the slice normal; enhanced (multi-frame) CT gives one item per frame; a NIfTI
    or NRRD volume gives one item per axial slice (after reorienting to RAS); a TIFF/PNG file is one
@@ -25,6 +26,7 @@ import errno
 import filecmp
 import functools
 import gzip
+import hashlib
 import io
 import logging
 import math
@@ -32,7 +34,7 @@ import multiprocessing
 import os
 import stat
 import zlib
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -95,6 +97,7 @@ AIR_HU = -500.0  # at or below: air (about -1000 HU), which a CT volume holds ar
 MIN_AIR_SHARE = 0.01  # of a volume's voxels: CT volumes hold 15-40 %, MR at most a few interpolation ripples
 ONLY_HU = "only CT in HU is scored"
 MAX_LABEL = 255  # a volume of whole values from 0 to at most this is a label map (segmentation)
+MAX_CLASSES = 128  # ... of at most this many values (TotalSegmentator has 118); more: an 8-bit grey-level image
 PARALLEL_INDEX_FILES = 256  # fewer files: reading their headers here costs less than starting processes
 INDEX_CHUNK = 16  # headers per task of an indexing process: the first ones come back within milliseconds
 FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device", stat.S_IFBLK: "a device"}
@@ -382,6 +385,8 @@ def _frame_geometry(ds: Any, count: int) -> list[dict]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
     shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
     instance = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
+    # an anonymiser that empties SOPInstanceUID may leave the file meta's copy
+    sop = str(ds.get("SOPInstanceUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPInstanceUID", ""))
     frames = []
     for frame in range(count):
         group = per_frame[frame] if len(per_frame) == count else None
@@ -399,7 +404,7 @@ def _frame_geometry(ds: Any, count: int) -> list[dict]:
                 "position": float(fallback if position is None else position),
                 "_known": position is not None,
                 "_instance": instance,
-                "_sop": str(ds.get("SOPInstanceUID", "")),
+                "_sop": sop,
                 "_shape": (int(ds.Rows), int(ds.Columns)),
                 "_orientation": tuple(round(value, 3) + 0.0 for value in cosines) if orientation else None,
             }
@@ -517,6 +522,11 @@ def not_hu_reason(volume: np.ndarray) -> str:
         return f"every voxel is {lowest:g}: an empty volume; {ONLY_HU}"
     if lowest >= 0 and highest <= MAX_LABEL and np.array_equal(finite, np.round(finite)):
         labels = int(np.count_nonzero(np.bincount(finite.astype(np.int64).ravel())))
+        if labels > MAX_CLASSES:
+            return (
+                f"{labels} whole values from 0 to {highest:g}: an 8-bit grey-level image (MR, or CT already "
+                f"windowed to grey levels), not HU; {ONLY_HU}"
+            )
         return f"a label map (a segmentation: {labels} whole values from 0 to {highest:g}), not CT; {ONLY_HU}"
     if lowest >= 0 and highest <= 1:
         return (
@@ -611,11 +621,38 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
             raise InputError(error.reason) from None
         return str(path), [{"position": 0.0}], ""
     ds = read_dicom_ct(path, header_only=True)
-    series = str(ds.get("SeriesInstanceUID", "")) or f"{path.name} (no SeriesInstanceUID)"
+    frames = _frame_geometry(ds, frame_count(ds))
+    series = str(ds.get("SeriesInstanceUID", "")).strip()
+    if not series:
+        series = _series_without_uid(path, ds)
+        for frame in frames:  # the series of its own it gets if its folder's files are not one series
+            frame["_alone"] = f"{path.name} (no SeriesInstanceUID)"
     assumed = [ASSUMED_CT] if getattr(ds, "modality_assumed", False) else []
     assumed += [ASSUMED_MONOCHROME2] if getattr(ds, "photometric_assumed", False) else []
     assumed += [ASSUMED_HU] if stored_values_are_hu(ds) else []
-    return series, _frame_geometry(ds, frame_count(ds)), "; ".join(assumed)
+    return series, frames, "; ".join(assumed)
+
+
+# what the slices of one series share, and so group the files of a folder whose SeriesInstanceUID was removed
+SERIES_ATTRIBUTES = (
+    "StudyInstanceUID",
+    "FrameOfReferenceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "ConvolutionKernel",
+    "SliceThickness",
+)
+
+
+def _series_without_uid(path: Path, ds: Any) -> str:
+    """The series of a DICOM file without SeriesInstanceUID (some anonymisers empty it): the files of one folder
+    that agree on ``SERIES_ATTRIBUTES`` are one series, named after the folder and SeriesDescription with a digest
+    of the folder's path and those values. ``order_series`` gives each file a series of its own again when two
+    of them lie at the same position (two series that the removed UID told apart)."""
+    shared = [str(path.parent)] + [str(ds.get(keyword, "")) for keyword in SERIES_ATTRIBUTES]
+    digest = hashlib.sha1("\0".join(shared).encode(errors="surrogateescape")).hexdigest()[:8]
+    description = str(ds.get("SeriesDescription", "")).strip()
+    return f"{path.parent.name}{': ' + description if description else ''} (no SeriesInstanceUID, {digest})"
 
 
 def _plane_name(orientation: tuple[float, ...] | None) -> str:
@@ -652,16 +689,34 @@ def _add_warning(item: dict, warning: str) -> None:
     item["warning"] = "; ".join(filter(None, (item["warning"], warning)))
 
 
+def _place_shared(items: list[dict], owner: Callable[[dict], str]) -> bool:
+    """Whether two ``owner``s (folders, images) hold slices at the same known position and orientation."""
+    owners: dict[tuple, str] = {}
+    for item in items:
+        if item.get("_known", False):
+            place = (item.get("_orientation"), round(item["position"], 4))
+            if owners.setdefault(place, owner(item)) != owner(item):
+                return True
+    return False
+
+
 def _folders_overlap(items: list[dict]) -> bool:
     """Whether two folders hold slices of one series at the same known position and orientation: two versions of
     it (full-dose and low-dose copies that kept the series UID), not one series spread over folders (a CD export)."""
-    folders: dict[tuple, str] = {}
-    for item in items:
-        if item.get("_known", False):
-            place, folder = (item.get("_orientation"), round(item["position"], 4)), str(Path(item["image"]).parent)
-            if folders.setdefault(place, folder) != folder:
-                return True
-    return False
+    return _place_shared(items, lambda item: str(Path(item["image"]).parent))
+
+
+def _split_unnamed(by_series: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """``by_series`` with each series grouped without a SeriesInstanceUID (``_series_without_uid``) whose images
+    (SOPInstanceUIDs: copies of a file count once) share a position split into one series per file."""
+    split: dict[str, list[dict]] = {}
+    for series, group in by_series.items():
+        if "_alone" in group[0] and _place_shared(group, lambda item: item.get("_sop") or item["image"]):
+            for item in group:
+                split.setdefault(item["_alone"], []).append(item)
+        else:
+            split[series] = group
+    return split
 
 
 def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dict]]:
@@ -677,7 +732,7 @@ def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dic
     same: dict[tuple[str, str], bool] = {}
     errors = ErrorList()
     items: list[dict] = []
-    for series, group in by_series.items():
+    for series, group in _split_unnamed(by_series).items():
         kept: list[dict] = []
         reused = False  # a UID of this series names two different images
         for item in group:

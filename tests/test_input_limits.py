@@ -301,6 +301,38 @@ def test_folders_holding_one_series_at_the_same_positions_are_two_series(tmp_pat
     ]
 
 
+def test_a_folder_of_slices_without_series_uid_is_one_series_per_description(tmp_path: Path) -> None:
+    """Anonymisers that empty SeriesInstanceUID and SOPInstanceUID (TotalSegmentator's example_ct_dicom): the slices
+    of a folder that agree on what a series shares are one series, sorted along the normal; a copy of a file is found
+    by the file meta's SOPInstanceUID; two files at one position are not one series, and each stays on its own."""
+    anonymised = {"SeriesInstanceUID": "", "SOPInstanceUID": "", "StudyInstanceUID": ""}
+    for name, z in (("c.dcm", 0.0), ("a.dcm", 2.0), ("b.dcm", 1.0)):
+        ct_slice(tmp_path / "anon" / name, SeriesDescription="Body 3.0", ImagePositionPatient=[0, 0, z], **anonymised)
+    ct_slice(tmp_path / "anon" / "lung.dcm", SeriesDescription="Lung 1.0", ImagePositionPatient=[0, 0, 0], **anonymised)
+    shutil.copyfile(tmp_path / "anon" / "a.dcm", tmp_path / "anon" / "a_copy.dcm")
+    for name in ("full.dcm", "low.dcm"):  # two versions of one slice that only the removed UIDs told apart
+        ct_slice(tmp_path / "pair" / name, ImagePositionPatient=[0.0, 0.0, 0.0], **anonymised)
+
+    items, errors = index_inputs([tmp_path])
+    series = [(item["series"], Path(item["image"]).relative_to(tmp_path).as_posix()) for item in items]
+    body, lung = series[0][0], series[3][0]
+    assert body.startswith("anon: Body 3.0 (no SeriesInstanceUID, ") and lung.startswith("anon: Lung 1.0 (no ")
+    assert series == [
+        (body, "anon/c.dcm"),
+        (body, "anon/b.dcm"),
+        (body, "anon/a.dcm"),
+        (lung, "anon/lung.dcm"),
+        ("full.dcm (no SeriesInstanceUID)", "pair/full.dcm"),
+        ("low.dcm (no SeriesInstanceUID)", "pair/low.dcm"),
+    ]
+    assert errors == [
+        {
+            "path": str(tmp_path / "anon" / "a_copy.dcm"),
+            "reason": f"duplicate of {tmp_path / 'anon' / 'a.dcm'} (same SOPInstanceUID)",
+        }
+    ]
+
+
 def test_a_series_is_split_by_slice_size_and_orientation(tmp_path: Path) -> None:
     for z in (0.0, 1.0):
         ct_slice(tmp_path / "sizes" / f"small_{int(z)}.dcm", "4.4", 32, ImagePositionPatient=[0.0, 0.0, z])

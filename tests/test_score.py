@@ -413,6 +413,7 @@ def test_a_volume_that_is_not_ct_in_hu_is_listed_with_its_reason_once(
         "mr_ripples.nii.gz": ripples,
         "normalised.nii.gz": rng.random((24, 24, 4), dtype=np.float32),
         "empty.nii.gz": np.zeros((24, 24, 4), np.int16),
+        "grey8.nii.gz": (np.arange(24 * 24 * 2) % 256).astype(np.uint8).reshape(24, 24, 2),  # 8-bit MR: 256 values
     }
     for name, volume in volumes.items():
         nibabel.save(nibabel.Nifti1Image(volume, np.eye(4)), tmp_path / name)
@@ -443,7 +444,11 @@ def test_a_volume_that_is_not_ct_in_hu_is_listed_with_its_reason_once(
     assert reasons["normalised.nii.gz"].startswith("values within [0, 1]: already windowed or normalised, not HU")
     assert reasons["empty.nii.gz"] == "every voxel is 0: an empty volume; only CT in HU is scored"
     assert reasons["wide_mr.nii.gz"].startswith("no voxel at or below -500 HU (lowest ")
-    assert len(reasons) == 8 and len(summary["errors"]) == 8  # one entry per file, not per slice
+    assert reasons["grey8.nii.gz"] == (
+        "256 whole values from 0 to 255: an 8-bit grey-level image (MR, or CT already windowed to grey levels), "
+        "not HU; only CT in HU is scored"
+    )
+    assert len(reasons) == 9 and len(summary["errors"]) == 9  # one entry per file, not per slice
     logged = [record.getMessage() for record in caplog.records if "organs.nii.gz" in record.getMessage()]
     assert len(logged) == 1, logged  # six slices, one line
 
