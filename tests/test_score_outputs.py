@@ -147,6 +147,18 @@ def test_a_rerun_replaces_the_whole_report(tiny_checkpoint: Path, tmp_path: Path
     assert report_entries(out) == {".lock", "scores.csv", "summary.json", "series"}
 
 
+def test_long_series_names_keep_their_start_and_end_in_the_plot_names(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    root = "1.2.840.113619.2.55.3.604688119.868.1234567890.123.4567890123"  # one scanner's UIDs share a long root
+    for last in ("1", "2"):
+        ct_series(tmp_path / "inputs" / last, f"{root}.{last}")
+    summary = score_paths([tmp_path / "inputs"], tmp_path / "out", tiny_checkpoint, device="cpu", num_workers=0)
+    plots = [Path(summary["series"][f"{root}.{last}"]["plot"]).name for last in ("1", "2")]
+    assert plots == [  # 64 characters: the first 28 and the last 29 (the series' own numbers) kept
+        "000_1.2.840.113619.2.55.3.604688...8.1234567890.123.4567890123.1.png",
+        "001_1.2.840.113619.2.55.3.604688...8.1234567890.123.4567890123.2.png",
+    ]
+
+
 def test_names_that_are_not_utf8_are_scored_and_written(
     tiny_checkpoint: Path, ldct_test_dir: Path, tmp_path: Path
 ) -> None:

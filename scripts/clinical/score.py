@@ -443,7 +443,7 @@ def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
     curve.set_ylim(*SCORE_RANGE)
     curve.set_xlabel("slice index")
     curve.set_ylabel("score (0 bad .. 4 excellent)")
-    curve.set_title(entry.name[-60:], fontsize=8)
+    curve.set_title(shortened(entry.name), fontsize=8)
     for column, (label, index) in enumerate((("best", best), ("worst", worst))):
         item = entry.items[index]
         thumbnail = figure.add_axes((0.62 + 0.19 * column, 0.16, 0.17, 0.72))
@@ -454,9 +454,18 @@ def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
     return figure_png(figure)
 
 
+def shortened(name: str, limit: int = 60) -> str:
+    """``name`` in at most ``limit`` characters: its start (a folder, a UID's root) and its end (where the UIDs of
+    one scanner's series differ, a digest), around ``...``."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 3) // 2
+    return f"{name[:head]}...{name[len(name) - (limit - 3 - head) :]}"
+
+
 def _plot_name(number: int, name: str) -> str:
-    """``series/NNN_<name>.png``, keeping only ASCII letters, digits, ``.`` and ``-`` of the series name."""
-    safe = "".join(c if c.isascii() and (c.isalnum() or c in ".-") else "_" for c in Path(name).name)[-60:]
+    """``series/NNN_<name>.png``, keeping only ASCII letters, digits, ``.`` and ``-`` of the (``shortened``) name."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in ".-") else "_" for c in shortened(Path(name).name))
     return f"series/{number:03d}_{safe}.png"
 
 
