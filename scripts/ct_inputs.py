@@ -228,6 +228,12 @@ def _ensure_transfer_syntax(ds: Any) -> None:
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
+def _uid_or_file_meta(ds: Any, keyword: str) -> Any:
+    """``keyword`` (SOPClassUID, SOPInstanceUID) of ``ds``, or where it is missing or empty (some anonymisers empty
+    it) the file meta's copy, ``MediaStorage<keyword>``; None when neither has one."""
+    return ds.get(keyword) or getattr(getattr(ds, "file_meta", None), f"MediaStorage{keyword}", None)
+
+
 def _sop_name(uid: Any) -> str:
     """A SOP class UID's name where pydicom knows it (``Secondary Capture Image Storage``), else the UID."""
     from pydicom.uid import UID
@@ -266,7 +272,7 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
         ds = pydicom.dcmread(path if source is None else source, force=True, defer_size=defer_size)
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
         raise InputError(f"not a readable DICOM file ({type(error).__name__}: {error})") from error
-    sop_class = ds.get("SOPClassUID") or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    sop_class = _uid_or_file_meta(ds, "SOPClassUID")
     if not any(tag in ds for tag in PIXEL_TAGS):
         if len(ds) == 0 or (sop_class is None and "Modality" not in ds):
             raise InputError(_not_dicom(path))
@@ -385,8 +391,7 @@ def _frame_geometry(ds: Any, count: int) -> list[dict]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
     shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
     instance = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
-    # an anonymiser that empties SOPInstanceUID may leave the file meta's copy
-    sop = str(ds.get("SOPInstanceUID", "") or getattr(ds.get("file_meta"), "MediaStorageSOPInstanceUID", ""))
+    sop = str(_uid_or_file_meta(ds, "SOPInstanceUID") or "")
     frames = []
     for frame in range(count):
         group = per_frame[frame] if len(per_frame) == count else None
