@@ -91,6 +91,14 @@ SCREEN_IMAGE_TYPES = {  # ImageType values scanners give the pages they save bes
     "DOSE REPORT",
     "CSA REPORT",
 }
+SERIES_ATTRIBUTES = (  # what the slices of one series share: they group a folder's files without SeriesInstanceUID
+    "StudyInstanceUID",
+    "FrameOfReferenceUID",
+    "SeriesNumber",
+    "SeriesDescription",
+    "ConvolutionKernel",
+    "SliceThickness",
+)
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
 AIR_HU = -500.0  # at or below: air (about -1000 HU), which a CT volume holds around the body, in lungs and bowel
@@ -638,17 +646,6 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
     return series, frames, "; ".join(assumed)
 
 
-# what the slices of one series share, and so group the files of a folder whose SeriesInstanceUID was removed
-SERIES_ATTRIBUTES = (
-    "StudyInstanceUID",
-    "FrameOfReferenceUID",
-    "SeriesNumber",
-    "SeriesDescription",
-    "ConvolutionKernel",
-    "SliceThickness",
-)
-
-
 def _series_without_uid(path: Path, ds: Any) -> str:
     """The series of a DICOM file without SeriesInstanceUID (some anonymisers empty it): the files of one folder
     that agree on ``SERIES_ATTRIBUTES`` are one series, named after the folder and SeriesDescription with a digest
@@ -699,8 +696,8 @@ def _place_shared(items: list[dict], owner: Callable[[dict], str]) -> bool:
     owners: dict[tuple, str] = {}
     for item in items:
         if item.get("_known", False):
-            place = (item.get("_orientation"), round(item["position"], 4))
-            if owners.setdefault(place, owner(item)) != owner(item):
+            place, this = (item.get("_orientation"), round(item["position"], 4)), owner(item)
+            if owners.setdefault(place, this) != this:
                 return True
     return False
 
