@@ -8,8 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from monai.bundle import verify_metadata, verify_net_in_out
 
+from scripts.tools.bench import gpu_lines, run_benchmark
 from scripts.tools.bench_pipeline import INPUT_KINDS, STAGES
 from tests.conftest import CONFIG_DIR, METADATA, REPO_ROOT, TINY_NETWORKS, TRAIN_CONFIG
 
@@ -114,13 +116,38 @@ def test_benchmark_prints_the_stage_table_the_ratios_and_the_fixed_costs() -> No
     assert any(line.startswith("a 6-slice score run:") and "loading the model" in line for line in stripped)
 
 
+def test_the_benchmark_runs_only_the_parts_it_is_asked_for(tmp_path: Path) -> None:
+    """``--parts`` picks what a lent GPU's few minutes are spent on; the parts left out are null in the output."""
+    output = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "scripts", "bench", "--profiles", "tiny", "--parts", "scoring,training",
+         "--iterations", "2", "--rounds", "1", "--series_slices", "6", "--output", str(output)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [line.strip() for line in result.stdout.splitlines()]
+    ratios = [line for line in lines if "ratio" in line and not line.startswith("[")]
+    assert [line.split()[0] for line in ratios] == ["DICOM", "training"]
+    assert not [line for line in lines if line.split(" ")[0] in INPUT_KINDS]  # no stage table
+    assert any(line.startswith("a 6-slice study, model loaded:") for line in lines)
+    tiny = json.loads(output.read_text())["tiny"]
+    assert [part for part in ("pipeline", "inference", "scoring", "long_run", "training") if tiny[part]] == [
+        "scoring",
+        "training",
+    ]
+    assert tiny["parameters"] > 0 and tiny["scoring"]["ratio"] > 0 and tiny["training"]["ratio"] > 0
+    with pytest.raises(ValueError, match=r"unknown parts \['warp'\]; choose from pipeline, inference"):
+        run_benchmark("tiny", parts="scoring,warp")
+
+
 def test_the_benchmarks_device_figures_time_every_variant() -> None:
     """The GPU block's variants (precision, memory format, cuDNN autotuner, torch.compile) run here on the CPU, so
     that a lent GPU's few minutes are not lost to an error in them; peak memory and batch limits are GPU-only."""
     import torch
 
     from scripts.networks import build_network
-    from scripts.tools.bench import gpu_lines
     from scripts.tools.bench_pipeline import GPU_VARIANTS, gpu_figures
 
     network = build_network(**TINY_NETWORKS)

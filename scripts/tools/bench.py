@@ -75,6 +75,7 @@ PROFILES: dict[str, dict[str, Any]] = {
     },
 }
 NETWORK_KEYS = ("f_name", "s_name", "side", "f_kwargs", "s_kwargs")
+PARTS = ("pipeline", "inference", "scoring", "long", "training", "gpu")  # what ``bench --parts`` can choose
 
 
 def write_timing_slices(folder: Path, n: int, size: int, seed: int) -> Path:
@@ -114,10 +115,10 @@ def _autocast(device: torch.device, amp: Any) -> Any:
     return autocast(device, amp_dtype(amp, device))
 
 
-def profile_checkpoint(profile: dict[str, Any], workdir: Path) -> Path:
-    """A checkpoint of the profile's networks with random weights (never downloaded)."""
+def profile_checkpoint(profile: dict[str, Any], workdir: Path) -> tuple[Path, int]:
+    """A checkpoint of the profile's networks with random weights (never downloaded), and their parameter count."""
     network = build_network(pretrained=False, **{k: v for k, v in profile.items() if k in NETWORK_KEYS})
-    return save_checkpoint(workdir / "model.pt", network, profile["image_size"])
+    return save_checkpoint(workdir / "model.pt", network, profile["image_size"]), count_parameters(network)
 
 
 def bench_inference(
@@ -163,7 +164,6 @@ def bench_inference(
     bare = batches * batch_size / bare_seconds
     workflow_rate = batches * batch_size / workflow_seconds
     return {
-        "parameters": count_parameters(model),
         "bare_slices_per_s": bare,
         "workflow_slices_per_s": workflow_rate,
         "ratio": workflow_rate / bare,
@@ -347,6 +347,7 @@ def run_benchmark(
     amp: Any = False,
     num_workers: Any = "auto",
     compile: Any = False,
+    parts: Any = PARTS,
     output: str | None = None,
 ) -> dict[str, dict]:
     """Run the benchmark for ``profiles`` and print one block per profile: the pipeline stage by stage per input
@@ -360,12 +361,10 @@ def run_benchmark(
     a GPU, none there for a run of at most 128 slices); the pipeline is also timed with each count of
     ``pipeline_workers`` (one number or a comma list, as ``2,4,8``), its steady rate and its start apart;
     ``compile`` (true or a torch.compile mode, as ``max-autotune``): on a GPU also the bare forward compiled as
-    ``score`` compiles it (bf16 + channels_last, frozen weights)."""
-    names = [profiles] if isinstance(profiles, str) else list(profiles)
-    names = [n.strip() for name in names for n in str(name).split(",") if n.strip()]
-    unknown = [n for n in names if n not in PROFILES]
-    if unknown:
-        raise ValueError(f"unknown profiles {unknown}; choose from {sorted(PROFILES)}")
+    ``score`` compiles it (bf16 + channels_last, frozen weights). ``parts`` (a comma list of ``PARTS``, default
+    all) runs only those, as ``gpu,long`` for a GPU's few minutes; the others are null in ``output``."""
+    names = _chosen("profiles", profiles, PROFILES)
+    chosen = _chosen("parts", parts, PARTS)
     compile_mode(compile)  # a bad value fails here, not after the CPU-side figures
     target = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     other_workers = _worker_counts(pipeline_workers)
@@ -375,34 +374,37 @@ def run_benchmark(
         if batch_size:
             profile["batch_size"] = int(batch_size)
         with tempfile.TemporaryDirectory(prefix=f"bench_{name}_") as workdir:
-            checkpoint = profile_checkpoint(profile, Path(workdir))
+            checkpoint, parameters = profile_checkpoint(profile, Path(workdir))
             folder = Path(workdir)
-            pipeline = bench_pipeline(
-                folder, profile["image_size"], target, profile["batch_size"], num_workers, pipeline_slices,
-                other_workers=other_workers,
-            )  # fmt: skip
-            rates = ", ".join(f"{kind} {entry['pipeline']['slices_per_s']:.0f}" for kind, entry in pipeline.items())
-            print(f"[{name}] pipeline alone, slices/s: {rates}", flush=True)
-            inference = bench_inference(profile, checkpoint, target, batches, rounds, folder, amp, num_workers)
-            print(f"[{name}] inference ratio {inference['ratio']:.2f}", flush=True)
-            scoring = bench_scoring(profile, checkpoint, target, series_slices, rounds, folder, amp, num_workers)
-            print(f"[{name}] scoring ratio {scoring['ratio']:.2f} ({series_slices} slices)", flush=True)
-            long_run = None
-            if long_slices and (target.type == "cuda" or name != "paper"):
+            pipeline = inference = scoring = long_run = training = gpu = None
+            if "pipeline" in chosen:
+                pipeline = bench_pipeline(
+                    folder, profile["image_size"], target, profile["batch_size"], num_workers, pipeline_slices,
+                    other_workers=other_workers,
+                )  # fmt: skip
+                rates = ", ".join(f"{kind} {entry['pipeline']['slices_per_s']:.0f}" for kind, entry in pipeline.items())
+                print(f"[{name}] pipeline alone, slices/s: {rates}", flush=True)
+            if "inference" in chosen:
+                inference = bench_inference(profile, checkpoint, target, batches, rounds, folder, amp, num_workers)
+                print(f"[{name}] inference ratio {inference['ratio']:.2f}", flush=True)
+            if "scoring" in chosen:
+                scoring = bench_scoring(profile, checkpoint, target, series_slices, rounds, folder, amp, num_workers)
+                print(f"[{name}] scoring ratio {scoring['ratio']:.2f} ({series_slices} slices)", flush=True)
+            if "long" in chosen and long_slices and (target.type == "cuda" or name != "paper"):
                 long_run = bench_scoring(
                     profile, checkpoint, target, long_slices, long_rounds, folder, amp, num_workers,
                     with_fixed_costs=False,
                 )  # fmt: skip
-            if long_run:
                 print(f"[{name}] scoring ratio {long_run['ratio']:.2f} ({long_slices} slices)", flush=True)
-            training_profile = {**profile, "batch_size": int(train_batch_size or profile["batch_size"])}
-            training = bench_training(training_profile, target, iterations, rounds, folder, amp)
-            gpu = None
-            if target.type == "cuda":
+            if "training" in chosen:
+                training_profile = {**profile, "batch_size": int(train_batch_size or profile["batch_size"])}
+                training = bench_training(training_profile, target, iterations, rounds, folder, amp)
+            if "gpu" in chosen and target.type == "cuda":
                 network = SliceScorer.from_checkpoint(checkpoint, target).network
                 gpu = gpu_figures(network, target, 512, profile["batch_size"], compile)
         results[name] = {
             "profile": profile,
+            "parameters": parameters,
             "device": str(target),
             "amp": amp,
             "num_workers": num_workers,
@@ -420,6 +422,16 @@ def run_benchmark(
     return results
 
 
+def _chosen(what: str, value: Any, allowed: Any) -> list[str]:
+    """The names of ``value`` (one comma list, or a sequence: fire's parse), each one of ``allowed``."""
+    names = [value] if isinstance(value, str) else list(value)
+    names = [part.strip() for name in names for part in str(name).split(",") if part.strip()]
+    unknown = [name for name in names if name not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {unknown or names}; choose from {', '.join(allowed)}")
+    return names
+
+
 def _worker_counts(value: Any) -> tuple[int, ...]:
     """``pipeline_workers`` as reader-process counts: one number, a comma list or a sequence (fire's parse)."""
     parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
@@ -432,12 +444,56 @@ def _worker_counts(value: Any) -> tuple[int, ...]:
 
 
 def _print_block(name: str, result: dict) -> None:
-    profile, inference, training = result["profile"], result["inference"], result["training"]
-    scoring, long_run = result["scoring"], result["long_run"]
+    """One profile's report: the header, then a block for each part that was run."""
+    profile = result["profile"]
+    lines = [
+        f"\n{name}: {profile['f_name']} + {profile['s_name']} ({result['parameters'] / 1e6:.1f} M parameters), "
+        f"{profile['image_size']} px, batch {profile['batch_size']}, {result['device']}, amp={result['amp']}",
+    ]
+    if result["pipeline"]:
+        lines += _pipeline_lines(result)
+    if result["inference"]:
+        inference = result["inference"]
+        lines.append(
+            f"  inference  bare forward {inference['bare_slices_per_s']:9.2f} slices/s | "
+            f"workflow {inference['workflow_slices_per_s']:9.2f} slices/s | ratio {inference['ratio']:.2f} "
+            "(target >= 0.9)"
+        )
+    if result["scoring"]:
+        scoring = result["scoring"]
+        lines.append(
+            f"  DICOM      bare forward {scoring['bare_slices_per_s']:9.2f} slices/s | "
+            f"scoring  {scoring['scoring_slices_per_s']:9.2f} slices/s | ratio {scoring['ratio']:.2f} "
+            f"(a {scoring['slices']}-slice study; target >= 0.85)"
+        )
+    if result["long_run"]:
+        long_run = result["long_run"]
+        lines.append(
+            f"  DICOM      bare forward {long_run['bare_slices_per_s']:9.2f} slices/s | "
+            f"scoring  {long_run['scoring_slices_per_s']:9.2f} slices/s | ratio {long_run['ratio']:.2f} "
+            f"(a {long_run['slices']}-slice series; target >= 0.9 on a CPU, 0.8 on a GPU; "
+            f"{long_run['beyond_network_s']:.2f} s beyond the network: indexing {long_run['index_s']:.2f} s, "
+            f"first batch {long_run['first_batch_s']:.2f} s)"
+        )
+    if result["scoring"] and "run_s" in result["scoring"]:
+        lines += _fixed_cost_lines(result["scoring"])
+    if result["training"]:
+        training = result["training"]
+        peak = f"; peak GPU memory {training['peak_gib']:.2f} GiB" if "peak_gib" in training else ""
+        lines.append(
+            f"  training   plain loop   {training['plain_it_per_s']:9.3f} it/s     | "
+            f"trainer  {training['trainer_it_per_s']:9.3f} it/s     | ratio {training['ratio']:.2f} (target >= 0.95)"
+            f"{peak}"
+        )
+    if result["gpu"]:
+        lines += gpu_lines(result["gpu"], profile["batch_size"])
+    print("\n".join(lines), flush=True)
+
+
+def _pipeline_lines(result: dict) -> list[str]:
+    """The stage table: ms per slice of each stage and the steady slices/s (and start) per reader setting."""
     counts = list(next(iter(result["pipeline"].values()))["by_processes"])
     lines = [
-        f"\n{name}: {profile['f_name']} + {profile['s_name']} ({inference['parameters'] / 1e6:.1f} M parameters), "
-        f"{profile['image_size']} px, batch {profile['batch_size']}, {result['device']}, amp={result['amp']}",
         f"  pipeline alone (512 px inputs, no network), ms per slice by stage, alone; steady slices/s (and the "
         f"first pass's extra seconds: the readers' start) with num_workers={result['num_workers']} "
         f"({result['reader_processes']} reader processes) and with {', '.join(counts)} processes:",
@@ -452,41 +508,21 @@ def _print_block(name: str, result: dict) -> None:
             f"    {kind:<13} {stages}   "
             + " ".join(f"{rate['slices_per_s']:8.1f} ({rate['start_s']:.2f}s)" for rate in rates)
         )
-    lines += [
-        f"  inference  bare forward {inference['bare_slices_per_s']:9.2f} slices/s | "
-        f"workflow {inference['workflow_slices_per_s']:9.2f} slices/s | ratio {inference['ratio']:.2f} (target >= 0.9)",
-        f"  DICOM      bare forward {scoring['bare_slices_per_s']:9.2f} slices/s | "
-        f"scoring  {scoring['scoring_slices_per_s']:9.2f} slices/s | ratio {scoring['ratio']:.2f} "
-        f"(a {scoring['slices']}-slice study; target >= 0.85)",
+    return lines
+
+
+def _fixed_cost_lines(scoring: dict) -> list[str]:
+    """A study's cost beyond its network with the model loaded, and a whole ``score`` run's, with where it goes."""
+    return [
+        f"  a {scoring['slices']}-slice study, model loaded: {scoring['study_s']:.2f} s = network "
+        f"{scoring['network_s']:.2f} s + {scoring['study_overhead_s']:.2f} s more (target <= 0.3 s; indexing "
+        f"{scoring['index_s']:.2f} s, first batch {scoring['first_batch_s']:.2f} s, report without plots "
+        f"{scoring['report_without_plots_s']:.2f} s, plots {scoring['plots_s']:.2f} s)",
+        f"  a {scoring['slices']}-slice score run: {scoring['run_s']:.2f} s = network "
+        f"{scoring['run_network_s']:.2f} s"
+        f" + plots {scoring['plots_s']:.2f} s + loading the model {scoring['load_s']:.2f} s + "
+        f"{scoring['run_overhead_s']:.2f} s more",
     ]
-    if long_run:
-        lines.append(
-            f"  DICOM      bare forward {long_run['bare_slices_per_s']:9.2f} slices/s | "
-            f"scoring  {long_run['scoring_slices_per_s']:9.2f} slices/s | ratio {long_run['ratio']:.2f} "
-            f"(a {long_run['slices']}-slice series; target >= 0.9 on a CPU, 0.8 on a GPU; "
-            f"{long_run['beyond_network_s']:.2f} s beyond the network: indexing {long_run['index_s']:.2f} s, "
-            f"first batch {long_run['first_batch_s']:.2f} s)"
-        )
-    if "run_s" in scoring:
-        lines += [
-            f"  a {scoring['slices']}-slice study, model loaded: {scoring['study_s']:.2f} s = network "
-            f"{scoring['network_s']:.2f} s + {scoring['study_overhead_s']:.2f} s more (target <= 0.3 s; indexing "
-            f"{scoring['index_s']:.2f} s, first batch {scoring['first_batch_s']:.2f} s, report without plots "
-            f"{scoring['report_without_plots_s']:.2f} s, plots {scoring['plots_s']:.2f} s)",
-            f"  a {scoring['slices']}-slice score run: {scoring['run_s']:.2f} s = network "
-            f"{scoring['run_network_s']:.2f} s"
-            f" + plots {scoring['plots_s']:.2f} s + loading the model {scoring['load_s']:.2f} s + "
-            f"{scoring['run_overhead_s']:.2f} s more",
-        ]
-    peak = f"; peak GPU memory {training['peak_gib']:.2f} GiB" if "peak_gib" in training else ""
-    lines.append(
-        f"  training   plain loop   {training['plain_it_per_s']:9.3f} it/s     | "
-        f"trainer  {training['trainer_it_per_s']:9.3f} it/s     | ratio {training['ratio']:.2f} (target >= 0.95)"
-        f"{peak}"
-    )
-    if result.get("gpu"):
-        lines += gpu_lines(result["gpu"], profile["batch_size"])
-    print("\n".join(lines), flush=True)
 
 
 def gpu_lines(gpu: dict[str, Any], batch_size: int) -> list[str]:
