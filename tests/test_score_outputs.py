@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 
 from scripts.checkpoints import config_overrides
-from scripts.clinical.score import score_paths
+from scripts.clinical.score import Series, score_paths, write_report
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
+from scripts.output_dir import locked_output_dir
 from tests.conftest import REPO_ROOT
 
 
@@ -157,6 +158,21 @@ def test_long_series_names_keep_their_start_and_end_in_the_plot_names(tiny_check
         "000_1.2.840.113619.2.55.3.604688...8.1234567890.123.4567890123.1.png",
         "001_1.2.840.113619.2.55.3.604688...8.1234567890.123.4567890123.2.png",
     ]
+
+
+def test_a_slice_gone_before_the_plots_costs_its_thumbnail_not_the_report(tmp_path: Path) -> None:
+    """A file deleted (or rewritten) between scoring and the report: its series' plot is drawn without that
+    thumbnail, and every score is written."""
+    folder = ct_series(tmp_path / "series", "1.1", n=3)
+    items = [{"image": str(folder / f"{z}.dcm"), "frame": 0} for z in range(3)]
+    series = Series("1.1", items, [1.5, 2.5, 3.5], [0.0, 0.0, 0.0])
+    (folder / "2.dcm").unlink()  # the best slice
+    with locked_output_dir(tmp_path / "out") as out:  # as score_paths writes it
+        summary = write_report(out, [series], [])
+    plot = tmp_path / "out" / summary["series"]["1.1"]["plot"]
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    with open(tmp_path / "out" / "scores.csv", newline="") as stream:
+        assert [row["score"] for row in csv.DictReader(stream)] == ["1.5000", "2.5000", "3.5000"]
 
 
 def test_names_that_are_not_utf8_are_scored_and_written(

@@ -447,11 +447,24 @@ def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
     for column, (label, index) in enumerate((("best", best), ("worst", worst))):
         item = entry.items[index]
         thumbnail = figure.add_axes((0.62 + 0.19 * column, 0.16, 0.17, 0.72))
-        pixels = downsample(read_scored_slice(item["image"], item["frame"], window)[0])
-        thumbnail.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0)
+        pixels = _thumbnail(item, window)
+        if pixels is None:
+            thumbnail.text(0.5, 0.5, "no longer\nreadable", ha="center", va="center", transform=thumbnail.transAxes)
+        else:
+            thumbnail.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0)
         thumbnail.set_title(f"{label}: slice {index}, {scores[index]:.2f}", fontsize=8)
         thumbnail.axis("off")
     return figure_png(figure)
+
+
+def _thumbnail(item: dict, window: Sequence[float]) -> np.ndarray | None:
+    """A scored slice shrunk for its series' plot, read again from its file; None, with a warning, when the file can
+    no longer be read (moved, deleted or rewritten since it was scored): a plot never costs the report."""
+    try:
+        return downsample(read_scored_slice(item["image"], item["frame"], window)[0])
+    except Exception as error:  # read_scored_slice's InputError, or the OSError of a volume that is gone
+        logger.warning("plot without its thumbnail of %s [slice %d]: %s", item["image"], item["frame"], error)
+        return None
 
 
 def shortened(name: str, limit: int = 60) -> str:
