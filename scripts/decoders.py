@@ -28,6 +28,8 @@ from pydicom.uid import (
     JPEGLSTransferSyntaxes,
 )
 
+from scripts.engines import usable_cores
+
 if TYPE_CHECKING:
     from pydicom.pixels.decoders.base import DecodeRunner
 
@@ -102,7 +104,7 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
 def decode_threads() -> int:
     """Threads for one decode: this process's cores shared by the processes that decode at once (torchrun's local
     ranks, times each one's DataLoader workers)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     worker = torch.utils.data.get_worker_info()
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, cores // (ranks * (worker.num_workers if worker is not None else 1)))

@@ -116,6 +116,11 @@ GPU_READERS = 4
 IN_PROCESS_SLICES = 128  # "auto" on a GPU reads a run of this many slices or fewer in the network's process
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, as a batch scheduler or ``taskset`` sets it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def reader_processes(num_workers: Any, device: str | torch.device = "cpu", slices: int | None = None) -> int:
     """The DataLoader worker processes that read slices: a number as given; ``"auto"``: none on a CPU device, and on
     a GPU ``GPU_READERS`` (at most the cores) or, for a run of ``slices`` <= ``IN_PROCESS_SLICES``, none.
@@ -131,7 +136,7 @@ def reader_processes(num_workers: Any, device: str | torch.device = "cpu", slice
     if isinstance(num_workers, str) and num_workers.strip().lower() == "auto":
         if torch.device(device).type == "cpu" or (slices is not None and slices <= IN_PROCESS_SLICES):
             return 0
-        return min(GPU_READERS, os.cpu_count() or 1)
+        return min(GPU_READERS, usable_cores())
     try:
         count = int(num_workers)
     except (TypeError, ValueError):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from scripts.checkpoints import config_overrides
-from scripts.clinical.score import Series, score_paths, write_report
+from scripts.clinical.score import PARALLEL_PLOTS, Series, score_paths, series_png, write_report
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
 from scripts.output_dir import locked_output_dir
@@ -173,6 +173,20 @@ def test_a_slice_gone_before_the_plots_costs_its_thumbnail_not_the_report(tmp_pa
     assert plot.read_bytes().startswith(b"\x89PNG")
     with open(tmp_path / "out" / "scores.csv", newline="") as stream:
         assert [row["score"] for row in csv.DictReader(stream)] == ["1.5000", "2.5000", "3.5000"]
+
+
+def test_the_plots_of_many_series_are_drawn_by_processes_as_this_process_draws_them(tmp_path: Path) -> None:
+    """An archive's plots drawn by 2 forked processes: the same PNG bytes, in the same order, as drawn here."""
+    series = []
+    for number in range(PARALLEL_PLOTS + 1):
+        folder = ct_series(tmp_path / f"series_{number}", f"1.{number}", n=2, seed=number)
+        items = [{"image": str(folder / f"{z}.dcm"), "frame": 0} for z in range(2)]
+        series.append(Series(f"1.{number}", items, [1.0 + number / 4, 3.0 - number / 4], [0.0, 0.0]))
+    with locked_output_dir(tmp_path / "out") as out:
+        summary = write_report(out, series, [], plot_processes=2)
+    drawn = [(out / summary["series"][entry.name]["plot"]).read_bytes() for entry in series]
+    assert drawn == [series_png(entry) for entry in series]
+    assert len(set(drawn)) == len(series)  # each series its own plot
 
 
 def test_names_that_are_not_utf8_are_scored_and_written(

@@ -26,6 +26,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
@@ -55,6 +56,7 @@ from scripts.engines import (
     compiled_for_inference,
     place_network,
     reader_processes,
+    usable_cores,
     use_cudnn_autotuner,
     wants_compile,
 )
@@ -77,6 +79,7 @@ logger = logging.getLogger(__name__)
 SCORE_RANGE = LDCT_RANGE  # the radiologists' scale: scores are clipped to it
 WORST_LISTED = 3
 THUMBNAIL_SIZE = 256  # pixels per side of the best and worst slices drawn in a series plot
+PARALLEL_PLOTS = 4  # series: from this many, their plots (about 0.1 s each, in matplotlib) are drawn by processes
 SliceResult = tuple[float | None, float, str]  # score (None if unreadable), spread over crops, reason if unreadable
 
 
@@ -457,6 +460,29 @@ def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
     return figure_png(figure)
 
 
+def series_pngs(series: Sequence[Series], window: Sequence[float], processes: int | None = None) -> Iterator[bytes]:
+    """``series_png`` of each series, in order: drawn by ``processes`` forked processes (default: one per usable
+    core) for ``PARALLEL_PLOTS`` series or more, so that an archive's plots do not add a tenth of a second per series
+    after its scoring; here for fewer, or where processes cannot be forked, and for the rest if one dies."""
+    processes = min(len(series), usable_cores() if processes is None else processes)
+    if len(series) < PARALLEL_PLOTS or processes < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        yield from (series_png(entry, window) for entry in series)
+        return
+    pyplot()  # imported once here, not in each process
+    context = multiprocessing.get_context("fork")
+    pool = ProcessPoolExecutor(processes, mp_context=context, initializer=torch.set_num_threads, initargs=(1,))
+    done = 0
+    try:
+        for png in pool.map(series_png, series, [window] * len(series)):
+            yield png
+            done += 1
+    except BrokenProcessPool:
+        logger.warning("a plotting process died; drawing the other %d plots in this process", len(series) - done)
+        yield from (series_png(entry, window) for entry in series[done:])
+    finally:  # also when the report stops early (a full disk): the plots not yet drawn are not drawn
+        pool.shutdown(cancel_futures=True)
+
+
 def _thumbnail(item: dict, window: Sequence[float]) -> np.ndarray | None:
     """A scored slice shrunk for its series' plot, read again from its file; None, with a warning, when the file can
     no longer be read (moved, deleted or rewritten since it was scored): a plot never costs the report."""
@@ -489,8 +515,10 @@ def write_report(
     window: Any = HU_WINDOW,
     extra: dict | None = None,
     plots: bool = True,
+    plot_processes: int | None = None,
 ) -> dict:
-    """``scores.csv``, ``summary.json`` and a plot per series, replacing the report in ``output_dir`` as a whole.
+    """``scores.csv``, ``summary.json`` and a plot per series (``series_pngs``, by ``plot_processes``), replacing the
+    report in ``output_dir`` as a whole.
 
     Written into a temporary folder inside ``output_dir``, then swapped in (``staged_report``: the caller holds
     the folder's lock); names that are not UTF-8 are written with ``\\xNN`` escapes. Returns the summary written.
@@ -499,11 +527,13 @@ def write_report(
     writer = csv.writer(buffer)
     writer.writerow(["source", "series", "slice_index", "score", "score_sd", "warning"])
     summary: dict[str, Any] = {"series": {}, "errors": errors, **(extra or {})}
+    named = [replace(entry, name=printable(entry.name)) for entry in series]
+    pngs = series_pngs(named, window, plot_processes) if plots else iter([])
     with staged_report(Path(output_dir)) as staging:
         for number, entry in enumerate(series):
             plot = _plot_name(number, entry.name) if plots else None
             if plot:
-                (staging / plot).write_bytes(series_png(replace(entry, name=printable(entry.name)), window))
+                (staging / plot).write_bytes(next(pngs))
             for index, (item, value, spread) in enumerate(zip(entry.items, entry.scores, entry.spreads, strict=True)):
                 row = [item["image"], entry.name, index, f"{value:.4f}", f"{spread:.4f}", item.get("warning", "")]
                 writer.writerow(printable_tree(row))
