@@ -49,6 +49,13 @@ def run_score(*inputs: Path, out: Path, ckpt: Path, file_size_limit: int | None 
     )
 
 
+def scored_series(folder: Path, name: str, scores: list[float]) -> Series:
+    """The slices ``0.dcm``, ``1.dcm``, ... of ``folder`` (``ct_series``) with their scores, as ``write_report``
+    takes them."""
+    items = [{"image": str(folder / f"{z}.dcm"), "frame": 0} for z in range(len(scores))]
+    return Series(name, items, scores, [0.0] * len(scores))
+
+
 def report_entries(out: Path) -> set[str]:
     return {path.name for path in out.iterdir()}
 
@@ -164,8 +171,7 @@ def test_a_slice_gone_before_the_plots_costs_its_thumbnail_not_the_report(tmp_pa
     """A file deleted (or rewritten) between scoring and the report: its series' plot is drawn without that
     thumbnail, and every score is written."""
     folder = ct_series(tmp_path / "series", "1.1", n=3)
-    items = [{"image": str(folder / f"{z}.dcm"), "frame": 0} for z in range(3)]
-    series = Series("1.1", items, [1.5, 2.5, 3.5], [0.0, 0.0, 0.0])
+    series = scored_series(folder, "1.1", [1.5, 2.5, 3.5])
     (folder / "2.dcm").unlink()  # the best slice
     with locked_output_dir(tmp_path / "out") as out:  # as score_paths writes it
         summary = write_report(out, [series], [])
@@ -177,11 +183,10 @@ def test_a_slice_gone_before_the_plots_costs_its_thumbnail_not_the_report(tmp_pa
 
 def test_the_plots_of_many_series_are_drawn_by_processes_as_this_process_draws_them(tmp_path: Path) -> None:
     """An archive's plots drawn by 2 forked processes: the same PNG bytes, in the same order, as drawn here."""
-    series = []
-    for number in range(PARALLEL_PLOTS + 1):
-        folder = ct_series(tmp_path / f"series_{number}", f"1.{number}", n=2, seed=number)
-        items = [{"image": str(folder / f"{z}.dcm"), "frame": 0} for z in range(2)]
-        series.append(Series(f"1.{number}", items, [1.0 + number / 4, 3.0 - number / 4], [0.0, 0.0]))
+    series = [
+        scored_series(ct_series(tmp_path / f"s{n}", f"1.{n}", n=2, seed=n), f"1.{n}", [1.0 + n / 4, 3.0 - n / 4])
+        for n in range(PARALLEL_PLOTS + 1)
+    ]
     with locked_output_dir(tmp_path / "out") as out:
         summary = write_report(out, series, [], plot_processes=2)
     drawn = [(out / summary["series"][entry.name]["plot"]).read_bytes() for entry in series]
