@@ -859,7 +859,7 @@ def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:
     """The pixels if they are one finite 2-D slice; ``where`` names the slice of a multi-slice file."""
     if pixels.ndim != 2:
         raise InputError(f"{where}pixel data has shape {pixels.shape}, not a 2-D slice (wrong dimensionality)")
-    if not np.isfinite(pixels).all():
+    if pixels.dtype.kind == "f" and not np.isfinite(pixels).all():  # integers are finite
         raise InputError(f"{where}pixel data contains NaN or Inf")
     return pixels
 

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from scripts.decoders import decoding_options
+from scripts.decoders import decoding_options, native_frame
 
 HU_WINDOW = (-1000.0, 400.0)
 
@@ -96,10 +96,14 @@ def frame_hu(ds: Any, index: int = 0, compact: bool = False) -> np.ndarray:
 
 
 def _frame_pixels(ds: Any, index: int) -> np.ndarray:
-    """One frame's stored values, decoded by pydicom: compressed frames through imagecodecs where it is faster
-    (``scripts.decoders``), falling back to pydicom's own decoders where that plugin fails."""
+    """One frame's stored values: the usual uncompressed 16-bit frame straight from its bytes, others decoded by
+    pydicom, compressed frames through imagecodecs where it is faster (``scripts.decoders``), falling back to
+    pydicom's own decoders where that plugin fails."""
     from pydicom.pixels import pixel_array
 
+    native = native_frame(ds, index)
+    if native is not None:
+        return native
     options = decoding_options(ds)
     if options:
         try:

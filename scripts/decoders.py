@@ -1,4 +1,5 @@
-"""Faster decoders for compressed CT: a pydicom decoder plugin that decodes through imagecodecs.
+"""Faster decoders for CT: a pydicom decoder plugin that decodes compressed frames through imagecodecs, and the
+usual uncompressed frame read straight from its bytes (``native_frame``).
 
 pydicom's default decoders (the pylibjpeg plugins) are the slowest stage of scoring a compressed archive. For a
 512 x 512 CT slice on this project's 2-core machine:
@@ -20,8 +21,11 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEG2000TransferSyntaxes,
     JPEGLossless,
     JPEGLosslessSV1,
@@ -99,6 +103,35 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
         raise ValueError(f"decoded a {frame.dtype} frame of shape {frame.shape} for a {bits}-bit container")
     runner.set_option("bits_allocated", bits)
     return frame.tobytes()
+
+
+def native_frame(ds: Any, index: int = 0) -> np.ndarray | None:
+    """One frame of uncompressed little-endian 16-bit monochrome pixel data, the usual CT slice, read straight from
+    its bytes: the array pydicom's ``pixel_array`` gives (its values and type, the bits above Bits Stored cleared
+    and signed values sign-extended), without its decoder's checks, which cost a 512 x 512 slice about 0.35 ms, as
+    long as reading the file. None for anything else, which pydicom decodes."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or "PixelData" not in ds:
+        return None
+    try:
+        rows, columns, frames = int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames", 1) or 1)
+        allocated, stored, signed = int(ds.BitsAllocated), int(ds.BitsStored), int(ds.PixelRepresentation)
+        samples = int(ds.get("SamplesPerPixel", 1))
+    except (AttributeError, TypeError, ValueError):  # a missing or malformed element: pydicom says what is wrong
+        return None
+    data = ds.PixelData
+    size = rows * columns
+    if allocated != 16 or not 0 < stored <= 16 or signed not in (0, 1) or samples != 1 or not 0 <= index < frames:
+        return None
+    if not isinstance(data, bytes) or len(data) != 2 * size * frames:
+        return None
+    frame = np.frombuffer(data, "<u2", size, 2 * size * index).reshape(rows, columns)
+    if stored < 16:
+        frame = frame & np.uint16((1 << stored) - 1)
+        if signed:
+            sign = np.int32(1 << (stored - 1))
+            return ((frame.astype(np.int32) ^ sign) - sign).astype(np.int16)
+    return frame.astype(np.int16 if signed else np.uint16)  # a copy, native-endian and writable
 
 
 def decode_threads() -> int:

@@ -12,12 +12,20 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import pixel_array
-from pydicom.uid import HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless
+from pydicom.uid import ExplicitVRBigEndian, HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 from torch.utils.data import DataLoader, Dataset
 
 from scripts.ct_inputs import InputError, read_ct_slice
 from scripts.ct_io import _frame_pixels, compress_dicom, frame_count, frame_hu
-from scripts.decoders import PLUGIN, SYNTAXES, decode_threads, decoding_options, is_lossless_jpeg, register_plugin
+from scripts.decoders import (
+    PLUGIN,
+    SYNTAXES,
+    decode_threads,
+    decoding_options,
+    is_lossless_jpeg,
+    native_frame,
+    register_plugin,
+)
 
 CORPORA = (Path(get_testdata_file("693_J2KR.dcm")).parent, Path(get_testdata_file("CT_small.dcm")).parent)
 
@@ -144,3 +152,68 @@ def test_a_lossy_jpeg_stream_under_a_lossless_syntax_is_left_to_pydicoms_decoder
     with pytest.raises(RuntimeError, match="not a lossless JPEG codestream"):
         pixel_array(ds, decoding_plugin=PLUGIN)
     assert np.array_equal(_frame_pixels(ds, 0), pixel_array(ds, decoding_plugin="pylibjpeg"))
+
+
+def test_every_uncompressed_16_bit_file_of_pydicoms_corpora_reads_as_pydicom_decodes_it() -> None:
+    """The fast path for uncompressed frames (``native_frame``) takes every little-endian 16-bit monochrome file of
+    pydicom's corpora (real CT among them, signed and unsigned, 12 to 16 bits stored, multi-frame) and gives each
+    frame exactly pydicom's array, value for value and type for type; it declines the others, which pydicom reads."""
+    taken: set[str] = set()
+    declined = 0
+    for path in sorted(path for corpus in CORPORA for path in corpus.iterdir()):
+        try:
+            ds = pydicom.dcmread(path)
+            expected = [pixel_array(ds, index=index) for index in range(frame_count(ds))]
+        except Exception:
+            continue
+        frames = [native_frame(ds, index) for index in range(len(expected))]
+        if frames[0] is None:
+            declined += 1
+            assert all(frame is None for frame in frames), path.name
+            continue
+        taken.add(path.name)
+        for index, (frame, pixels) in enumerate(zip(frames, expected, strict=True)):
+            assert frame.dtype == pixels.dtype and np.array_equal(frame, pixels), (path.name, index)
+            assert frame.flags.writeable and frame.dtype.isnative
+    assert {"CT_small.dcm", "693_UNCI.dcm", "MR_small.dcm", "emri_small.dcm"} <= taken
+    assert len(taken) >= 10 and declined >= 20
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+@pytest.mark.parametrize("stored", [12, 14, 16])
+def test_bits_above_bits_stored_are_cleared_and_signed_values_sign_extended_as_pydicom_does(
+    signed: int, stored: int
+) -> None:
+    """Scanners leave other bits above Bits Stored (overlays, garbage): pydicom masks them off and sign-extends
+    signed values from Bits Stored; the fast path gives the same numbers, for each frame of a multi-frame file."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    rng = np.random.default_rng(stored + signed)
+    raw = rng.integers(0, 2**16, size=(3, int(ds.Rows), int(ds.Columns)), dtype=np.uint16)
+    raw.flat[:4] = [0xFFFF, 0x8000, 1 << (stored - 1), (1 << (stored - 1)) - 1]
+    ds.PixelData, ds.NumberOfFrames = raw.astype("<u2").tobytes(), 3
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = stored, stored - 1, signed
+    for index in range(3):
+        expected = pixel_array(ds, index=index)
+        frame = native_frame(ds, index)
+        assert frame.dtype == expected.dtype and np.array_equal(frame, expected), index
+    assert native_frame(ds, 3) is None  # no such frame: pydicom's error names it
+
+
+def test_frames_the_fast_path_does_not_take_are_read_by_pydicom(tmp_path: Path) -> None:
+    """Big-endian, compressed, 8-bit and short pixel data are left to pydicom: they read as the same values all the
+    same, and pixel data shorter than its header says is an input error that says so."""
+    big_endian = pydicom.dcmread(get_testdata_file("MR_small_bigendian.dcm"))
+    assert big_endian.file_meta.TransferSyntaxUID == ExplicitVRBigEndian and native_frame(big_endian) is None
+    assert np.array_equal(_frame_pixels(big_endian, 0), pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array)
+    source = get_testdata_file("CT_small.dcm")
+    rle = pydicom.dcmread(compress_dicom(source, RLELossless, tmp_path / "rle.dcm"))
+    assert rle.file_meta.TransferSyntaxUID == RLELossless and native_frame(rle) is None
+    assert np.array_equal(read_ct_slice(tmp_path / "rle.dcm")[0], read_ct_slice(source)[0])
+    eight_bit = pydicom.dcmread(get_testdata_file("OBXXXX1A.dcm"))
+    assert eight_bit.BitsAllocated == 8 and native_frame(eight_bit) is None
+    short = pydicom.dcmread(source)
+    short.PixelData = short.PixelData[:-2]
+    short.save_as(tmp_path / "short.dcm")
+    assert native_frame(pydicom.dcmread(tmp_path / "short.dcm")) is None
+    with pytest.raises(InputError, match=r"\(32,768 bytes\), but PixelData holds 32,766 bytes"):
+        read_ct_slice(tmp_path / "short.dcm")
