@@ -422,10 +422,15 @@ def run_benchmark(
     return results
 
 
+def _comma_list(value: Any) -> list[str]:
+    """The entries of an option given as one value, a comma list, or a sequence (fire parses ``2,4,8`` as one)."""
+    entries = value if isinstance(value, (list, tuple)) else [value]
+    return [part.strip() for entry in entries for part in str(entry).split(",") if part.strip()]
+
+
 def _chosen(what: str, value: Any, allowed: Any) -> list[str]:
-    """The names of ``value`` (one comma list, or a sequence: fire's parse), each one of ``allowed``."""
-    names = [value] if isinstance(value, str) else list(value)
-    names = [part.strip() for name in names for part in str(name).split(",") if part.strip()]
+    """The names of ``value`` (``_comma_list``), each one of ``allowed``."""
+    names = _comma_list(value)
     unknown = [name for name in names if name not in allowed]
     if unknown or not names:
         raise ValueError(f"unknown {what} {unknown or names}; choose from {', '.join(allowed)}")
@@ -433,11 +438,8 @@ def _chosen(what: str, value: Any, allowed: Any) -> list[str]:
 
 
 def _worker_counts(value: Any) -> tuple[int, ...]:
-    """``pipeline_workers`` as reader-process counts: one number, a comma list or a sequence (fire's parse)."""
-    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    counts = tuple(
-        reader_processes(part.strip() if isinstance(part, str) else part) for part in parts if str(part).strip()
-    )
+    """``pipeline_workers`` as reader-process counts (``_comma_list``)."""
+    counts = tuple(reader_processes(part) for part in _comma_list(value))
     if not counts:
         raise ValueError(f"pipeline_workers must name at least one count of reader processes, got {value!r}")
     return counts
@@ -460,20 +462,15 @@ def _print_block(name: str, result: dict) -> None:
             "(target >= 0.9)"
         )
     if result["scoring"]:
-        scoring = result["scoring"]
-        lines.append(
-            f"  DICOM      bare forward {scoring['bare_slices_per_s']:9.2f} slices/s | "
-            f"scoring  {scoring['scoring_slices_per_s']:9.2f} slices/s | ratio {scoring['ratio']:.2f} "
-            f"(a {scoring['slices']}-slice study; target >= 0.85)"
-        )
+        lines.append(_dicom_line(result["scoring"], "study; target >= 0.85"))
     if result["long_run"]:
         long_run = result["long_run"]
         lines.append(
-            f"  DICOM      bare forward {long_run['bare_slices_per_s']:9.2f} slices/s | "
-            f"scoring  {long_run['scoring_slices_per_s']:9.2f} slices/s | ratio {long_run['ratio']:.2f} "
-            f"(a {long_run['slices']}-slice series; target >= 0.9 on a CPU, 0.8 on a GPU; "
-            f"{long_run['beyond_network_s']:.2f} s beyond the network: indexing {long_run['index_s']:.2f} s, "
-            f"first batch {long_run['first_batch_s']:.2f} s)"
+            _dicom_line(
+                long_run,
+                f"series; target >= 0.9 on a CPU, 0.8 on a GPU; {long_run['beyond_network_s']:.2f} s beyond the "
+                f"network: indexing {long_run['index_s']:.2f} s, first batch {long_run['first_batch_s']:.2f} s",
+            )
         )
     if result["scoring"] and "run_s" in result["scoring"]:
         lines += _fixed_cost_lines(result["scoring"])
@@ -488,6 +485,15 @@ def _print_block(name: str, result: dict) -> None:
     if result["gpu"]:
         lines += gpu_lines(result["gpu"], profile["batch_size"])
     print("\n".join(lines), flush=True)
+
+
+def _dicom_line(run: dict, described: str) -> str:
+    """A DICOM scoring run against the bare forward: ``described`` follows its number of slices."""
+    return (
+        f"  DICOM      bare forward {run['bare_slices_per_s']:9.2f} slices/s | "
+        f"scoring  {run['scoring_slices_per_s']:9.2f} slices/s | ratio {run['ratio']:.2f} "
+        f"(a {run['slices']}-slice {described})"
+    )
 
 
 def _pipeline_lines(result: dict) -> list[str]:
