@@ -527,9 +527,9 @@ def write_report(
     writer = csv.writer(buffer)
     writer.writerow(["source", "series", "slice_index", "score", "score_sd", "warning"])
     summary: dict[str, Any] = {"series": {}, "errors": errors, **(extra or {})}
-    named = [replace(entry, name=printable(entry.name)) for entry in series]
-    pngs = series_pngs(named, window, plot_processes) if plots else iter([])
-    with staged_report(Path(output_dir)) as staging:
+    named = [replace(entry, name=printable(entry.name)) for entry in series] if plots else []
+    pngs = series_pngs(named, window, plot_processes)  # closed with the report: plots not yet drawn are not drawn
+    with staged_report(Path(output_dir)) as staging, contextlib.closing(pngs):
         for number, entry in enumerate(series):
             plot = _plot_name(number, entry.name) if plots else None
             if plot:
