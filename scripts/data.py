@@ -3,7 +3,7 @@
 - KADID-10k (phase 1): ``images/*.png`` and ``dmos.csv`` (dist_img, ref_img, dmos, var), MOS 1..5.
 - LDCTIQA (phase 2): ``image/*.tif`` + ``train.json``, or ``images/*.tiff`` + ``test.json`` (either folder name is
   taken with either label file when only the other exists);
-  a flat map ``{"0000.tif": 2.8, ...}``, scores 0..4.
+  a flat map ``{"0000.tif": 2.8, ...}``, scores 0..4 (a name without suffix is the TIFF of that stem).
 
 Every problem found (missing files, bad labels, unreadable images) is collected and raised
 together as one ``DatasetError`` that names each file and its reason.
@@ -26,7 +26,7 @@ from monai.data import load_decathlon_datalist
 
 from scripts.ct_inputs import InputError, index_inputs, read_ct_slice, read_dicom_ct
 from scripts.output_dir import write_json_atomic
-from scripts.transforms import ImageReadError, read_slice
+from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +76,23 @@ def _check_name(name: str, folder: Path) -> str | None:
     return None
 
 
+def _named_image(folder: Path, name: str) -> tuple[Path, str]:
+    """The image a label file names, and why it cannot be used ("" when it can). A name without an image suffix
+    (``L096_402_1_1``, as some copies of LDCTIQA's label files give them) is the TIFF of that stem."""
+    path = folder / name
+    if path.is_file():
+        return path, ""
+    if Path(name).suffix.lower() in SLICE_SUFFIXES:
+        return path, "the image does not exist"
+    tiffs = [folder / f"{name}{suffix}" for suffix in (".tif", ".tiff")]
+    found = [tiff for tiff in tiffs if tiff.is_file()]
+    if len(found) == 1:
+        return found[0], ""
+    if found:
+        return path, f"both {found[0].name} and {found[1].name} exist: name the one labelled"
+    return path, f"the image does not exist (nor {tiffs[0].name} or {tiffs[1].name})"
+
+
 def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json.loads`` hook: a key given twice is an error, not "the last one wins"."""
     seen: dict[str, Any] = {}
@@ -115,14 +132,18 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
         raise DatasetError([(str(label_file), 'expected a non-empty flat map {"0000.tif": 2.8, ...}')])
     problems: list[tuple[str, str]] = []
     items = []
+    named: dict[Path, str] = {}
     for name, value in sorted(labels.items()):
-        path = root / image_dir / name
         reason = _check_name(name, root / image_dir) or _check_label(value, LDCT_RANGE)
+        path, missing = _named_image(root / image_dir, name)
         if reason:
             problems.append((f"{label_file} [{name}]", reason))
-        elif not path.is_file():
-            problems.append((str(path), f"named in {label_name} but the image does not exist"))
+        elif missing:
+            problems.append((str(path), f"named in {label_name} but {missing}"))
+        elif path in named:
+            problems.append((f"{label_file} [{name}]", f"{path.name} is labelled twice (as {named[path]!r} too)"))
         else:
+            named[path] = name
             items.append({"image": str(path), "label": float(value)})
     if check_images:
         _check_images(items, problems)

@@ -70,6 +70,41 @@ def test_label_file_naming_missing_images(ldct_copy: Path) -> None:
         ldct_labelled_items(ldct_copy)
 
 
+def test_label_names_without_suffix_are_the_tiffs_of_that_stem(ldct_copy: Path) -> None:
+    """Some copies of LDCTIQA name images without their suffix (``L096_402_1_1`` for ``L096_402_1_1.tif``)."""
+    before = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)]
+    _rewrite_labels(ldct_copy, lambda labels: labels.update({name[:-4]: labels.pop(name) for name in list(labels)}))
+    assert [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)] == before
+    (ldct_copy / "image" / "0001.tif").rename(ldct_copy / "image" / "0001.tiff")
+    assert Path(ldct_labelled_items(ldct_copy)[1]["image"]).name == "0001.tiff"
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (
+            lambda labels: labels.update({"9999": 1.0}),
+            r"image/9999: named in train.json but the image does not exist \(nor 9999.tif or 9999.tiff\)",
+        ),
+        (
+            lambda labels: labels.update({"0002": 1.0}),
+            r"train.json \[0002.tif\]: 0002.tif is labelled twice \(as '0002' too\)",
+        ),
+    ],
+)
+def test_label_names_without_suffix_that_name_no_image_or_one_twice(ldct_copy: Path, edit, reason: str) -> None:
+    _rewrite_labels(ldct_copy, edit)
+    with pytest.raises(DatasetError, match=reason):
+        ldct_labelled_items(ldct_copy)
+
+
+def test_a_label_name_without_suffix_with_two_tiffs_is_ambiguous(ldct_copy: Path) -> None:
+    shutil.copy(ldct_copy / "image" / "0004.tif", ldct_copy / "image" / "0004.tiff")
+    _rewrite_labels(ldct_copy, lambda labels: labels.update({"0004": labels.pop("0004.tif")}))
+    with pytest.raises(DatasetError, match=r"image/0004: named in train.json but both 0004.tif and 0004.tiff exist"):
+        ldct_labelled_items(ldct_copy)
+
+
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
