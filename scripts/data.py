@@ -58,6 +58,20 @@ def _require_dir(dataset_dir: str | Path) -> Path:
     return root
 
 
+def _found_below(root: Path, label_names: Sequence[str]) -> str:
+    """A hint naming the subfolders of ``root`` that hold one of ``label_names`` (an archive unpacked with its top
+    folder, ``LDCTIQAG2023_train/``), or ``""``."""
+    try:
+        found = sorted(sub.name for sub in root.iterdir() if any((sub / name).is_file() for name in label_names))
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    if len(found) == 1:
+        return f"; its subfolder {found[0]}/ holds one: set dataset_dir to that folder"
+    return f"; its subfolders {', '.join(name + '/' for name in found)} hold one each: set dataset_dir to one of them"
+
+
 def _check_label(value: Any, valid_range: tuple[float, float]) -> str | None:
     """The reason a label is unusable, or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -117,7 +131,8 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
     layout = next(((img, lab) for img, lab in LDCT_LAYOUTS if (root / lab).is_file()), None)
     if layout is None:
         expected = " or ".join(f"{img}/ + {lab}" for img, lab in LDCT_LAYOUTS)
-        raise DatasetError([(str(root), f"no LDCTIQA label file found (expected {expected})")])
+        hint = _found_below(root, [label for _, label in LDCT_LAYOUTS])
+        raise DatasetError([(str(root), f"no LDCTIQA label file found (expected {expected}){hint}")])
     image_dir, label_name = layout
     if not (root / image_dir).is_dir():  # a set rearranged by hand: its label file with the other folder name
         image_dir = next((img for img, _ in LDCT_LAYOUTS if (root / img).is_dir()), image_dir)
@@ -157,7 +172,8 @@ def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> 
     root = _require_dir(dataset_dir)
     label_file = root / "dmos.csv"
     if not label_file.is_file():
-        raise DatasetError([(str(label_file), "KADID-10k label file not found (expected images/ + dmos.csv)")])
+        hint = _found_below(root, ["dmos.csv"])
+        raise DatasetError([(str(label_file), f"KADID-10k label file not found (expected images/ + dmos.csv){hint}")])
     with open(label_file, newline="") as stream:
         rows = list(csv.DictReader(stream))
     missing_columns = {"dist_img", "ref_img", "dmos"} - set(rows[0] if rows else {})

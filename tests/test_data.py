@@ -64,6 +64,19 @@ def test_folder_without_label_file(tmp_path: Path) -> None:
         ldct_labelled_items(tmp_path)
 
 
+def test_a_folder_one_level_above_the_dataset_is_named(ldct_copy: Path, kadid_dir: Path, tmp_path: Path) -> None:
+    """An archive unpacked with its top folder: the error names the subfolder that holds the layout."""
+    assert ldct_copy.parent == tmp_path
+    with pytest.raises(DatasetError, match=r"its subfolder ldct/ holds one: set dataset_dir to that folder"):
+        ldct_labelled_items(tmp_path)
+    shutil.copytree(kadid_dir, tmp_path / "kadid10k")
+    with pytest.raises(DatasetError, match=r"dmos.csv\); its subfolder kadid10k/ holds one"):
+        kadid_labelled_items(tmp_path)
+    shutil.copytree(ldct_copy, tmp_path / "ldct_b")
+    with pytest.raises(DatasetError, match=r"its subfolders ldct/, ldct_b/ hold one each"):
+        ldct_labelled_items(tmp_path)
+
+
 def test_label_file_naming_missing_images(ldct_copy: Path) -> None:
     _rewrite_labels(ldct_copy, lambda labels: labels.update({"9999.tif": 2.0}))
     with pytest.raises(DatasetError, match=r"image/9999.tif: named in train.json but the image does not exist"):
