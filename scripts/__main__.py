@@ -145,25 +145,28 @@ def score(
 
 
 def realcheck(
+    *inputs: str,
     ckpt: str | None = None,
     output_dir: str | None = None,
     size: int | None = None,
     seed: int = 0,
     device: str | None = None,
     batch_size: int = 16,
+    per_series: int = 3,
 ) -> None:
     """Does the model rank real CT slices (never used in training) by dose? Model and noise baseline side by side.
 
-    Three real slices from pydicom-data, dose lowered in the projection domain (fewer photons; fewer
-    views), scored through the scoring path. ``ckpt`` defaults to the bundle's ``models/model.pt``, else the
-    demo's model (which it names); ``size`` resamples the slices (default: their own 512 px);
-    ``output_dir`` gets ``realcheck.json``.
+    Three real slices from pydicom-data, or given ``inputs`` (DICOM files or folders, NIfTI/NRRD volumes) up to
+    ``per_series`` slices of each CT series or volume found there, dose lowered in the projection domain (fewer photons;
+    fewer views), scored through the scoring path. ``ckpt`` defaults to the bundle's ``models/model.pt``, else
+    the demo's model (which it names); ``size`` resamples the slices (default: their own size); ``output_dir``
+    gets ``realcheck.json``.
     """
     from scripts.tools.realcheck import RealCheckError, realcheck_lines, run_realcheck
 
     ckpt = _checkpoint_or_exit(ckpt)
     try:
-        result = run_realcheck(ckpt, output_dir, size, seed, device, batch_size)
+        result = run_realcheck(ckpt, output_dir, size, seed, device, batch_size, inputs, int(per_series))
     except RealCheckError as error:
         print(f"real-data check failed: {error}", file=sys.stderr)
         raise SystemExit(1) from None

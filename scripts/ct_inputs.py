@@ -592,6 +592,31 @@ def _volume_depth(path: Path) -> int:
     return int(image.shape[axial])
 
 
+def pixel_size_mm(path: str | Path, frame: int = 0) -> float | None:
+    """The mean in-plane pixel size (mm) of a DICOM frame (PixelSpacing: per frame, shared, or the dataset's for
+    enhanced CT) or of a NIfTI/NRRD volume's axial slices, from the header; None when it gives none."""
+    import nibabel
+
+    path = Path(path)
+    if _is_volume(path):
+        affine = _volume_image(path).affine
+        axes = nibabel.io_orientation(affine)[:, 0]
+        sizes = nibabel.affines.voxel_sizes(affine)
+        in_plane = [float(sizes[axis]) for axis, target in enumerate(axes) if target in (0, 1)]
+    else:
+        ds = read_dicom_ct(path, header_only=True)
+        per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+        groups = [
+            per_frame[frame] if frame < len(per_frame) else None,
+            (ds.get("SharedFunctionalGroupsSequence") or [None])[0],
+        ]
+        measures = [group.get("PixelMeasuresSequence") for group in groups if group is not None]
+        spacing = next((items[0].get("PixelSpacing") for items in measures if items), None) or ds.get("PixelSpacing")
+        in_plane = [float(value) for value in spacing or []]
+    in_plane = [size for size in in_plane if math.isfinite(size) and size > 0]
+    return float(np.mean(in_plane)) if in_plane else None
+
+
 def volume_hu(path: str, modified: float) -> np.ndarray:
     """The whole RAS volume in HU, kept for the next slices of the same file (one per process); ``InputError``
     when it cannot be read or is not CT in HU."""

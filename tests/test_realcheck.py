@@ -8,16 +8,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import nibabel
 import numpy as np
 import pytest
+import tifffile
 import torch
+from pydicom.data import get_testdata_file
 
 import scripts
 from scripts import __main__ as cli
 from scripts.clinical.score import SliceScorer
+from scripts.ct_inputs import pixel_size_mm
+from scripts.ct_io import write_dicom_slice
 from scripts.tools import realcheck
 from scripts.tools.realcheck import (
     CHECK_FILES,
+    DEFAULT_PIXEL_MM,
     DOSES,
     SCORERS,
     SETS,
@@ -201,3 +207,62 @@ def test_cli_with_a_missing_checkpoint_exits_1_in_one_line(tmp_path) -> None:
     assert "Traceback" not in process.stderr
     assert len(process.stderr.strip().splitlines()) == 1 and str(missing) in process.stderr
     assert not Path(tmp_path / "realcheck.json").exists()
+
+
+def _wide_volume(path: Path) -> Path:
+    """A NIfTI volume of 4 axial slices of 64 x 48 px at 1.0 x 0.8 mm: a noisy water ellipse in air, CT in HU."""
+    x, y = np.meshgrid(np.linspace(-1, 1, 64), np.linspace(-1, 1, 48), indexing="ij")
+    slice_hu = np.where((x / 0.9) ** 2 + (y / 0.8) ** 2 < 1, 0.0, -1000.0)
+    noise = np.random.default_rng(0).normal(0.0, 5.0, (64, 48, 4))
+    volume = (slice_hu[..., None] + noise).astype(np.float32)
+    nibabel.save(nibabel.Nifti1Image(volume, np.diag([1.0, 0.8, 2.5, 1.0])), path)
+    return path
+
+
+def test_pixel_size_comes_from_the_header(tmp_path) -> None:
+    assert pixel_size_mm(get_testdata_file("CT_small.dcm")) == pytest.approx(0.661468)
+    enhanced = get_testdata_file("eCT_Supplemental.dcm", download=False)  # only in its shared functional groups
+    assert pixel_size_mm(enhanced, 1) == pytest.approx(0.388672)
+    assert pixel_size_mm(_wide_volume(tmp_path / "wide.nii.gz")) == pytest.approx(0.9)
+    assert pixel_size_mm(write_dicom_slice(tmp_path / "bare.dcm", np.zeros((16, 16)), "1.2.3.4")) is None
+
+
+def test_realcheck_on_the_users_inputs(tiny_checkpoint, scored_ct_labels, tmp_path, caplog) -> None:
+    """Two slices of each series or volume given, whatever their size; what is not CT in HU is listed, not used."""
+    root = scored_ct_labels.parent  # p00/: a DICOM series without PixelSpacing; p01.nii.gz: 0.7 mm; 6 slices each
+    wide = _wide_volume(tmp_path / "wide.nii.gz")
+    mr, rendered = get_testdata_file("MR_small.dcm"), tmp_path / "rendered.tif"
+    tifffile.imwrite(rendered, np.full((32, 32), 0.5, np.float32))
+    inputs = [root / "p00", root / "p01.nii.gz", wide, mr, rendered]
+    with caplog.at_level(logging.WARNING, logger="scripts.tools.realcheck"):
+        result = run_realcheck(
+            tiny_checkpoint, tmp_path / "out", device="cpu", batch_size=8, inputs=inputs, per_series=2
+        )
+    assert [name.rsplit(" ", 1)[1] for name in result["slices"]] == ["[2]", "[4]", "[2]", "[4]", "[1]", "[2]"]
+    assert result["slices"][2] == f"{root / 'p01.nii.gz'} [2]" and result["slices"][4] == f"{wide} [1]"
+    assert [entry["size"] for entry in result["per_slice"]] == [64] * 6  # the 64 x 48 slices padded with air
+    pixel_mm = [entry["pixel_mm"] for entry in result["per_slice"]]
+    assert pixel_mm == pytest.approx([DEFAULT_PIXEL_MM] * 2 + [0.7] * 2 + [0.9] * 2)
+    assert "no pixel size in its header" in caplog.text
+    for entry in result["per_slice"]:
+        noise = entry["noise"]["noise_hu"]
+        assert all(low < high for low, high in zip(noise, noise[1:], strict=False)), noise  # less dose, more noise
+        assert len(entry["noise"]["model"]) == len(entry["views"]["model"]) == 5
+    reasons = {error["path"]: error["reason"] for error in result["not_used"]}
+    assert reasons == {
+        mr: "modality MR is not CT; only CT is scored",
+        str(rendered): "a rendered slice (TIFF/PNG) has no HU to project",
+    }
+    assert json.loads((tmp_path / "out" / "realcheck.json").read_text())["inputs"] == [str(path) for path in inputs]
+    lines = realcheck_lines(result)
+    assert lines[0].startswith("real-data check (6 real CT slices of the inputs")
+    assert [line.split(":")[0].strip() for line in lines[3:]] == ["not used", "not used"]
+
+
+def test_realcheck_without_ct_among_the_inputs_exits_1_in_one_line(tiny_checkpoint, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.realcheck(get_testdata_file("MR_small.dcm"), ckpt=str(tiny_checkpoint), device="cpu")
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("real-data check failed: no CT slice in HU among the inputs (")
+    assert "modality MR is not CT" in error

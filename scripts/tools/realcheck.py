@@ -23,7 +23,11 @@ whether the scores fall with the dose. Per real slice:
 5. Per slice and set: Spearman (level, score) and the fraction of (higher, lower) level pairs ranked
    correctly (strictly higher score; ties count as wrong); means over the slices are reported.
 
-``python -m scripts realcheck [--ckpt FILE] [--output_dir DIR] [--size N] [--seed S] [--device D]``
+With ``inputs`` the same check runs on the user's own CT instead (DICOM series, NIfTI or NRRD volumes): up to
+``per_series`` slices of each series, evenly spaced, padded to a square with air; the pixel size comes from the
+header (``DEFAULT_PIXEL_MM`` with a warning when it gives none), and inputs that cannot be used are listed.
+
+``python -m scripts realcheck [--ckpt FILE] [--output_dir DIR] [--size N] [--seed S] [--device D] [--inputs PATH]``
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage, stats
 
+from scripts.ct_inputs import InputError, index_inputs, pixel_size_mm, read_ct_slice
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
 from scripts.output_dir import write_json_atomic
 from scripts.synthetic.ct import CHECK_FILES, hu_to_mu, mu_to_hu
@@ -60,6 +65,9 @@ SOFT_TISSUE_HU = (-100.0, 150.0)
 SETS = ("noise", "views")
 SCORERS = ("model", "baseline")
 RESULT_FILE = "realcheck.json"
+PER_SERIES = 3  # slices of each series or volume of the user's inputs
+LISTED_NOT_USED = 5  # inputs not used, printed; realcheck.json lists them all
+DEFAULT_PIXEL_MM = 0.7  # assumed when a header gives no pixel size: a 358 mm field of view at 512 px
 
 
 class RealCheckError(RuntimeError):
@@ -93,7 +101,11 @@ def read_real_slice(path: str | Path, size: int | None = None) -> tuple[np.ndarr
 
     ds = pydicom.dcmread(path)
     hu = np.clip(frames_hu(ds)[0].astype(np.float64), *HU_CLIP)
-    spacing = [float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])]
+    return _resized(hu, [float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])], size)
+
+
+def _resized(hu: np.ndarray, spacing: Sequence[float], size: int | None) -> tuple[np.ndarray, float]:
+    """(HU resampled to ``size`` x ``size`` px when given, its mean pixel size in mm)."""
     rows, cols = hu.shape
     if size is not None and (rows, cols) != (size, size):
         from skimage.transform import resize
@@ -101,6 +113,46 @@ def read_real_slice(path: str | Path, size: int | None = None) -> tuple[np.ndarr
         hu = resize(hu, (size, size), order=1, anti_aliasing=True, preserve_range=True)
         spacing = [spacing[0] * rows / size, spacing[1] * cols / size]
     return hu, float(np.mean(spacing))
+
+
+def _square(hu: np.ndarray) -> np.ndarray:
+    """The slice centred in a square of air: the projector reconstructs square images."""
+    rows, cols = hu.shape
+    side = max(rows, cols)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    return np.pad(hu, ((top, side - rows - top), (left, side - cols - left)), constant_values=HU_CLIP[0])
+
+
+def input_slices(
+    paths: Sequence[str | Path], size: int | None = None, per_series: int = PER_SERIES
+) -> tuple[list[tuple[str, np.ndarray, float]], list[dict]]:
+    """(name, HU clipped to [-1000, 3000], pixel size in mm) of up to ``per_series`` slices of each CT series or
+    volume under ``paths``, evenly spaced and away from the ends; and ``{path, reason}`` for every input not used."""
+    items, errors = index_inputs(paths)
+    errors = list(errors)
+    by_series: dict[str, list[dict]] = {}
+    for item in items:
+        by_series.setdefault(item["series"], []).append(item)
+    slices = []
+    for series, members in by_series.items():
+        picks = sorted({len(members) * (k + 1) // (per_series + 1) for k in range(per_series)})
+        for index in picks:
+            item = members[index]
+            try:
+                hu, in_hu = read_ct_slice(item["image"], item["frame"])
+                pixel_mm = pixel_size_mm(item["image"], item["frame"]) if in_hu else None
+            except InputError as error:
+                errors.append({"path": item["image"], "reason": str(error)})
+                continue
+            if not in_hu:
+                errors.append({"path": item["image"], "reason": "a rendered slice (TIFF/PNG) has no HU to project"})
+                break
+            if pixel_mm is None:
+                logger.warning("%s: no pixel size in its header; %g mm assumed", item["image"], DEFAULT_PIXEL_MM)
+                pixel_mm = DEFAULT_PIXEL_MM
+            hu = _square(np.clip(hu[0].astype(np.float64), *HU_CLIP))
+            slices.append((f"{series} [{index}]", *_resized(hu, [pixel_mm, pixel_mm], size)))
+    return slices, errors
 
 
 def soft_tissue_mask(hu: np.ndarray) -> np.ndarray:
@@ -242,22 +294,33 @@ def run_realcheck(
     seed: int = 0,
     device: str | None = None,
     batch_size: int = 16,
+    inputs: Sequence[str | Path] | None = None,
+    per_series: int = PER_SERIES,
 ) -> dict[str, Any]:
     """The real-data check (see the module's docstring); writes ``realcheck.json`` in ``output_dir`` when given.
 
     Returns ``{"noise": {"model": {"spearman", "pairs"}, "baseline": {...}}, "views": {...}, "slices": names,
-    "per_slice": [...], "size": size, "seed": seed, "seconds": ..}``.
+    "per_slice": [...], "not_used": [{path, reason}], "size": size, "seed": seed, "seconds": ..}``.
     """
     start = time.perf_counter()
-    paths = find_check_files()
+    inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs or [])
+    if inputs:
+        real, not_used = input_slices(inputs, size, per_series)
+        if not real:
+            reasons = "; ".join(f"{error['path']}: {error['reason']}" for error in not_used[:3]) or "nothing found"
+            raise RealCheckError(f"no CT slice in HU among the inputs ({reasons})")
+        streams = list(range(len(real)))
+    else:
+        real = [(path.name, *read_real_slice(path, size)) for path in find_check_files()]
+        not_used = []
+        # one random stream per shipped slice: the same images whichever other slices are installed
+        streams = [CHECK_FILES.index(name) for name, _, _ in real]
     images: dict[tuple[int, str], list[np.ndarray]] = {}
     per_slice: list[dict[str, Any]] = []
-    for index, path in enumerate(paths):
-        hu, pixel_mm = read_real_slice(path, size)
-        # one random stream per real slice: the same images whichever other slices are installed
-        degraded = degrade(hu, pixel_mm, np.random.default_rng([seed, CHECK_FILES.index(path.name)]))
+    for index, ((label, hu, pixel_mm), stream) in enumerate(zip(real, streams, strict=True)):
+        degraded = degrade(hu, pixel_mm, np.random.default_rng([seed, stream]))
         mask = soft_tissue_mask(hu)
-        entry: dict[str, Any] = {"name": path.name, "size": hu.shape[0], "pixel_mm": pixel_mm, "i0": degraded["i0"]}
+        entry: dict[str, Any] = {"name": label, "size": hu.shape[0], "pixel_mm": pixel_mm, "i0": degraded["i0"]}
         for name in SETS:
             images[index, name] = degraded[name]
             entry[name] = {
@@ -285,6 +348,8 @@ def run_realcheck(
     end = time.perf_counter()
     result.update(
         per_slice=per_slice,
+        not_used=not_used,
+        inputs=[str(path) for path in inputs],
         size=size,
         seed=seed,
         seconds=end - start,
@@ -299,9 +364,9 @@ def run_realcheck(
 def realcheck_lines(result: dict[str, Any]) -> list[str]:
     """The check's report as printed lines: one header, one line per set with both scorers side by side."""
     n = len(result["slices"])
+    which = "of the inputs" if result.get("inputs") else "never used in training"
     lines = [
-        f"real-data check ({n} real CT slice{'s' if n != 1 else ''} never used in training, "
-        "dose reduced in the projection domain)"
+        f"real-data check ({n} real CT slice{'s' if n != 1 else ''} {which}, dose reduced in the projection domain)"
     ]
     labels = {"noise": f"noise ({len(DOSES)} doses)", "views": f"sparse ({len(VIEW_DIVISORS)} views)"}
     for name in SETS:
@@ -310,4 +375,8 @@ def realcheck_lines(result: dict[str, Any]) -> list[str]:
             figures = result[name][scorer]
             parts.append(f"{scorer}  Spearman {figures['spearman']:.2f}  pairs {100 * figures['pairs']:.1f}%")
         lines.append(f"  {labels[name]:<18}" + "   |  ".join(parts))
+    not_used = result.get("not_used", [])
+    lines += [f"  not used: {error['path']}: {error['reason']}" for error in not_used[:LISTED_NOT_USED]]
+    if len(not_used) > LISTED_NOT_USED:
+        lines.append(f"  ... and {len(not_used) - LISTED_NOT_USED} more inputs not used ({RESULT_FILE} lists them)")
     return lines
