@@ -266,3 +266,6 @@ def test_realcheck_without_ct_among_the_inputs_exits_1_in_one_line(tiny_checkpoi
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("real-data check failed: no CT slice in HU among the inputs (")
     assert "modality MR is not CT" in error
+    with pytest.raises(SystemExit):
+        cli.realcheck(get_testdata_file("CT_small.dcm"), ckpt=str(tiny_checkpoint), per_series=0)
+    assert capsys.readouterr().err.strip() == "real-data check failed: per_series must be at least 1, got 0"

@@ -128,6 +128,8 @@ def input_slices(
 ) -> tuple[list[tuple[str, np.ndarray, float]], list[dict]]:
     """(name, HU clipped to [-1000, 3000], pixel size in mm) of up to ``per_series`` slices of each CT series or
     volume under ``paths``, evenly spaced and away from the ends; and ``{path, reason}`` for every input not used."""
+    if per_series < 1:
+        raise RealCheckError(f"per_series must be at least 1, got {per_series}")
     items, errors = index_inputs(paths)
     errors = list(errors)
     by_series: dict[str, list[dict]] = {}
