@@ -99,6 +99,18 @@ SERIES_ATTRIBUTES = (  # what the slices of one series share: they group a folde
     "ConvolutionKernel",
     "SliceThickness",
 )
+ACQUISITION_KEYWORDS = (  # what summary.json reports of a series, from its first slice's header
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SeriesDescription",
+    "ConvolutionKernel",
+    "KVP",
+    "XRayTubeCurrent",
+    "Exposure",
+    "CTDIvol",
+    "SliceThickness",
+    "ReconstructionDiameter",
+)
 GZIP_MAGIC = b"\x1f\x8b"
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
 AIR_HU = -500.0  # at or below: air (about -1000 HU), which a CT volume holds around the body, in lungs and bowel
@@ -615,6 +627,36 @@ def pixel_size_mm(path: str | Path, frame: int = 0) -> float | None:
         in_plane = [float(value) for value in spacing or []]
     in_plane = [size for size in in_plane if math.isfinite(size) and size > 0]
     return float(np.mean(in_plane)) if in_plane else None
+
+
+def _plain(value: Any) -> int | float | str:
+    """A DICOM value as JSON writes it: IS as int, DS as float, anything else as its text on one line."""
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    return " ".join(str(value).split())
+
+
+def acquisition(path: str | Path, frame: int = 0) -> dict[str, Any]:
+    """How a slice was acquired and reconstructed, as its header says: ``ACQUISITION_KEYWORDS`` that a DICOM file
+    holds (numbers as numbers, several values as a list) and ``pixel_mm``; for a NIfTI/NRRD volume ``pixel_mm`` only,
+    for a rendered slice nothing. Never raises: a file that cannot be read (any more) gives ``{}``."""
+    path = Path(path)
+    try:
+        found: dict[str, Any] = {}
+        if not _is_volume(path) and not _is_rendered(path):
+            ds = read_dicom_ct(path, header_only=True)
+            for keyword in ACQUISITION_KEYWORDS:
+                value = ds.get(keyword)
+                values = [value] if isinstance(value, (str, int, float)) else list(value or [])
+                values = [_plain(v) for v in values if str(v).strip()]
+                if values:
+                    found[keyword] = values[0] if len(values) == 1 else values
+        pixel_mm = None if _is_rendered(path) else pixel_size_mm(path, frame)
+    except Exception:  # the report never fails for a header: a vanished file, or one rewritten since it was scored
+        return {}
+    return {**found, "pixel_mm": pixel_mm} if pixel_mm is not None else found
 
 
 def volume_hu(path: str, modified: float) -> np.ndarray:

@@ -30,6 +30,7 @@ from scripts.ct_inputs import (
     PARALLEL_INDEX_FILES,
     ErrorList,
     InputError,
+    acquisition,
     find_files,
     index_inputs,
     read_ct_slice,
@@ -145,6 +146,35 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(tiny_checkpoint: Path, mixe
     assert series["min"] <= series["mean"] <= series["max"] and len(series["worst"]) == 3
     plots = [entry["plot"] for entry in summary["series"].values()]
     assert len(set(plots)) == 9 and all((tmp_path / plot).read_bytes()[:4] == b"\x89PNG" for plot in plots)
+    assert summary["series"][series_uid["enhanced.dcm"]]["acquisition"] == {  # its spacing: in functional groups
+        "Manufacturer": "Acme Medical Devices",
+        "ManufacturerModelName": "Super Dooper Scanner",
+        "pixel_mm": 0.388672,
+    }
+    assert summary["series"][str(mixed_folder / "vol.nii.gz")]["acquisition"] == {"pixel_mm": 1.0}
+    assert series["acquisition"] == summary["series"][str(mixed_folder / "slice.tif")]["acquisition"] == {}
+
+
+def test_acquisition_is_what_the_header_says_and_never_fails(tmp_path: Path) -> None:
+    assert acquisition(get_testdata_file("CT_small.dcm")) == {
+        "Manufacturer": "GE MEDICAL SYSTEMS",
+        "ManufacturerModelName": "RHAPSODE",
+        "ConvolutionKernel": "STANDARD",
+        "KVP": 120.0,
+        "XRayTubeCurrent": 170,
+        "Exposure": 170,
+        "SliceThickness": 5.0,
+        "ReconstructionDiameter": 338.6716,
+        "pixel_mm": 0.661468,
+    }
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.ConvolutionKernel, ds.CTDIvol, ds.SeriesDescription = ["Br38f", "3"], 18.54, "  CT  Body\t3.0 "
+    ds.save_as(tmp_path / "siemens.dcm")
+    found = acquisition(tmp_path / "siemens.dcm")
+    assert found["ConvolutionKernel"] == ["Br38f", "3"] and found["CTDIvol"] == 18.54
+    assert found["SeriesDescription"] == "CT Body 3.0"
+    assert json.loads(json.dumps(found)) == found
+    assert acquisition(tmp_path / "gone.dcm") == acquisition(get_testdata_file("MR_small.dcm")) == {}
 
 
 def test_scores_do_not_depend_on_reading_workers(tiny_checkpoint: Path, mixed_folder: Path, tmp_path: Path) -> None:

@@ -42,6 +42,7 @@ from scripts import bundle_root
 from scripts.ct_inputs import (
     PARALLEL_INDEX_FILES,
     ErrorList,
+    acquisition,
     file_items,
     find_files,
     ordered_items,
@@ -638,7 +639,8 @@ def process_device(device: str | None, world: int) -> str | None:
 
 
 def series_summary(entry: Series) -> dict[str, Any]:
-    """Slices, mean/min/max score, the mean spread over crops and the worst slices of one scored series."""
+    """Slices, mean/min/max score, the mean spread over crops, the worst slices of one scored series and how it was
+    acquired (``acquisition``: its first slice's header)."""
     sources = [item["image"] for item in entry.items]
     worst = np.argsort(entry.scores, kind="stable")[:WORST_LISTED]
     return {
@@ -651,6 +653,7 @@ def series_summary(entry: Series) -> dict[str, Any]:
             {"slice_index": int(i), "source": sources[i], "score": entry.scores[i], "score_sd": entry.spreads[i]}
             for i in worst
         ],
+        "acquisition": acquisition(entry.items[0]["image"], entry.items[0].get("frame", 0)),
     }
 
 
