@@ -605,28 +605,34 @@ def _volume_depth(path: Path) -> int:
 
 
 def pixel_size_mm(path: str | Path, frame: int = 0) -> float | None:
-    """The mean in-plane pixel size (mm) of a DICOM frame (PixelSpacing: per frame, shared, or the dataset's for
-    enhanced CT) or of a NIfTI/NRRD volume's axial slices, from the header; None when it gives none."""
+    """The mean in-plane pixel size (mm) of a DICOM frame or of a NIfTI/NRRD volume's axial slices, from the header;
+    None when it gives none."""
     import nibabel
 
     path = Path(path)
-    if _is_volume(path):
-        affine = _volume_image(path).affine
-        axes = nibabel.io_orientation(affine)[:, 0]
-        sizes = nibabel.affines.voxel_sizes(affine)
-        in_plane = [float(sizes[axis]) for axis, target in enumerate(axes) if target in (0, 1)]
-    else:
-        ds = read_dicom_ct(path, header_only=True)
-        per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
-        groups = [
-            per_frame[frame] if frame < len(per_frame) else None,
-            (ds.get("SharedFunctionalGroupsSequence") or [None])[0],
-        ]
-        measures = [group.get("PixelMeasuresSequence") for group in groups if group is not None]
-        spacing = next((items[0].get("PixelSpacing") for items in measures if items), None) or ds.get("PixelSpacing")
-        in_plane = [float(value) for value in spacing or []]
-    in_plane = [size for size in in_plane if math.isfinite(size) and size > 0]
-    return float(np.mean(in_plane)) if in_plane else None
+    if not _is_volume(path):
+        return _dicom_pixel_mm(read_dicom_ct(path, header_only=True), frame)
+    affine = _volume_image(path).affine
+    axes = nibabel.io_orientation(affine)[:, 0]
+    sizes = nibabel.affines.voxel_sizes(affine)
+    return _mean_size([float(sizes[axis]) for axis, target in enumerate(axes) if target in (0, 1)])
+
+
+def _dicom_pixel_mm(ds: Any, frame: int) -> float | None:
+    """PixelSpacing's mean: the frame's, the shared functional groups' (enhanced CT), or the dataset's."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+    groups = [
+        per_frame[frame] if frame < len(per_frame) else None,
+        (ds.get("SharedFunctionalGroupsSequence") or [None])[0],
+    ]
+    measures = [group.get("PixelMeasuresSequence") for group in groups if group is not None]
+    spacing = next((items[0].get("PixelSpacing") for items in measures if items), None) or ds.get("PixelSpacing")
+    return _mean_size([float(value) for value in spacing or []])
+
+
+def _mean_size(sizes: list[float]) -> float | None:
+    sizes = [size for size in sizes if math.isfinite(size) and size > 0]
+    return float(np.mean(sizes)) if sizes else None
 
 
 def _plain(value: Any) -> int | float | str:
@@ -643,9 +649,13 @@ def acquisition(path: str | Path, frame: int = 0) -> dict[str, Any]:
     holds (numbers as numbers, several values as a list) and ``pixel_mm``; for a NIfTI/NRRD volume ``pixel_mm`` only,
     for a rendered slice nothing. Never raises: a file that cannot be read (any more) gives ``{}``."""
     path = Path(path)
+    found: dict[str, Any] = {}
     try:
-        found: dict[str, Any] = {}
-        if not _is_volume(path) and not _is_rendered(path):
+        if _is_rendered(path):
+            return found
+        if _is_volume(path):
+            pixel_mm = pixel_size_mm(path, frame)
+        else:
             ds = read_dicom_ct(path, header_only=True)
             for keyword in ACQUISITION_KEYWORDS:
                 value = ds.get(keyword)
@@ -653,7 +663,7 @@ def acquisition(path: str | Path, frame: int = 0) -> dict[str, Any]:
                 values = [_plain(v) for v in values if str(v).strip()]
                 if values:
                     found[keyword] = values[0] if len(values) == 1 else values
-        pixel_mm = None if _is_rendered(path) else pixel_size_mm(path, frame)
+            pixel_mm = _dicom_pixel_mm(ds, frame)
     except Exception:  # the report never fails for a header: a vanished file, or one rewritten since it was scored
         return {}
     return {**found, "pixel_mm": pixel_mm} if pixel_mm is not None else found
