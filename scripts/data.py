@@ -150,10 +150,11 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
     named: dict[Path, str] = {}
     for name, value in sorted(labels.items()):
         reason = _check_name(name, root / image_dir) or _check_label(value, LDCT_RANGE)
-        path, missing = _named_image(root / image_dir, name)
         if reason:
             problems.append((f"{label_file} [{name}]", reason))
-        elif missing:
+            continue
+        path, missing = _named_image(root / image_dir, name)
+        if missing:
             problems.append((str(path), f"named in {label_name} but {missing}"))
         elif path in named:
             problems.append((f"{label_file} [{name}]", f"{path.name} is labelled twice (as {named[path]!r} too)"))

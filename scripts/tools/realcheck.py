@@ -27,7 +27,7 @@ With ``inputs`` the same check runs on the user's own CT instead (DICOM series, 
 ``per_series`` slices of each series, evenly spaced, padded to a square with air; the pixel size comes from the
 header (``DEFAULT_PIXEL_MM`` with a warning when it gives none), and inputs that cannot be used are listed.
 
-``python -m scripts realcheck [--ckpt FILE] [--output_dir DIR] [--size N] [--seed S] [--device D] [--inputs PATH]``
+``python -m scripts realcheck [PATH ...] [--ckpt FILE] [--output_dir DIR] [--size N] [--seed S] [--device D]``
 """
 
 from __future__ import annotations
@@ -101,18 +101,19 @@ def read_real_slice(path: str | Path, size: int | None = None) -> tuple[np.ndarr
 
     ds = pydicom.dcmread(path)
     hu = np.clip(frames_hu(ds)[0].astype(np.float64), *HU_CLIP)
-    return _resized(hu, [float(v) for v in ds.get("PixelSpacing", [1.0, 1.0])], size)
+    pixel_mm = pixel_size_mm(path) or DEFAULT_PIXEL_MM
+    return _resized(hu, pixel_mm, size)
 
 
-def _resized(hu: np.ndarray, spacing: Sequence[float], size: int | None) -> tuple[np.ndarray, float]:
-    """(HU resampled to ``size`` x ``size`` px when given, its mean pixel size in mm)."""
+def _resized(hu: np.ndarray, pixel_mm: float, size: int | None) -> tuple[np.ndarray, float]:
+    """(HU resampled to ``size`` x ``size`` px when given, its mean pixel size in mm: the field of view is kept)."""
     rows, cols = hu.shape
-    if size is not None and (rows, cols) != (size, size):
-        from skimage.transform import resize
+    if size is None or (rows, cols) == (size, size):
+        return hu, pixel_mm
+    from skimage.transform import resize
 
-        hu = resize(hu, (size, size), order=1, anti_aliasing=True, preserve_range=True)
-        spacing = [spacing[0] * rows / size, spacing[1] * cols / size]
-    return hu, float(np.mean(spacing))
+    resized = resize(hu, (size, size), order=1, anti_aliasing=True, preserve_range=True)
+    return resized, pixel_mm * (rows + cols) / (2 * size)
 
 
 def _square(hu: np.ndarray) -> np.ndarray:
@@ -153,7 +154,7 @@ def input_slices(
                 logger.warning("%s: no pixel size in its header; %g mm assumed", item["image"], DEFAULT_PIXEL_MM)
                 pixel_mm = DEFAULT_PIXEL_MM
             hu = _square(np.clip(hu[0].astype(np.float64), *HU_CLIP))
-            slices.append((f"{series} [{index}]", *_resized(hu, [pixel_mm, pixel_mm], size)))
+            slices.append((f"{series} [{index}]", *_resized(hu, pixel_mm, size)))
     return slices, errors
 
 
