@@ -3,7 +3,8 @@
 - KADID-10k (phase 1): ``images/*.png`` and ``dmos.csv`` (dist_img, ref_img, dmos, var), MOS 1..5.
 - LDCTIQA (phase 2): ``image/*.tif`` + ``train.json``, or ``images/*.tiff`` + ``test.json`` (either folder name is
   taken with either label file when only the other exists);
-  a flat map ``{"0000.tif": 2.8, ...}``, scores 0..4 (a name without suffix is the TIFF of that stem).
+  a flat map ``{"0000.tif": 2.8, ...}``, scores 0..4 (a name without suffix is the TIFF of that stem); or the
+  test ground truth as released in groups, ``test-ground-truth.json`` (``_grouped_labels``).
 
 Every problem found (missing files, bad labels, unreadable images) is collected and raised
 together as one ``DatasetError`` that names each file and its reason.
@@ -31,6 +32,7 @@ from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice
 logger = logging.getLogger(__name__)
 
 LDCT_LAYOUTS = (("image", "train.json"), ("images", "test.json"))
+LDCT_GROUPED_LABELS = "test-ground-truth.json"  # the slices of each group in a folder of its own
 LDCT_RANGE = (0.0, 4.0)
 KADID_RANGE = (1.0, 5.0)
 SETTING_A_SEED = 48
@@ -107,6 +109,30 @@ def _named_image(folder: Path, name: str) -> tuple[Path, str]:
     return path, f"the image does not exist (nor {tiffs[0].name} or {tiffs[1].name})"
 
 
+def _grouped_labels(labels: dict[str, Any], label_file: Path, problems: list[tuple[str, str]]) -> dict[str, Any]:
+    """The flat map ``{"test_0/<fname>": score, ...}`` of grouped labels, ``{"test_0.tif": {"fnames": [...],
+    "scores": [...]}, ...}`` (LDCTIQA's test ground truth as released), whose slices lie in one folder per group,
+    named as the group without its suffix. A group whose folder is missing is one problem, not one per slice."""
+    flat: dict[str, Any] = {}
+    for key, group in labels.items():
+        fnames, scores = group.get("fnames"), group.get("scores")
+        if not (isinstance(fnames, list) and isinstance(scores, list) and len(fnames) == len(scores)):
+            problems.append((f"{label_file} [{key}]", 'expected {"fnames": [...], "scores": [...]} of equal length'))
+            continue
+        folder = os.path.splitext(key)[0]
+        if not (label_file.parent / folder).is_dir():
+            reason = f"folder of group {key!r} does not exist (its {len(fnames)} slices go there, one TIFF each)"
+            problems.append((str(label_file.parent / folder), reason))
+            continue
+        for fname, score in zip(fnames, scores, strict=True):
+            name = f"{folder}/{fname}"
+            if name in flat:
+                problems.append((f"{label_file} [{key}]", f"{fname!r} is listed twice"))
+            else:
+                flat[name] = score
+    return flat
+
+
 def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json.loads`` hook: a key given twice is an error, not "the last one wins"."""
     seen: dict[str, Any] = {}
@@ -128,13 +154,15 @@ def _check_images(items: list[dict], problems: list[tuple[str, str]]) -> None:
 def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> list[dict]:
     """``[{"image": path, "label": score}]`` for an LDCTIQA train or test folder, checked."""
     root = _require_dir(dataset_dir)
-    layout = next(((img, lab) for img, lab in LDCT_LAYOUTS if (root / lab).is_file()), None)
+    layouts = (*LDCT_LAYOUTS, ("", LDCT_GROUPED_LABELS))
+    layout = next(((img, lab) for img, lab in layouts if (root / lab).is_file()), None)
     if layout is None:
-        expected = " or ".join(f"{img}/ + {lab}" for img, lab in LDCT_LAYOUTS)
-        hint = _found_below(root, [label for _, label in LDCT_LAYOUTS])
+        expected = " or ".join(f"{img}/ + {lab}" for img, lab in LDCT_LAYOUTS) + f" or {LDCT_GROUPED_LABELS}"
+        hint = _found_below(root, [label for _, label in layouts])
         raise DatasetError([(str(root), f"no LDCTIQA label file found (expected {expected}){hint}")])
     image_dir, label_name = layout
-    if not (root / image_dir).is_dir():  # a set rearranged by hand: its label file with the other folder name
+    # a set rearranged by hand: its label file with the other folder name
+    if image_dir and not (root / image_dir).is_dir():
         image_dir = next((img for img, _ in LDCT_LAYOUTS if (root / img).is_dir()), image_dir)
     label_file = root / label_name
     try:
@@ -144,8 +172,10 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
     except ValueError as error:  # a duplicate key
         raise DatasetError([(str(label_file), str(error))]) from None
     if not isinstance(labels, dict) or not labels:
-        raise DatasetError([(str(label_file), 'expected a non-empty flat map {"0000.tif": 2.8, ...}')])
+        raise DatasetError([(str(label_file), 'expected a non-empty map {"0000.tif": 2.8, ...}')])
     problems: list[tuple[str, str]] = []
+    if all(isinstance(group, dict) for group in labels.values()):
+        labels = _grouped_labels(labels, label_file, problems)
     items = []
     named: dict[Path, str] = {}
     for name, value in sorted(labels.items()):
@@ -161,6 +191,8 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
         else:
             named[path] = name
             items.append({"image": str(path), "label": float(value)})
+    if not items and not problems:
+        problems.append((str(label_file), "names no slices"))
     if check_images:
         _check_images(items, problems)
     if problems:

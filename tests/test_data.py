@@ -118,6 +118,88 @@ def test_a_label_name_without_suffix_with_two_tiffs_is_ambiguous(ldct_copy: Path
         ldct_labelled_items(ldct_copy)
 
 
+def _grouped(ldct_copy: Path) -> Path:
+    """The training copy rearranged as LDCTIQA's test ground truth is released: ``test-ground-truth.json``,
+    ``{"test_0.tif": {"fnames": [...], "scores": [...]}, ...}``, each group's slices in its own folder."""
+    labels = json.loads((ldct_copy / "train.json").read_text())
+    root = ldct_copy.parent / "grouped"
+    grouped = {}
+    for number, names in enumerate((sorted(labels)[:20], sorted(labels)[20:])):
+        (root / f"test_{number}").mkdir(parents=True)
+        for name in names:
+            shutil.copy(ldct_copy / "image" / name, root / f"test_{number}" / name)
+        grouped[f"test_{number}.tif"] = {"fnames": [name[:-4] for name in names], "scores": [labels[n] for n in names]}
+    (root / "test-ground-truth.json").write_text(json.dumps(grouped))
+    return root
+
+
+def _edit_groups(root: Path, edit) -> None:
+    labels = json.loads((root / "test-ground-truth.json").read_text())
+    edit(labels)
+    (root / "test-ground-truth.json").write_text(json.dumps(labels))
+
+
+def test_grouped_test_ground_truth_is_read(ldct_copy: Path, tmp_path: Path) -> None:
+    """The same 32 slices and scores, read from their group folders; a datalist keeps the folders."""
+    flat = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)]
+    grouped = _grouped(ldct_copy)
+    items = ldct_labelled_items(grouped)
+    assert [(Path(item["image"]).name, item["label"]) for item in items] == flat and len(flat) == 32
+    assert [Path(item["image"]).parent.name for item in items] == ["test_0"] * 20 + ["test_1"] * 12
+    assert check_dataset(str(grouped))["images"] == 32
+    with pytest.raises(
+        DatasetError, match=r"or test-ground-truth.json\); its subfolders grouped/, ldct/ hold one each"
+    ):
+        ldct_labelled_items(grouped.parent)
+    training_datalists(grouped, split=0.25, seed=0, output_dir=tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "datalist.json").read_text())
+    listed = sorted(item["image"] for item in record["training"] + record["validation"])
+    assert listed == sorted(f"{Path(item['image']).parent.name}/{Path(item['image']).name}" for item in items)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (
+            lambda groups: shutil.rmtree(groups / "test_1"),
+            r"grouped/test_1: folder of group 'test_1.tif' does not exist \(its 12 slices go there",
+        ),
+        (
+            lambda groups: _edit_groups(groups, lambda labels: labels["test_0.tif"]["scores"].pop()),
+            r"test-ground-truth.json \[test_0.tif\]: expected \{\"fnames\": \[...\], \"scores\": \[...\]\} of equal",
+        ),
+        (
+            lambda groups: _edit_groups(groups, lambda labels: labels["test_1.tif"].pop("fnames")),
+            r"test-ground-truth.json \[test_1.tif\]: expected",
+        ),
+        (
+            lambda groups: _edit_groups(groups, lambda labels: labels["test_0.tif"]["scores"].__setitem__(3, 4.4)),
+            r"test-ground-truth.json \[test_0/0003\]: label 4.4 is outside \[0, 4\]",
+        ),
+        (
+            lambda groups: (groups / "test_0" / "0005.tif").unlink(),
+            r"test_0/0005: named in test-ground-truth.json but the image does not exist \(nor 0005.tif",
+        ),
+        (
+            lambda groups: _edit_groups(groups, lambda labels: labels["test_0.tif"]["fnames"].__setitem__(1, "0000")),
+            r"test-ground-truth.json \[test_0.tif\]: '0000' is listed twice",
+        ),
+    ],
+)
+def test_grouped_test_ground_truth_errors(ldct_copy: Path, edit, reason: str) -> None:
+    grouped = _grouped(ldct_copy)
+    edit(grouped)
+    with pytest.raises(DatasetError, match=reason):
+        ldct_labelled_items(grouped)
+
+
+def test_grouped_labels_naming_no_slices(ldct_copy: Path) -> None:
+    grouped = _grouped(ldct_copy)
+    (grouped / "test-ground-truth.json").write_text(json.dumps({"test_0.tif": {"fnames": [], "scores": []}}))
+    with pytest.raises(DatasetError, match=r"test-ground-truth.json: names no slices"):
+        ldct_labelled_items(grouped)
+
+
 @pytest.mark.parametrize(
     ("value", "reason"),
     [
