@@ -122,6 +122,10 @@ def _grouped_labels(labels: dict[str, Any], label_file: Path, problems: list[tup
         folder = os.path.splitext(key)[0]
         if not (label_file.parent / folder).is_dir():
             reason = f"folder of group {key!r} does not exist (its {len(fnames)} slices go there, one TIFF each)"
+            if (label_file.parent / key).is_file():
+                reason += (
+                    f"; {key} is a file: its slices are read from {folder}/, one TIFF per slice named as in fnames"
+                )
             problems.append((str(label_file.parent / folder), reason))
             continue
         for fname, score in zip(fnames, scores, strict=True):

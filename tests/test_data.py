@@ -165,6 +165,11 @@ def test_grouped_test_ground_truth_is_read(ldct_copy: Path, tmp_path: Path) -> N
             r"grouped/test_1: folder of group 'test_1.tif' does not exist \(its 12 slices go there",
         ),
         (
+            lambda groups: shutil.rmtree(groups / "test_1") or (groups / "test_1.tif").write_bytes(b"a stack"),
+            r"does not exist \(its 12 slices go there, one TIFF each\); test_1.tif is a file: its slices are read from "
+            r"test_1/, one TIFF per slice named as in fnames",
+        ),
+        (
             lambda groups: _edit_groups(groups, lambda labels: labels["test_0.tif"]["scores"].pop()),
             r"test-ground-truth.json \[test_0.tif\]: expected \{\"fnames\": \[...\], \"scores\": \[...\]\} of equal",
         ),
