@@ -144,6 +144,48 @@ def score(
         raise SystemExit(1)
 
 
+def compare(
+    first: str,
+    second: str,
+    output_dir: str,
+    ckpt: str | None = None,
+    window: tuple[float, float] = HU_WINDOW,
+    device: str | None = None,
+    batch_size: int = 16,
+    num_workers: Any = "auto",
+    max_slice_mb: float = 64.0,
+    amp: Any = False,
+    channels_last: Any = "auto",
+    compile: Any = False,
+) -> None:
+    """Compare two scans of the same anatomy slice by slice (low and full dose, two reconstructions): each a DICOM
+    file or folder, a NIfTI/NRRD volume or slice images; compare.json and pairs.csv in output_dir.
+
+    Scored as ``score`` scores them (the same options); slices paired by series and position; the mean difference
+    (second - first), the share of pairs where each side scores higher, the Wilcoxon signed-rank p-value, and the
+    Mann-Whitney U p-value over every slice. Exits non-zero when either side has no slice scored.
+    """
+    from scripts import transforms
+    from scripts.clinical.compare import compare_lines, compare_paths
+    from scripts.output_dir import OutputError, printable
+
+    _options_or_exit(amp, channels_last, compile, num_workers)
+    ckpt = _checkpoint_or_exit(ckpt)
+    transforms.MAX_SLICE_MB = float(max_slice_mb)
+    options = {"amp": amp, "channels_last": channels_last, "compile": compile}
+    try:
+        sides = [str(first)], [str(second)]
+        result = compare_paths(*sides, str(output_dir), ckpt, window, device, batch_size, num_workers, **options)
+    except OutputError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(1) from None
+    print("\n".join(compare_lines(result)))
+    shown = printable(str(output_dir))
+    print(f"  {shown}/compare.json\n  {shown}/pairs.csv")
+    if not (result["first"]["n_slices"] and result["second"]["n_slices"]):
+        raise SystemExit(1)
+
+
 def realcheck(
     *inputs: str,
     ckpt: str | None = None,
@@ -224,6 +266,7 @@ def main() -> None:
             "synth_ct": synth_ct,
             "synth_natural": synth_natural,
             "score": score,
+            "compare": compare,
             "realcheck": realcheck,
             "export": export,
             "demo": demo,

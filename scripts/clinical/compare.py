@@ -1,0 +1,169 @@
+"""Compare two scans of the same anatomy slice by slice: low against full dose, two reconstructions, a scan before
+and after denoising (``python -m scripts compare FIRST SECOND --output_dir OUT [--ckpt FILE]``).
+
+Both sides are scored as ``score`` scores them, by one network. Slices are paired by series and position: the
+series of each side in name order, one to one when both sides have as many series; within a pair of series, each
+slice of the first with the slice of the second at the same position (within a quarter of the first's median
+slice spacing; a volume's slices by index, a rendered slice file with the other side's in name order).
+``compare.json`` gives each side's slices and mean score; over the pairs, the mean difference (second - first),
+the shares of pairs where the second scores higher, lower or within ``TIE``, and the Wilcoxon signed-rank p-value;
+the Mann-Whitney U p-value over every slice of both sides, paired or not; and what could not be scored, per side.
+``pairs.csv`` lists the pairs. Each file is written atomically, into a locked output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from scripts.clinical.score import Series, SliceScorer, score_inputs
+from scripts.ct_io import HU_WINDOW
+from scripts.output_dir import locked_output_dir, printable_tree, write_bytes_atomic, write_json_atomic
+
+TIE = 0.05  # scores this close (on the 0..4 scale) count as neither side higher
+MIN_TOLERANCE_MM = 0.01
+
+
+def _tolerance(series: Series) -> float:
+    """Half the distance to the next slice, halved again: positions closer than this are the same slice."""
+    positions = np.sort([item["position"] for item in series.items])
+    steps = np.diff(positions)
+    steps = steps[steps > 0]
+    return max(float(np.median(steps)) / 4 if steps.size else MIN_TOLERANCE_MM, MIN_TOLERANCE_MM)
+
+
+def position_pairs(first: Series, second: Series) -> list[tuple[int, int]]:
+    """``(i, j)``: slice ``i`` of ``first`` and slice ``j`` of ``second`` at the same position, each slice in one pair
+    at most."""
+    tolerance = _tolerance(first)
+    positions = np.array([item["position"] for item in second.items])
+    pairs, taken = [], set()
+    for i, item in enumerate(first.items):
+        distance = np.abs(positions - item["position"])
+        j = int(np.argmin(distance))
+        if distance[j] <= tolerance and j not in taken:
+            taken.add(j)
+            pairs.append((i, j))
+    return pairs
+
+
+def pair_slices(first: Sequence[Series], second: Sequence[Series]) -> list[tuple[Series, int, Series, int]]:
+    """The paired slices of two scored sides (see the module's docstring); none when the sides' series counts
+    differ."""
+    if len(first) != len(second):
+        return []
+    by_name = sorted(first, key=lambda entry: entry.name), sorted(second, key=lambda entry: entry.name)
+    return [(a, i, b, j) for a, b in zip(*by_name, strict=True) for i, j in position_pairs(a, b)]
+
+
+def _side(inputs: Sequence[str], series: Sequence[Series], errors: list[dict]) -> dict[str, Any]:
+    scores = [score for entry in series for score in entry.scores]
+    return {
+        "inputs": list(inputs),
+        "series": [entry.name for entry in series],
+        "n_slices": len(scores),
+        "mean": float(np.mean(scores)) if scores else None,
+        "errors": errors,
+    }
+
+
+def compare_scores(
+    first: Sequence[Series], second: Sequence[Series]
+) -> tuple[dict[str, Any], list[tuple[Series, int, Series, int]]]:
+    """The statistics of ``compare.json`` (``paired``, ``unpaired``) and the pairs they were drawn from."""
+    pairs = pair_slices(first, second)
+    differences = np.array([b.scores[j] - a.scores[i] for a, i, b, j in pairs])
+    paired: dict[str, Any] = {"n_pairs": len(pairs)}
+    if pairs:
+        paired.update(
+            mean_difference=float(differences.mean()),
+            second_higher=float(np.mean(differences > TIE)),
+            first_higher=float(np.mean(differences < -TIE)),
+            tied=float(np.mean(np.abs(differences) <= TIE)),
+            wilcoxon_p=float(stats.wilcoxon(differences).pvalue) if np.any(differences) else 1.0,
+        )
+    all_first = [score for entry in first for score in entry.scores]
+    all_second = [score for entry in second for score in entry.scores]
+    unpaired: dict[str, Any] = {"mean_difference": None, "mann_whitney_p": None}
+    if all_first and all_second:
+        unpaired.update(
+            mean_difference=float(np.mean(all_second) - np.mean(all_first)),
+            mann_whitney_p=float(stats.mannwhitneyu(all_second, all_first).pvalue),
+        )
+    return {"paired": paired, "unpaired": unpaired}, pairs
+
+
+def _pairs_csv(pairs: Sequence[tuple[Series, int, Series, int]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["first_source", "second_source", "first_position", "first_score", "second_score", "difference"])
+    for a, i, b, j in pairs:
+        sources = [a.items[i]["image"], b.items[j]["image"]]
+        values = [a.items[i]["position"], a.scores[i], b.scores[j], b.scores[j] - a.scores[i]]
+        writer.writerow(printable_tree([*sources, *(f"{value:.4f}" for value in values)]))
+    return buffer.getvalue().encode()
+
+
+def compare_paths(
+    first: Sequence[str],
+    second: Sequence[str],
+    output_dir: str | Path,
+    ckpt: str | Path,
+    window: Any = HU_WINDOW,
+    device: str | None = None,
+    batch_size: int = 16,
+    num_workers: Any = "auto",
+    **options: Any,
+) -> dict[str, Any]:
+    """Score both sides with the checkpoint's network (``options``: ``amp``, ``channels_last``, ``compile``, as for
+    ``score``) and write ``pairs.csv`` and ``compare.json`` (returned) in ``output_dir``, locked before the network
+    loads (``OutputError``)."""
+    with locked_output_dir(output_dir) as output:
+        scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window, **options)
+        first_series, first_errors = score_inputs(first, scorer, output)
+        second_series, second_errors = score_inputs(second, scorer, output)
+        statistics, pairs = compare_scores(first_series, second_series)
+        result = printable_tree(
+            {
+                "first": _side(first, first_series, first_errors),
+                "second": _side(second, second_series, second_errors),
+                **statistics,
+            }
+        )
+        write_bytes_atomic(output / "pairs.csv", _pairs_csv(pairs))
+        write_json_atomic(output / "compare.json", result)
+    return result
+
+
+def compare_lines(result: dict[str, Any]) -> list[str]:
+    """What ``python -m scripts compare`` prints."""
+    lines = []
+    for side in ("first", "second"):
+        entry = result[side]
+        mean = f", mean score {entry['mean']:.2f}" if entry["mean"] is not None else ""
+        lines.append(
+            f"{side}: {entry['n_slices']} slices in {len(entry['series'])} series{mean}; "
+            f"{len(entry['errors'])} inputs not scored"
+        )
+    paired = result["paired"]
+    if paired["n_pairs"]:
+        lines.append(
+            f"{paired['n_pairs']} slices paired by position: second - first = {paired['mean_difference']:+.2f} on "
+            f"average; second higher in {paired['second_higher']:.0%}, lower in {paired['first_higher']:.0%}, "
+            f"tied in {paired['tied']:.0%}; Wilcoxon signed-rank p = {paired['wilcoxon_p']:.2g}"
+        )
+    else:
+        lines.append("no slices paired by position (the sides differ in series count, or their positions differ)")
+    unpaired = result["unpaired"]
+    if unpaired["mann_whitney_p"] is not None:
+        lines.append(
+            f"all slices: second - first = {unpaired['mean_difference']:+.2f}; "
+            f"Mann-Whitney U p = {unpaired['mann_whitney_p']:.2g}"
+        )
+    return lines

@@ -1,0 +1,124 @@
+"""``compare``: two scans of the same slices scored side by side, paired by position, with scipy's statistics."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from scripts.__main__ import compare
+from scripts.clinical.compare import TIE, compare_scores, pair_slices
+from scripts.clinical.score import Series, score_paths
+from scripts.ct_io import write_dicom_slice
+
+POSITIONS = [-12.5, -10.0, -7.5, -5.0, -2.5, 0.0]
+
+
+def _series(name: str, positions: list[float], scores: list[float] | None = None) -> Series:
+    items = [{"image": f"{name}/{k}.dcm", "position": position} for k, position in enumerate(positions)]
+    return Series(name, items, scores or [2.0] * len(items), [0.0] * len(items))
+
+
+def _phantom(seed: int, noise_hu: float) -> np.ndarray:
+    """A water disc in air with ``noise_hu`` of noise, 64 px."""
+    rows, columns = np.mgrid[:64, :64]
+    hu = np.where((rows - 32) ** 2 + (columns - 32) ** 2 < 26**2, 40.0, -1000.0)
+    return hu + np.random.default_rng(seed).normal(0.0, noise_hu, hu.shape)
+
+
+@pytest.fixture(scope="module")
+def dose_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A full-dose series and a noisier one at the same positions, with one slice more (at 2.5 mm) and a file that
+    is not DICOM."""
+    root = tmp_path_factory.mktemp("dose_pair")
+    for k, position in enumerate(POSITIONS):
+        write_dicom_slice(root / "full" / f"{k:03d}.dcm", _phantom(k, 5.0), "1.2.3.1", position)
+        write_dicom_slice(root / "low" / f"{k:03d}.dcm", _phantom(k, 60.0), "1.2.3.2", position)
+    write_dicom_slice(root / "low" / "extra.dcm", _phantom(9, 60.0), "1.2.3.2", 2.5)
+    (root / "low" / "notes.txt").write_text("not an image")
+    return root / "full", root / "low"
+
+
+def test_slices_are_paired_by_position_within_a_quarter_of_their_spacing() -> None:
+    first = _series("a", [0.0, 2.5, 5.0, 7.5])
+    second = _series("b", [0.3, 2.5, 5.2, 10.0, 2.6])
+    assert [(i, j) for _, i, _, j in pair_slices([first], [second])] == [(0, 0), (1, 1), (2, 2)]
+    volume_slices = _series("v", [0.0, 1.0, 2.0])
+    assert [(i, j) for _, i, _, j in pair_slices([volume_slices], [_series("w", [2.0, 1.0])])] == [(1, 1), (2, 0)]
+    assert pair_slices([first], [second, _series("c", [0.0])]) == []  # series counts differ: nothing paired
+
+
+def test_series_are_paired_in_name_order() -> None:
+    first = [_series("p2/full", [0.0]), _series("p1/full", [0.0])]
+    second = [_series("p1/low", [0.0]), _series("p2/low", [0.0])]
+    assert [(a.name, b.name) for a, _, b, _ in pair_slices(first, second)] == [
+        ("p1/full", "p1/low"),
+        ("p2/full", "p2/low"),
+    ]
+
+
+def test_statistics_are_scipy_on_the_same_numbers() -> None:
+    rng = np.random.default_rng(0)
+    low = list(rng.uniform(0, 3, 20))
+    full = [value + shift for value, shift in zip(low, rng.normal(0.5, 0.4, 20), strict=True)]
+    full[3] = low[3] + TIE / 2  # a tie
+    statistics, pairs = compare_scores([_series("low", list(range(20)), low)], [_series("full", list(range(20)), full)])
+    differences = np.array(full) - np.array(low)
+    paired = statistics["paired"]
+    assert len(pairs) == paired["n_pairs"] == 20
+    assert paired["mean_difference"] == pytest.approx(differences.mean(), abs=1e-12)
+    assert paired["wilcoxon_p"] == pytest.approx(stats.wilcoxon(differences).pvalue, rel=1e-12)
+    assert paired["tied"] == pytest.approx(np.mean(np.abs(differences) <= TIE)) and paired["tied"] >= 0.05
+    assert paired["second_higher"] + paired["first_higher"] + paired["tied"] == pytest.approx(1.0)
+    assert paired["second_higher"] == pytest.approx(np.mean(differences > TIE))
+    unpaired = statistics["unpaired"]
+    assert unpaired["mann_whitney_p"] == pytest.approx(stats.mannwhitneyu(full, low).pvalue, rel=1e-12)
+    assert unpaired["mean_difference"] == pytest.approx(np.mean(full) - np.mean(low))
+    same, _ = compare_scores([_series("a", [0.0, 1.0], [2.0, 3.0])], [_series("b", [0.0, 1.0], [2.0, 3.0])])
+    assert same["paired"]["wilcoxon_p"] == 1.0 and same["paired"]["tied"] == 1.0
+
+
+def test_compare_scores_both_sides_as_score_does(
+    tiny_checkpoint: Path, dose_pair: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    full, low = dose_pair
+    compare(str(low), str(full), output_dir=str(tmp_path / "cmp"), ckpt=str(tiny_checkpoint), device="cpu")
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["first"]["n_slices"] == 7 and result["second"]["n_slices"] == 6
+    assert [Path(error["path"]).name for error in result["first"]["errors"]] == ["notes.txt"]
+    assert result["paired"]["n_pairs"] == 6
+    with open(tmp_path / "cmp" / "pairs.csv", newline="") as stream:
+        pairs = list(csv.DictReader(stream))
+    assert [float(row["first_position"]) for row in pairs] == POSITIONS
+    assert [Path(row["first_source"]).name for row in pairs] == [Path(row["second_source"]).name for row in pairs]
+    scored = {}
+    for side in (low, full):
+        score_paths([side], tmp_path / side.name, ckpt=tiny_checkpoint, device="cpu")
+        with open(tmp_path / side.name / "scores.csv", newline="") as stream:
+            scored.update({row["source"]: float(row["score"]) for row in csv.DictReader(stream)})
+    for row in pairs:
+        assert float(row["first_score"]) == scored[row["first_source"]]
+        assert float(row["second_score"]) == scored[row["second_source"]]
+    differences = [scored[row["second_source"]] - scored[row["first_source"]] for row in pairs]
+    assert result["paired"]["mean_difference"] == pytest.approx(np.mean(differences), abs=1e-4)
+    assert "6 slices paired by position: second - first = " in printed and "compare.json" in printed
+
+
+def test_a_side_with_nothing_scored_exits_non_zero_and_still_reports(
+    tiny_checkpoint: Path, dose_pair: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(SystemExit) as stopped:
+        compare(str(empty), str(dose_pair[0]), output_dir=str(tmp_path / "cmp"), ckpt=str(tiny_checkpoint))
+    assert stopped.value.code == 1
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["first"]["n_slices"] == 0 and result["first"]["mean"] is None
+    assert result["second"]["n_slices"] == 6 and result["paired"] == {"n_pairs": 0}
+    assert "first: 0 slices in 0 series; 1 inputs not scored" in capsys.readouterr().out
