@@ -161,7 +161,8 @@ def compare(
     """Compare two scans of the same anatomy slice by slice (low and full dose, two reconstructions): each a DICOM
     file or folder, a NIfTI/NRRD volume or slice images; compare.json and pairs.csv in output_dir.
 
-    Scored as ``score`` scores them (the same options); slices paired by series and position; the mean difference
+    Scored as ``score`` scores them (the same options); slices paired by series (one a side, else by folder under
+    each input) and position; the mean difference
     (second - first), the share of pairs where each side scores higher, the Wilcoxon signed-rank p-value, and the
     Mann-Whitney U p-value over every slice. Exits non-zero when either side has no slice scored.
     """
@@ -174,7 +175,7 @@ def compare(
     transforms.MAX_SLICE_MB = float(max_slice_mb)
     options = {"amp": amp, "channels_last": channels_last, "compile": compile}
     try:
-        sides = [str(first)], [str(second)]
+        sides = str(first), str(second)  # fire reads a name like 2024 as a number
         result = compare_paths(*sides, str(output_dir), ckpt, window, device, batch_size, num_workers, **options)
     except OutputError as error:
         print(error, file=sys.stderr)

@@ -11,15 +11,15 @@ import pytest
 from scipy import stats
 
 from scripts.__main__ import compare
-from scripts.clinical.compare import TIE, compare_scores, pair_slices
+from scripts.clinical.compare import TIE, compare_scores, pair_series, pair_slices
 from scripts.clinical.score import Series, score_paths
 from scripts.ct_io import write_dicom_slice
 
 POSITIONS = [-12.5, -10.0, -7.5, -5.0, -2.5, 0.0]
 
 
-def _series(name: str, positions: list[float], scores: list[float] | None = None) -> Series:
-    items = [{"image": f"{name}/{k}.dcm", "position": position} for k, position in enumerate(positions)]
+def _series(name: str, positions: list[float], scores: list[float] | None = None, folder: str = "") -> Series:
+    items = [{"image": f"{folder or name}/{k}.dcm", "position": position} for k, position in enumerate(positions)]
     return Series(name, items, scores or [2.0] * len(items), [0.0] * len(items))
 
 
@@ -49,16 +49,22 @@ def test_slices_are_paired_by_position_within_a_quarter_of_their_spacing() -> No
     assert [(i, j) for _, i, _, j in pair_slices([first], [second])] == [(0, 0), (1, 1), (2, 2)]
     volume_slices = _series("v", [0.0, 1.0, 2.0])
     assert [(i, j) for _, i, _, j in pair_slices([volume_slices], [_series("w", [2.0, 1.0])])] == [(1, 1), (2, 0)]
-    assert pair_slices([first], [second, _series("c", [0.0])]) == []  # series counts differ: nothing paired
 
 
-def test_series_are_paired_in_name_order() -> None:
-    first = [_series("p2/full", [0.0]), _series("p1/full", [0.0])]
-    second = [_series("p1/low", [0.0]), _series("p2/low", [0.0])]
-    assert [(a.name, b.name) for a, _, b, _ in pair_slices(first, second)] == [
-        ("p1/full", "p1/low"),
-        ("p2/full", "p2/low"),
-    ]
+def test_series_are_paired_by_their_folder_under_each_input(tmp_path: Path) -> None:
+    """One series a side: a pair wherever they lie. Several: by folder (their UIDs, the names, are unrelated), in
+    name order within a folder; a folder on one side only pairs nothing."""
+    for folder in ("low/p1", "low/p2", "low/p3", "full/p1", "full/p2", "t", "u"):
+        (tmp_path / folder).mkdir(parents=True)
+    low = [_series(f"uid{k}", [0.0], folder=str(tmp_path / "low" / f"p{k}")) for k in (1, 2, 3)]
+    full = [_series(f"uid{10 - k}", [0.0], folder=str(tmp_path / "full" / f"p{k}")) for k in (2, 1)]
+    assert pair_series(low[:1], full[:1]) == [(low[0], full[0])]
+    roots = str(tmp_path / "low"), str(tmp_path / "full")
+    assert [(a.name, b.name) for a, b in pair_series(low, full, roots)] == [("uid1", "uid9"), ("uid2", "uid8")]
+    slices = [_series(f"{tmp_path}/t/test{k}.tiff", [0.0], folder=str(tmp_path / "t")) for k in (1, 0)]
+    again = [_series(f"{tmp_path}/u/test{k}.tiff", [0.0], folder=str(tmp_path / "u")) for k in (0, 1)]
+    pairs = pair_series(slices, again, (str(tmp_path / "t"), str(tmp_path / "u")))
+    assert [(Path(a.name).name, Path(b.name).name) for a, b in pairs] == [("test0.tiff",) * 2, ("test1.tiff",) * 2]
 
 
 def test_statistics_are_scipy_on_the_same_numbers() -> None:
@@ -122,3 +128,19 @@ def test_a_side_with_nothing_scored_exits_non_zero_and_still_reports(
     assert result["first"]["n_slices"] == 0 and result["first"]["mean"] is None
     assert result["second"]["n_slices"] == 6 and result["paired"] == {"n_pairs": 0}
     assert "first: 0 slices in 0 series; 1 inputs not scored" in capsys.readouterr().out
+
+
+def test_patients_in_parallel_folders_are_paired_by_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Two patients a side at the same table positions, each series with its own UID (in name order the other
+    patient's on the other side): each patient's slices pair with the same patient's."""
+    for side, noise in (("low", 60.0), ("full", 5.0)):
+        for patient in ("p1", "p2"):
+            number = int(patient[1]) if side == "low" else 3 - int(patient[1])
+            uid = f"1.2.3.{len(side)}.{number}"
+            for k, position in enumerate(POSITIONS[:2]):
+                write_dicom_slice(tmp_path / side / patient / f"{k}.dcm", _phantom(k, noise), uid, position)
+    compare(str(tmp_path / "low"), str(tmp_path / "full"), output_dir=str(tmp_path / "cmp"), ckpt=str(tiny_checkpoint))
+    with open(tmp_path / "cmp" / "pairs.csv", newline="") as stream:
+        pairs = [(Path(row["first_source"]), Path(row["second_source"])) for row in csv.DictReader(stream)]
+    assert len(pairs) == 4
+    assert all(a.parent.name == b.parent.name and a.name == b.name for a, b in pairs)

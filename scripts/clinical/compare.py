@@ -1,10 +1,11 @@
 """Compare two scans of the same anatomy slice by slice: low against full dose, two reconstructions, a scan before
 and after denoising (``python -m scripts compare FIRST SECOND --output_dir OUT [--ckpt FILE]``).
 
-Both sides are scored as ``score`` scores them, by one network. Slices are paired by series and position: the
-series of each side in name order, one to one when both sides have as many series; within a pair of series, each
-slice of the first with the slice of the second at the same position (within a quarter of the first's median
-slice spacing; a volume's slices by index, a rendered slice file with the other side's in name order).
+Both sides are scored as ``score`` scores them, by one network. Slices are paired by series and position
+(``pair_series``, ``position_pairs``): one series on each side are a pair; otherwise series pair by the folder they
+lie in under their side's input (``L067/`` with ``L067/``), in name order within a folder; within a pair of series,
+each slice of the first with the slice of the second at the same position (within a quarter of the first's median
+slice spacing; a volume's slices by index).
 ``compare.json`` gives each side's slices and mean score; over the pairs, the mean difference (second - first),
 the shares of pairs where the second scores higher, lower or within ``TIE``, and the Wilcoxon signed-rank p-value;
 the Mann-Whitney U p-value over every slice of both sides, paired or not; and what could not be scored, per side.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,8 @@ MIN_TOLERANCE_MM = 0.01
 
 
 def _tolerance(series: Series) -> float:
-    """Half the distance to the next slice, halved again: positions closer than this are the same slice."""
+    """A quarter of the median distance between neighbouring slices (``MIN_TOLERANCE_MM`` at least): positions
+    closer than this are the same slice."""
     positions = np.sort([item["position"] for item in series.items])
     steps = np.diff(positions)
     steps = steps[steps > 0]
@@ -53,19 +56,38 @@ def position_pairs(first: Series, second: Series) -> list[tuple[int, int]]:
     return pairs
 
 
-def pair_slices(first: Sequence[Series], second: Sequence[Series]) -> list[tuple[Series, int, Series, int]]:
-    """The paired slices of two scored sides (see the module's docstring); none when the sides' series counts
-    differ."""
-    if len(first) != len(second):
-        return []
-    by_name = sorted(first, key=lambda entry: entry.name), sorted(second, key=lambda entry: entry.name)
-    return [(a, i, b, j) for a, b in zip(*by_name, strict=True) for i, j in position_pairs(a, b)]
+def _by_folder(series: Sequence[Series], root: str) -> dict[str, list[Series]]:
+    """The series under ``root`` by the folder of their first slice relative to it, each folder's in name order."""
+    folders: dict[str, list[Series]] = {}
+    for entry in sorted(series, key=lambda entry: entry.name):
+        folder = Path(entry.items[0]["image"]).parent
+        key = os.path.relpath(folder, root) if Path(root).is_dir() else "."
+        folders.setdefault(key, []).append(entry)
+    return folders
 
 
-def _side(inputs: Sequence[str], series: Sequence[Series], errors: list[dict]) -> dict[str, Any]:
+def pair_series(
+    first: Sequence[Series], second: Sequence[Series], roots: tuple[str, str] = (".", ".")
+) -> list[tuple[Series, Series]]:
+    """The series of two sides that show the same slices: one on each side, else those in the same folder under
+    the sides' inputs ``roots``, in name order within a folder (as many as both sides have there)."""
+    if len(first) == 1 and len(second) == 1:
+        return [(first[0], second[0])]
+    folders = _by_folder(first, roots[0]), _by_folder(second, roots[1])
+    return [pair for key in folders[0] for pair in zip(folders[0][key], folders[1].get(key, []), strict=False)]
+
+
+def pair_slices(
+    first: Sequence[Series], second: Sequence[Series], roots: tuple[str, str] = (".", ".")
+) -> list[tuple[Series, int, Series, int]]:
+    """The paired slices of two scored sides: ``(series, index, series, index)``."""
+    return [(a, i, b, j) for a, b in pair_series(first, second, roots) for i, j in position_pairs(a, b)]
+
+
+def _side(path: str, series: Sequence[Series], errors: list[dict]) -> dict[str, Any]:
     scores = [score for entry in series for score in entry.scores]
     return {
-        "inputs": list(inputs),
+        "input": path,
         "series": [entry.name for entry in series],
         "n_slices": len(scores),
         "mean": float(np.mean(scores)) if scores else None,
@@ -74,10 +96,10 @@ def _side(inputs: Sequence[str], series: Sequence[Series], errors: list[dict]) -
 
 
 def compare_scores(
-    first: Sequence[Series], second: Sequence[Series]
+    first: Sequence[Series], second: Sequence[Series], roots: tuple[str, str] = (".", ".")
 ) -> tuple[dict[str, Any], list[tuple[Series, int, Series, int]]]:
     """The statistics of ``compare.json`` (``paired``, ``unpaired``) and the pairs they were drawn from."""
-    pairs = pair_slices(first, second)
+    pairs = pair_slices(first, second, roots)
     differences = np.array([b.scores[j] - a.scores[i] for a, i, b, j in pairs])
     paired: dict[str, Any] = {"n_pairs": len(pairs)}
     if pairs:
@@ -111,8 +133,8 @@ def _pairs_csv(pairs: Sequence[tuple[Series, int, Series, int]]) -> bytes:
 
 
 def compare_paths(
-    first: Sequence[str],
-    second: Sequence[str],
+    first: str,
+    second: str,
     output_dir: str | Path,
     ckpt: str | Path,
     window: Any = HU_WINDOW,
@@ -126,9 +148,9 @@ def compare_paths(
     loads (``OutputError``)."""
     with locked_output_dir(output_dir) as output:
         scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window, **options)
-        first_series, first_errors = score_inputs(first, scorer, output)
-        second_series, second_errors = score_inputs(second, scorer, output)
-        statistics, pairs = compare_scores(first_series, second_series)
+        first_series, first_errors = score_inputs([first], scorer, output)
+        second_series, second_errors = score_inputs([second], scorer, output)
+        statistics, pairs = compare_scores(first_series, second_series, (first, second))
         result = printable_tree(
             {
                 "first": _side(first, first_series, first_errors),
@@ -159,7 +181,7 @@ def compare_lines(result: dict[str, Any]) -> list[str]:
             f"tied in {paired['tied']:.0%}; Wilcoxon signed-rank p = {paired['wilcoxon_p']:.2g}"
         )
     else:
-        lines.append("no slices paired by position (the sides differ in series count, or their positions differ)")
+        lines.append("no slices paired (no series in the same folder on both sides, or no slice at the same position)")
     unpaired = result["unpaired"]
     if unpaired["mann_whitney_p"] is not None:
         lines.append(
