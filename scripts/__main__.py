@@ -55,6 +55,20 @@ def _options_or_exit(amp: Any, channels_last: Any, compile: Any, num_workers: An
         raise SystemExit(2) from None
 
 
+def _scoring_setup(
+    ckpt: str | None, max_slice_mb: float, amp: Any, channels_last: Any, compile: Any, num_workers: Any
+) -> tuple[str, dict[str, Any]]:
+    """``score``'s and ``compare``'s checks before the model loads (one line and an exit for a bad option or
+    checkpoint): the checkpoint, and the inference config's speed ids. Sets the cap per slice for this process and
+    the reading workers it forks."""
+    from scripts import transforms
+
+    _options_or_exit(amp, channels_last, compile, num_workers)
+    ckpt = _checkpoint_or_exit(ckpt)
+    transforms.MAX_SLICE_MB = float(max_slice_mb)
+    return ckpt, {"amp": amp, "channels_last": channels_last, "compile": compile}
+
+
 def check_data(
     dataset_dir: str | None = None, layout: str = "ldct", labels: str | None = None, score_range: Any = LDCT_RANGE
 ) -> None:
@@ -118,16 +132,12 @@ def score(
     false skips the series plots. Exits
     non-zero when no input could be scored, or (before scoring, with one line) when output_dir cannot be used.
     """
-    from scripts import transforms
     from scripts.clinical.score import score_paths
     from scripts.output_dir import OutputError, printable
 
-    _options_or_exit(amp, channels_last, compile, num_workers)
-    ckpt = _checkpoint_or_exit(ckpt)
-    transforms.MAX_SLICE_MB = float(max_slice_mb)  # this process and the reading workers it forks
+    ckpt, options = _scoring_setup(ckpt, max_slice_mb, amp, channels_last, compile, num_workers)
     try:
         inputs = [str(path) for path in paths]  # fire reads a name like 2024 as a number
-        options = {"amp": amp, "channels_last": channels_last, "compile": compile}
         summary = score_paths(inputs, str(output_dir), ckpt, window, device, batch_size, num_workers, plots, **options)
     except OutputError as error:
         print(error, file=sys.stderr)
@@ -166,14 +176,10 @@ def compare(
     (second - first), the share of pairs where each side scores higher, the Wilcoxon signed-rank p-value, and the
     Mann-Whitney U p-value over every slice. Exits non-zero when either side has no slice scored.
     """
-    from scripts import transforms
     from scripts.clinical.compare import compare_lines, compare_paths
     from scripts.output_dir import OutputError, printable
 
-    _options_or_exit(amp, channels_last, compile, num_workers)
-    ckpt = _checkpoint_or_exit(ckpt)
-    transforms.MAX_SLICE_MB = float(max_slice_mb)
-    options = {"amp": amp, "channels_last": channels_last, "compile": compile}
+    ckpt, options = _scoring_setup(ckpt, max_slice_mb, amp, channels_last, compile, num_workers)
     try:
         sides = str(first), str(second)  # fire reads a name like 2024 as a number
         result = compare_paths(*sides, str(output_dir), ckpt, window, device, batch_size, num_workers, **options)
