@@ -98,6 +98,7 @@ def test_compare_scores_both_sides_as_score_does(
     assert result["first"]["n_slices"] == 7 and result["second"]["n_slices"] == 6
     assert [Path(error["path"]).name for error in result["first"]["errors"]] == ["notes.txt"]
     assert result["paired"]["n_pairs"] == 6
+    assert [entry["n_slices"] for entry in result["first"]["series"].values()] == [7]
     with open(tmp_path / "cmp" / "pairs.csv", newline="") as stream:
         pairs = list(csv.DictReader(stream))
     assert [float(row["first_position"]) for row in pairs] == POSITIONS

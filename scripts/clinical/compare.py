@@ -6,7 +6,8 @@ Both sides are scored as ``score`` scores them, by one network. Slices are paire
 lie in under their side's input (``L067/`` with ``L067/``), in name order within a folder; within a pair of series,
 each slice of the first with the slice of the second at the same position (within a quarter of the first's median
 slice spacing; a volume's slices by index).
-``compare.json`` gives each side's slices and mean score; over the pairs, the mean difference (second - first),
+``compare.json`` gives each side's slices and mean score, and its series as ``score``'s ``summary.json`` gives them
+(with how each was acquired); over the pairs, the mean difference (second - first),
 the shares of pairs where the second scores higher, lower or within ``TIE``, and the Wilcoxon signed-rank p-value;
 the Mann-Whitney U p-value over every slice of both sides, paired or not; and what could not be scored, per side.
 ``pairs.csv`` lists the pairs. Each file is written atomically, into a locked output folder.
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from scripts.clinical.score import Series, SliceScorer, score_inputs
+from scripts.clinical.score import Series, SliceScorer, score_inputs, series_summary
 from scripts.ct_io import HU_WINDOW
 from scripts.output_dir import locked_output_dir, printable_tree, write_bytes_atomic, write_json_atomic
 
@@ -88,7 +89,7 @@ def _side(path: str, series: Sequence[Series], errors: list[dict]) -> dict[str, 
     scores = [score for entry in series for score in entry.scores]
     return {
         "input": path,
-        "series": [entry.name for entry in series],
+        "series": {entry.name: series_summary(entry) for entry in series},
         "n_slices": len(scores),
         "mean": float(np.mean(scores)) if scores else None,
         "errors": errors,
