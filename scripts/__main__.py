@@ -172,9 +172,9 @@ def compare(
     file or folder, a NIfTI/NRRD volume or slice images; compare.json and pairs.csv in output_dir.
 
     Scored as ``score`` scores them (the same options); slices paired by series (one a side, else by folder under
-    each input) and position; the mean difference
-    (second - first), the share of pairs where each side scores higher, the Wilcoxon signed-rank p-value, and the
-    Mann-Whitney U p-value over every slice. Exits non-zero when either side has no slice scored.
+    each input) and position; the mean difference (second - first), the share of pairs where each side scores
+    higher, the Wilcoxon signed-rank p-value, and the Mann-Whitney U p-value over every slice. Exits non-zero when
+    either side has no slice scored.
     """
     from scripts.clinical.compare import compare_lines, compare_paths
     from scripts.output_dir import OutputError, printable

@@ -109,10 +109,13 @@ def _named_image(folder: Path, name: str) -> tuple[Path, str]:
     return path, f"the image does not exist (nor {tiffs[0].name} or {tiffs[1].name})"
 
 
-def _grouped_labels(labels: dict[str, Any], label_file: Path, problems: list[tuple[str, str]]) -> dict[str, Any]:
+def _grouped_labels(
+    labels: dict[str, Any], label_file: Path, image_dir: Path, problems: list[tuple[str, str]]
+) -> dict[str, Any]:
     """The flat map ``{"test_0/<fname>": score, ...}`` of grouped labels, ``{"test_0.tif": {"fnames": [...],
-    "scores": [...]}, ...}`` (LDCTIQA's test ground truth as released), whose slices lie in one folder per group,
-    named as the group without its suffix. A group whose folder is missing is one problem, not one per slice."""
+    "scores": [...]}, ...}`` (LDCTIQA's test ground truth as released), whose slices lie in one folder per group in
+    ``image_dir``, named as the group without its suffix. A group whose folder is missing is one problem, not one
+    per slice."""
     flat: dict[str, Any] = {}
     for key, group in labels.items():
         fnames, scores = group.get("fnames"), group.get("scores")
@@ -120,13 +123,13 @@ def _grouped_labels(labels: dict[str, Any], label_file: Path, problems: list[tup
             problems.append((f"{label_file} [{key}]", 'expected {"fnames": [...], "scores": [...]} of equal length'))
             continue
         folder = os.path.splitext(key)[0]
-        if not (label_file.parent / folder).is_dir():
+        if not (image_dir / folder).is_dir():
             reason = f"folder of group {key!r} does not exist (its {len(fnames)} slices go there, one TIFF each)"
-            if (label_file.parent / key).is_file():
+            if (image_dir / key).is_file():
                 reason += (
                     f"; {key} is a file: its slices are read from {folder}/, one TIFF per slice named as in fnames"
                 )
-            problems.append((str(label_file.parent / folder), reason))
+            problems.append((str(image_dir / folder), reason))
             continue
         for fname, score in zip(fnames, scores, strict=True):
             name = f"{folder}/{fname}"
@@ -179,7 +182,7 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
         raise DatasetError([(str(label_file), 'expected a non-empty map {"0000.tif": 2.8, ...}')])
     problems: list[tuple[str, str]] = []
     if all(isinstance(group, dict) for group in labels.values()):
-        labels = _grouped_labels(labels, label_file, problems)
+        labels = _grouped_labels(labels, label_file, root / image_dir, problems)
     items = []
     named: dict[Path, str] = {}
     for name, value in sorted(labels.items()):

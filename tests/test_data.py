@@ -155,6 +155,14 @@ def test_grouped_test_ground_truth_is_read(ldct_copy: Path, tmp_path: Path) -> N
     record = json.loads((tmp_path / "run" / "datalist.json").read_text())
     listed = sorted(item["image"] for item in record["training"] + record["validation"])
     assert listed == sorted(f"{Path(item['image']).parent.name}/{Path(item['image']).name}" for item in items)
+    (grouped / "images").mkdir()  # the grouped form in test.json, its group folders in images/
+    for folder in ("test_0", "test_1"):
+        (grouped / folder).rename(grouped / "images" / folder)
+    (grouped / "test-ground-truth.json").rename(grouped / "test.json")
+    moved = ldct_labelled_items(grouped)
+    assert [(item["image"].replace("/images/", "/"), item["label"]) for item in moved] == [
+        (item["image"], item["label"]) for item in items
+    ]
 
 
 @pytest.mark.parametrize(
