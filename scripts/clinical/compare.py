@@ -60,9 +60,10 @@ def position_pairs(first: Series, second: Series) -> list[tuple[int, int]]:
 def _by_folder(series: Sequence[Series], root: str) -> dict[str, list[Series]]:
     """The series under ``root`` by the folder of their first slice relative to it, each folder's in name order."""
     folders: dict[str, list[Series]] = {}
+    root_is_folder = Path(root).is_dir()
     for entry in sorted(series, key=lambda entry: entry.name):
         folder = Path(entry.items[0]["image"]).parent
-        key = os.path.relpath(folder, root) if Path(root).is_dir() else "."
+        key = os.path.relpath(folder, root) if root_is_folder else "."
         folders.setdefault(key, []).append(entry)
     return folders
 
