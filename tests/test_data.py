@@ -32,10 +32,10 @@ def ldct_copy(ldct_train_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(ldct_train_dir, tmp_path / "ldct"))
 
 
-def _rewrite_labels(root: Path, edit) -> None:
-    labels = json.loads((root / "train.json").read_text())
+def _rewrite_labels(root: Path, edit, label_file: str = "train.json") -> None:
+    labels = json.loads((root / label_file).read_text())
     edit(labels)
-    (root / "train.json").write_text(json.dumps(labels))
+    (root / label_file).write_text(json.dumps(labels))
 
 
 def test_both_ldct_layouts_are_read(ldct_train_dir: Path, ldct_test_dir: Path) -> None:
@@ -134,9 +134,7 @@ def _grouped(ldct_copy: Path) -> Path:
 
 
 def _edit_groups(root: Path, edit) -> None:
-    labels = json.loads((root / "test-ground-truth.json").read_text())
-    edit(labels)
-    (root / "test-ground-truth.json").write_text(json.dumps(labels))
+    _rewrite_labels(root, edit, "test-ground-truth.json")
 
 
 def test_grouped_test_ground_truth_is_read(ldct_copy: Path, tmp_path: Path) -> None:
