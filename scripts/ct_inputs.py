@@ -48,7 +48,7 @@ from monai.transforms import MapTransform
 
 from scripts.ct_io import HU_WINDOW, check_hu_mapping, frame_count, frame_hu, stored_values_are_hu
 from scripts.options import as_bool
-from scripts.output_dir import LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
+from scripts.output_dir import COMPARE_ENTRIES, LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
 from scripts.transforms import (
     SLICE_SUFFIXES,
     DeclaredSizeError,
@@ -160,7 +160,8 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
     Links are followed; a real file or folder reached a second time (overlapping inputs, links) is taken once,
     the second path skipped without an error. Link loops, broken links, FIFOs, sockets and devices, unreadable
     folders and files are errors. ``skip`` (the output folder) is never read: below an input it is left out
-    (logged); named as an input itself, only its report and lock are left out.
+    (logged); named as an input itself, only its report and lock are left out, as in any folder holding a run's lock
+    (an earlier report of ``score`` or ``compare``: its plots are not CT slices).
     """
     files: list[Path] = []
     errors = ErrorList()
@@ -201,8 +202,11 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
         except OSError as error:
             errors.add(str(path), f"folder: {_unreachable(path, error)}")
             return
-        if key == skip_key:  # the output folder named as an input: its own files are not inputs
-            names = [n for n in names if n not in (*REPORT_ENTRIES, LOCK_NAME) and not n.startswith(TEMP_PREFIX)]
+        if key == skip_key or LOCK_NAME in names:  # the output folder named as an input, or an earlier report
+            outputs = (*REPORT_ENTRIES, *COMPARE_ENTRIES, LOCK_NAME)
+            left_out = [n for n in names if n in outputs or n.startswith(TEMP_PREFIX)]
+            logger.info("not read as input: the report in %s (%s)", path, ", ".join(left_out))
+            names = [n for n in names if n not in left_out]
         inside = {**ancestors, key: path}
         for name in names:
             visit(path / name, inside)
@@ -223,8 +227,29 @@ def _is_rendered(path: Path) -> bool:
 # --- DICOM -------------------------------------------------------------------------------------
 
 
+def _archive_kind(path: Path) -> str | None:
+    """ "ZIP", "tar", "7-Zip" or "RAR" when the file (gzip-compressed or not) is such an archive, by its magic bytes."""
+    with open(path, "rb") as stream:
+        head = stream.read(262)
+    if head.startswith(GZIP_MAGIC):
+        try:
+            with gzip.open(path, "rb") as stream:
+                head = stream.read(262)
+        except (OSError, EOFError, zlib.error):
+            return None
+    kinds = {b"PK\x03\x04": "ZIP", b"7z\xbc\xaf\x27\x1c": "7-Zip", b"Rar!\x1a\x07": "RAR"}
+    kind = next((name for magic, name in kinds.items() if head.startswith(magic)), None)
+    return kind or ("tar" if head[257:262] == b"ustar" else None)
+
+
 def _not_dicom(path: Path) -> str:
     """Why a file with no DICOM elements is not scored, with what would be."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    archive = _archive_kind(path)
+    if archive:
+        return f"a {archive} archive: unpack it and score the folder it gives"
     reason = "not a DICOM file (no DICOM elements found)"
     if path.suffix.lower() in (".hdr", ".img"):
         return f"{reason}: an Analyze or NIfTI pair (.hdr/.img) is not read; save it as .nii or .nii.gz"
@@ -293,6 +318,11 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
     except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
         raise InputError(f"not a readable DICOM file ({type(error).__name__}: {error})") from error
     sop_class = _uid_or_file_meta(ds, "SOPClassUID")
+    if len(ds) == 0 and len(getattr(ds, "file_meta", None) or ()):  # pydicom gives up on data that ends early
+        raise InputError(
+            f"truncated or damaged DICOM file ({path.stat().st_size:,} bytes): it has a file meta "
+            "header, but its data set cannot be read to the end"
+        )
     if not any(tag in ds for tag in PIXEL_TAGS):
         if len(ds) == 0 or (sop_class is None and "Modality" not in ds):
             raise InputError(_not_dicom(path))
@@ -585,12 +615,15 @@ def _check_volume_size(path: Path, image: Any, shape: tuple[int, ...]) -> None:
         )
 
 
-def _volume_depth(path: Path) -> int:
-    """How many axial slices the volume has once reoriented to RAS, from the header alone."""
+def _volume_positions(path: Path) -> list[float]:
+    """Where each axial slice of the volume reoriented to RAS lies along its slice axis (mm, increasing towards the
+    head, as a DICOM series' positions along the normal of an axial ImageOrientationPatient), from the header alone;
+    the slice index when the affine gives the axis no length."""
     import nibabel
 
     image = _volume_image(path)
-    axes = nibabel.io_orientation(image.affine)[:, 0]
+    orientation = nibabel.io_orientation(image.affine)
+    axes = orientation[:, 0]
     axial = next((axis for axis, target in enumerate(axes) if target == 2), 2)
     in_plane = [int(image.shape[axis]) for axis in range(3) if axis != axial]
     if min(in_plane) < MIN_SIDE:
@@ -601,7 +634,12 @@ def _volume_depth(path: Path) -> int:
         check_slice_size(in_plane)
     except DeclaredSizeError as error:
         raise InputError(str(error)) from None
-    return int(image.shape[axial])
+    ras = image.affine @ nibabel.orientations.inv_ornt_aff(orientation, image.shape)
+    step = float(np.linalg.norm(ras[:3, 2]))
+    if not np.isfinite(step) or step == 0.0:
+        return [float(k) for k in range(int(image.shape[axial]))]
+    start = float(ras[:3, 3] @ ras[:3, 2]) / step
+    return [start + k * step for k in range(int(image.shape[axial]))]
 
 
 def pixel_size_mm(path: str | Path, frame: int = 0) -> float | None:
@@ -703,7 +741,7 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
     if not path.is_file():
         raise InputError("file does not exist")
     if _is_volume(path):
-        return str(path), [{"position": float(k)} for k in range(_volume_depth(path))], ""
+        return str(path), [{"position": position} for position in _volume_positions(path)], ""
     if _is_rendered(path):
         try:
             check_image_header(path)
@@ -961,7 +999,7 @@ def read_ct_slice(
         volume = volume_hu(str(path), path.stat().st_mtime)
         if not 0 <= frame < volume.shape[2]:
             raise InputError(f"slice {frame} is outside the volume's {volume.shape[2]} slices")
-        hu = np.ascontiguousarray(volume[:, :, frame].T[::-1])
+        hu = np.ascontiguousarray(volume[:, :, frame].T[::-1, ::-1])  # as DICOM shows it: anterior up, right left
         where = f"slice {frame}: "
     else:
         ds = read_dicom_ct(path)

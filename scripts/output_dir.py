@@ -23,6 +23,7 @@ from typing import Any, BinaryIO
 LOCK_NAME = ".lock"
 TEMP_PREFIX = ".report.tmp-"
 REPORT_ENTRIES = ("series", "scores.csv", "summary.json")  # swapped in this order: summary.json last
+COMPARE_ENTRIES = ("pairs.csv", "compare.json")  # what ``compare`` writes
 MIN_FREE_BYTES = 1 << 20
 BYTES_PER_SLICE = 400  # a scores.csv row and its share of summary.json
 BYTES_PER_PLOT = 200_000  # one series/*.png, generously

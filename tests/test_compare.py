@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import nibabel
+import nrrd
 import numpy as np
 import pytest
 from scipy import stats
@@ -13,6 +15,7 @@ from scipy import stats
 from scripts.__main__ import compare
 from scripts.clinical.compare import TIE, compare_scores, pair_series, pair_slices
 from scripts.clinical.score import Series, score_paths
+from scripts.ct_inputs import index_inputs, read_ct_slice
 from scripts.ct_io import write_dicom_slice
 
 POSITIONS = [-12.5, -10.0, -7.5, -5.0, -2.5, 0.0]
@@ -116,6 +119,47 @@ def test_compare_scores_both_sides_as_score_does(
     assert "6 slices paired by position: second - first = " in printed and "compare.json" in printed
 
 
+def test_volumes_made_from_a_series_read_as_its_slices_and_pair_with_them(
+    tiny_checkpoint: Path, dose_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A NIfTI as dcm2niix writes a series (voxel (i, j, k): column i, row j of slice k; DICOM's LPS mm negated in x
+    and y) and an NRRD in LPS as 3D Slicer writes one: each slice is the DICOM slice, pixel for pixel, at its
+    position, so compare pairs every slice with itself and finds them tied."""
+    full = dose_pair[0]
+    files = sorted(full.glob("*.dcm"))
+    hu = [read_ct_slice(path)[0][0] for path in files]
+    volume = np.stack([pixels.T for pixels in hu], axis=2)
+    to_ras = np.diag([-1.0, -1.0, 2.5, 1.0])
+    to_ras[2, 3] = POSITIONS[0]
+    nibabel.save(nibabel.Nifti1Image(volume, to_ras), tmp_path / "full.nii.gz")
+    lps = {"space": "left-posterior-superior", "space directions": np.diag([1.0, 1.0, 2.5])}
+    nrrd.write(str(tmp_path / "full.nrrd"), volume, {**lps, "space origin": np.array([0.0, 0.0, POSITIONS[0]])})
+    for made in (tmp_path / "full.nii.gz", tmp_path / "full.nrrd"):
+        items, errors = index_inputs([made])
+        assert errors == [] and [item["position"] for item in items] == pytest.approx(POSITIONS)
+        for k, path in enumerate(files):
+            assert np.array_equal(read_ct_slice(made, k)[0], read_ct_slice(path)[0])
+    compare(str(tmp_path / "full.nii.gz"), str(full), output_dir=str(tmp_path / "cmp"), ckpt=str(tiny_checkpoint))
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert result["paired"]["n_pairs"] == 6 and result["paired"]["tied"] == 1.0
+    with open(tmp_path / "cmp" / "pairs.csv", newline="") as stream:
+        pairs = list(csv.DictReader(stream))
+    assert [int(row["first_slice"]) for row in pairs] == [int(row["second_slice"]) for row in pairs] == list(range(6))
+    assert [Path(row["second_source"]) for row in pairs] == files
+
+
+def test_unpaired_sides_say_why() -> None:
+    first, shifted = _series("a", [0.0, 2.5]), _series("b", [100.0, 102.5])
+    assert compare_scores([first], [shifted])[0]["paired"] == {
+        "n_pairs": 0,
+        "reason": "no slice at the same position: a at 0 to 2.5 mm, b at 100 to 102.5 mm",
+    }
+    apart = [_series("c", [0.0], folder="p1"), _series("d", [0.0], folder="p1")]
+    assert compare_scores(apart, [_series("e", [0.0], folder="p2")])[0]["paired"]["reason"] == (
+        "no series in the same folder under both inputs"
+    )
+
+
 def test_a_side_with_nothing_scored_exits_non_zero_and_still_reports(
     tiny_checkpoint: Path, dose_pair: tuple[Path, Path], tmp_path: Path, capsys
 ) -> None:
@@ -127,8 +171,11 @@ def test_a_side_with_nothing_scored_exits_non_zero_and_still_reports(
     assert stopped.value.code == 1
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert result["first"]["n_slices"] == 0 and result["first"]["mean"] is None
-    assert result["second"]["n_slices"] == 6 and result["paired"] == {"n_pairs": 0}
-    assert "first: 0 slices in 0 series; 1 inputs not scored" in capsys.readouterr().out
+    assert result["second"]["n_slices"] == 6
+    assert result["paired"] == {"n_pairs": 0, "reason": "nothing scored on the first side"}
+    printed = capsys.readouterr().out
+    assert "first: 0 slices in 0 series; 1 inputs not scored" in printed
+    assert "no slices paired: nothing scored on the first side" in printed
 
 
 def test_patients_in_parallel_folders_are_paired_by_folder(tiny_checkpoint: Path, tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import nibabel
@@ -140,6 +142,11 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(tiny_checkpoint: Path, mixe
         rows = list(csv.DictReader(stream))
     ct_rows = [row for row in rows if row["series"] == "1.2.3.4"]
     assert [Path(row["source"]).name for row in ct_rows] == ["ct_10.dcm", "ct_20.dcm", "ct_30.dcm"]  # by position
+    nan_rows = [row for row in rows if row["source"] == str(mixed_folder / "vol_nan.nii")]
+    assert [int(row["slice_index"]) for row in nan_rows] == [0, 1, 3, 4]  # slice 2 is reported; the rest keep theirs
+    nan_scores = {int(row["slice_index"]): float(row["score"]) for row in nan_rows}
+    for worst in summary["series"][str(mixed_folder / "vol_nan.nii")]["worst"]:
+        assert nan_scores[worst["slice_index"]] == pytest.approx(worst["score"], abs=1e-4)
     assert len(rows) == 21 and all(0.0 <= float(row["score"]) <= 4.0 for row in rows)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     series = summary["series"]["1.2.3.4"]
@@ -385,7 +392,7 @@ def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
     assert [item["frame"] for item in items] == list(range(8))
     first = read_scored_slice(tmp_path / "vol.nii", 0, (-100.0, 100.0))[0]
     ras = volume[::-1, :, ::-1]
-    assert np.allclose(first, np.clip((ras[:, :, 0].T[::-1] + 100.0) / 200.0, 0.0, 1.0))
+    assert np.allclose(first, np.clip((ras[:, :, 0].T[::-1, ::-1] + 100.0) / 200.0, 0.0, 1.0))
     permuted = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)  # voxel axis 0 is S
     nibabel.save(nibabel.Nifti1Image(volume, permuted), tmp_path / "permuted.nii")
     items, _ = index_inputs([tmp_path / "permuted.nii"])
@@ -393,6 +400,25 @@ def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:
     assert read_scored_slice(tmp_path / "permuted.nii", 3, (-100.0, 100.0)).shape == (1, 10, 8)
     nibabel.save(nibabel.Nifti1Image(np.zeros((9, 10, 8, 2), np.float32), np.eye(4)), tmp_path / "4d.nii")
     assert index_inputs([tmp_path / "4d.nii"])[1][0]["reason"].endswith("(wrong dimensionality)")
+
+
+def test_empty_truncated_and_archived_files_say_what_they_are(tmp_path: Path) -> None:
+    whole = write_compressed_ct(tmp_path / "whole.dcm", JPEG2000Lossless).read_bytes()
+    (tmp_path / "cut.dcm").write_bytes(whole[: len(whole) // 2])  # its header whole, its pixel fragments cut
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    with zipfile.ZipFile(tmp_path / "series.zip", "w") as archive:
+        archive.writestr("0.dcm", whole)
+    with tarfile.open(tmp_path / "series.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "whole.dcm", arcname="0.dcm")
+    items, errors = index_inputs([tmp_path])
+    assert [Path(item["image"]).name for item in items] == ["whole.dcm"]
+    assert {Path(error["path"]).name: error["reason"] for error in errors} == {
+        "cut.dcm": f"truncated or damaged DICOM file ({len(whole) // 2:,} bytes): it has a file meta header, but its "
+        "data set cannot be read to the end",
+        "empty.dcm": "empty file (0 bytes)",
+        "series.zip": "a ZIP archive: unpack it and score the folder it gives",
+        "series.tar.gz": "a tar archive: unpack it and score the folder it gives",
+    }
 
 
 def test_a_slice_saved_2d_or_with_unit_axes_reads_as_the_3d_volume_and_cifti_is_named(tmp_path: Path) -> None:
@@ -403,7 +429,7 @@ def test_a_slice_saved_2d_or_with_unit_axes_reads_as_the_3d_volume_and_cifti_is_
     items, errors = index_inputs(sorted(tmp_path.glob("*.nii.gz")))
     assert errors == [] and [Path(item["image"]).name for item in items] == ["2d.nii.gz", "3d.nii.gz", "5d.nii.gz"]
     expected = read_scored_slice(tmp_path / "3d.nii.gz", 0, (-100.0, 100.0))
-    assert np.allclose(expected[0], np.clip((pixels.T[::-1] + 100.0) / 200.0, 0.0, 1.0))
+    assert np.allclose(expected[0], np.clip((pixels.T[::-1, ::-1] + 100.0) / 200.0, 0.0, 1.0))
     for name in ("2d.nii.gz", "5d.nii.gz"):
         assert np.array_equal(read_scored_slice(tmp_path / name, 0, (-100.0, 100.0)), expected)
     cifti = nibabel.cifti2.Cifti2Image(

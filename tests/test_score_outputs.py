@@ -122,6 +122,19 @@ def test_the_output_folder_is_never_read_as_input(tiny_checkpoint: Path, tmp_pat
             assert summary["series"]["5.5"]["n_slices"] == 2
 
 
+def test_an_earlier_report_inside_an_input_is_not_read_but_what_lies_beside_it_is(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    inputs = ct_series(tmp_path / "inputs", "5.5")
+    score_paths([inputs], inputs / "old", tiny_checkpoint, device="cpu", num_workers=0)  # its plot is an RGBA PNG
+    (inputs / "old" / "pairs.csv").write_text("first_source,second_source\n")  # and compare's files beside it
+    (inputs / "old" / "compare.json").write_text("{}")
+    ct_series(inputs / "old", "7.7", n=1)  # a slice saved into the report's folder is still an input
+    summary = score_paths([inputs], tmp_path / "new", tiny_checkpoint, device="cpu", num_workers=0)
+    assert summary["errors"] == []
+    assert {name: entry["n_slices"] for name, entry in summary["series"].items()} == {"5.5": 2, "7.7": 1}
+
+
 def test_a_second_run_into_a_locked_output_folder_stops_at_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
     inputs = ct_series(tmp_path / "inputs", "6.6")
     out = tmp_path / "out"

@@ -4,8 +4,9 @@ and after denoising (``python -m scripts compare FIRST SECOND --output_dir OUT [
 Both sides are scored as ``score`` scores them, by one network. Slices are paired by series and position
 (``pair_series``, ``position_pairs``): one series on each side are a pair; otherwise series pair by the folder they
 lie in under their side's input (``L067/`` with ``L067/``), in name order within a folder; within a pair of series,
-each slice of the first with the slice of the second at the same position (within a quarter of the first's median
-slice spacing; a volume's slices by index).
+each slice of the first with the slice of the second at the same position along the slice axis (within a quarter of
+the first's median slice spacing): a DICOM slice's along the normal of its orientation, a NIfTI or NRRD slice's
+from the volume's affine, so a volume made from a series pairs with it.
 ``compare.json`` gives each side's slices and mean score, and its series as ``score``'s ``summary.json`` gives them
 (with how each was acquired); over the pairs, the mean difference (second - first),
 the shares of pairs where the second scores higher, lower or within ``TIE``, and the Wilcoxon signed-rank p-value;
@@ -27,7 +28,13 @@ from scipy import stats
 
 from scripts.clinical.score import Series, SliceScorer, score_inputs, series_summary
 from scripts.ct_io import HU_WINDOW
-from scripts.output_dir import locked_output_dir, printable_tree, write_bytes_atomic, write_json_atomic
+from scripts.output_dir import (
+    COMPARE_ENTRIES,
+    locked_output_dir,
+    printable_tree,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 TIE = 0.05  # scores this close (on the 0..4 scale) count as neither side higher
 MIN_TOLERANCE_MM = 0.01
@@ -97,6 +104,22 @@ def _side(path: str, series: Sequence[Series], errors: list[dict]) -> dict[str, 
     }
 
 
+def _unpaired_reason(first: Sequence[Series], second: Sequence[Series], roots: tuple[str, str]) -> str:
+    """Why two scored sides have no slice in a pair: no series on a side, none in the same folder, or where the
+    first pair of series lies."""
+    if not first or not second:
+        return f"nothing scored on the {'first' if not first else 'second'} side"
+    series = pair_series(first, second, roots)
+    if not series:
+        return "no series in the same folder under both inputs"
+    ranges = [
+        f"{entry.name} at {min(item['position'] for item in entry.items):g} to "
+        f"{max(item['position'] for item in entry.items):g} mm"
+        for entry in series[0]
+    ]
+    return f"no slice at the same position: {ranges[0]}, {ranges[1]}"
+
+
 def compare_scores(
     first: Sequence[Series], second: Sequence[Series], roots: tuple[str, str] = (".", ".")
 ) -> tuple[dict[str, Any], list[tuple[Series, int, Series, int]]]:
@@ -104,7 +127,9 @@ def compare_scores(
     pairs = pair_slices(first, second, roots)
     differences = np.array([b.scores[j] - a.scores[i] for a, i, b, j in pairs])
     paired: dict[str, Any] = {"n_pairs": len(pairs)}
-    if pairs:
+    if not pairs:
+        paired["reason"] = _unpaired_reason(first, second, roots)
+    else:
         paired.update(
             mean_difference=float(differences.mean()),
             second_higher=float(np.mean(differences > TIE)),
@@ -126,11 +151,12 @@ def compare_scores(
 def _pairs_csv(pairs: Sequence[tuple[Series, int, Series, int]]) -> bytes:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["first_source", "second_source", "first_position", "first_score", "second_score", "difference"])
+    header = ["first_source", "second_source", "first_slice", "second_slice", "first_position"]
+    writer.writerow([*header, "first_score", "second_score", "difference"])
     for a, i, b, j in pairs:
-        sources = [a.items[i]["image"], b.items[j]["image"]]
+        where = [a.items[i]["image"], b.items[j]["image"], a.slice_indices()[i], b.slice_indices()[j]]
         values = [a.items[i]["position"], a.scores[i], b.scores[j], b.scores[j] - a.scores[i]]
-        writer.writerow(printable_tree([*sources, *(f"{value:.4f}" for value in values)]))
+        writer.writerow(printable_tree([*where, *(f"{value:.4f}" for value in values)]))
     return buffer.getvalue().encode()
 
 
@@ -160,8 +186,9 @@ def compare_paths(
                 **statistics,
             }
         )
-        write_bytes_atomic(output / "pairs.csv", _pairs_csv(pairs))
-        write_json_atomic(output / "compare.json", result)
+        pairs_name, result_name = COMPARE_ENTRIES
+        write_bytes_atomic(output / pairs_name, _pairs_csv(pairs))
+        write_json_atomic(output / result_name, result)
     return result
 
 
@@ -183,7 +210,7 @@ def compare_lines(result: dict[str, Any]) -> list[str]:
             f"tied in {paired['tied']:.0%}; Wilcoxon signed-rank p = {paired['wilcoxon_p']:.2g}"
         )
     else:
-        lines.append("no slices paired (no series in the same folder on both sides, or no slice at the same position)")
+        lines.append(f"no slices paired: {paired['reason']}")
     unpaired = result["unpaired"]
     if unpaired["mann_whitney_p"] is not None:
         lines.append(

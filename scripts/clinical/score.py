@@ -86,12 +86,18 @@ SliceResult = tuple[float | None, float, str]  # score (None if unreadable), spr
 
 @dataclass
 class Series:
-    """The scored slices of one DICOM series, NIfTI volume or rendered slice file, in slice order."""
+    """The scored slices of one DICOM series, NIfTI volume or rendered slice file, in slice order, with each one's
+    index among the series' slices as indexed (``indices``: slices that could not be read keep their numbers; by
+    default 0, 1, 2, ...)."""
 
     name: str
     items: list[dict] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     spreads: list[float] = field(default_factory=list)
+    indices: list[int] = field(default_factory=list)
+
+    def slice_indices(self) -> list[int]:
+        return self.indices or list(range(len(self.items)))
 
 
 class SliceScorer:
@@ -439,11 +445,11 @@ def downsample(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
 def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
     """The score along the slice axis, with thumbnails of the best and the worst slice, as PNG bytes."""
     plt = pyplot()
-    scores = entry.scores
+    scores, indices = entry.scores, entry.slice_indices()
     best, worst = int(np.argmax(scores)), int(np.argmin(scores))
     figure = plt.figure(figsize=(9, 3.2), dpi=100)
     curve = figure.add_axes((0.07, 0.16, 0.5, 0.72))
-    curve.plot(range(len(scores)), scores, marker="o" if len(scores) < 60 else None)
+    curve.plot(indices, scores, marker="o" if len(scores) < 60 else None)
     curve.set_ylim(*SCORE_RANGE)
     curve.set_xlabel("slice index")
     curve.set_ylabel("score (0 bad .. 4 excellent)")
@@ -456,7 +462,7 @@ def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
             thumbnail.text(0.5, 0.5, "no longer\nreadable", ha="center", va="center", transform=thumbnail.transAxes)
         else:
             thumbnail.imshow(pixels, cmap="gray", vmin=0.0, vmax=1.0)
-        thumbnail.set_title(f"{label}: slice {index}, {scores[index]:.2f}", fontsize=8)
+        thumbnail.set_title(f"{label}: slice {indices[index]}, {scores[index]:.2f}", fontsize=8)
         thumbnail.axis("off")
     return figure_png(figure)
 
@@ -535,7 +541,8 @@ def write_report(
             plot = _plot_name(number, entry.name) if plots else None
             if plot:
                 (staging / plot).write_bytes(next(pngs))
-            for index, (item, value, spread) in enumerate(zip(entry.items, entry.scores, entry.spreads, strict=True)):
+            rows = zip(entry.slice_indices(), entry.items, entry.scores, entry.spreads, strict=True)
+            for index, item, value, spread in rows:
                 row = [item["image"], entry.name, index, f"{value:.4f}", f"{spread:.4f}", item.get("warning", "")]
                 writer.writerow(printable_tree(row))
             summary["series"][entry.name] = {**series_summary(entry), "plot": plot}
@@ -550,8 +557,10 @@ def group_scores(
 ) -> tuple[list[Series], list[dict]]:
     """Scored items into their series (order kept); one ``{path, reason}`` per file and reason for the rest."""
     series: dict[str, Series] = {}
+    counts: dict[str, int] = {}
     errors = ErrorList()
     for item, (score, spread, reason) in zip(items, results, strict=True):
+        index = counts[item["series"]] = counts.get(item["series"], -1) + 1
         if score is None:
             errors.add(item["image"], reason)
             continue
@@ -559,6 +568,7 @@ def group_scores(
         entry.items.append(item)
         entry.scores.append(score)
         entry.spreads.append(spread)
+        entry.indices.append(index)
     return list(series.values()), errors
 
 
@@ -641,7 +651,7 @@ def process_device(device: str | None, world: int) -> str | None:
 def series_summary(entry: Series) -> dict[str, Any]:
     """Slices, mean/min/max score, the mean spread over crops, the worst slices of one scored series and how it was
     acquired (``acquisition``: its first slice's header)."""
-    sources = [item["image"] for item in entry.items]
+    sources, indices = [item["image"] for item in entry.items], entry.slice_indices()
     worst = np.argsort(entry.scores, kind="stable")[:WORST_LISTED]
     return {
         "n_slices": len(entry.scores),
@@ -650,7 +660,7 @@ def series_summary(entry: Series) -> dict[str, Any]:
         "max": float(np.max(entry.scores)),
         "mean_score_sd": float(np.mean(entry.spreads)),
         "worst": [
-            {"slice_index": int(i), "source": sources[i], "score": entry.scores[i], "score_sd": entry.spreads[i]}
+            {"slice_index": indices[i], "source": sources[i], "score": entry.scores[i], "score_sd": entry.spreads[i]}
             for i in worst
         ],
         "acquisition": acquisition(entry.items[0]["image"], entry.items[0].get("frame", 0)),

@@ -962,8 +962,8 @@ def write_scored_ct_dataset(
             for k, hu in enumerate(volume):
                 write_dicom_slice(root / name / f"{k:03d}.dcm", hu, series, position=2.0 * k)
             path = name
-        else:  # (x, y, z) with x to the right and y to the front: the slice transposed and flipped, as RAS reads
-            data = np.ascontiguousarray(volume[:, ::-1, :].transpose(2, 1, 0))
+        else:  # (x, y, z) towards the patient's right, front and head: the slice as DICOM shows it, in RAS
+            data = np.ascontiguousarray(volume[:, ::-1, ::-1].transpose(2, 1, 0))
             nibabel.save(nibabel.Nifti1Image(data, np.diag([0.7, 0.7, 2.0, 1.0])), root / f"{name}.nii.gz")
             path = f"{name}.nii.gz"
         for k in range(slices):
