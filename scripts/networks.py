@@ -339,7 +339,8 @@ def load_f_weights(f: EfficientNetRegressor, path: str) -> None:
     """Copy a phase-1 checkpoint into F (the TFKT handover).
 
     The checkpoint may hold F alone (phase 1) or a whole TFKT; an RGB phase-1 stem is summed to
-    F's channel count with timm's ``adapt_input_conv``.
+    F's channel count with timm's ``adapt_input_conv``, and a grey one is spread over F's channels
+    (repeated and divided by their number: a grey slice repeated over them gives what it gave before).
     """
     state, settings = read_checkpoint(path)
     if settings.get("patch_size"):  # a PatchScorer holds the network as ``network``
@@ -352,8 +353,11 @@ def load_f_weights(f: EfficientNetRegressor, path: str) -> None:
             f"{f.settings['f_name']!r}; set f_name to match or point f_checkpoint elsewhere."
         )
     stem_key = next(k for k, v in f.state_dict().items() if v.ndim == 4)
-    if stem_key in state and state[stem_key].shape[1] != f.settings["in_channels"]:
-        state[stem_key] = timm.models.adapt_input_conv(f.settings["in_channels"], state[stem_key])
+    channels = f.settings["in_channels"]
+    if stem_key in state and state[stem_key].shape[1] == 1 and channels > 1:  # timm returns a grey stem unchanged
+        state[stem_key] = state[stem_key].repeat(1, channels, 1, 1) / channels
+    elif stem_key in state and state[stem_key].shape[1] != channels:
+        state[stem_key] = timm.models.adapt_input_conv(channels, state[stem_key])
     f.load_state_dict(state)
 
 

@@ -85,6 +85,17 @@ def test_rgb_phase1_checkpoint_feeds_a_grey_tfkt(tmp_path: Path) -> None:
         tiny(f_checkpoint=str(tmp_path / "other.pt"))
 
 
+def test_grey_phase1_checkpoint_feeds_a_multi_window_tfkt(tmp_path: Path) -> None:
+    """A grey F (phase 1 on LDCTIQA-style slices) into a three-window TFKT (``multi_window.json``): a grey slice
+    repeated over the three channels gives the grey F's output."""
+    phase1 = build_network(network="f_only", f_name="test_efficientnet", in_channels=1).eval()
+    checkpoint = save_checkpoint(tmp_path / "pretrain.pt", phase1, image_size=64)
+    model = tiny(f_checkpoint=str(checkpoint), in_channels=3).eval()
+    grey = torch.rand(2, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(model.f(grey.repeat(1, 3, 1, 1)), phase1(grey), atol=1e-5)
+
+
 def test_checkpoint_rebuilds_its_network(tmp_path: Path) -> None:
     model = tiny().eval()
     path = save_checkpoint(tmp_path / "model.pt", model, image_size=64)
