@@ -252,10 +252,10 @@ def export(
         print(f"  models/model.ts matches the eager network within {result['torchscript_max_difference']:.2g}")
     if result["onnx_max_difference"] is not None:
         print(f"  models/model.onnx matches the eager network within {result['onnx_max_difference']:.2g}")
-    if result["note"]:
-        print(f"  {result['note']}")
     elif as_bool(onnx, "onnx"):
         print("  models/model.onnx written, not run (onnxruntime is not installed: pip install onnxruntime)")
+    if result["note"]:
+        print(f"  {result['note']}")
 
 
 def demo(output_dir: str | None = None, seed: int = 0) -> None:

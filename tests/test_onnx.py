@@ -105,6 +105,7 @@ def test_export_command_writes_model_onnx(tiny_checkpoint: Path, tmp_path: Path)
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "models/model.onnx matches the eager network within" in result.stdout
+    assert "not run" not in result.stdout  # it ran: no line may say otherwise
     model = onnx.load(str(dist / "models" / "model.onnx"))
     assert max(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")) >= ONNX_OPSET
     assert [i.name for i in model.graph.input] == ["image"] and [o.name for o in model.graph.output] == ["score"]

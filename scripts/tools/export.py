@@ -1,6 +1,7 @@
 """Assemble a self-contained MONAI Model Zoo bundle folder from this repository and a trained checkpoint.
 
-``python -m scripts export --output_dir DIST [--ckpt bundle/models/model.pt] [--metrics eval/metrics.json]``
+``python -m scripts export --output_dir DIST [--ckpt bundle/models/model.pt]``
+``[--metrics bundle/outputs/eval/metrics.json]``
 
 DIST holds what the Model Zoo expects::
 
@@ -79,7 +80,7 @@ def _metadata(source: Path, settings: dict[str, Any], metrics: dict[str, float] 
     image["num_channels"] = int(settings.get("in_channels", 1))
     image["channel_def"] = {str(c): "image" for c in range(image["num_channels"])}
     if metrics:
-        meta["eval_metrics"] = {name: float(metrics[name]) for name in ("plcc", "srocc", "krocc", "aggregate")}
+        meta["eval_metrics"] = dict(metrics)
     return meta
 
 
@@ -139,6 +140,27 @@ def _large_files(dist: Path, weights_url: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_metrics(path: str | Path) -> dict[str, float]:
+    """The four figures of an evaluation's ``metrics.json``, for the metadata; ``ExportError`` naming what is wrong."""
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(
+            f"--metrics {path} not found: evaluation writes metrics.json into its output_dir "
+            "(bundle/outputs/eval/metrics.json by default)"
+        )
+    try:
+        figures = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExportError(f"--metrics {path} cannot be read as JSON ({error})") from None
+    names = ("plcc", "srocc", "krocc", "aggregate")
+    missing = [
+        name for name in names if not isinstance(figures, dict) or not isinstance(figures.get(name), int | float)
+    ]
+    if missing:
+        raise ExportError(f"--metrics {path} has no number for {', '.join(missing)}: give an evaluation's metrics.json")
+    return {name: float(figures[name]) for name in names}
+
+
 def export_bundle(
     output_dir: str | Path,
     ckpt: str | Path | None = None,
@@ -159,6 +181,7 @@ def export_bundle(
     state, settings = read_checkpoint(checkpoint)
     if not settings:
         raise ExportError(f"{checkpoint}: no network settings beside it (model.json, written by training)")
+    figures = read_metrics(metrics) if metrics else None
     if onnx:
         from scripts.tools.onnx_export import export_bundle_onnx, require_onnx
 
@@ -170,7 +193,6 @@ def export_bundle(
         for config in sorted(p for p in (source / "configs").iterdir() if p.is_file()):
             text = config.read_text()
             if config.name == "metadata.json":
-                figures = json.loads(Path(metrics).read_text()) if metrics else None
                 text = json.dumps(_metadata(config, settings, figures), indent=4) + "\n"
             elif config.name in TRAINED_NETWORK_CONFIGS:
                 text = _with_settings(text, settings)
