@@ -10,7 +10,6 @@ from typing import Any
 
 import fire
 
-from scripts.ct_io import HU_WINDOW
 from scripts.data import LDCT_RANGE
 from scripts.tools.bench import run_benchmark
 
@@ -108,7 +107,7 @@ def score(
     *paths: str,
     output_dir: str,
     ckpt: str | None = None,
-    window: tuple[float, float] = HU_WINDOW,
+    window: Any = None,
     device: str | None = None,
     batch_size: int = 16,
     num_workers: Any = "auto",
@@ -121,7 +120,8 @@ def score(
     """Score DICOM files/folders, NIfTI/NRRD volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir
     (``torchrun --nproc_per_node N -m scripts score ...`` shares the series out between N processes).
 
-    ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names);
+    ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names); ``window`` to
+    the HU window(s) the model was trained with (its model.json), else [-1000, 400];
     ``num_workers`` processes read slices while the network runs (0: this process reads between batches; ``auto``:
     0 on a CPU, where the network uses every core, and on a GPU 4, or 0 for at most 128 slices; the readers and as
     many header processes start before the network loads, and with them a folder of 256 files or more is scored
@@ -159,7 +159,7 @@ def compare(
     second: str,
     output_dir: str,
     ckpt: str | None = None,
-    window: tuple[float, float] = HU_WINDOW,
+    window: Any = None,
     device: str | None = None,
     batch_size: int = 16,
     num_workers: Any = "auto",

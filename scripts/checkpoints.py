@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 NETWORK_SETTING_KEYS = ("network", "f_name", "s_name", "in_channels", "side", "f_kwargs", "s_kwargs", "patch_size")
-CONFIG_SETTING_KEYS = (*NETWORK_SETTING_KEYS, "image_size")  # recorded beside a checkpoint; ids in the configs
+CONFIG_SETTING_KEYS = (*NETWORK_SETTING_KEYS, "image_size", "window")  # recorded beside a checkpoint; config ids
 
 
 class CheckpointError(ValueError):
@@ -37,18 +37,21 @@ class CheckpointError(ValueError):
 
 
 class SettingsRecord:
-    """The settings written beside a checkpoint (``model.json``): the network's own and the image size it reads.
+    """The settings written beside a checkpoint (``model.json``): the network's own, the image size it reads and,
+    when given, the HU window(s) its CT slices went through (``score`` and inference use them unless told otherwise).
 
     Given to ``BestCheckpointSaver`` as ``settings``; read at save time, so a DDP-wrapped network works too.
     """
 
-    def __init__(self, network: nn.Module, image_size: int | None) -> None:
+    def __init__(self, network: nn.Module, image_size: int | None, window: Any = None) -> None:
         self.network = network
         self.image_size = optional_size(image_size, "image_size")  # None: the slice's own size (crops)
+        self.window = None if window is None else json.loads(json.dumps(window))  # tuples as lists, as in the file
 
     def state_dict(self) -> dict[str, Any]:
         model = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
-        return {**model.settings, "image_size": self.image_size}
+        window = {} if self.window is None else {"window": self.window}
+        return {**model.settings, "image_size": self.image_size, **window}
 
 
 def settings_path(path: str | Path) -> Path:
@@ -191,9 +194,9 @@ def default_checkpoint() -> tuple[Path, str]:
     raise FileNotFoundError(NO_MODEL.format(bundle=bundle, demo=demo))
 
 
-def save_checkpoint(path: str | Path, network: nn.Module, image_size: int | None) -> Path:
+def save_checkpoint(path: str | Path, network: nn.Module, image_size: int | None, window: Any = None) -> Path:
     """Write ``network`` in the form the training workflows write (for tools, benchmarks and tests)."""
-    write_json_atomic(settings_path(path), SettingsRecord(network, image_size).state_dict())
+    write_json_atomic(settings_path(path), SettingsRecord(network, image_size, window).state_dict())
     return write_checkpoint_atomic(path, getattr(network, "module", network).state_dict())
 
 

@@ -27,7 +27,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from scripts.clinical.score import score_paths
+from scripts.checkpoints import save_checkpoint
+from scripts.clinical.score import SliceScorer, score_paths
 from scripts.ct_inputs import (
     PARALLEL_INDEX_FILES,
     ErrorList,
@@ -39,7 +40,8 @@ from scripts.ct_inputs import (
     read_scored_slice,
 )
 from scripts.ct_io import compress_dicom, write_dicom_slice
-from tests.conftest import NOT_DICOM, REPO_ROOT, inference_workflow
+from scripts.networks import build_network
+from tests.conftest import NOT_DICOM, REPO_ROOT, TINY_NETWORKS, inference_workflow
 
 WINDOW = (-1000.0, 400.0)
 
@@ -381,6 +383,28 @@ def test_dicom_goes_to_hu_then_through_the_window(tiny_checkpoint: Path, tmp_pat
     assert np.allclose(read_scored_slice(path, 0, (0.0, 80.0)), 0.5)
     with pytest.raises(ValueError, match="window must be two HU values"):
         score_paths([path], tmp_path, ckpt=tiny_checkpoint, window=(400, -1000))
+
+
+def test_scoring_windows_slices_as_the_model_was_trained_unless_told_otherwise(tmp_path: Path) -> None:
+    """A three-window model (``multi_window.json``) records its windows in model.json; ``score`` uses them, not the
+    single default window repeated, and ``--window`` still overrides them."""
+    windows = [[-1000.0, 400.0], [-160.0, 240.0], [-1350.0, 150.0]]
+    network = build_network(**{**TINY_NETWORKS, "in_channels": 3})
+    checkpoint = save_checkpoint(tmp_path / "model.pt", network, 64, windows)
+    assert SliceScorer.from_checkpoint(checkpoint, "cpu").window == [tuple(pair) for pair in windows]
+    slices = tmp_path / "ct"
+    for z in range(2):
+        hu = np.random.default_rng(z).normal(0.0, 300.0, (48, 48))
+        write_dicom(slices / f"{z}.dcm", "CT", "1.2.3", float(z), hu)
+
+    def scores(window: object) -> list[float]:
+        out = tmp_path / f"out_{len(list(tmp_path.iterdir()))}"
+        summary = score_paths([slices], out, checkpoint, window, device="cpu", plots=False)
+        return [entry["score"] for entry in summary["series"]["1.2.3"]["worst"]]
+
+    recorded = scores(None)
+    assert recorded == scores(windows)
+    assert recorded != scores(WINDOW)  # one window on all three channels reads the slices otherwise
 
 
 def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:

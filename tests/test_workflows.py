@@ -124,6 +124,7 @@ def test_training_records_network_settings(trained_bundle: Path) -> None:
         "side": 32,
         "s_kwargs": {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]},
         "image_size": 64,
+        "window": [-1000.0, 400.0],
     }
 
 

@@ -27,7 +27,6 @@ import numpy as np
 from scipy import stats
 
 from scripts.clinical.score import Series, SliceScorer, score_inputs, series_summary
-from scripts.ct_io import HU_WINDOW
 from scripts.output_dir import (
     COMPARE_ENTRIES,
     locked_output_dir,
@@ -165,7 +164,7 @@ def compare_paths(
     second: str,
     output_dir: str | Path,
     ckpt: str | Path,
-    window: Any = HU_WINDOW,
+    window: Any = None,
     device: str | None = None,
     batch_size: int = 16,
     num_workers: Any = "auto",

@@ -147,13 +147,16 @@ class SliceScorer:
         device: str | torch.device | None = None,
         batch_size: int = 16,
         num_workers: Any = "auto",
-        window: Any = HU_WINDOW,
+        window: Any = None,
         **options: Any,
     ) -> SliceScorer:
-        """The bundle's inference config with this checkpoint (and the network settings recorded beside it);
-        ``options`` set its other ids (``amp``, ``channels_last``, ``compile``)."""
-        windows = [list(pair) for pair in check_windows(window)]
-        overrides = {"checkpoint": str(checkpoint), "window": windows[0] if len(windows) == 1 else windows}
+        """The bundle's inference config with this checkpoint (and the settings recorded beside it: the network's,
+        and the window it was trained with, which ``window`` replaces when given); ``options`` set its other ids
+        (``amp``, ``channels_last``, ``compile``)."""
+        overrides: dict[str, Any] = {"checkpoint": str(checkpoint)}
+        if window is not None:
+            windows = [list(pair) for pair in check_windows(window)]
+            overrides["window"] = windows[0] if len(windows) == 1 else windows
         return cls.from_bundle(bundle_root(), device, batch_size, num_workers, **overrides, **options)
 
     @classmethod
@@ -671,7 +674,7 @@ def score_paths(
     paths: Sequence[str | Path],
     output_dir: str | Path,
     ckpt: str | Path,
-    window: Any = HU_WINDOW,
+    window: Any = None,
     device: str | None = None,
     batch_size: int = 16,
     num_workers: Any = "auto",
@@ -681,13 +684,14 @@ def score_paths(
     """Score every input and write the report; returns the summary (``series`` is empty when nothing was scored).
 
     The output folder is checked and locked before any scoring (``OutputError``: one line, the reason and the fix).
+    ``window`` defaults to the one recorded with the checkpoint (else the inference config's, [-1000, 400] HU).
     ``options`` are the inference config's ``amp``, ``channels_last`` and ``compile``; ``plots`` false leaves the
     series plots out (``plot`` is null in the summary). Under ``torchrun`` the
     series are shared out between the processes (each on its own GPU, or the CPU) and rank 0 writes the one report,
     as a single process would; ``summary.json`` records ``processes`` and ``slices_per_process``. Other ranks
     return ``{}``.
     """
-    window = check_windows(window)
+    window = None if window is None else check_windows(window)  # a bad window fails before the lock
     rank, world = process_group()
     device = process_device(device, world)
     with _locked_by_rank_0(output_dir, rank, world) as output:

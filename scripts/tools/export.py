@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from scripts import bundle_root
-from scripts.checkpoints import config_ids, read_checkpoint, write_checkpoint_atomic
+from scripts.checkpoints import CONFIG_SETTING_KEYS, config_ids, read_checkpoint, write_checkpoint_atomic
 from scripts.networks import NETWORK_SETTING_KEYS, build_network
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # scripts/: its flat modules are the runtime the configs import
@@ -44,10 +44,11 @@ class ExportError(RuntimeError):
 
 
 def _with_settings(text: str, settings: dict[str, Any]) -> str:
-    """A config's text with its network ids (``network``, ``f_name``, ..., ``image_size``) set to the trained
-    model's, so ``network_def`` builds the network ``models/model.pt`` holds."""
+    """A config's text with its network ids (``network``, ``f_name``, ..., ``image_size``) and ``window`` set to
+    the trained model's, so ``network_def`` builds the network ``models/model.pt`` holds and slices are windowed as
+    it was trained."""
     config = json.loads(text)
-    keys = [key for key in (*NETWORK_SETTING_KEYS, "image_size") if key in config and key in settings]
+    keys = [key for key in CONFIG_SETTING_KEYS if key in config and key in settings]
     if not keys:
         return text
     config.update({key: settings[key] for key in keys})
