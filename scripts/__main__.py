@@ -266,6 +266,14 @@ def demo(output_dir: str | None = None, seed: int = 0) -> None:
 
 
 def main() -> None:
+    try:
+        _commands()
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (reports are swapped in whole, or not at all)
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _commands() -> None:
     fire.Fire(
         {
             "bench": _without_result(run_benchmark),

@@ -376,8 +376,10 @@ def _not_a_slice_reason(ds: Any, sop_class: Any) -> str | None:
         return f"a saved screen (ImageType {screen}: a dose report or protocol page), not a CT slice"
     if str(sop_class) in SECONDARY_CAPTURE_SOP_CLASSES:
         bits = int(ds.get("BitsStored") or ds.get("BitsAllocated") or 16)
-        if bits <= 8:
-            return f"a Secondary Capture of {bits}-bit grey levels (a saved screen, a dose report say), not CT numbers"
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        levels = f"{bits}-bit grey levels" if samples == 1 else f"{bits}-bit colour ({samples} samples per pixel)"
+        if bits <= 8 or samples != 1:
+            return f"a Secondary Capture of {levels} (a saved screen, a dose report say), not CT numbers"
     return None
 
 

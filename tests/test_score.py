@@ -284,16 +284,17 @@ def test_a_missing_modality_is_ct_by_its_sop_class_only(tiny_checkpoint: Path, t
 
 
 @pytest.mark.parametrize(
-    ("image_type", "bits", "reason"),
+    ("image_type", "bits", "samples", "reason"),
     [
-        (["DERIVED", "SECONDARY", "SCREEN SAVE"], 16, "a saved screen (ImageType SCREEN SAVE: a dose report or "),
-        (["DERIVED", "SECONDARY", "DOSE_INFO"], 16, "a saved screen (ImageType DOSE_INFO: a dose report or "),
-        (["DERIVED", "SECONDARY", "OTHER"], 8, "a Secondary Capture of 8-bit grey levels (a saved screen, "),
-        (["DERIVED", "SECONDARY"], 16, None),  # a volume converted to DICOM: CT numbers, scored
+        (["DERIVED", "SECONDARY", "SCREEN SAVE"], 16, 1, "a saved screen (ImageType SCREEN SAVE: a dose report or "),
+        (["DERIVED", "SECONDARY", "DOSE_INFO"], 16, 1, "a saved screen (ImageType DOSE_INFO: a dose report or "),
+        (["DERIVED", "SECONDARY", "OTHER"], 8, 1, "a Secondary Capture of 8-bit grey levels (a saved screen, "),
+        (["DERIVED", "SECONDARY", "OTHER"], 8, 3, "a Secondary Capture of 8-bit colour (3 samples per pixel) (a "),
+        (["DERIVED", "SECONDARY"], 16, 1, None),  # a volume converted to DICOM: CT numbers, scored
     ],
 )
 def test_saved_screens_labelled_ct_are_reported(
-    image_type: list, bits: int, reason: str | None, tmp_path: Path
+    image_type: list, bits: int, samples: int, reason: str | None, tmp_path: Path
 ) -> None:
     """The dose report or protocol page a scanner saves beside a series (a Secondary Capture labelled CT, with a
     rescale) is reported by what it is; a 16-bit Secondary Capture without such an ImageType is read as CT."""
@@ -302,7 +303,9 @@ def test_saved_screens_labelled_ct_are_reported(
     ds.ImageType = image_type
     if bits == 8:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-        ds.PixelData = np.full((16, 16), 200, dtype=np.uint8).tobytes()
+        ds.PixelData = np.full((16, 16, samples), 200, dtype=np.uint8).tobytes()
+    if samples == 3:  # an RGB page
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
     ds.save_as(tmp_path / "page.dcm", enforce_file_format=True)
     items, errors = index_inputs([tmp_path])
     if reason is None:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,31 @@ def test_an_earlier_report_inside_an_input_is_not_read_but_what_lies_beside_it_i
     summary = score_paths([inputs], tmp_path / "new", tiny_checkpoint, device="cpu", num_workers=0)
     assert summary["errors"] == []
     assert {name: entry["n_slices"] for name, entry in summary["series"].items()} == {"5.5": 2, "7.7": 1}
+
+
+def test_ctrl_c_is_one_line_and_leaves_the_earlier_report(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Ctrl-C once the run holds its output folder: exit 130, one line instead of a traceback, and the report of
+    the run before it untouched."""
+    inputs = ct_series(tmp_path / "inputs", "8.8", n=80)
+    out = tmp_path / "out"
+    assert run_score(inputs, out=out, ckpt=tiny_checkpoint).returncode == 0
+    before = (out / "summary.json").read_bytes()
+    (out / ".lock").unlink()
+    command = [sys.executable, "-m", "scripts", "score", str(inputs), "--output_dir", str(out)]
+    running = subprocess.Popen(
+        [*command, "--ckpt", str(tiny_checkpoint), "--device", "cpu", "--batch_size", "1"],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    while not (out / ".lock").exists() and running.poll() is None:  # the run has its folder: inside main
+        time.sleep(0.01)
+    running.send_signal(signal.SIGINT)
+    _, stderr = running.communicate(timeout=120)
+    assert running.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1] == "interrupted (Ctrl-C)" and "Traceback" not in stderr
+    assert (out / "summary.json").read_bytes() == before
 
 
 def test_a_second_run_into_a_locked_output_folder_stops_at_once(tiny_checkpoint: Path, tmp_path: Path) -> None:
