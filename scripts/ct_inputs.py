@@ -228,7 +228,7 @@ def _is_rendered(path: Path) -> bool:
 
 
 def _archive_kind(path: Path) -> str | None:
-    """ "ZIP", "tar", "7-Zip" or "RAR" when the file (gzip-compressed or not) is such an archive, by its magic bytes."""
+    """The kind of archive the file is, gzip-compressed or not (ZIP, tar, 7-Zip, RAR: by its magic bytes), or None."""
     with open(path, "rb") as stream:
         head = stream.read(262)
     if head.startswith(GZIP_MAGIC):
