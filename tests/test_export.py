@@ -108,12 +108,11 @@ def test_export_refuses_to_overwrite_and_needs_a_checkpoint(
         export_bundle(exported, exported / "models" / "model.pt")
     with pytest.raises(ExportError, match="missing.pt not found: train one first, or give --ckpt FILE"):
         export_bundle(tmp_path / "dist", tmp_path / "missing.pt")
-    checkpoint = tiny_checkpoint
     with pytest.raises(ExportError, match=r"--metrics \S+metrics.json not found: evaluation writes metrics.json"):
-        export_bundle(tmp_path / "dist", checkpoint, tmp_path / "metrics.json")
+        export_bundle(tmp_path / "dist", tiny_checkpoint, tmp_path / "metrics.json")
     (tmp_path / "partial.json").write_text(json.dumps({"plcc": 0.9, "srocc": "n/a"}))
     with pytest.raises(ExportError, match="partial.json has no number for srocc, krocc, aggregate: give an evaluation"):
-        export_bundle(tmp_path / "dist", checkpoint, tmp_path / "partial.json")
+        export_bundle(tmp_path / "dist", tiny_checkpoint, tmp_path / "partial.json")
     assert not (tmp_path / "dist").exists() and [path.name for path in tmp_path.iterdir()] == ["partial.json"]
 
 
