@@ -161,7 +161,8 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
     the second path skipped without an error. Link loops, broken links, FIFOs, sockets and devices, unreadable
     folders and files are errors. ``skip`` (the output folder) is never read: below an input it is left out
     (logged); named as an input itself, only its report and lock are left out, as in any folder holding a run's lock
-    (an earlier report of ``score`` or ``compare``: its plots are not CT slices).
+    or a ``scores.csv`` beside a ``summary.json`` (an earlier report of ``score`` or ``compare``, perhaps copied
+    without its lock: its plots are not CT slices).
     """
     files: list[Path] = []
     errors = ErrorList()
@@ -202,7 +203,8 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
         except OSError as error:
             errors.add(str(path), f"folder: {_unreachable(path, error)}")
             return
-        if key == skip_key or LOCK_NAME in names:  # the output folder named as an input, or an earlier report
+        earlier_report = LOCK_NAME in names or {"scores.csv", "summary.json"} <= set(names)
+        if key == skip_key or earlier_report:  # the output folder named as an input, or an earlier report
             outputs = (*REPORT_ENTRIES, *COMPARE_ENTRIES, LOCK_NAME)
             left_out = [n for n in names if n in outputs or n.startswith(TEMP_PREFIX)]
             logger.info("not read as input: the report in %s (%s)", path, ", ".join(left_out))
@@ -436,19 +438,42 @@ def _plane(group: Any, keyword: str) -> Any:
     return items[0].get(keyword) if items else None
 
 
+def _frame_orientation(ds: Any, frame: int, count: int) -> Any:
+    """ImageOrientationPatient of one frame: its own functional group's, the shared one's, or the dataset's."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
+    group = per_frame[frame] if len(per_frame) == count else None
+    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
+    orientation = _plane(group, "ImageOrientationPatient") or _plane(shared, "ImageOrientationPatient")
+    return orientation or ds.get("ImageOrientationPatient")
+
+
+def slice_normal(path: str | Path, frame: int = 0) -> np.ndarray | None:
+    """The unit normal (DICOM's LPS) of a DICOM frame's plane, from its header: the cross product of
+    ImageOrientationPatient's directions, along which positions run. None for volumes, rendered slices and
+    headers without an orientation."""
+    path = Path(path)
+    if _is_volume(path) or _is_rendered(path):
+        return None
+    ds = read_dicom_ct(path, header_only=True)
+    orientation = _frame_orientation(ds, frame, frame_count(ds))
+    if not orientation or len(orientation) != 6:
+        return None
+    normal = np.cross([float(value) for value in orientation[:3]], [float(value) for value in orientation[3:]])
+    length = float(np.linalg.norm(normal))
+    return normal / length if length > 0 else None
+
+
 def _frame_geometry(ds: Any, count: int) -> list[dict]:
     """Per frame: ``position`` along the slice normal (cross product of ImageOrientationPatient's row and column
     directions; axial when missing), or InstanceNumber / frame index when no ImagePositionPatient is known, and the
     keys that order and split series (rounded orientation, size, InstanceNumber, SOPInstanceUID)."""
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
-    shared = (ds.get("SharedFunctionalGroupsSequence") or [None])[0]
     instance = int(ds.InstanceNumber) if ds.get("InstanceNumber") not in (None, "") else None
     sop = str(_uid_or_file_meta(ds, "SOPInstanceUID") or "")
     frames = []
     for frame in range(count):
         group = per_frame[frame] if len(per_frame) == count else None
-        orientation = _plane(group, "ImageOrientationPatient") or _plane(shared, "ImageOrientationPatient")
-        orientation = orientation or ds.get("ImageOrientationPatient")
+        orientation = _frame_orientation(ds, frame, count)
         ipp = _plane(group, "ImagePositionPatient") or (ds.get("ImagePositionPatient") if count == 1 else None)
         cosines = [float(value) for value in orientation] if orientation else [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
         if len(cosines) != 6:
@@ -618,9 +643,9 @@ def _check_volume_size(path: Path, image: Any, shape: tuple[int, ...]) -> None:
 
 
 def _volume_positions(path: Path) -> list[float]:
-    """Where each axial slice of the volume reoriented to RAS lies along its slice axis (mm, increasing towards the
-    head, as a DICOM series' positions along the normal of an axial ImageOrientationPatient), from the header alone;
-    the slice index when the affine gives the axis no length."""
+    """Where each axial slice of the volume reoriented to RAS lies along the normal of its plane (mm, increasing
+    towards the head, as a DICOM series' positions along the normal of ImageOrientationPatient [1, 0, 0, 0, 1, 0]),
+    from the header alone; the slice index when the affine gives the planes no normal."""
     import nibabel
 
     image = _volume_image(path)
@@ -637,10 +662,13 @@ def _volume_positions(path: Path) -> list[float]:
     except DeclaredSizeError as error:
         raise InputError(str(error)) from None
     ras = image.affine @ nibabel.orientations.inv_ornt_aff(orientation, image.shape)
-    step = float(np.linalg.norm(ras[:3, 2]))
-    if not np.isfinite(step) or step == 0.0:
+    normal = np.cross(ras[:3, 0], ras[:3, 1])  # of the slice plane: a sheared (gantry-tilted) volume steps aslant
+    normal = normal * np.sign(normal @ ras[:3, 2])
+    length = float(np.linalg.norm(normal))
+    if not np.isfinite(length) or length == 0.0 or float(normal @ ras[:3, 2]) == 0.0:
         return [float(k) for k in range(int(image.shape[axial]))]
-    start = float(ras[:3, 3] @ ras[:3, 2]) / step
+    normal /= length
+    start, step = float(ras[:3, 3] @ normal), float(ras[:3, 2] @ normal)
     return [start + k * step for k in range(int(image.shape[axial]))]
 
 

@@ -135,18 +135,23 @@ def trained_bundle(tmp_path_factory: pytest.TempPathFactory, ldct_train_dir: Pat
     return root
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An untrained tiny TFKT checkpoint at 64 px: enough to run scoring, export and deployment code.
-
-    Its head is rescaled so that scores land around 2 and differ between slices (an untrained
-    head gives values just below 0 for every slice, clipped to 0).
-    """
-    network = build_network(**TINY_NETWORKS).eval()
+def scoring_tiny_network(in_channels: int = 1) -> torch.nn.Module:
+    """An untrained tiny TFKT (64 px) whose head is rescaled so that scores land around 2 and differ between slices
+    (an untrained head gives values just below 0 for every slice, clipped to 0)."""
+    network = build_network(**TINY_NETWORKS, in_channels=in_channels).eval()
     head = network.s.model.head.fc
+    images = torch.rand(4, in_channels, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         head.weight.mul_(50.0)
-        head.bias.sub_(network(torch.rand(4, 1, 64, 64, generator=torch.Generator().manual_seed(0))).mean() - 2.0)
+        head.bias.sub_(network(images).mean() - 2.0)
+    return network
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny TFKT checkpoint at 64 px (``scoring_tiny_network``): enough to run scoring, export and
+    deployment code."""
+    network = scoring_tiny_network()
     return save_checkpoint(tmp_path_factory.mktemp("tiny_checkpoint") / "model.pt", network, image_size=64)
 
 

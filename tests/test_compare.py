@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel
 import nrrd
 import numpy as np
+import pydicom
 import pytest
 from scipy import stats
 
@@ -142,10 +143,30 @@ def test_volumes_made_from_a_series_read_as_its_slices_and_pair_with_them(
     compare(str(tmp_path / "full.nii.gz"), str(full), output_dir=str(tmp_path / "cmp"), ckpt=str(tiny_checkpoint))
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert result["paired"]["n_pairs"] == 6 and result["paired"]["tied"] == 1.0
+    assert result["window"] == [[-1000.0, 400.0]]  # the tiny model's own, from its model.json
     with open(tmp_path / "cmp" / "pairs.csv", newline="") as stream:
         pairs = list(csv.DictReader(stream))
     assert [int(row["first_slice"]) for row in pairs] == [int(row["second_slice"]) for row in pairs] == list(range(6))
     assert [Path(row["second_source"]) for row in pairs] == files
+
+
+def test_a_series_whose_normal_points_to_the_feet_pairs_by_where_its_slices_lie(
+    dose_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """ImageOrientationPatient [-1, 0, 0, 0, 1, 0] (its normal -z): positions along it are -z, yet each slice pairs
+    with the slice at its own height in a series of the usual orientation, not with its mirror image."""
+    full = dose_pair[0]
+    for path in sorted(full.glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = [-1, 0, 0, 0, 1, 0]
+        ds.save_as(tmp_path / path.name, enforce_file_format=True)
+    sides = [index_inputs([folder])[0] for folder in (full, tmp_path)]
+    assert [item["position"] for item in sides[1]] == [-z for z in reversed(POSITIONS)]
+    usual, feet_first = (Series("s", items, [2.0] * len(items), [0.0] * len(items)) for items in sides)
+    pairs = pair_slices([usual], [feet_first])
+    assert [(Path(a.items[i]["image"]).name, Path(b.items[j]["image"]).name) for a, i, b, j in pairs] == [
+        (path.name, path.name) for path in sorted(full.glob("*.dcm"))
+    ]
 
 
 def test_unpaired_sides_say_why() -> None:
@@ -156,7 +177,8 @@ def test_unpaired_sides_say_why() -> None:
     }
     apart = [_series("c", [0.0], folder="p1"), _series("d", [0.0], folder="p1")]
     assert compare_scores(apart, [_series("e", [0.0], folder="p2")])[0]["paired"]["reason"] == (
-        "no series in the same folder under both inputs"
+        "no series in the same folder under both inputs (first: p1; second: p2): name one series folder on each "
+        "side, or give both sides the same folders"
     )
 
 

@@ -40,8 +40,8 @@ from scripts.ct_inputs import (
     read_scored_slice,
 )
 from scripts.ct_io import compress_dicom, write_dicom_slice
-from scripts.networks import build_network
-from tests.conftest import NOT_DICOM, REPO_ROOT, TINY_NETWORKS, inference_workflow
+from scripts.transforms import check_windows
+from tests.conftest import NOT_DICOM, REPO_ROOT, inference_workflow, scoring_tiny_network
 
 WINDOW = (-1000.0, 400.0)
 
@@ -392,8 +392,7 @@ def test_scoring_windows_slices_as_the_model_was_trained_unless_told_otherwise(t
     """A three-window model (``multi_window.json``) records its windows in model.json; ``score`` uses them, not the
     single default window repeated, and ``--window`` still overrides them."""
     windows = [[-1000.0, 400.0], [-160.0, 240.0], [-1350.0, 150.0]]
-    network = build_network(**{**TINY_NETWORKS, "in_channels": 3})
-    checkpoint = save_checkpoint(tmp_path / "model.pt", network, 64, windows)
+    checkpoint = save_checkpoint(tmp_path / "model.pt", scoring_tiny_network(in_channels=3), 64, windows)
     assert SliceScorer.from_checkpoint(checkpoint, "cpu").window == [tuple(pair) for pair in windows]
     slices = tmp_path / "ct"
     for z in range(2):
@@ -403,11 +402,24 @@ def test_scoring_windows_slices_as_the_model_was_trained_unless_told_otherwise(t
     def scores(window: object) -> list[float]:
         out = tmp_path / f"out_{len(list(tmp_path.iterdir()))}"
         summary = score_paths([slices], out, checkpoint, window, device="cpu", plots=False)
+        assert summary["window"] == (windows if window is None else [list(pair) for pair in check_windows(window)])
         return [entry["score"] for entry in summary["series"]["1.2.3"]["worst"]]
 
     recorded = scores(None)
     assert recorded == scores(windows)
     assert recorded != scores(WINDOW)  # one window on all three channels reads the slices otherwise
+
+
+def test_a_sheared_volume_lies_along_the_normal_of_its_planes(tmp_path: Path) -> None:
+    """A volume made from a gantry-tilted series steps aslant (2 mm up, 0.73 mm back per slice); its positions are
+    along the normal of its planes, as the series' own along its ImageOrientationPatient: 2 mm apart."""
+    sheared = np.diag([-0.7, -0.7, 2.0, 1.0])
+    sheared[1, 2], sheared[2, 3] = -2.0 * np.tan(np.radians(20.0)), -780.0
+    volume = np.full((16, 16, 4), -1000.0, np.float32)
+    volume[4:12, 4:12] = 40.0
+    nibabel.save(nibabel.Nifti1Image(volume, sheared), tmp_path / "tilted.nii.gz")
+    items, _ = index_inputs([tmp_path / "tilted.nii.gz"])
+    assert [item["position"] for item in items] == pytest.approx([-780.0, -778.0, -776.0, -774.0])
 
 
 def test_nifti_slices_are_axial_in_ras_order(tmp_path: Path) -> None:

@@ -130,6 +130,7 @@ def test_an_earlier_report_inside_an_input_is_not_read_but_what_lies_beside_it_i
     score_paths([inputs], inputs / "old", tiny_checkpoint, device="cpu", num_workers=0)  # its plot is an RGBA PNG
     (inputs / "old" / "pairs.csv").write_text("first_source,second_source\n")  # and compare's files beside it
     (inputs / "old" / "compare.json").write_text("{}")
+    shutil.copytree(inputs / "old", inputs / "copied", ignore=shutil.ignore_patterns(".lock"))  # a copy, lock left
     ct_series(inputs / "old", "7.7", n=1)  # a slice saved into the report's folder is still an input
     summary = score_paths([inputs], tmp_path / "new", tiny_checkpoint, device="cpu", num_workers=0)
     assert summary["errors"] == []

@@ -27,6 +27,7 @@ import numpy as np
 from scipy import stats
 
 from scripts.clinical.score import Series, SliceScorer, score_inputs, series_summary
+from scripts.ct_inputs import InputError, slice_normal
 from scripts.output_dir import (
     COMPARE_ENTRIES,
     locked_output_dir,
@@ -48,14 +49,25 @@ def _tolerance(series: Series) -> float:
     return max(float(np.median(steps)) / 4 if steps.size else MIN_TOLERANCE_MM, MIN_TOLERANCE_MM)
 
 
-def position_pairs(first: Series, second: Series) -> list[tuple[int, int]]:
-    """``(i, j)``: slice ``i`` of ``first`` and slice ``j`` of ``second`` at the same position, each slice in one pair
-    at most."""
+def head_sign(series: Series) -> float:
+    """-1 for a DICOM series whose slice normal points towards the feet (ImageOrientationPatient [-1, 0, 0, 0, 1, 0],
+    say), whose positions run footwards; else 1. Positions times it run towards the head, as a volume's do."""
+    item = series.items[0]
+    try:
+        normal = slice_normal(item["image"], item.get("frame", 0))
+    except (InputError, OSError):  # gone since it was scored: taken as the usual orientation
+        normal = None
+    return -1.0 if normal is not None and normal[2] < -0.5 else 1.0
+
+
+def position_pairs(first: Series, second: Series, signs: tuple[float, float] = (1.0, 1.0)) -> list[tuple[int, int]]:
+    """``(i, j)``: slice ``i`` of ``first`` and slice ``j`` of ``second`` at the same position (each side's positions
+    times its sign, ``head_sign``), each slice in one pair at most."""
     tolerance = _tolerance(first)
-    positions = np.array([item["position"] for item in second.items])
+    positions = np.array([item["position"] for item in second.items]) * signs[1]
     pairs, taken = [], set()
     for i, item in enumerate(first.items):
-        distance = np.abs(positions - item["position"])
+        distance = np.abs(positions - item["position"] * signs[0])
         j = int(np.argmin(distance))
         if distance[j] <= tolerance and j not in taken:
             taken.add(j)
@@ -89,7 +101,11 @@ def pair_slices(
     first: Sequence[Series], second: Sequence[Series], roots: tuple[str, str] = (".", ".")
 ) -> list[tuple[Series, int, Series, int]]:
     """The paired slices of two scored sides: ``(series, index, series, index)``."""
-    return [(a, i, b, j) for a, b in pair_series(first, second, roots) for i, j in position_pairs(a, b)]
+    return [
+        (a, i, b, j)
+        for a, b in pair_series(first, second, roots)
+        for i, j in position_pairs(a, b, (head_sign(a), head_sign(b)))
+    ]
 
 
 def _side(path: str, series: Sequence[Series], errors: list[dict]) -> dict[str, Any]:
@@ -110,7 +126,11 @@ def _unpaired_reason(first: Sequence[Series], second: Sequence[Series], roots: t
         return f"nothing scored on the {'first' if not first else 'second'} side"
     series = pair_series(first, second, roots)
     if not series:
-        return "no series in the same folder under both inputs"
+        folders = [", ".join(_by_folder(side, root)) for side, root in zip((first, second), roots, strict=True)]
+        return (
+            f"no series in the same folder under both inputs (first: {folders[0]}; second: {folders[1]}): name one "
+            "series folder on each side, or give both sides the same folders"
+        )
     ranges = [
         f"{entry.name} at {min(item['position'] for item in entry.items):g} to "
         f"{max(item['position'] for item in entry.items):g} mm"
@@ -182,6 +202,7 @@ def compare_paths(
             {
                 "first": _side(first, first_series, first_errors),
                 "second": _side(second, second_series, second_errors),
+                "window": [list(pair) for pair in scorer.window],
                 **statistics,
             }
         )

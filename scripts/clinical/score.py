@@ -699,7 +699,8 @@ def score_paths(
         series, errors, per_process = _score_shares(paths, scorer, output, rank, world)
         if rank != 0:
             return {}
-        extra = {"processes": world, "slices_per_process": per_process}
+        windows = [list(pair) for pair in scorer.window]  # as the slices were windowed: the model's, or --window
+        extra = {"processes": world, "slices_per_process": per_process, "window": windows}
         return write_report(output, series, errors, scorer.window, extra, as_bool(plots, "plots"))
 
 
