@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 
-from scripts.ct_inputs import InputError, index_inputs, read_ct_slice, read_dicom_ct
+from scripts.ct_inputs import VOLUME_SUFFIXES, InputError, index_inputs, read_ct_slice, read_dicom_ct
 from scripts.output_dir import write_json_atomic
 from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice
 
@@ -84,10 +85,12 @@ def _check_label(value: Any, valid_range: tuple[float, float]) -> str | None:
 
 
 def _check_name(name: str, folder: Path) -> str | None:
-    """The reason an image name in a label file is unusable (absolute, or leading out of its folder), or None."""
+    """The reason an image name in a label file is unusable (absolute, or leading out of its folder by ``..``), or
+    None. Judged by the name alone: an image that is a link to a file elsewhere (git-annex, DataLad, DVC, a folder of
+    links) is the folder's own."""
     if Path(name).is_absolute():
         return f"image name {name!r} is an absolute path; label files name images inside {folder.name}/"
-    if not (folder / name).resolve().is_relative_to(folder.resolve()):
+    if Path(os.path.normpath(name)).parts[:1] == ("..",):
         return f"image name {name!r} leads outside {folder.name}/"
     return None
 
@@ -173,7 +176,7 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
         image_dir = next((img for img, _ in LDCT_LAYOUTS if (root / img).is_dir()), image_dir)
     label_file = root / label_name
     try:
-        labels = json.loads(label_file.read_text(), object_pairs_hook=_pairs_without_duplicates)
+        labels = json.loads(label_file.read_text(encoding="utf-8-sig"), object_pairs_hook=_pairs_without_duplicates)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise DatasetError([(str(label_file), f"not a readable JSON file ({error})")]) from error
     except ValueError as error:  # a duplicate key
@@ -214,11 +217,16 @@ def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> 
     if not label_file.is_file():
         hint = _found_below(root, ["dmos.csv"])
         raise DatasetError([(str(label_file), f"KADID-10k label file not found (expected images/ + dmos.csv){hint}")])
-    with open(label_file, newline="") as stream:
-        rows = list(csv.DictReader(stream))
-    missing_columns = {"dist_img", "ref_img", "dmos"} - set(rows[0] if rows else {})
+    with open(label_file, newline="", encoding="utf-8-sig") as stream:  # a byte-order mark, as Excel writes
+        reader = csv.DictReader(stream)
+        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]  # "dist_img, ref_img, dmos"
+        rows = list(reader)
+    missing_columns = {"dist_img", "ref_img", "dmos"} - set(reader.fieldnames)
     if missing_columns:
-        raise DatasetError([(str(label_file), f"missing column(s) {sorted(missing_columns)}")])
+        header = ", ".join(reader.fieldnames) or "none"
+        raise DatasetError([(str(label_file), f"missing column(s) {sorted(missing_columns)} (header: {header})")])
+    if not rows:
+        raise DatasetError([(str(label_file), "no rows below the header")])
     problems: list[tuple[str, str]] = []
     items = []
     first_line: dict[str, int] = {}
@@ -288,8 +296,33 @@ def _optional_number(row: dict[str, Any], key: str) -> float | None:
         raise InputError(f"{key} {value!r} is not a number") from None
 
 
+LEFT_BY_TOOLS = {"thumbs.db", "desktop.ini", "dicomdir"}  # beside the slices of many exports, never slices
+
+
+def _left_by_tools(path: str) -> bool:
+    """A hidden file (``.DS_Store``, macOS's ``._0001.dcm``) or one that file browsers and CD exports leave."""
+    name = Path(path).name
+    return name.startswith(".") or name.lower() in LEFT_BY_TOOLS
+
+
+def _slice_index(chosen: str, path: Path) -> int | None:
+    """A labels file's ``slice`` as an index (``2``, or ``2.0`` as spreadsheets and pandas write whole numbers), or
+    None for a SOPInstanceUID; ``InputError`` for a negative index, or anything else where a volume is named (its
+    slices have no UIDs)."""
+    if re.fullmatch(r"-?\d+(\.0*)?", chosen):
+        index = int(float(chosen))
+        if index < 0:
+            raise InputError(f"slice {chosen} is not a slice index (0 for the first slice, 1, 2, ...)")
+        return index
+    if chosen and path.name.lower().endswith(VOLUME_SUFFIXES):
+        raise InputError(f"slice {chosen!r} is not a slice index (0, 1, 2, ...): a volume's slices have no UIDs")
+    return None
+
+
 class _Sources:
-    """The slices of each path a labels file names, indexed once (headers only), and their SOPInstanceUIDs."""
+    """The slices of each path a labels file names, indexed once (headers only), and their SOPInstanceUIDs. Files
+    that tools leave beside slices (``_left_by_tools``) are passed over; any other file that is not a slice makes
+    the path unusable, as a slice index could then mean another slice."""
 
     def __init__(self) -> None:
         self.slices: dict[Path, list[dict]] = {}
@@ -299,6 +332,7 @@ class _Sources:
     def of(self, path: Path) -> list[dict]:
         if path not in self.slices and path not in self.problems:
             items, errors = index_inputs([path])
+            errors = [error for error in errors if not _left_by_tools(error["path"])]
             series = {item["series"] for item in items}
             if errors:
                 first = errors[0]
@@ -358,13 +392,14 @@ def scored_ct_items(
             if not path.exists():
                 raise InputError(f"{path} does not exist")
             chosen = _text(row.get("slice"))
+            index = _slice_index(chosen, path)
             if not chosen:
                 picked = sources.of(path)
-            elif chosen.isdigit():
+            elif index is not None:
                 slices = sources.of(path)
-                if int(chosen) >= len(slices):
-                    raise InputError(f"slice {chosen} is outside the {len(slices)} slices of {name}")
-                picked = [slices[int(chosen)]]
+                if index >= len(slices):
+                    raise InputError(f"slice {index} is outside the {len(slices)} slices of {name}")
+                picked = [slices[index]]
             else:
                 picked = [sources.by_uid(path, chosen)]
         except (InputError, ValueError) as error:

@@ -142,6 +142,12 @@ def read_slice(path: str | Path, max_slice_mb: float | None = None) -> np.ndarra
         raise ImageReadError(path, f"expected a 2-D grey or RGB slice, got array shape {pixels.shape}")
     if min(pixels.shape[:2]) < 8:
         raise ImageReadError(path, f"image too small ({pixels.shape[0]}x{pixels.shape[1]})")
+    if np.issubdtype(pixels.dtype, np.signedinteger) and pixels.min() < 0:  # no image format stores grey below 0
+        raise ImageReadError(
+            path,
+            f"{pixels.dtype} pixels span [{pixels.min()}, {pixels.max()}]: CT numbers (HU), not a rendered slice; "
+            "give raw CT as DICOM or NIfTI, which are windowed from HU, or window it to [0, 1] first",
+        )
     try:
         pixels = _scale_to_unit(pixels)
     except ValueError as error:

@@ -246,6 +246,17 @@ def test_label_names_stay_inside_the_image_folder(ldct_copy: Path, name: str, re
         ldct_labelled_items(ldct_copy)
 
 
+def test_a_folder_of_links_to_the_images_reads_as_the_images(ldct_train_dir: Path, tmp_path: Path) -> None:
+    """git-annex, DataLad and DVC keep each image as a link to a file elsewhere: the links are the folder's images."""
+    linked = tmp_path / "linked"
+    (linked / "image").mkdir(parents=True)
+    shutil.copy(ldct_train_dir / "train.json", linked / "train.json")
+    for image in sorted((ldct_train_dir / "image").iterdir()):
+        (linked / "image" / image.name).symlink_to(image)
+    expected = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_train_dir)]
+    assert [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(linked)] == expected
+
+
 def test_a_slice_labelled_twice_is_an_error(ldct_copy: Path, kadid_dir: Path, tmp_path: Path) -> None:
     text = (ldct_copy / "train.json").read_text()
     (ldct_copy / "train.json").write_text(text.replace("{", '{"0002.tif": 0.5, ', 1))
@@ -290,8 +301,27 @@ def test_kadid_layout_and_its_errors(kadid_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=rf"dmos.csv:{line + 1} \[I01_01_02.png\]: label 5.5 is outside \[1, 5\]"):
         kadid_labelled_items(broken)
     (broken / "dmos.csv").write_text("image,score\nI01_01_01.png,3\n")
-    with pytest.raises(DatasetError, match=r"missing column\(s\) \['dist_img', 'dmos', 'ref_img'\]"):
+    with pytest.raises(
+        DatasetError, match=r"missing column\(s\) \['dist_img', 'dmos', 'ref_img'\] \(header: image, sc"
+    ):
         kadid_labelled_items(broken)
+    (broken / "dmos.csv").write_text("dist_img,ref_img,dmos,var\n")
+    with pytest.raises(DatasetError, match=r"dmos.csv: no rows below the header"):
+        kadid_labelled_items(broken)
+
+
+def test_label_files_saved_by_excel_read_as_the_originals(ldct_copy: Path, kadid_dir: Path, tmp_path: Path) -> None:
+    """A UTF-8 byte-order mark (Excel's "CSV UTF-8", some editors' JSON) and spaces after the commas of a header."""
+    expected = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)]
+    text = (ldct_copy / "train.json").read_text()
+    (ldct_copy / "train.json").write_text("\ufeff" + text, encoding="utf-8")
+    assert [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)] == expected
+    kadid = Path(shutil.copytree(kadid_dir, tmp_path / "kadid"))
+    expected = [(Path(item["image"]).name, item["label"]) for item in kadid_labelled_items(kadid)]
+    lines = (kadid / "dmos.csv").read_text().splitlines()
+    lines[0] = ", ".join(lines[0].split(","))
+    (kadid / "dmos.csv").write_text("\ufeff" + "\r\n".join(lines) + "\r\n", encoding="utf-8")
+    assert [(Path(item["image"]).name, item["label"]) for item in kadid_labelled_items(kadid)] == expected
 
 
 def test_setting_a_is_a_fixed_800_200_split() -> None:

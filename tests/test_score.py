@@ -785,6 +785,12 @@ def test_float_tiff_outside_the_unit_range_is_not_windowed(tmp_path: Path) -> No
     items, _ = index_inputs([tmp_path / "hu.tif"])
     with pytest.raises(InputError, match="not windowed"):
         read_scored_slice(items[0]["image"])
+    hu = np.where(np.eye(32) > 0, -1000, 40).astype(np.int16)  # whole HU, as some converters save them
+    tifffile.imwrite(tmp_path / "hu_int16.tif", hu)
+    with pytest.raises(InputError, match=r"int16 pixels span \[-1000, 40\]: CT numbers \(HU\), not a rendered slice"):
+        read_scored_slice(tmp_path / "hu_int16.tif")
+    tifffile.imwrite(tmp_path / "grey_int16.tif", np.abs(hu))  # signed, yet no value below 0: grey levels
+    assert read_scored_slice(tmp_path / "grey_int16.tif").max() == pytest.approx(1000 / 65535 + 0.5, abs=1e-4)
 
 
 def test_nifti_with_tiny_axial_slices_is_refused(tmp_path: Path) -> None:

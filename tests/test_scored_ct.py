@@ -89,6 +89,9 @@ def test_a_row_without_slice_scores_every_slice_and_a_uid_picks_one(scored_ct_la
 def test_every_bad_row_is_listed_with_its_reason(scored_ct_labels: Path, tmp_path: Path) -> None:
     root = scored_ct_labels.parent
     (tmp_path / "broken.dcm").write_bytes(b"not DICOM at all" * 40)
+    exported = Path(shutil.copytree(root / "p00", tmp_path / "p00_exported"))  # with what tools leave beside slices
+    for name in (".DS_Store", "._001.dcm", "Thumbs.db", "DICOMDIR"):
+        (exported / name).write_bytes(b"\x00\x05\x16\x07" * 8)
     labels = _bad_labels(
         tmp_path,
         [
@@ -102,6 +105,10 @@ def test_every_bad_row_is_listed_with_its_reason(scored_ct_labels: Path, tmp_pat
             f"{root / 'p00'},2,1,a,-1",
             "broken.dcm,2,0,d,",
             ",2,0,e,",
+            f"{root / 'p01.nii.gz'},2,2.0,b,",  # good: a whole number as a spreadsheet writes it
+            f"{root / 'p01.nii.gz'},2,-1,b,",
+            f"{root / 'p01.nii.gz'},2,first,b,",
+            f"{exported},2,3,f,",  # good: the files left beside the slices are passed over
         ],
     )
     with pytest.raises(DatasetError) as caught:
@@ -117,6 +124,8 @@ def test_every_bad_row_is_listed_with_its_reason(scored_ct_labels: Path, tmp_pat
         f"{labels} [line 9]": "sd -1.0 is not a spread (a finite number >= 0)",
         f"{labels} [line 10]": f"{tmp_path / 'broken.dcm'}: {NOT_DICOM}",
         f"{labels} [line 11]": "no path",
+        f"{labels} [line 13]": "slice -1 is not a slice index (0 for the first slice, 1, 2, ...)",
+        f"{labels} [line 14]": "slice 'first' is not a slice index (0, 1, 2, ...): a volume's slices have no UIDs",
     }
     result = subprocess.run(
         [sys.executable, "-m", "scripts", "check_data", "--layout", "scored_ct", "--labels", str(labels)],
@@ -124,7 +133,7 @@ def test_every_bad_row_is_listed_with_its_reason(scored_ct_labels: Path, tmp_pat
         capture_output=True,
         text=True,
     )
-    assert result.returncode == 1 and "9 problem(s) in the dataset" in result.stderr
+    assert result.returncode == 1 and "11 problem(s) in the dataset" in result.stderr
     assert "score 9.0 is outside [0, 4]" in result.stderr and "[line 11]: no path" in result.stderr
     assert "a labels file" in str(pytest.raises(DatasetError, training_datalists, layout="scored_ct").value)
 
