@@ -69,14 +69,20 @@ def _scoring_setup(
 
 
 def check_data(
-    dataset_dir: str | None = None, layout: str = "ldct", labels: str | None = None, score_range: Any = LDCT_RANGE
+    dataset_dir: str | None = None,
+    layout: str = "ldct",
+    labels: str | None = None,
+    score_range: Any = LDCT_RANGE,
+    split: Any = 0.1,
+    seed: int = 48,
 ) -> None:
     """Check a KADID-10k (layout=kadid) or LDCTIQA (layout=ldct) folder, or a scored-CT labels file (layout=scored_ct
-    --labels FILE); every problem is listed, as (file, reason)."""
+    --labels FILE), and the validation side training's ``--split`` and ``--seed`` would give it; every problem is
+    listed, as (file, reason)."""
     from scripts.data import DatasetError, check_dataset
 
     try:
-        check_dataset(dataset_dir, layout, labels, score_range)
+        check_dataset(dataset_dir, layout, labels, score_range, split, seed)
     except DatasetError as error:
         print(error, file=sys.stderr)
         raise SystemExit(1) from None

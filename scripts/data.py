@@ -492,19 +492,10 @@ def training_datalists(
     is also written to ``output_dir/datalist.json`` (paths relative to the dataset folder, or to the labels
     file's folder; MONAI's decathlon form) so it can be reproduced and evaluated later.
     """
-    if layout == "ldct":
-        items = ldct_labelled_items(dataset_dir, check_images)
-        train, val = split_items(items, split, seed, allow_empty=True)
-    elif layout == "kadid":
-        items = kadid_labelled_items(dataset_dir, check_images)
-        train, val = split_items(items, split, seed, group_key="ref", allow_empty=True)
-    elif layout == "scored_ct":
-        items = scored_ct_items(_labels_file(labels), score_range, check_images)
-        train, val = split_items(items, split, seed, group_key="patient", allow_empty=True)
+    items = labelled_items(dataset_dir, layout, labels, score_range, check_images)
+    if layout == "scored_ct":
         dataset_dir = Path(str(labels)).expanduser().parent
-    else:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
-    check_validation(dataset_dir, train, val, split)
+    train, val = checked_split(dataset_dir, layout, items, split, seed)
     if output_dir is not None:
         root = Path(dataset_dir).expanduser()
         record = {
@@ -516,6 +507,34 @@ def training_datalists(
         }
         write_json_atomic(Path(output_dir) / "datalist.json", record)
     return {"training": train, "validation": val}
+
+
+def labelled_items(
+    dataset_dir: str | Path | None,
+    layout: str,
+    labels: str | Path | None = None,
+    score_range: Sequence[float] = LDCT_RANGE,
+    check_images: bool = True,
+) -> list[dict]:
+    """Every labelled slice of a dataset in ``layout`` ("ldct", "kadid", or "scored_ct" with its ``labels`` file)."""
+    if layout == "ldct":
+        return ldct_labelled_items(dataset_dir, check_images)
+    if layout == "kadid":
+        return kadid_labelled_items(dataset_dir, check_images)
+    if layout == "scored_ct":
+        return scored_ct_items(_labels_file(labels), score_range, check_images)
+    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def checked_split(
+    dataset_dir: str | Path | None, layout: str, items: list[dict], split: str | float, seed: int
+) -> tuple[list[dict], list[dict]]:
+    """Training and validation slices as training splits them (a KADID scene, a scored-CT patient on one side), with
+    the validation side checked (``check_validation``)."""
+    group_key = {"kadid": "ref", "scored_ct": "patient"}.get(layout)
+    train, val = split_items(items, split, seed, group_key=group_key, allow_empty=True)
+    check_validation(dataset_dir, train, val, split)
+    return train, val
 
 
 def _labels_file(labels: str | Path | None) -> Path:
@@ -558,18 +577,18 @@ def check_dataset(
     layout: str = "ldct",
     labels: str | None = None,
     score_range: Sequence[float] = LDCT_RANGE,
+    split: str | float = 0.1,
+    seed: int = 48,
 ) -> dict[str, Any]:
-    """Check a dataset the way training will, and summarise it (``python -m scripts check_data``).
+    """Check a dataset the way training will, its split included (``split`` and ``seed`` as training takes them),
+    and summarise it (``python -m scripts check_data``).
 
-    Raises ``DatasetError`` listing every problem; on success returns the slice count and the
-    label range (and, for scored CT, the patient count).
+    Raises ``DatasetError`` listing every problem; on success returns the slice count, the label range and the
+    validation slices of the split (and, for scored CT, the patient count).
     """
-    if layout == "scored_ct":
-        items = scored_ct_items(_labels_file(labels), score_range)
-    elif layout in ("ldct", "kadid"):
-        items = (ldct_labelled_items if layout == "ldct" else kadid_labelled_items)(dataset_dir)
-    else:
-        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    items = labelled_items(dataset_dir, layout, labels, score_range)
+    root = Path(str(labels)).expanduser().parent if layout == "scored_ct" else dataset_dir
+    _, val = checked_split(root, layout, items, split, seed)
     labels_seen = [item["label"] for item in items]
     summary = {
         "dataset_dir": str(dataset_dir if layout != "scored_ct" else labels),
@@ -577,6 +596,7 @@ def check_dataset(
         "images": len(items),
         "label_min": min(labels_seen),
         "label_max": max(labels_seen),
+        "validation": len(val),
     }
     if layout == "scored_ct":
         summary["patients"] = len({item["patient"] for item in items})

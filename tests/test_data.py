@@ -380,7 +380,10 @@ def test_inference_items_carry_bad_files_as_errors(ldct_test_dir: Path, tmp_path
 
 
 def test_check_data_command(ldct_train_dir: Path, ldct_copy: Path) -> None:
-    assert check_dataset(str(ldct_train_dir))["images"] == 32
+    summary = check_dataset(str(ldct_train_dir))
+    assert (summary["images"], summary["validation"]) == (32, 3)
+    with pytest.raises(DatasetError, match=r"2 validation slice\(s\) with split 0.05: PLCC/SROCC/KROCC need at least"):
+        check_dataset(str(ldct_train_dir), split=0.05)  # what training would stop on, before its first epoch
     (ldct_copy / "image" / "0002.tif").unlink()
     result = subprocess.run(
         [sys.executable, "-m", "scripts", "check_data", str(ldct_copy)], cwd=REPO_ROOT, capture_output=True, text=True
