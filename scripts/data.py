@@ -95,6 +95,16 @@ def _check_name(name: str, folder: Path) -> str | None:
     return None
 
 
+def _other_case(path: Path) -> str:
+    """`` (0000.TIF does: names are case-sensitive)`` when a file of the name in other letter case is there."""
+    wanted = path.name.lower()
+    try:
+        found = next((entry.name for entry in os.scandir(path.parent) if entry.name.lower() == wanted), None)
+    except OSError:
+        return ""
+    return f" ({found} does: names are case-sensitive)" if found else ""
+
+
 def _named_image(folder: Path, name: str) -> tuple[Path, str]:
     """The image a label file names, and why it cannot be used ("" when it can). A name without an image suffix
     (``L096_402_1_1``, as some copies of LDCTIQA's label files give them) is the TIFF of that stem."""
@@ -102,7 +112,7 @@ def _named_image(folder: Path, name: str) -> tuple[Path, str]:
     if path.is_file():
         return path, ""
     if Path(name).suffix.lower() in SLICE_SUFFIXES:
-        return path, "the image does not exist"
+        return path, "the image does not exist" + _other_case(path)
     tiffs = [folder / f"{name}{suffix}" for suffix in (".tif", ".tiff")]
     found = [tiff for tiff in tiffs if tiff.is_file()]
     if len(found) == 1:
@@ -243,7 +253,7 @@ def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> 
         if reason:
             problems.append((f"{label_file}:{line} [{row['dist_img']}]", reason))
         elif not path.is_file():
-            problems.append((str(path), "named in dmos.csv but the image does not exist"))
+            problems.append((str(path), "named in dmos.csv but the image does not exist" + _other_case(path)))
         else:
             items.append({"image": str(path), "label": value, "ref": row["ref_img"]})
     if check_images:

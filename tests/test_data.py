@@ -79,7 +79,11 @@ def test_a_folder_one_level_above_the_dataset_is_named(ldct_copy: Path, kadid_di
 
 def test_label_file_naming_missing_images(ldct_copy: Path) -> None:
     _rewrite_labels(ldct_copy, lambda labels: labels.update({"9999.tif": 2.0}))
-    with pytest.raises(DatasetError, match=r"image/9999.tif: named in train.json but the image does not exist"):
+    with pytest.raises(DatasetError, match=r"image/9999.tif: named in train.json but the image does not exist$"):
+        ldct_labelled_items(ldct_copy)
+    _rewrite_labels(ldct_copy, lambda labels: labels.pop("9999.tif"))
+    (ldct_copy / "image" / "0001.tif").rename(ldct_copy / "image" / "0001.TIF")
+    with pytest.raises(DatasetError, match=r"image does not exist \(0001.TIF does: names are case-sensitive\)"):
         ldct_labelled_items(ldct_copy)
 
 
