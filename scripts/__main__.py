@@ -89,10 +89,17 @@ def check_data(
 
 
 def synth_ct(output_dir: str, n: int = 600, size: int = 512, seed: int = 0, layout: str = "train") -> None:
-    """Simulated low-dose CT slices with simulated radiologists' scores, in the LDCTIQA layout."""
-    from scripts.synthetic.ct import write_ct_dataset
+    """Simulated low-dose CT slices with simulated radiologists' scores: in the LDCTIQA layout (``train``, ``test``),
+    or a reader study of ``n`` slices (``scored_ct``: DICOM series and NIfTI volumes of 4 slices each, labels.csv)."""
+    from scripts.synthetic.ct import write_ct_dataset, write_scored_ct_dataset
 
-    print(write_ct_dataset(output_dir, n=n, size=size, seed=seed, layout=layout))
+    if layout == "scored_ct":
+        print(write_scored_ct_dataset(output_dir, patients=max(2, -(-n // 4)), slices=4, size=size, seed=seed))
+    elif layout in ("train", "test"):
+        print(write_ct_dataset(output_dir, n=n, size=size, seed=seed, layout=layout))
+    else:
+        print(f"layout must be train, test or scored_ct, got {layout!r}", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def synth_natural(output_dir: str, n_refs: int = 12, size: int = 128, seed: int = 0) -> None:

@@ -291,3 +291,17 @@ def test_quality_falls_with_noise_and_streaks_and_raters_disagree() -> None:
     assert _is_multiple_of_fifth(scores) and ((scores >= 0) & (scores <= 4)).all()
     assert abs(scores.mean() - 2.0) < 0.2 and 0.1 < scores.std() < 0.4, "five raters: mean near q, some spread"
     np.testing.assert_array_equal(scores, rate(np.full(2000, 2.0), np.random.default_rng(0)))
+
+
+def test_the_command_writes_each_layout_and_names_an_unknown_one(tmp_path: Path, capsys) -> None:
+    """``synth_ct --layout scored_ct`` writes a reader study that check_data accepts (n slices, 4 a patient)."""
+    from scripts.__main__ import synth_ct as synth_ct_command
+    from scripts.data import check_dataset
+
+    synth_ct_command(str(tmp_path / "study"), n=10, size=32, layout="scored_ct")
+    summary = check_dataset(layout="scored_ct", labels=str(tmp_path / "study" / "labels.csv"))
+    assert (summary["images"], summary["patients"]) == (12, 3)
+    with pytest.raises(SystemExit) as stopped:
+        synth_ct_command(str(tmp_path / "other"), layout="scored")
+    assert stopped.value.code == 1
+    assert "layout must be train, test or scored_ct, got 'scored'" in capsys.readouterr().err
