@@ -503,8 +503,7 @@ def training_datalists(
     file's folder; MONAI's decathlon form) so it can be reproduced and evaluated later.
     """
     items = labelled_items(dataset_dir, layout, labels, score_range, check_images)
-    if layout == "scored_ct":
-        dataset_dir = Path(str(labels)).expanduser().parent
+    dataset_dir = _dataset_root(dataset_dir, layout, labels)
     train, val = checked_split(dataset_dir, layout, items, split, seed)
     if output_dir is not None:
         root = Path(dataset_dir).expanduser()
@@ -534,6 +533,11 @@ def labelled_items(
     if layout == "scored_ct":
         return scored_ct_items(_labels_file(labels), score_range, check_images)
     raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+
+
+def _dataset_root(dataset_dir: str | Path | None, layout: str, labels: str | Path | None) -> str | Path | None:
+    """The folder a dataset's paths are relative to: the labels file's for scored CT, else the dataset folder."""
+    return Path(str(labels)).expanduser().parent if layout == "scored_ct" else dataset_dir
 
 
 def checked_split(
@@ -597,8 +601,7 @@ def check_dataset(
     validation slices of the split (and, for scored CT, the patient count).
     """
     items = labelled_items(dataset_dir, layout, labels, score_range)
-    root = Path(str(labels)).expanduser().parent if layout == "scored_ct" else dataset_dir
-    _, val = checked_split(root, layout, items, split, seed)
+    _, val = checked_split(_dataset_root(dataset_dir, layout, labels), layout, items, split, seed)
     labels_seen = [item["label"] for item in items]
     summary = {
         "dataset_dir": str(dataset_dir if layout != "scored_ct" else labels),
