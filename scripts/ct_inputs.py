@@ -665,7 +665,7 @@ def _volume_positions(path: Path) -> list[float]:
     normal = np.cross(ras[:3, 0], ras[:3, 1])  # of the slice plane: a sheared (gantry-tilted) volume steps aslant
     normal = normal * np.sign(normal @ ras[:3, 2])
     length = float(np.linalg.norm(normal))
-    if not np.isfinite(length) or length == 0.0 or float(normal @ ras[:3, 2]) == 0.0:
+    if not np.isfinite(length) or length == 0.0:  # also when the slice axis lies in the planes (sign 0)
         return [float(k) for k in range(int(image.shape[axial]))]
     normal /= length
     start, step = float(ras[:3, 3] @ normal), float(ras[:3, 2] @ normal)
