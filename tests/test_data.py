@@ -26,6 +26,11 @@ from scripts.transforms import ImageReadError, read_slice
 from tests.conftest import NOT_DICOM, REPO_ROOT
 
 
+def _names_and_labels(items: list[dict]) -> list[tuple[str, float]]:
+    """Each labelled slice as (file name, label), in order: what two readings of one dataset must agree on."""
+    return [(Path(item["image"]).name, item["label"]) for item in items]
+
+
 @pytest.fixture
 def ldct_copy(ldct_train_dir: Path, tmp_path: Path) -> Path:
     """A private copy of the tiny LDCTIQA training set that a test may break."""
@@ -47,10 +52,10 @@ def test_both_ldct_layouts_are_read(ldct_train_dir: Path, ldct_test_dir: Path) -
 
 
 def test_a_rearranged_ldct_set_is_read_with_either_folder_name(ldct_copy: Path) -> None:
-    before = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)]
+    before = _names_and_labels(ldct_labelled_items(ldct_copy))
     (ldct_copy / "image").rename(ldct_copy / "images")  # train.json beside images/, as a hand-made copy may be
     items = ldct_labelled_items(ldct_copy)
-    assert [(Path(item["image"]).name, item["label"]) for item in items] == before and len(before) == 32
+    assert _names_and_labels(items) == before and len(before) == 32
     assert all(Path(item["image"]).parent == ldct_copy / "images" for item in items)
 
 
@@ -89,9 +94,9 @@ def test_label_file_naming_missing_images(ldct_copy: Path) -> None:
 
 def test_label_names_without_suffix_are_the_tiffs_of_that_stem(ldct_copy: Path) -> None:
     """Some copies of LDCTIQA name images without their suffix (``L096_402_1_1`` for ``L096_402_1_1.tif``)."""
-    before = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)]
+    before = _names_and_labels(ldct_labelled_items(ldct_copy))
     _rewrite_labels(ldct_copy, lambda labels: labels.update({name[:-4]: labels.pop(name) for name in list(labels)}))
-    assert [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)] == before
+    assert _names_and_labels(ldct_labelled_items(ldct_copy)) == before
     (ldct_copy / "image" / "0001.tif").rename(ldct_copy / "image" / "0001.tiff")
     assert Path(ldct_labelled_items(ldct_copy)[1]["image"]).name == "0001.tiff"
 
@@ -143,10 +148,10 @@ def _edit_groups(root: Path, edit) -> None:
 
 def test_grouped_test_ground_truth_is_read(ldct_copy: Path, tmp_path: Path) -> None:
     """The same 32 slices and scores, read from their group folders; a datalist keeps the folders."""
-    flat = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)]
+    flat = _names_and_labels(ldct_labelled_items(ldct_copy))
     grouped = _grouped(ldct_copy)
     items = ldct_labelled_items(grouped)
-    assert [(Path(item["image"]).name, item["label"]) for item in items] == flat and len(flat) == 32
+    assert _names_and_labels(items) == flat and len(flat) == 32
     assert [Path(item["image"]).parent.name for item in items] == ["test_0"] * 20 + ["test_1"] * 12
     assert check_dataset(str(grouped))["images"] == 32
     with pytest.raises(
@@ -257,8 +262,8 @@ def test_a_folder_of_links_to_the_images_reads_as_the_images(ldct_train_dir: Pat
     shutil.copy(ldct_train_dir / "train.json", linked / "train.json")
     for image in sorted((ldct_train_dir / "image").iterdir()):
         (linked / "image" / image.name).symlink_to(image)
-    expected = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_train_dir)]
-    assert [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(linked)] == expected
+    expected = _names_and_labels(ldct_labelled_items(ldct_train_dir))
+    assert _names_and_labels(ldct_labelled_items(linked)) == expected
 
 
 def test_a_slice_labelled_twice_is_an_error(ldct_copy: Path, kadid_dir: Path, tmp_path: Path) -> None:
@@ -316,16 +321,16 @@ def test_kadid_layout_and_its_errors(kadid_dir: Path, tmp_path: Path) -> None:
 
 def test_label_files_saved_by_excel_read_as_the_originals(ldct_copy: Path, kadid_dir: Path, tmp_path: Path) -> None:
     """A UTF-8 byte-order mark (Excel's "CSV UTF-8", some editors' JSON) and spaces after the commas of a header."""
-    expected = [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)]
+    expected = _names_and_labels(ldct_labelled_items(ldct_copy))
     text = (ldct_copy / "train.json").read_text()
     (ldct_copy / "train.json").write_text("\ufeff" + text, encoding="utf-8")
-    assert [(Path(item["image"]).name, item["label"]) for item in ldct_labelled_items(ldct_copy)] == expected
+    assert _names_and_labels(ldct_labelled_items(ldct_copy)) == expected
     kadid = Path(shutil.copytree(kadid_dir, tmp_path / "kadid"))
-    expected = [(Path(item["image"]).name, item["label"]) for item in kadid_labelled_items(kadid)]
+    expected = _names_and_labels(kadid_labelled_items(kadid))
     lines = (kadid / "dmos.csv").read_text().splitlines()
     lines[0] = ", ".join(lines[0].split(","))
     (kadid / "dmos.csv").write_text("\ufeff" + "\r\n".join(lines) + "\r\n", encoding="utf-8")
-    assert [(Path(item["image"]).name, item["label"]) for item in kadid_labelled_items(kadid)] == expected
+    assert _names_and_labels(kadid_labelled_items(kadid)) == expected
 
 
 def test_setting_a_is_a_fixed_800_200_split() -> None:
