@@ -75,6 +75,16 @@ def _found_below(root: Path, label_names: Sequence[str]) -> str:
     return f"; its subfolders {', '.join(name + '/' for name in found)} hold one each: set dataset_dir to one of them"
 
 
+def _as_number(value: Any) -> Any:
+    """A label written as text ("2.8", as some exports write JSON) as its number; anything else unchanged."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _check_label(value: Any, valid_range: tuple[float, float]) -> str | None:
     """The reason a label is unusable, or None."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -199,6 +209,7 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
     items = []
     named: dict[Path, str] = {}
     for name, value in sorted(labels.items()):
+        value = _as_number(value)
         reason = _check_name(name, root / image_dir) or _check_label(value, LDCT_RANGE)
         if reason:
             problems.append((f"{label_file} [{name}]", reason))
@@ -220,6 +231,38 @@ def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> l
     return items
 
 
+CSV_DELIMITERS = (",", ";", "\t")
+
+
+def read_csv_rows(label_file: Path, number_columns: Sequence[str] = ()) -> tuple[list[str], list[tuple[int, dict]]]:
+    """The header and ``(line, row)`` pairs of a CSV label file as spreadsheets save it.
+
+    The header's names are stripped and in lower case ("Path, Score"); cells are separated by commas, or by the
+    semicolons or tabs that Excel uses in locales with a decimal comma (whichever the header holds most of), and
+    there ``number_columns`` may hold a decimal comma ("2,8"); rows whose cells are all empty (Excel's trailing
+    ",,,," rows) are left out. ``DatasetError`` for a file that cannot be read as text.
+    """
+    try:
+        text = label_file.read_text(encoding="utf-8-sig")  # a byte-order mark, as Excel writes
+    except (OSError, UnicodeDecodeError) as error:
+        raise DatasetError([(str(label_file), f"not a readable CSV file ({error})")]) from None
+    header_line = next((line for line in text.splitlines() if line.strip()), "")
+    delimiter = max(CSV_DELIMITERS, key=header_line.count) if any(d in header_line for d in CSV_DELIMITERS) else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    reader.fieldnames = [name.strip().lower() for name in reader.fieldnames or []]
+    rows = []
+    for row in reader:
+        cells = {key: (value.strip() if isinstance(value, str) else value) for key, value in row.items() if key}
+        if not any(cells.values()):
+            continue
+        if delimiter != ",":
+            for column in number_columns:
+                if re.fullmatch(r"-?\d+,\d+", cells.get(column) or ""):
+                    cells[column] = cells[column].replace(",", ".")
+        rows.append((reader.line_num, cells))
+    return reader.fieldnames, rows
+
+
 def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> list[dict]:
     """``[{"image": path, "label": mos, "ref": reference}]`` for a KADID-10k folder, checked."""
     root = _require_dir(dataset_dir)
@@ -227,24 +270,18 @@ def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> 
     if not label_file.is_file():
         hint = _found_below(root, ["dmos.csv"])
         raise DatasetError([(str(label_file), f"KADID-10k label file not found (expected images/ + dmos.csv){hint}")])
-    with open(label_file, newline="", encoding="utf-8-sig") as stream:  # a byte-order mark, as Excel writes
-        reader = csv.DictReader(stream)
-        reader.fieldnames = [name.strip() for name in reader.fieldnames or []]  # "dist_img, ref_img, dmos"
-        rows = list(reader)
-    missing_columns = {"dist_img", "ref_img", "dmos"} - set(reader.fieldnames)
+    header_names, rows = read_csv_rows(label_file, number_columns=("dmos", "var"))
+    missing_columns = {"dist_img", "ref_img", "dmos"} - set(header_names)
     if missing_columns:
-        header = ", ".join(reader.fieldnames) or "none"
+        header = ", ".join(header_names) or "none"
         raise DatasetError([(str(label_file), f"missing column(s) {sorted(missing_columns)} (header: {header})")])
     if not rows:
         raise DatasetError([(str(label_file), "no rows below the header")])
     problems: list[tuple[str, str]] = []
     items = []
     first_line: dict[str, int] = {}
-    for line, row in enumerate(rows, start=2):
-        try:
-            value: Any = float(row["dmos"])
-        except (TypeError, ValueError):
-            value = row["dmos"]
+    for line, row in rows:
+        value = _as_number(row["dmos"])
         name = row["dist_img"]
         duplicate = f"{name!r} is labelled twice (lines {first_line[name]} and {line})" if name in first_line else None
         first_line.setdefault(name, line)
@@ -271,24 +308,22 @@ LAYOUTS = ("ldct", "kadid", "scored_ct")
 
 def _label_rows(labels: Path) -> list[tuple[str, dict[str, Any]]]:
     """``(where, row)`` of a labels file: CSV with a header row, or JSON (a list of objects with the same keys)."""
-    try:
-        text = labels.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise DatasetError([(str(labels), f"not a readable labels file ({error})")]) from None
     if labels.suffix.lower() == ".json":
         try:
-            rows = json.loads(text)
+            rows = json.loads(labels.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError) as error:
+            raise DatasetError([(str(labels), f"not a readable labels file ({error})")]) from None
         except json.JSONDecodeError as error:
             raise DatasetError([(str(labels), f"not a readable JSON file ({error})")]) from None
         if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
             raise DatasetError([(str(labels), 'expected a list of objects [{"path": ..., "score": ...}, ...]')])
         return [(f"{labels} [item {number}]", row) for number, row in enumerate(rows)]
-    reader = csv.DictReader(io.StringIO(text))
-    missing = [column for column in ("path", "score") if column not in (reader.fieldnames or [])]
+    header_names, rows = read_csv_rows(labels, number_columns=("score", "sd", "slice"))
+    missing = [column for column in ("path", "score") if column not in header_names]
     if missing:
-        header = ", ".join(reader.fieldnames or []) or "none"
+        header = ", ".join(header_names) or "none"
         raise DatasetError([(str(labels), f"no {' and no '.join(missing)} column (header: {header})")])
-    return [(f"{labels} [line {reader.line_num}]", dict(row)) for row in reader]
+    return [(f"{labels} [line {line}]", row) for line, row in rows]
 
 
 def _text(value: Any) -> str:

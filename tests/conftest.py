@@ -6,6 +6,7 @@ at tiny sizes, made once per test session in a temporary folder; no test downloa
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,11 @@ def scored_ct_labels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A reader study in the scored-CT layout: 12 patients x 6 slices of 64 px, DICOM series folders (even patients)
     and NIfTI volumes (odd), scored per slice; returns labels.csv (labels.json beside it holds the same rows)."""
     return write_scored_ct_dataset(tmp_path_factory.mktemp("scored_ct"), patients=12, slices=6, size=64, seed=0)
+
+
+def decimal_comma(cell: str) -> str:
+    """A CSV cell as a spreadsheet writes it where the decimal mark is a comma: "4,57" for 4.57."""
+    return cell.replace(".", ",") if re.fullmatch(r"\d+\.\d+", cell) else cell
 
 
 def make_workflow(config_file: str | list[str], workflow_type: str, **overrides: Any) -> ConfigWorkflow:

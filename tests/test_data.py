@@ -23,7 +23,7 @@ from scripts.data import (
     training_datalists,
 )
 from scripts.transforms import ImageReadError, read_slice
-from tests.conftest import NOT_DICOM, REPO_ROOT
+from tests.conftest import NOT_DICOM, REPO_ROOT, decimal_comma
 
 
 def _names_and_labels(items: list[dict]) -> list[tuple[str, float]]:
@@ -320,16 +320,21 @@ def test_kadid_layout_and_its_errors(kadid_dir: Path, tmp_path: Path) -> None:
 
 
 def test_label_files_saved_by_excel_read_as_the_originals(ldct_copy: Path, kadid_dir: Path, tmp_path: Path) -> None:
-    """A UTF-8 byte-order mark (Excel's "CSV UTF-8", some editors' JSON) and spaces after the commas of a header."""
+    """A UTF-8 byte-order mark (Excel's "CSV UTF-8", some editors' JSON), scores written as text, spaces after the
+    commas of a header, and a CSV saved where the decimal mark is a comma: semicolons between cells, "4,57"."""
     expected = _names_and_labels(ldct_labelled_items(ldct_copy))
-    text = (ldct_copy / "train.json").read_text()
-    (ldct_copy / "train.json").write_text("\ufeff" + text, encoding="utf-8")
+    labels = json.loads((ldct_copy / "train.json").read_text())
+    (ldct_copy / "train.json").write_text("\ufeff" + json.dumps({k: str(v) for k, v in labels.items()}), "utf-8")
     assert _names_and_labels(ldct_labelled_items(ldct_copy)) == expected
     kadid = Path(shutil.copytree(kadid_dir, tmp_path / "kadid"))
     expected = _names_and_labels(kadid_labelled_items(kadid))
     lines = (kadid / "dmos.csv").read_text().splitlines()
-    lines[0] = ", ".join(lines[0].split(","))
-    (kadid / "dmos.csv").write_text("\ufeff" + "\r\n".join(lines) + "\r\n", encoding="utf-8")
+    header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
+    (kadid / "dmos.csv").write_text("\ufeff" + "\r\n".join([", ".join(header), *lines[1:]]) + "\r\n", "utf-8")
+    assert _names_and_labels(kadid_labelled_items(kadid)) == expected
+    semicolons = [";".join(name.title() for name in header)] + [";".join(map(decimal_comma, row)) for row in rows]
+    assert semicolons[0].startswith("Dist_Img;") and re.search(r";\d,\d+;", semicolons[1])
+    (kadid / "dmos.csv").write_text("\r\n".join([*semicolons, ";;;", ";;;"]) + "\r\n")
     assert _names_and_labels(kadid_labelled_items(kadid)) == expected
 
 

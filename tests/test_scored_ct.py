@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from tests.conftest import (
     REPO_ROOT,
     TINY_OVERRIDES,
     TRAIN_CONFIG,
+    decimal_comma,
     inference_workflow,
     make_workflow,
 )
@@ -71,6 +73,21 @@ def test_csv_and_json_give_the_same_slices(scored_ct_labels: Path) -> None:
         ("p01.nii.gz", k) for k in range(6)
     ]
     assert all(0.0 <= item["label"] <= 4.0 and item["sd"] > 0 for item in from_csv)
+
+
+def test_a_labels_file_saved_by_excel_reads_as_the_original(scored_ct_labels: Path, tmp_path: Path) -> None:
+    """Excel where the decimal mark is a comma: a byte-order mark, semicolons, "1,4", a capitalised header, CRLF,
+    and the empty rows of cells once used."""
+    rows = [line.split(",") for line in scored_ct_labels.read_text().splitlines()]
+    header = ";".join(name.title() for name in rows[0])
+    lines = [
+        header,
+        *(";".join([str(scored_ct_labels.parent / row[0]), *map(decimal_comma, row[1:])]) for row in rows[1:]),
+    ]
+    assert header.startswith("Path;Slice;Score") and re.search(r";\d,\d;", lines[1])
+    excel = tmp_path / "labels.csv"
+    excel.write_text("\ufeff" + "\r\n".join([*lines, ";;;;", ";;;;"]) + "\r\n", encoding="utf-8")
+    assert scored_ct_items(excel) == scored_ct_items(scored_ct_labels)
 
 
 def test_a_row_without_slice_scores_every_slice_and_a_uid_picks_one(scored_ct_labels: Path, tmp_path: Path) -> None:
