@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from scripts import cli_errors
+
 
 def bundle_root() -> Path:
     """The bundle folder (``configs/``, ``models/``, ``docs/``): ``bundle/`` in the repository, or the folder
@@ -15,3 +17,6 @@ def bundle_root() -> Path:
 def demo_output() -> Path:
     """Where ``python -m scripts demo`` writes by default (its model is ``models/model.pt`` there)."""
     return Path(__file__).resolve().parent.parent / "demo_outputs"
+
+
+cli_errors.install()  # in a `python -m monai.bundle` process: its errors end with their reason

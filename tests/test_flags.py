@@ -87,6 +87,30 @@ def test_a_misspelt_flag_stops_with_its_name(ldct_train_dir: Path, tmp_path: Pat
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_a_failed_bundle_run_ends_with_its_reason(ldct_train_dir: Path, tmp_path: Path) -> None:
+    """MONAI's wrapper ("Failed to instantiate component ...") is not the last word: the reason inside it is."""
+    missing = tmp_path / "no_such_dataset"
+    result = run_cli(
+        "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG, "--dataset_dir", str(missing),
+        "--ckpt_dir", str(tmp_path), "--pretrained", "false", *TINY_CLI,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Failed to instantiate component" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-3:] == [
+        "The reason:",
+        "scripts.data.DatasetError: 1 problem(s) in the dataset:",
+        f"  {missing}: dataset folder does not exist (set dataset_dir)",
+    ]
+    offline = run_cli(  # ImageNet weights wanted, none cached, no internet
+        "monai.bundle", "run", "training", "--config_file", TRAIN_CONFIG, "--dataset_dir", str(ldct_train_dir),
+        "--ckpt_dir", str(tmp_path), "--f_checkpoint", "$None", "--pretrained", "true", *TINY_CLI,
+    )  # fmt: skip
+    reason = offline.stderr[offline.stderr.rindex("The reason:") :]
+    assert reason.startswith(
+        "The reason:\nRuntimeError: Pretrained ImageNet weights for 'test_efficientnet' could not be"
+    )
+    assert "pass its local path (f_weights=/path/to/weights.safetensors)" in reason
+
+
 @pytest.mark.parametrize(
     ("option", "value", "reason"),
     [("--amp", "fp8", "amp must be false, true, bf16 or fp16 (or 0/1), got 'fp8'"),
