@@ -61,3 +61,5 @@ def test_two_process_training_writes_one_plain_checkpoint(ldct_train_dir: Path, 
     last = torch.load(tmp_path / "models" / "model_last.pt", weights_only=True)
     assert last["network"].keys() == state.keys()
     assert last["trainer"]["iteration"] == 2 * last["trainer"]["epoch_length"]
+    events = sorted((tmp_path / "out").glob("events.out.tfevents.*"))
+    assert len(events) == 2  # rank 0's trainer and evaluator: no empty files from rank 1
