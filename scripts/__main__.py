@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import fire
-
 from scripts.data import LDCT_RANGE
 from scripts.tools.bench import run_benchmark
 

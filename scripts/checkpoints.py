@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-
 from scripts.options import optional_size
 from scripts.output_dir import write_atomic, write_json_atomic
+from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -45,7 +45,6 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
-
 from scripts.ct_io import HU_WINDOW, check_hu_mapping, frame_count, frame_hu, stored_values_are_hu
 from scripts.options import as_bool
 from scripts.output_dir import COMPARE_ENTRIES, LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX

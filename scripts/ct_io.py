@@ -13,7 +13,6 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-
 from scripts.decoders import decoding_options, native_frame
 
 HU_WINDOW = (-1000.0, 400.0)

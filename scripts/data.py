@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 from monai.data import load_decathlon_datalist
-
 from scripts.ct_inputs import VOLUME_SUFFIXES, InputError, index_inputs, read_ct_slice, read_dicom_ct
 from scripts.output_dir import write_json_atomic
 from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice

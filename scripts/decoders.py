@@ -31,7 +31,6 @@ from pydicom.uid import (
     JPEGLosslessSV1,
     JPEGLSTransferSyntaxes,
 )
-
 from scripts.engines import usable_cores
 
 if TYPE_CHECKING:

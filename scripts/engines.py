@@ -12,9 +12,8 @@ import torch
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch
 from monai.inferers import Inferer
-from torch import nn
-
 from scripts.options import as_bool, as_bool_or_word
+from torch import nn
 
 AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 

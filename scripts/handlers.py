@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 from ignite.engine import Engine, Events
-
 from scripts.ct_inputs import ErrorList
 from scripts.data import LDCT_RANGE, DatasetError
 from scripts.metrics import METRIC_NAMES, correlations, logistic_plcc

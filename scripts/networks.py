@@ -17,9 +17,6 @@ from typing import Any
 
 import timm
 import torch
-from timm.models._manipulate import reinit_non_persistent_buffers
-from torch import nn
-
 from scripts.checkpoints import (
     NETWORK_SETTING_KEYS,
     CheckpointError,
@@ -28,6 +25,8 @@ from scripts.checkpoints import (
     settings_path,
 )
 from scripts.options import as_bool, optional_size
+from timm.models._manipulate import reinit_non_persistent_buffers
+from torch import nn
 
 logger = logging.getLogger(__name__)
 

@@ -28,10 +28,9 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor, pad_list_data_collate
 from monai.inferers import Inferer
 from monai.transforms import MapTransform, Randomizable
-from torch import nn
-
 from scripts.engines import autocast
 from scripts.options import optional_size
+from torch import nn
 
 BODY_THRESHOLD = 0.5
 MIN_BODY_FRACTION = 0.5

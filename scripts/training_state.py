@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import Compose, Randomizable
-
 from scripts.checkpoints import (
     BestCheckpointSaver,
     CheckpointError,

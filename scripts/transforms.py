@@ -19,7 +19,6 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
-
 from scripts.ct_io import HU_WINDOW, check_window
 from scripts.options import optional_size
 

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow
-
 from scripts.checkpoints import config_overrides, save_checkpoint, settings_path
 from scripts.networks import build_network
 from scripts.synthetic.ct import write_ct_dataset, write_scored_ct_dataset

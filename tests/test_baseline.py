@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from scripts.data import ldct_labelled_items
 from scripts.metrics import correlations
 from scripts.tools.baseline import baseline_scores, flat_region_noise

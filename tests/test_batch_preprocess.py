@@ -10,7 +10,6 @@ import pytest
 import tifffile
 import torch
 from monai.transforms import Compose, ScaleIntensity, ScaleIntensityd, ScaleIntensityRange
-
 from scripts.ct_inputs import LoadCTSliced
 from scripts.ct_io import write_dicom_slice
 from scripts.engines import BatchFlipRotate, PlainTensorBatch

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from monai.bundle import verify_metadata, verify_net_in_out
-
 from scripts.tools.bench import gpu_lines, run_benchmark
 from scripts.tools.bench_pipeline import INPUT_KINDS, STAGES
+
 from tests.conftest import CONFIG_DIR, METADATA, REPO_ROOT, TINY_NETWORKS, TRAIN_CONFIG
 
 SCHEMA = str(REPO_ROOT / "bundle" / "docs" / "metadata_schema.json")
@@ -146,7 +146,6 @@ def test_the_benchmarks_device_figures_time_every_variant() -> None:
     """The GPU block's variants (precision, memory format, cuDNN autotuner, torch.compile) run here on the CPU, so
     that a lent GPU's few minutes are not lost to an error in them; peak memory and batch limits are GPU-only."""
     import torch
-
     from scripts.networks import build_network
     from scripts.tools.bench_pipeline import GPU_VARIANTS, gpu_figures
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Engine
-
 from scripts.checkpoints import BestCheckpointSaver, CheckpointError, SettingsRecord, read_checkpoint
 from scripts.networks import build_network
+
 from tests.conftest import TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
 
 

@@ -12,7 +12,6 @@ import numpy as np
 import pydicom
 import pytest
 from scipy import stats
-
 from scripts.__main__ import compare
 from scripts.clinical.compare import TIE, compare_scores, pair_series, pair_slices
 from scripts.clinical.score import Series, score_paths

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
 from scripts.ct_inputs import LoadCTSliced, inference_items
 from scripts.data import (
     DatasetError,
@@ -23,6 +22,7 @@ from scripts.data import (
     training_datalists,
 )
 from scripts.transforms import ImageReadError, read_slice
+
 from tests.conftest import NOT_DICOM, REPO_ROOT, decimal_comma
 
 

@@ -13,8 +13,6 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
-from torch.utils.data import DataLoader, Dataset
-
 from scripts.ct_inputs import InputError, read_ct_slice
 from scripts.ct_io import _frame_pixels, compress_dicom, frame_count, frame_hu
 from scripts.decoders import (
@@ -26,6 +24,7 @@ from scripts.decoders import (
     native_frame,
     register_plugin,
 )
+from torch.utils.data import DataLoader, Dataset
 
 CORPORA = (Path(get_testdata_file("693_J2KR.dcm")).parent, Path(get_testdata_file("CT_small.dcm")).parent)
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import scripts
 from scripts.__main__ import score
 from scripts.ct_io import write_dicom_slice
+
 from tests.conftest import copy_checkpoint
 
 
@@ -64,7 +64,6 @@ class _RunsCode:
 def bad_checkpoints(tiny_checkpoint: Path, tmp_path: Path) -> dict[str, Path]:
     """A pickled-code file, a folder, a JSON file and a legacy-format copy of a good checkpoint."""
     import torch
-
     from scripts.checkpoints import read_checkpoint
 
     torch.save({"network": {}, "settings": {}, "payload": _RunsCode()}, tmp_path / "code.pt")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from scripts.synthetic.ct import write_ct_dataset
 from scripts.tools.demo import ensure_dataset, run_demo
+
 from tests.conftest import TINY_NETWORKS
 
 

@@ -22,7 +22,6 @@ import nrrd
 import numpy as np
 import pytest
 from pydicom.data import get_testdata_file
-
 from scripts.clinical.score import SliceScorer, score_paths
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
@@ -244,7 +243,6 @@ def test_monai_deploy_reads_the_torchscript_bundle(tiny_bundle: Path, tmp_path: 
     reason = "MONAI Deploy is not installed (optional: pip install monai-deploy-app-sdk highdicom)"
     pytest.importorskip("monai.deploy.core", reason=reason)
     from monai.deploy.operators.monai_bundle_inference_operator import get_bundle_config
-
     from scripts.checkpoints import read_settings
     from scripts.tools.export import export_torchscript
 

@@ -15,8 +15,8 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata
 from monai.data import load_net_with_metadata
 from pydicom.data import get_testdata_file
-
 from scripts.tools.export import TORCHSCRIPT_ATOL, ExportError, export_bundle
+
 from tests.conftest import CONFIG_DIR, REPO_ROOT
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scripts.checkpoints import read_checkpoint
 from scripts.options import as_bool
+
 from tests.conftest import EVALUATE_CONFIGS, REPO_ROOT, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
 
 TINY_CLI = [

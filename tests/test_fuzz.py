@@ -29,7 +29,6 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
-
 from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import compress_dicom, write_dicom_slice
 from scripts.output_dir import printable_tree

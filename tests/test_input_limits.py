@@ -20,12 +20,12 @@ import pytest
 import tifffile
 from pydicom.data import get_testdata_file
 from pydicom.uid import RLELossless
-
 from scripts import transforms
 from scripts.clinical.score import SliceScorer, downsample, score_inputs
 from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
 from scripts.ct_io import write_dicom_slice
 from scripts.transforms import ImageReadError, read_slice
+
 from tests.conftest import REPO_ROOT
 
 QUICK_S = 3.0  # seconds: a header is read, no pixel

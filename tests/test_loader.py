@@ -11,7 +11,6 @@ import nibabel
 import numpy as np
 import pytest
 import torch
-
 from scripts.clinical.score import SliceScorer
 from scripts.ct_inputs import PARALLEL_INDEX_FILES, index_inputs
 from scripts.ct_io import write_dicom_slice

@@ -7,7 +7,6 @@ import pytest
 import torch
 from ignite.engine import Engine
 from scipy import stats
-
 from scripts.metrics import aggregate_metric, correlation_metrics, correlations, logistic_plcc
 
 RNG = np.random.default_rng(7)

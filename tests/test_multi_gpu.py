@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import torch
-
 from scripts.checkpoints import read_checkpoint
+
 from tests.conftest import CONFIG_DIR, REPO_ROOT, TINY_NETWORKS
 
 

@@ -8,7 +8,6 @@ import huggingface_hub.constants
 import pytest
 import timm
 import torch
-
 from scripts.checkpoints import read_checkpoint, save_checkpoint
 from scripts.networks import (
     TFKT,
@@ -18,6 +17,7 @@ from scripts.networks import (
     load_network,
     network_with_weights,
 )
+
 from tests.conftest import TINY_NETWORKS
 
 

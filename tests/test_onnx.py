@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from scripts.checkpoints import save_checkpoint
 from scripts.networks import build_network, load_network
 from scripts.tools.export import ExportError, export_bundle
 from scripts.tools.onnx_export import ONNX_ATOL, ONNX_OPSET, export_onnx
+
 from tests.conftest import REPO_ROOT, TINY_NETWORKS
 
 PATCH = 32

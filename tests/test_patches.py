@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-
 from scripts.checkpoints import read_checkpoint
 from scripts.clinical.score import score_paths
 from scripts.ct_io import write_dicom_slice
 from scripts.networks import build_network, load_network
 from scripts.patches import BODY_THRESHOLD, PatchScorer, RandBodyCropd, SpreadInferer
+
 from tests.conftest import (
     EVALUATE_CONFIGS,
     TINY_NETWORKS,

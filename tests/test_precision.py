@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Events
-
 from scripts.engines import amp_dtype, needs_grad_scaler, place_network, wants_channels_last
+
 from tests.conftest import (
     TINY_NETWORKS,
     TINY_OVERRIDES,
@@ -57,9 +57,8 @@ def test_compile_values_and_the_configs_compile_arguments() -> None:
     """``compile``: false, true or a torch.compile mode by name, as inductor's options; frozen weights for the
     inference config only (training's weights change between calls); other values refused by name."""
     from monai.bundle import ConfigParser
-    from torch._inductor import list_mode_options
-
     from scripts.engines import compile_kwargs, compile_mode
+    from torch._inductor import list_mode_options
 
     assert compile_mode(False) is None and compile_mode("0") is None and compile_mode(True) == "default"
     assert compile_mode(" Max-Autotune ") == "max-autotune" and compile_mode("reduce-overhead") == "reduce-overhead"

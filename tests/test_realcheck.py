@@ -11,11 +11,10 @@ from pathlib import Path
 import nibabel
 import numpy as np
 import pytest
+import scripts
 import tifffile
 import torch
 from pydicom.data import get_testdata_file
-
-import scripts
 from scripts import __main__ as cli
 from scripts.clinical.score import SliceScorer
 from scripts.ct_inputs import pixel_size_mm
@@ -41,6 +40,7 @@ from scripts.tools.realcheck import (
     spearman,
     view_count,
 )
+
 from tests.conftest import REPO_ROOT
 
 SIZE = 96

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 from ignite.engine import Events
-
 from scripts.checkpoints import CheckpointError, last_state_path, read_checkpoint
+
 from tests.conftest import TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
 from tests.test_flags import TINY_CLI, run_cli
 

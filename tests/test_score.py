@@ -26,7 +26,6 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
-
 from scripts.checkpoints import save_checkpoint
 from scripts.clinical.score import SliceScorer, score_paths
 from scripts.ct_inputs import (
@@ -41,6 +40,7 @@ from scripts.ct_inputs import (
 )
 from scripts.ct_io import compress_dicom, write_dicom_slice
 from scripts.transforms import check_windows
+
 from tests.conftest import NOT_DICOM, REPO_ROOT, inference_workflow, scoring_tiny_network
 
 WINDOW = (-1000.0, 400.0)

@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from scripts.checkpoints import config_overrides
 from scripts.clinical.score import PARALLEL_PLOTS, Series, score_paths, series_png, write_report
 from scripts.ct_inputs import index_inputs
 from scripts.ct_io import write_dicom_slice
 from scripts.output_dir import locked_output_dir
+
 from tests.conftest import REPO_ROOT
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import nibabel
 import numpy as np
-
 from scripts.clinical.score import share_series
 from scripts.ct_io import write_dicom_slice
+
 from tests.conftest import REPO_ROOT
 
 

@@ -20,11 +20,11 @@ from ignite.engine import Events
 from monai.bundle import ConfigParser
 from monai.transforms import ScaleIntensityRange
 from scipy import stats
-
 from scripts.checkpoints import read_settings
 from scripts.ct_inputs import LoadCTSliced
 from scripts.data import DatasetError, scored_ct_items, training_datalists
 from scripts.transforms import WindowHUd
+
 from tests.conftest import (
     CONFIG_DIR,
     EVALUATE_CONFIGS,

@@ -11,7 +11,6 @@ import pytest
 import tifffile
 import torch
 import torch.nn.functional as F
-
 from scripts.ct_io import window_hu
 from scripts.data import ldct_labelled_items
 from scripts.synthetic import ct as synth_ct

@@ -10,9 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from skimage.color import rgb2lab
-from skimage.metrics import structural_similarity
-
 from scripts.data import kadid_labelled_items
 from scripts.synthetic.natural import (
     DISTORTIONS,
@@ -25,6 +22,8 @@ from scripts.synthetic.natural import (
     ssim,
     write_natural_dataset,
 )
+from skimage.color import rgb2lab
+from skimage.metrics import structural_similarity
 
 N_REFS, SIZE = 3, 48
 NAME = re.compile(r"^I(\d\d)_(\d\d)_(\d\d)\.png$")

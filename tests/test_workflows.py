@@ -12,10 +12,10 @@ import torch
 from ignite.engine import Events
 from monai.bundle import ConfigParser
 from PIL import Image
-
 from scripts.checkpoints import config_overrides, read_checkpoint
 from scripts.data import DatasetError
 from scripts.metrics import correlations
+
 from tests.conftest import (
     EVALUATE_CONFIGS,
     INFERENCE_CONFIG,

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
-
 from scripts.checkpoints import save_checkpoint
 from scripts.networks import build_network
 from scripts.tools.export import export_bundle
+
 from tests.conftest import REPO_ROOT, TINY_NETWORKS
 
 OFFICIAL_SCHEMA = REPO_ROOT.parent / "shared" / "zoo" / "meta_schema_20240725.json"
@@ -96,16 +96,23 @@ def test_workflow_properties(
     assert workflow.check_properties() in (None, [])
 
 
-# The Zoo's code-format check (runtests.sh --codeformat) with its settings: isort and black at 120 columns with
-# black's profile, flake8 with the plugins and the select/ignore lists of its setup.cfg.
-ZOO_FLAKE8 = [
-    "--select", "B,C,E,F,N,P,T4,W,B9", "--max-line-length", "120",
-    "--ignore", "E203,E501,E741,W503,W504,C408,N812,B023", "--per-file-ignores", "__init__.py:F401",
-]  # fmt: skip
+# The Zoo's code-format check (runtests.sh --codeformat) as it runs: from the Zoo's root, over all of it, with the
+# isort and flake8 sections of its setup.cfg and the black settings of its pyproject.toml.
+ZOO_SETUP_CFG = """[flake8]
+select = B,C,E,F,N,P,T4,W,B9
+max_line_length = 120
+ignore = E203,E501,E741,W503,W504,C408,N812,B023
+per_file_ignores = __init__.py: F401, __main__.py: F401
+
+[isort]
+known_first_party = models
+profile = black
+line_length = 120
+"""
 ZOO_FORMAT_CHECKS = {
-    "isort": ["isort", "--profile", "black", "--line-length", "120", "--check-only", "--diff", "scripts"],
-    "black": ["black", "--line-length", "120", "--check", "--diff", "scripts"],
-    "flake8": ["flake8", *ZOO_FLAKE8, "scripts"],
+    "isort": ["isort", "--check-only", "--diff", "."],
+    "black": ["black", "--line-length", "120", "--skip-magic-trailing-comma", "--check", "--diff", "."],
+    "flake8": ["flake8", "."],
 }
 
 
@@ -119,5 +126,7 @@ def test_exported_scripts_pass_the_zoo_code_format(zoo_bundle: Path, tool: str) 
     assert all("/" not in name[len("scripts/") :] for name in shipped)  # flat: no tools, no subpackages
     assert not {"scripts/__main__.py", "scripts/demo.py", "scripts/bench.py"} & set(shipped)
     [module, *arguments] = ZOO_FORMAT_CHECKS[tool]
-    result = subprocess.run([sys.executable, "-m", module, *arguments], cwd=zoo_bundle, capture_output=True, text=True)
+    zoo_root = zoo_bundle.parent.parent
+    (zoo_root / "setup.cfg").write_text(ZOO_SETUP_CFG)
+    result = subprocess.run([sys.executable, "-m", module, *arguments], cwd=zoo_root, capture_output=True, text=True)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]

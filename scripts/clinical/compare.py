@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-
 from scripts.clinical.score import Series, SliceScorer, score_inputs, series_summary
 from scripts.ct_inputs import InputError, slice_normal
 from scripts.output_dir import (

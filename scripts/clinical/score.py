@@ -36,8 +36,6 @@ import numpy as np
 import torch
 from monai.data import DataLoader
 from monai.transforms import Compose
-from torch.utils.data import Dataset as TorchDataset
-
 from scripts import bundle_root
 from scripts.ct_inputs import (
     PARALLEL_INDEX_FILES,
@@ -74,6 +72,7 @@ from scripts.output_dir import (
 )
 from scripts.patches import SpreadInferer, pad_collate
 from scripts.transforms import check_windows
+from torch.utils.data import Dataset as TorchDataset
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +176,6 @@ class SliceScorer:
         recorded beside the checkpoint (``model.json``, written by training) come before the config's own ids.
         """
         from monai.bundle import ConfigParser
-
         from scripts.checkpoints import CheckpointError, config_ids, read_checkpoint
         from scripts.networks import network_with_weights
 

@@ -23,7 +23,6 @@ from typing import Any
 from monai.deploy.conditions import CountCondition
 from monai.deploy.core import Application, ConditionType, Fragment, Operator, OperatorSpec
 from monai.deploy.operators import DICOMDataLoaderOperator, DICOMSeriesSelectorOperator
-
 from scripts import bundle_root
 from scripts.clinical.score import SliceScorer, score_inputs, series_summary
 from scripts.output_dir import write_json_atomic

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
-
 from scripts.clinical.score import SliceScorer, score_inputs, series_summary
 from scripts.ct_inputs import ErrorList
 

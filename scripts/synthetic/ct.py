@@ -88,7 +88,6 @@ import tifffile
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-
 from scripts.ct_io import ArrayT, frames_hu, window_hu
 from scripts.output_dir import write_json_atomic
 
@@ -941,7 +940,6 @@ def write_scored_ct_dataset(
     (``path``, ``slice``, ``score``, ``patient``, ``sd``). Returns the labels.csv path. Options as
     :func:`simulate_batches`."""
     import nibabel
-
     from scripts.ct_io import write_dicom_slice
 
     root = Path(output_dir)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-
 from scripts.transforms import read_slice
 
 BLOCK = 8

@@ -31,7 +31,6 @@ import numpy as np
 import tifffile
 import torch
 from monai.bundle import ConfigWorkflow
-
 from scripts import bundle_root
 from scripts.checkpoints import config_overrides, save_checkpoint
 from scripts.clinical.score import SliceScorer, score_inputs, score_paths, write_report

@@ -21,7 +21,6 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
-
 from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import HU_WINDOW, compress_dicom, write_dicom_slice
 from scripts.engines import PlainTensorBatch, compiled_for_inference, reader_processes, wants_compile

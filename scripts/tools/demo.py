@@ -24,7 +24,6 @@ import numpy as np
 from ignite.engine import Events
 from ignite.handlers import ProgressBar
 from monai.bundle import ConfigWorkflow
-
 from scripts import bundle_root, demo_output
 from scripts.checkpoints import config_overrides
 from scripts.data import ldct_labelled_items

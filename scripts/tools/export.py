@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from scripts import bundle_root
 from scripts.checkpoints import CONFIG_SETTING_KEYS, config_ids, read_checkpoint, write_checkpoint_atomic
 from scripts.networks import NETWORK_SETTING_KEYS, build_network

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from scripts.patches import PatchScorer, on_body
 from scripts.tools.export import ExportError
+from torch import nn
 
 ONNX_OPSET = 17
 ONNX_ATOL = 1e-4

@@ -42,7 +42,6 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage, stats
-
 from scripts.ct_inputs import InputError, index_inputs, pixel_size_mm, read_ct_slice
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
 from scripts.output_dir import write_json_atomic
