@@ -15,7 +15,7 @@ import torch
 from monai.bundle import ConfigParser, verify_metadata
 from monai.data import load_net_with_metadata
 from pydicom.data import get_testdata_file
-from scripts.tools.export import TORCHSCRIPT_ATOL, ExportError, export_bundle
+from scripts.tools.export import TORCHSCRIPT_ATOL, ExportError, _image_classes, export_bundle
 
 from tests.conftest import CONFIG_DIR, REPO_ROOT
 
@@ -60,11 +60,34 @@ def test_export_is_a_self_contained_model_zoo_folder(exported: Path, tiny_checkp
     assert 'path: "models/model.pt"' in large_files and 'url: "https://example.org/w/model.pt"' in large_files
     meta = json.loads((exported / "configs" / "metadata.json").read_text())
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
+    assert (
+        meta["image_classes"]
+        == "one-channel CT slice, windowed to [-1000, 400] HU and scaled to [0, 1], resized to 64x64"
+    )
     assert meta["eval_metrics"] == {"plcc": 0.9, "srocc": 0.8, "krocc": 0.7, "aggregate": 2.4}
     verify_metadata(
         meta_file=str(exported / "configs" / "metadata.json"),
         filepath=str(exported / "docs" / "metadata_schema.json"),
     )
+
+
+@pytest.mark.parametrize(
+    ("settings", "described"),
+    [
+        ({"in_channels": 1, "image_size": None, "patch_size": 64, "window": [-1000, 400]},
+         "one-channel CT slice, windowed to [-1000, 400] HU and scaled to [0, 1], at its own size, scored as the mean "
+         "over a grid of 64x64 crops on the body"),
+        ({"in_channels": 3, "image_size": 512, "window": [[-1000, 400], [-160, 240], [-1400, 200]]},
+         "3-channel CT slice, one channel per HU window ([-1000, 400], [-160, 240], [-1400, 200]), each scaled to "
+         "[0, 1], resized to 512x512"),
+        ({"in_channels": 3, "image_size": 256},  # no window recorded: the default one
+         "3-channel CT slice, windowed to [-1000, 400] HU and scaled to [0, 1], the same in each channel, resized "
+         "to 256x256"),
+    ],
+)  # fmt: skip
+def test_the_metadata_describes_what_the_model_reads(settings: dict, described: str) -> None:
+    """``image_classes`` follows the checkpoint: a crop model, a multi-window one, one with an RGB stem."""
+    assert _image_classes(settings) == described
 
 
 def test_inference_runs_from_inside_the_export(exported: Path, tmp_path: Path) -> None:

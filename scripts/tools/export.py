@@ -31,7 +31,9 @@ from typing import Any
 import torch
 from scripts import bundle_root
 from scripts.checkpoints import CONFIG_SETTING_KEYS, config_ids, read_checkpoint, write_checkpoint_atomic
+from scripts.ct_io import HU_WINDOW
 from scripts.networks import NETWORK_SETTING_KEYS, build_network
+from scripts.transforms import check_windows
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # scripts/: its flat modules are the runtime the configs import
 TORCHSCRIPT_ATOL = 1e-4
@@ -71,9 +73,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _image_classes(settings: dict[str, Any]) -> str:
+    """What the exported model reads, in the metadata's words: its window(s), channels and input size."""
+    windows = check_windows(settings.get("window") or HU_WINDOW)
+    channels = int(settings.get("in_channels", 1))
+    shown = ", ".join(f"[{low:g}, {high:g}]" for low, high in windows)
+    slice_kind = f"{'one' if channels == 1 else channels}-channel CT slice"
+    if len(windows) > 1:
+        through = f"{slice_kind}, one channel per HU window ({shown}), each scaled to [0, 1]"
+    else:
+        repeated = ", the same in each channel" if channels > 1 else ""
+        through = f"{slice_kind}, windowed to {shown} HU and scaled to [0, 1]{repeated}"
+    size, crop = settings.get("image_size"), settings.get("patch_size")
+    if size:
+        return f"{through}, resized to {size}x{size}"
+    crops = f", scored as the mean over a grid of {crop}x{crop} crops on the body" if crop else ""
+    return f"{through}, at its own size{crops}"
+
+
 def _metadata(source: Path, settings: dict[str, Any], metrics: dict[str, float] | None) -> dict[str, Any]:
-    """metadata.json with the checkpoint's input size and channels and, when given, its evaluation metrics."""
+    """metadata.json with the checkpoint's input (size, channels, window) and, when given, its evaluation metrics."""
     meta = json.loads(source.read_text())
+    meta["image_classes"] = _image_classes(settings)
     image = meta["network_data_format"]["inputs"]["image"]
     size = int(settings.get("image_size") or image["spatial_shape"][0])  # None: crops of any slice size
     image["spatial_shape"] = [size, size]
