@@ -266,8 +266,8 @@ def export(
         print(f"  models/model.onnx matches the eager network within {result['onnx_max_difference']:.2g}")
     elif as_bool(onnx, "onnx"):
         print("  models/model.onnx written, not run (onnxruntime is not installed: pip install onnxruntime)")
-    if result["note"]:
-        print(f"  {result['note']}")
+    for note in result["notes"]:
+        print(f"  {note}")
 
 
 def demo(output_dir: str | None = None, seed: int = 0) -> None:

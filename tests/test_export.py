@@ -38,6 +38,7 @@ def exported(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
     result = _run([*command, "--metrics", str(metrics), "--weights_url", "https://example.org/w"], REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "models/model.ts matches the eager network" in result.stdout
+    assert "not written" not in result.stdout and "left at 0.0" not in result.stdout  # nothing missing: no notes
     return dist
 
 
@@ -169,4 +170,5 @@ def test_without_a_weights_url_no_large_files_yml_and_it_says_why(tiny_checkpoin
     result = _run([*command, str(tiny_checkpoint), "--torchscript", "false"], REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "large_files.yml not written: no --weights_url" in result.stdout and "--weights_url URL" in result.stdout
+    assert "eval_metrics left at 0.0: no --metrics" in result.stdout
     assert not (tmp_path / "d" / "large_files.yml").exists() and (tmp_path / "d" / "models" / "model.pt").is_file()

@@ -143,6 +143,10 @@ NO_WEIGHTS_URL = (
     "large_files.yml not written: no --weights_url. This folder holds its weights and works as it is; for a Model "
     "Zoo pull request (which keeps weights out of git), host models/* and export again with --weights_url URL"
 )
+NO_METRICS = (
+    "metadata eval_metrics left at 0.0: no --metrics. For the Model Zoo, evaluate the model and export again with "
+    "--metrics bundle/outputs/eval/metrics.json"
+)
 
 
 def _large_files(dist: Path, weights_url: str) -> str:
@@ -240,5 +244,5 @@ def export_bundle(
         "torchscript_max_difference": difference,
         "onnx_max_difference": onnx_difference,
         "image_size": settings.get("image_size"),
-        "note": "" if weights_url else NO_WEIGHTS_URL,
+        "notes": [note for note, missing in ((NO_WEIGHTS_URL, not weights_url), (NO_METRICS, not figures)) if missing],
     }
