@@ -53,16 +53,46 @@ def _options_or_exit(amp: Any, channels_last: Any, compile: Any, num_workers: An
         raise SystemExit(2) from None
 
 
+def _window_or_exit(window: Any, ckpt: str) -> None:
+    """One line and exit 2 for a ``--window`` that is not a window; a warning when it is not the model's own."""
+    from scripts.checkpoints import read_settings
+    from scripts.ct_io import HU_WINDOW
+    from scripts.transforms import check_windows
+
+    if window is None:
+        return
+    try:
+        wanted = check_windows(window)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
+    trained = check_windows(read_settings(ckpt).get("window") or HU_WINDOW)
+    if wanted != trained:
+        shown = [", ".join(f"[{low:g}, {high:g}]" for low, high in windows) for windows in (wanted, trained)]
+        print(
+            f"warning: --window {shown[0]} is not the window the model was trained with ({shown[1]}): its scores are "
+            "not on the scale it learnt, nor comparable with scores through its own window",
+            file=sys.stderr,
+        )
+
+
 def _scoring_setup(
-    ckpt: str | None, max_slice_mb: float, amp: Any, channels_last: Any, compile: Any, num_workers: Any
+    ckpt: str | None,
+    window: Any,
+    max_slice_mb: float,
+    amp: Any,
+    channels_last: Any,
+    compile: Any,
+    num_workers: Any,
 ) -> tuple[str, dict[str, Any]]:
     """``score``'s and ``compare``'s checks before the model loads (one line and an exit for a bad option or
-    checkpoint): the checkpoint, and the inference config's speed ids. Sets the cap per slice for this process and
-    the reading workers it forks."""
+    checkpoint): the checkpoint, the window, and the inference config's speed ids. Sets the cap per slice for this
+    process and the reading workers it forks."""
     from scripts import transforms
 
     _options_or_exit(amp, channels_last, compile, num_workers)
     ckpt = _checkpoint_or_exit(ckpt)
+    _window_or_exit(window, ckpt)
     transforms.MAX_SLICE_MB = float(max_slice_mb)
     return ckpt, {"amp": amp, "channels_last": channels_last, "compile": compile}
 
@@ -147,7 +177,7 @@ def score(
     from scripts.clinical.score import score_paths
     from scripts.output_dir import OutputError, printable
 
-    ckpt, options = _scoring_setup(ckpt, max_slice_mb, amp, channels_last, compile, num_workers)
+    ckpt, options = _scoring_setup(ckpt, window, max_slice_mb, amp, channels_last, compile, num_workers)
     try:
         inputs = [str(path) for path in paths]  # fire reads a name like 2024 as a number
         summary = score_paths(inputs, str(output_dir), ckpt, window, device, batch_size, num_workers, plots, **options)
@@ -191,7 +221,7 @@ def compare(
     from scripts.clinical.compare import compare_lines, compare_paths
     from scripts.output_dir import OutputError, printable
 
-    ckpt, options = _scoring_setup(ckpt, max_slice_mb, amp, channels_last, compile, num_workers)
+    ckpt, options = _scoring_setup(ckpt, window, max_slice_mb, amp, channels_last, compile, num_workers)
     try:
         sides = str(first), str(second)  # fire reads a name like 2024 as a number
         result = compare_paths(*sides, str(output_dir), ckpt, window, device, batch_size, num_workers, **options)

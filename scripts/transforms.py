@@ -214,10 +214,16 @@ class ScoreToTensord(MapTransform):
 
 
 def check_windows(window: Any) -> list[tuple[float, float]]:
-    """One HU window ``[low, high]`` or several ``[[low, high], ...]`` (one per channel), each checked."""
-    values = list(window)
-    several = bool(values) and all(isinstance(value, (list, tuple)) for value in values)
-    return [check_window(pair) for pair in values] if several else [check_window(values)]
+    """One HU window ``[low, high]`` or several ``[[low, high], ...]`` (one per channel), each checked; ``ValueError``
+    naming the value otherwise (a single number, text, a pair the wrong way round)."""
+    try:
+        values = list(window)
+        several = bool(values) and all(isinstance(value, (list, tuple)) for value in values)
+        return [check_window(pair) for pair in values] if several else [check_window(values)]
+    except TypeError:
+        raise ValueError(
+            f"window must be two HU values low,high (e.g. -1000,400) or one pair per channel, got {window!r}"
+        ) from None
 
 
 def window_channels(

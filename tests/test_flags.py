@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from pydicom.data import get_testdata_file
 from scripts.checkpoints import read_checkpoint
 from scripts.options import as_bool
 
@@ -124,6 +126,54 @@ def test_score_refuses_a_bad_speed_option_in_one_line(tmp_path: Path, option: st
     result = run_cli("scripts", "score", str(tmp_path), "--output_dir", str(tmp_path / "out"), option, value)
     assert result.returncode == 2 and result.stderr.strip() == reason, result.stderr[-2000:]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("window", "reason"),
+    [("400,-1000", "with low < high, both finite, got (400.0, -1000.0)"),
+     ("0,0", "with low < high, both finite, got (0.0, 0.0)"),
+     ("nan,400", "with low < high, both finite, got (nan, 400.0)"),
+     ("-1000,400,100", "got (-1000.0, 400.0, 100.0)"),
+     ("-1000", "window must be two HU values low,high (e.g. -1000,400) or one pair per channel, got -1000")],
+)  # fmt: skip
+def test_a_bad_window_is_refused_in_one_line(tiny_checkpoint: Path, tmp_path: Path, window: str, reason: str) -> None:
+    for command in (["score", str(tmp_path)], ["compare", str(tmp_path), str(tmp_path)]):
+        output = tmp_path / "out"
+        result = run_cli(
+            "scripts", *command, "--output_dir", str(output), "--ckpt", str(tiny_checkpoint), f"--window={window}"
+        )
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+        assert result.stderr.strip().endswith(reason) and not output.exists()
+
+
+def test_a_window_other_than_the_models_is_scored_with_a_warning(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    shutil.copyfile(get_testdata_file("CT_small.dcm"), slices / "CT_small.dcm")
+    scored = {}
+    for window in ("-1000,400", "-160,240"):
+        output = tmp_path / window
+        result = run_cli(
+            "scripts",
+            "score",
+            str(slices),
+            "--output_dir",
+            str(output),
+            "--ckpt",
+            str(tiny_checkpoint),
+            f"--window={window}",
+            "--plots",
+            "false",
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        scored[window] = (
+            "warning: --window" in result.stderr,
+            json.loads((output / "summary.json").read_text())["window"],
+        )
+    assert scored == {
+        "-1000,400": (False, [[-1000.0, 400.0]]),  # the model's own (none recorded: the default)
+        "-160,240": (True, [[-160.0, 240.0]]),
+    }
 
 
 @pytest.mark.parametrize(("spelling", "expected"), [("false", False), ("True", True)])
