@@ -117,6 +117,52 @@ def test_compare_scores_both_sides_as_score_does(
     differences = [scored[row["second_source"]] - scored[row["first_source"]] for row in pairs]
     assert result["paired"]["mean_difference"] == pytest.approx(np.mean(differences), abs=1e-4)
     assert "6 slices paired by position: second - first = " in printed and "compare.json" in printed
+    assert "within ±0.05 in " in printed and result["paired"]["tie_band"] == 0.05
+    assert result["paired"]["not_paired"] == {  # the low side's slice at 2.5 mm has no partner
+        "first": {"slices": 1, "series_without_partner": []},
+        "second": {"slices": 0, "series_without_partner": []},
+    }
+    assert "not paired: 1 of 7 first and 0 of 6 second slices\n" in printed
+    assert result["paired"]["warnings"] == [] and "warning" not in printed
+
+
+def _copy_series(source: Path, target: Path, series_uid: str, patient: str) -> None:
+    """The DICOM series in ``source`` as another series of ``patient``, in ``target``."""
+    target.mkdir(parents=True)
+    for k, path in enumerate(sorted(source.glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.PatientID = series_uid, f"{series_uid}.{k}", patient
+        ds.save_as(target / path.name, enforce_file_format=True)
+
+
+def test_series_of_other_patients_or_without_a_partner_are_named(
+    tiny_checkpoint: Path, dose_pair: tuple[Path, Path], tmp_path: Path, capsys
+) -> None:
+    """Slices paired by position alone across two patients get a warning; a series with no partner series on the
+    other side is named, not silently left out."""
+    full, low = dose_pair
+    first, second = tmp_path / "first", tmp_path / "second"
+    _copy_series(full, first / "p1", "1.2.3.11", "A")
+    _copy_series(full, second / "p1", "1.2.3.21", "B")  # another patient, at the same positions
+    _copy_series(low, first / "p2", "1.2.3.12", "C")  # its slice at 2.5 mm has no partner
+    _copy_series(full, second / "p2", "1.2.3.22", "C")
+    _copy_series(full, first / "only_here", "1.2.3.13", "D")
+    compare(str(first), str(second), output_dir=str(tmp_path / "cmp"), ckpt=str(tiny_checkpoint))
+    printed = capsys.readouterr().out
+    paired = json.loads((tmp_path / "cmp" / "compare.json").read_text())["paired"]
+    assert paired["n_pairs"] == 12
+    assert paired["not_paired"] == {
+        "first": {"slices": 7, "series_without_partner": ["1.2.3.13"]},
+        "second": {"slices": 0, "series_without_partner": []},
+    }
+    assert (
+        "not paired: 7 of 19 first and 0 of 12 second slices; series with no partner on the other side: first: "
+        "1.2.3.13\n" in printed
+    )
+    assert paired["warnings"] == [
+        "1.2.3.11 and 1.2.3.21 are of different patients (PatientID): paired by position alone"
+    ]
+    assert "warning: 1.2.3.11 and 1.2.3.21 are of different patients" in printed
 
 
 def test_volumes_made_from_a_series_read_as_its_slices_and_pair_with_them(

@@ -9,7 +9,9 @@ the first's median slice spacing): a DICOM slice's along the normal of its orien
 from the volume's affine, so a volume made from a series pairs with it.
 ``compare.json`` gives each side's slices and mean score, and its series as ``score``'s ``summary.json`` gives them
 (with how each was acquired); over the pairs, the mean difference (second - first),
-the shares of pairs where the second scores higher, lower or within ``TIE``, and the Wilcoxon signed-rank p-value;
+the shares of pairs where the second scores higher, lower or within ``TIE``, and the Wilcoxon signed-rank p-value,
+how many slices of each side are in no pair (and the series with no partner series), and warnings (series of
+different patients paired);
 the Mann-Whitney U p-value over every slice of both sides, paired or not; and what could not be scored, per side.
 ``pairs.csv`` lists the pairs. Each file is written atomically, into a locked output folder.
 """
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 from scripts.clinical.score import Series, SliceScorer, score_inputs, series_summary
-from scripts.ct_inputs import InputError, slice_normal
+from scripts.ct_inputs import VOLUME_SUFFIXES, InputError, read_dicom_ct, slice_normal
 from scripts.output_dir import (
     COMPARE_ENTRIES,
     locked_output_dir,
@@ -34,6 +36,7 @@ from scripts.output_dir import (
     write_bytes_atomic,
     write_json_atomic,
 )
+from scripts.transforms import SLICE_SUFFIXES
 
 TIE = 0.05  # scores this close (on the 0..4 scale) count as neither side higher
 MIN_TOLERANCE_MM = 0.01
@@ -107,6 +110,35 @@ def pair_slices(
     ]
 
 
+def _patient_id(entry: Series) -> str | None:
+    """The PatientID of a DICOM series' first slice, or None (a volume, a rendered slice, a file gone since)."""
+    image = Path(entry.items[0]["image"])
+    if image.name.lower().endswith(VOLUME_SUFFIXES) or image.suffix.lower() in SLICE_SUFFIXES:
+        return None
+    try:
+        return str(read_dicom_ct(image, header_only=True).get("PatientID", "")).strip() or None
+    except Exception:  # the report never fails for a header
+        return None
+
+
+def _not_paired(side: Sequence[Series], in_pairs: set[tuple[int, int]], partnered: set[int]) -> dict[str, Any]:
+    """A side's slices in no pair, and its series with no partner series on the other side."""
+    return {
+        "slices": sum(len(entry.items) for entry in side) - len(in_pairs),
+        "series_without_partner": [entry.name for entry in side if id(entry) not in partnered],
+    }
+
+
+def _other_patients(series_pairs: Sequence[tuple[Series, Series]]) -> list[str]:
+    """A warning for each pair of series whose DICOM headers name different patients."""
+    warnings = []
+    for a, b in series_pairs:
+        patients = _patient_id(a), _patient_id(b)
+        if None not in patients and patients[0] != patients[1]:
+            warnings.append(f"{a.name} and {b.name} are of different patients (PatientID): paired by position alone")
+    return warnings
+
+
 def _side(path: str, series: Sequence[Series], errors: list[dict]) -> dict[str, Any]:
     scores = [score for entry in series for score in entry.scores]
     return {
@@ -148,12 +180,19 @@ def compare_scores(
     if not pairs:
         paired["reason"] = _unpaired_reason(first, second, roots)
     else:
+        series_pairs = pair_series(first, second, roots)
         paired.update(
             mean_difference=float(differences.mean()),
             second_higher=float(np.mean(differences > TIE)),
             first_higher=float(np.mean(differences < -TIE)),
             tied=float(np.mean(np.abs(differences) <= TIE)),
+            tie_band=TIE,
             wilcoxon_p=float(stats.wilcoxon(differences).pvalue) if np.any(differences) else 1.0,
+            not_paired={
+                "first": _not_paired(first, {(id(a), i) for a, i, _, _ in pairs}, {id(a) for a, _ in series_pairs}),
+                "second": _not_paired(second, {(id(b), j) for _, _, b, j in pairs}, {id(b) for _, b in series_pairs}),
+            },
+            warnings=_other_patients(series_pairs),
         )
     all_first = [score for entry in first for score in entry.scores]
     all_second = [score for entry in second for score in entry.scores]
@@ -226,8 +265,21 @@ def compare_lines(result: dict[str, Any]) -> list[str]:
         lines.append(
             f"{paired['n_pairs']} slices paired by position: second - first = {paired['mean_difference']:+.2f} on "
             f"average; second higher in {paired['second_higher']:.0%}, lower in {paired['first_higher']:.0%}, "
-            f"tied in {paired['tied']:.0%}; Wilcoxon signed-rank p = {paired['wilcoxon_p']:.2g}"
+            f"within ±{paired['tie_band']:g} in {paired['tied']:.0%}; "
+            f"Wilcoxon signed-rank p = {paired['wilcoxon_p']:.2g}"
         )
+        left = paired["not_paired"]
+        if left["first"]["slices"] or left["second"]["slices"]:
+            sides = ("first", "second")
+            counts = [f"{left[side]['slices']} of {result[side]['n_slices']} {side}" for side in sides]
+            alone = [
+                f"{side}: {', '.join(left[side]['series_without_partner'])}"
+                for side in sides
+                if left[side]["series_without_partner"]
+            ]
+            partners = f"; series with no partner on the other side: {'; '.join(alone)}" if alone else ""
+            lines.append(f"not paired: {' and '.join(counts)} slices{partners}")
+        lines += [f"warning: {warning}" for warning in paired["warnings"]]
     else:
         lines.append(f"no slices paired: {paired['reason']}")
     unpaired = result["unpaired"]
