@@ -165,6 +165,29 @@ def test_series_of_other_patients_or_without_a_partner_are_named(
     assert "warning: 1.2.3.11 and 1.2.3.21 are of different patients" in printed
 
 
+def test_series_in_folders_named_by_dose_pair_within_their_patient(
+    tiny_checkpoint: Path, dose_pair: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """Folders named as the Mayo low-dose challenge names them (``QD/L067_QD``, ``FD/L067_FD``) do not match by name:
+    each series pairs with the other side's series of its patient (PatientID) at the same positions."""
+    full, low = dose_pair
+    quarter, whole = tmp_path / "QD", tmp_path / "FD"
+    for number, patient in enumerate(("L067", "L096")):
+        _copy_series(low, quarter / f"{patient}_QD", f"1.2.3.3{number}", patient)
+        _copy_series(full, whole / f"{patient}_FD", f"1.2.3.4{number}", patient)
+    _copy_series(full, whole / "L109_FD", "1.2.3.49", "L109")  # no quarter dose of this patient
+    compare(str(quarter), str(whole), output_dir=str(tmp_path / "cmp"), ckpt=str(tiny_checkpoint))
+    with open(tmp_path / "cmp" / "pairs.csv", newline="") as stream:
+        pairs = {
+            (Path(row["first_source"]).parent.name, Path(row["second_source"]).parent.name)
+            for row in csv.DictReader(stream)
+        }
+    assert pairs == {("L067_QD", "L067_FD"), ("L096_QD", "L096_FD")}
+    paired = json.loads((tmp_path / "cmp" / "compare.json").read_text())["paired"]
+    assert paired["n_pairs"] == 12 and paired["warnings"] == []
+    assert paired["not_paired"]["second"] == {"slices": 6, "series_without_partner": ["1.2.3.49"]}
+
+
 def test_volumes_made_from_a_series_read_as_its_slices_and_pair_with_them(
     tiny_checkpoint: Path, dose_pair: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -222,8 +245,8 @@ def test_unpaired_sides_say_why() -> None:
     }
     apart = [_series("c", [0.0], folder="p1"), _series("d", [0.0], folder="p1")]
     assert compare_scores(apart, [_series("e", [0.0], folder="p2")])[0]["paired"]["reason"] == (
-        "no series in the same folder under both inputs (first: p1; second: p2): name one series folder on each "
-        "side, or give both sides the same folders"
+        "no series in the same folder under both inputs (first: p1; second: p2), nor of one patient at the same "
+        "positions: name one series folder on each side, or give both sides the same folders"
     )
 
 

@@ -3,7 +3,8 @@ and after denoising (``python -m scripts compare FIRST SECOND --output_dir OUT [
 
 Both sides are scored as ``score`` scores them, by one network. Slices are paired by series and position
 (``pair_series``, ``position_pairs``): one series on each side are a pair; otherwise series pair by the folder they
-lie in under their side's input (``L067/`` with ``L067/``), in name order within a folder; within a pair of series,
+lie in under their side's input (``L067/`` with ``L067/``), in name order within a folder, and series left then pair
+within a patient by their positions (``QD/L067_QD/`` with ``FD/L067_FD/``); within a pair of series,
 each slice of the first with the slice of the second at the same position along the slice axis (within a quarter of
 the first's median slice spacing): a DICOM slice's along the normal of its orientation, a NIfTI or NRRD slice's
 from the volume's affine, so a volume made from a series pairs with it.
@@ -88,15 +89,52 @@ def _by_folder(series: Sequence[Series], root: str) -> dict[str, list[Series]]:
     return folders
 
 
+def _patient_id(entry: Series) -> str | None:
+    """The PatientID of a DICOM series' first slice, or None (a volume, a rendered slice, a file gone since)."""
+    image = Path(entry.items[0]["image"])
+    if image.name.lower().endswith(VOLUME_SUFFIXES) or image.suffix.lower() in SLICE_SUFFIXES:
+        return None
+    try:
+        return str(read_dicom_ct(image, header_only=True).get("PatientID", "")).strip() or None
+    except Exception:  # the report never fails for a header
+        return None
+
+
+def _pairs_by_patient(first: Sequence[Series], second: Sequence[Series]) -> list[tuple[Series, Series]]:
+    """DICOM series of one patient (PatientID) on both sides, each first series with the other side's series of
+    that patient with which it shares the most slice positions (none shared: no pair), each series in one pair."""
+    patients = {id(entry): _patient_id(entry) for entry in (*first, *second)}
+    pairs: list[tuple[Series, Series]] = []
+    taken: set[int] = set()
+    for a in first:
+        if patients[id(a)] is None:
+            continue
+        shared = [
+            (len(position_pairs(a, b, (head_sign(a), head_sign(b)))), b)
+            for b in second
+            if id(b) not in taken and patients[id(b)] == patients[id(a)]
+        ]
+        count, partner = max(shared, key=lambda found: found[0], default=(0, None))
+        if count and partner is not None:
+            taken.add(id(partner))
+            pairs.append((a, partner))
+    return pairs
+
+
 def pair_series(
     first: Sequence[Series], second: Sequence[Series], roots: tuple[str, str] = (".", ".")
 ) -> list[tuple[Series, Series]]:
-    """The series of two sides that show the same slices: one on each side, else those in the same folder under
-    the sides' inputs ``roots``, in name order within a folder (as many as both sides have there)."""
+    """The series of two sides that show the same slices: one on each side; else those in the same folder under
+    the sides' inputs ``roots``, in name order within a folder (as many as both sides have there), and then, of the
+    series left, those of one patient at the same positions (``_pairs_by_patient``: ``QD/L067_QD/`` with
+    ``FD/L067_FD/``)."""
     if len(first) == 1 and len(second) == 1:
         return [(first[0], second[0])]
     folders = _by_folder(first, roots[0]), _by_folder(second, roots[1])
-    return [pair for key in folders[0] for pair in zip(folders[0][key], folders[1].get(key, []), strict=False)]
+    pairs = [pair for key in folders[0] for pair in zip(folders[0][key], folders[1].get(key, []), strict=False)]
+    paired = {id(a) for a, _ in pairs}, {id(b) for _, b in pairs}
+    rest = [a for a in first if id(a) not in paired[0]], [b for b in second if id(b) not in paired[1]]
+    return pairs + _pairs_by_patient(*rest)
 
 
 def pair_slices(
@@ -108,17 +146,6 @@ def pair_slices(
         for a, b in pair_series(first, second, roots)
         for i, j in position_pairs(a, b, (head_sign(a), head_sign(b)))
     ]
-
-
-def _patient_id(entry: Series) -> str | None:
-    """The PatientID of a DICOM series' first slice, or None (a volume, a rendered slice, a file gone since)."""
-    image = Path(entry.items[0]["image"])
-    if image.name.lower().endswith(VOLUME_SUFFIXES) or image.suffix.lower() in SLICE_SUFFIXES:
-        return None
-    try:
-        return str(read_dicom_ct(image, header_only=True).get("PatientID", "")).strip() or None
-    except Exception:  # the report never fails for a header
-        return None
 
 
 def _not_paired(side: Sequence[Series], in_pairs: set[tuple[int, int]], partnered: set[int]) -> dict[str, Any]:
@@ -159,8 +186,8 @@ def _unpaired_reason(first: Sequence[Series], second: Sequence[Series], roots: t
     if not series:
         folders = [", ".join(_by_folder(side, root)) for side, root in zip((first, second), roots, strict=True)]
         return (
-            f"no series in the same folder under both inputs (first: {folders[0]}; second: {folders[1]}): name one "
-            "series folder on each side, or give both sides the same folders"
+            f"no series in the same folder under both inputs (first: {folders[0]}; second: {folders[1]}), nor of one "
+            "patient at the same positions: name one series folder on each side, or give both sides the same folders"
         )
     ranges = [
         f"{entry.name} at {min(item['position'] for item in entry.items):g} to "
