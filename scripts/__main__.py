@@ -56,8 +56,7 @@ def _options_or_exit(amp: Any, channels_last: Any, compile: Any, num_workers: An
 def _window_or_exit(window: Any, ckpt: str) -> None:
     """One line and exit 2 for a ``--window`` that is not a window; a warning when it is not the model's own."""
     from scripts.checkpoints import read_settings
-    from scripts.ct_io import HU_WINDOW
-    from scripts.transforms import check_windows
+    from scripts.transforms import check_windows, recorded_windows, windows_text
 
     if window is None:
         return
@@ -66,12 +65,12 @@ def _window_or_exit(window: Any, ckpt: str) -> None:
     except ValueError as error:
         print(error, file=sys.stderr)
         raise SystemExit(2) from None
-    trained = check_windows(read_settings(ckpt).get("window") or HU_WINDOW)
+    trained = recorded_windows(read_settings(ckpt))
     if wanted != trained:
-        shown = [", ".join(f"[{low:g}, {high:g}]" for low, high in windows) for windows in (wanted, trained)]
         print(
-            f"warning: --window {shown[0]} is not the window the model was trained with ({shown[1]}): its scores are "
-            "not on the scale it learnt, nor comparable with scores through its own window",
+            f"warning: --window {windows_text(wanted)} is not the window the model was trained with "
+            f"({windows_text(trained)}): its scores are not on the scale it learnt, nor comparable with scores "
+            "through its own window",
             file=sys.stderr,
         )
 

@@ -226,6 +226,16 @@ def check_windows(window: Any) -> list[tuple[float, float]]:
         ) from None
 
 
+def recorded_windows(settings: dict[str, Any]) -> list[tuple[float, float]]:
+    """The HU window(s) a model was trained with, from its settings (``model.json``); [-1000, 400] when not recorded."""
+    return check_windows(settings.get("window") or HU_WINDOW)
+
+
+def windows_text(windows: Sequence[tuple[float, float]]) -> str:
+    """Windows as a reader writes them: ``[-1000, 400], [-160, 240]``."""
+    return ", ".join(f"[{low:g}, {high:g}]" for low, high in windows)
+
+
 def window_channels(
     hu: torch.Tensor, windows: Sequence[tuple[float, float]], channels: int, dim: int = 0
 ) -> torch.Tensor:

@@ -141,11 +141,11 @@ def pair_slices(
     first: Sequence[Series], second: Sequence[Series], roots: tuple[str, str] = (".", ".")
 ) -> list[tuple[Series, int, Series, int]]:
     """The paired slices of two scored sides: ``(series, index, series, index)``."""
-    return [
-        (a, i, b, j)
-        for a, b in pair_series(first, second, roots)
-        for i, j in position_pairs(a, b, (head_sign(a), head_sign(b)))
-    ]
+    return _slice_pairs(pair_series(first, second, roots))
+
+
+def _slice_pairs(series_pairs: Sequence[tuple[Series, Series]]) -> list[tuple[Series, int, Series, int]]:
+    return [(a, i, b, j) for a, b in series_pairs for i, j in position_pairs(a, b, (head_sign(a), head_sign(b)))]
 
 
 def _not_paired(side: Sequence[Series], in_pairs: set[tuple[int, int]], partnered: set[int]) -> dict[str, Any]:
@@ -201,13 +201,13 @@ def compare_scores(
     first: Sequence[Series], second: Sequence[Series], roots: tuple[str, str] = (".", ".")
 ) -> tuple[dict[str, Any], list[tuple[Series, int, Series, int]]]:
     """The statistics of ``compare.json`` (``paired``, ``unpaired``) and the pairs they were drawn from."""
-    pairs = pair_slices(first, second, roots)
+    series_pairs = pair_series(first, second, roots)
+    pairs = _slice_pairs(series_pairs)
     differences = np.array([b.scores[j] - a.scores[i] for a, i, b, j in pairs])
     paired: dict[str, Any] = {"n_pairs": len(pairs)}
     if not pairs:
         paired["reason"] = _unpaired_reason(first, second, roots)
     else:
-        series_pairs = pair_series(first, second, roots)
         paired.update(
             mean_difference=float(differences.mean()),
             second_higher=float(np.mean(differences > TIE)),

@@ -31,9 +31,8 @@ from typing import Any
 import torch
 from scripts import bundle_root
 from scripts.checkpoints import CONFIG_SETTING_KEYS, config_ids, read_checkpoint, write_checkpoint_atomic
-from scripts.ct_io import HU_WINDOW
 from scripts.networks import NETWORK_SETTING_KEYS, build_network
-from scripts.transforms import check_windows
+from scripts.transforms import recorded_windows, windows_text
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # scripts/: its flat modules are the runtime the configs import
 TORCHSCRIPT_ATOL = 1e-4
@@ -75,9 +74,9 @@ def _sha256(path: Path) -> str:
 
 def _image_classes(settings: dict[str, Any]) -> str:
     """What the exported model reads, in the metadata's words: its window(s), channels and input size."""
-    windows = check_windows(settings.get("window") or HU_WINDOW)
+    windows = recorded_windows(settings)
     channels = int(settings.get("in_channels", 1))
-    shown = ", ".join(f"[{low:g}, {high:g}]" for low, high in windows)
+    shown = windows_text(windows)
     slice_kind = f"{'one' if channels == 1 else channels}-channel CT slice"
     if len(windows) > 1:
         through = f"{slice_kind}, one channel per HU window ({shown}), each scaled to [0, 1]"
