@@ -152,6 +152,8 @@ def test_ctrl_c_is_one_line_and_leaves_the_earlier_report(tiny_checkpoint: Path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # as from a terminal: a suite started in the background (``cmd &``) ignores SIGINT, and its children with it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     while not (out / ".lock").exists() and running.poll() is None:  # the run has its folder: inside main
         time.sleep(0.01)
