@@ -104,13 +104,14 @@ def _pairs_by_patient(first: Sequence[Series], second: Sequence[Series]) -> list
     """DICOM series of one patient (PatientID) on both sides, each first series with the other side's series of
     that patient with which it shares the most slice positions (none shared: no pair), each series in one pair."""
     patients = {id(entry): _patient_id(entry) for entry in (*first, *second)}
+    signs = {id(entry): head_sign(entry) for entry in (*first, *second) if patients[id(entry)] is not None}
     pairs: list[tuple[Series, Series]] = []
     taken: set[int] = set()
     for a in first:
         if patients[id(a)] is None:
             continue
         shared = [
-            (len(position_pairs(a, b, (head_sign(a), head_sign(b)))), b)
+            (len(position_pairs(a, b, (signs[id(a)], signs[id(b)]))), b)
             for b in second
             if id(b) not in taken and patients[id(b)] == patients[id(a)]
         ]
