@@ -53,7 +53,9 @@ class DatasetError(ValueError):
         super().__init__(f"{len(self.problems)} problem(s) in the dataset:\n" + "\n".join(lines))
 
 
-def _require_dir(dataset_dir: str | Path) -> Path:
+def _require_dir(dataset_dir: str | Path | None) -> Path:
+    if not dataset_dir:
+        raise DatasetError([("dataset_dir", "no dataset folder given (set dataset_dir)")])
     root = Path(dataset_dir).expanduser()
     if not root.is_dir():
         raise DatasetError([(str(root), "dataset folder does not exist (set dataset_dir)")])
@@ -180,7 +182,7 @@ def _check_images(items: list[dict], problems: list[tuple[str, str]]) -> None:
             problems.append((error.path, error.reason))
 
 
-def ldct_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> list[dict]:
+def ldct_labelled_items(dataset_dir: str | Path | None, check_images: bool = True) -> list[dict]:
     """``[{"image": path, "label": score}]`` for an LDCTIQA train or test folder, checked."""
     root = _require_dir(dataset_dir)
     layouts = (*LDCT_LAYOUTS, ("", LDCT_GROUPED_LABELS))
@@ -262,7 +264,7 @@ def read_csv_rows(label_file: Path, number_columns: Sequence[str] = ()) -> tuple
     return reader.fieldnames, rows
 
 
-def kadid_labelled_items(dataset_dir: str | Path, check_images: bool = True) -> list[dict]:
+def kadid_labelled_items(dataset_dir: str | Path | None, check_images: bool = True) -> list[dict]:
     """``[{"image": path, "label": mos, "ref": reference}]`` for a KADID-10k folder, checked."""
     root = _require_dir(dataset_dir)
     label_file = root / "dmos.csv"
@@ -417,7 +419,8 @@ def scored_ct_items(
     rows = _label_rows(labels)
     if not rows:
         raise DatasetError([(str(labels), "no rows")])
-    sources, problems, items, seen = _Sources(), [], [], {}
+    sources, problems, items = _Sources(), [], []
+    seen: dict[tuple[str, int], str] = {}  # (image, frame): the row that scored it first
     for where, row in rows:
         try:
             name = _text(row.get("path"))
@@ -497,7 +500,7 @@ def split_items(
     return train, val
 
 
-def check_validation(dataset_dir: str | Path, train: list[dict], val: list[dict], split: str | float) -> None:
+def check_validation(dataset_dir: str | Path | None, train: list[dict], val: list[dict], split: str | float) -> None:
     """``DatasetError`` unless training has data and the validation slices can give correlations: at least
     ``MIN_VALIDATION`` of them with labels that are not all the same (else every metric is NaN and the
     best checkpoint would be chosen by chance)."""
@@ -540,7 +543,7 @@ def training_datalists(
     dataset_dir = _dataset_root(dataset_dir, layout, labels)
     train, val = checked_split(dataset_dir, layout, items, split, seed)
     if output_dir is not None:
-        root = Path(dataset_dir).expanduser()
+        root = _require_dir(dataset_dir)
         record = {
             "dataset_dir": str(root.resolve()),
             "split": str(split),

@@ -62,6 +62,9 @@ def test_a_rearranged_ldct_set_is_read_with_either_folder_name(ldct_copy: Path) 
 def test_missing_dataset_folder(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match=r"nowhere: dataset folder does not exist"):
         ldct_labelled_items(tmp_path / "nowhere")
+    for unset in (None, ""):  # --dataset_dir '$None' on the command line: the same kind of error, not a TypeError
+        with pytest.raises(DatasetError, match=r"dataset_dir: no dataset folder given \(set dataset_dir\)"):
+            ldct_labelled_items(unset)
 
 
 def test_folder_without_label_file(tmp_path: Path) -> None:
