@@ -48,7 +48,7 @@ class SettingsRecord:
         self.window = None if window is None else json.loads(json.dumps(window))  # tuples as lists, as in the file
 
     def state_dict(self) -> dict[str, Any]:
-        model = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel
+        model: Any = getattr(self.network, "module", self.network)  # unwrap DistributedDataParallel; ``settings``
         window = {} if self.window is None else {"window": self.window}
         return {**model.settings, "image_size": self.image_size, **window}
 

@@ -28,7 +28,8 @@ def _raised_in(error: BaseException) -> Path | None:
 def unwrapped(error: BaseException, wrapper_dir: Path) -> BaseException:
     """The first error along the chain of ``error`` (``raise ... from``) that code under ``wrapper_dir`` did not
     raise; ``error`` itself when none is."""
-    seen, current = set(), error
+    seen: set[int] = set()
+    current: BaseException | None = error
     while current is not None and id(current) not in seen:
         raised_in = _raised_in(current)
         if raised_in is None or wrapper_dir not in raised_in.parents:

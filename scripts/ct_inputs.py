@@ -153,7 +153,7 @@ def _unreachable(path: Path, error: OSError) -> str:
     return f"cannot be read ({error.strerror or error})"
 
 
-def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> tuple[list[Path], list[dict]]:
+def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> tuple[list[Path], ErrorList]:
     """The files named and every file under the folders named, in a stable order; ``{path, reason}`` for the rest.
 
     Links are followed; a real file or folder reached a second time (overlapping inputs, links) is taken once,
@@ -984,11 +984,10 @@ def _index_all(
         yield from map(_index_outcome, files)
         return
     own = pool is None
-    if own:
-        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"))
+    executor = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork")) if pool is None else pool
     done = 0
     try:
-        for outcome in pool.map(_index_outcome, files, chunksize=INDEX_CHUNK):
+        for outcome in executor.map(_index_outcome, files, chunksize=INDEX_CHUNK):
             yield outcome
             done += 1
     except BrokenProcessPool:
@@ -996,7 +995,7 @@ def _index_all(
         yield from map(_index_outcome, files[done:])
     finally:  # also when the reader of these outcomes stops early: the headers not yet read are not read
         if own:
-            pool.shutdown(cancel_futures=True)
+            executor.shutdown(cancel_futures=True)
 
 
 def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:

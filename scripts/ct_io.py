@@ -8,6 +8,7 @@ enhanced (multi-frame) CT, from its functional groups.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -184,9 +185,9 @@ def compress_dicom(source: str | Path, syntax: str, target: str | Path | None = 
     import imagecodecs
     import pydicom
     from pydicom.encaps import encapsulate
-    from pydicom.uid import HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless
+    from pydicom.uid import UID, HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless
 
-    encoders = {
+    encoders: dict[str, Callable[[np.ndarray], bytes | bytearray]] = {
         JPEGLosslessSV1: lambda bits: imagecodecs.jpeg8_encode(bits, lossless=True, predictor=1, bitspersample=16),
         JPEGLSLossless: imagecodecs.jpegls_encode,
         HTJ2KLossless: lambda bits: imagecodecs.htj2k_encode(bits),  # looked up when used: older versions lack it
@@ -196,9 +197,9 @@ def compress_dicom(source: str | Path, syntax: str, target: str | Path | None = 
         if ds.BitsAllocated != 16 or ds.SamplesPerPixel != 1:
             raise ValueError(f"{source}: only one-sample 16-bit pixel data is re-encoded by imagecodecs")
         stored = ds.pixel_array.view(np.uint16)  # the 16 stored bits, signed values as their two's complement
-        ds.PixelData = encapsulate([encoders[syntax](stored)])
+        ds.PixelData = encapsulate([bytes(encoders[syntax](stored))])
         ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
-        ds.file_meta.TransferSyntaxUID = syntax
+        ds.file_meta.TransferSyntaxUID = UID(syntax)
     else:
         ds.compress(syntax)
     path = Path(target if target is not None else source)

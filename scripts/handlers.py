@@ -11,7 +11,7 @@ import csv
 import io
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from ignite.engine import Engine, Events
@@ -164,7 +164,8 @@ class PredictionWriter:
         self.errors = ErrorList()
 
     def collect(self, engine: Engine) -> None:
-        batch, outputs = engine.state.batch, engine.state.output
+        batch = engine.state.batch
+        outputs = cast(list[dict[str, Any]], engine.state.output)  # the decollated predictions (ignite types it int)
         names = _batch_sources(batch, len(outputs), self.root)
         frames = _batch_field(batch, "frame", len(outputs))
         errors = _batch_field(batch, "error", len(outputs))
@@ -230,8 +231,8 @@ class PredictionWriter:
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(["patient", "slices", "label", "prediction"])
-        for name, index, label, prediction in zip(names, members, mean_labels, mean_predictions, strict=True):
-            writer.writerow(printable_tree([name, len(index), f"{label:.6g}", f"{prediction:.9g}"]))
+        for name, indices, label, prediction in zip(names, members, mean_labels, mean_predictions, strict=True):
+            writer.writerow(printable_tree([name, len(indices), f"{label:.6g}", f"{prediction:.9g}"]))
         write_bytes_atomic(self.output_dir / "patients.csv", buffer.getvalue().encode())
         return correlations(mean_predictions, mean_labels)
 

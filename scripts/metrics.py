@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,12 +18,13 @@ from ignite.metrics import Metric, MetricsLambda
 from ignite.metrics.metric import reinit__is_reduced
 from ignite.metrics.regression import KendallRankCorrelation, PearsonCorrelation, SpearmanRankCorrelation
 from monai.handlers import from_engine
+from numpy.typing import ArrayLike
 from scipy import optimize, stats
 
 METRIC_NAMES = ("plcc", "srocc", "krocc")
 
 
-def correlations(predictions: Sequence[float], labels: Sequence[float]) -> dict[str, float]:
+def correlations(predictions: ArrayLike, labels: ArrayLike) -> dict[str, float]:
     """``{"plcc", "srocc", "krocc", "aggregate", "n"}`` from scipy, absolute values."""
     pred = np.asarray(predictions, dtype=np.float64)
     true = np.asarray(labels, dtype=np.float64)
@@ -40,10 +41,11 @@ def correlations(predictions: Sequence[float], labels: Sequence[float]) -> dict[
 
 def vqeg_logistic(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
     """The VQEG 4-parameter logistic mapping of objective scores to the subjective scale."""
-    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4) - 1e-12)) + b2
+    mapped: np.ndarray = (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4) - 1e-12)) + b2
+    return mapped
 
 
-def logistic_plcc(predictions: Sequence[float], labels: Sequence[float]) -> float:
+def logistic_plcc(predictions: ArrayLike, labels: ArrayLike) -> float:
     """PLCC after fitting the VQEG logistic from predictions to labels (an option, not the default)."""
     pred = np.asarray(predictions, dtype=np.float64)
     true = np.asarray(labels, dtype=np.float64)

@@ -25,6 +25,7 @@ from scripts.checkpoints import (
     settings_path,
 )
 from scripts.options import as_bool, optional_size
+from scripts.patches import PatchScorer
 from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import nn
 
@@ -48,8 +49,11 @@ def create_timm_model(
     weights_path: str | None = None,
     path_id: str = "weights_path",
     **kwargs: Any,
-) -> nn.Module:
+) -> Any:
     """Create a timm model; ImageNet weights come from the hub or from a local file.
+
+    Typed ``Any``: the callers use what timm's models have beyond ``nn.Module`` (``num_features``,
+    ``forward_features``, ``forward_head``), which timm does not declare in one type.
 
     A local ``weights_path`` implies ``pretrained``; timm adapts the stem to ``in_chans`` and the
     position tables to ``img_size`` either way. Download failures name both ways out.
@@ -82,7 +86,7 @@ class EfficientNetRegressor(nn.Module):
     ) -> None:
         super().__init__()
         model_kwargs = dict(model_kwargs or {})
-        self.settings = {"f_name": model_name, "in_channels": in_channels, "f_kwargs": model_kwargs}
+        self.settings: dict[str, Any] = {"f_name": model_name, "in_channels": in_channels, "f_kwargs": model_kwargs}
         self.timm_args = {"in_chans": in_channels, "num_classes": 0, "drop_rate": drop_rate, **model_kwargs}
         self.backbone = create_timm_model(
             model_name, pretrained=pretrained, weights_path=weights_path, path_id="f_weights", **self.timm_args
@@ -92,10 +96,12 @@ class EfficientNetRegressor(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, (B, num_features)."""
-        return self.backbone(x)
+        x = self.backbone(x)
+        return x
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(features)
+        features = self.head(features)
+        return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -110,7 +116,8 @@ class Connector(nn.Module):
         self.linear = nn.Linear(in_features, side * side)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(features).view(-1, 1, self.side, self.side)
+        features = self.linear(features)
+        return features.view(-1, 1, self.side, self.side)
 
 
 class SwinScorer(nn.Module):
@@ -133,10 +140,12 @@ class SwinScorer(nn.Module):
         check_position_tables(self.model, model_name, side)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_features(x)
+        x = self.model.forward_features(x)
+        return x
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.model.forward_head(features)
+        features = self.model.forward_head(features)
+        return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
@@ -248,8 +257,6 @@ def build_network(
     model.settings = {"network": network, **model.settings}
     patch_size = optional_size(patch_size, "patch_size")
     if patch_size:
-        from scripts.patches import PatchScorer
-
         model = PatchScorer(model, patch_size)
     return initialise_network(model, pretrained, f_weights, s_weights, f_checkpoint, freeze_f)
 
@@ -277,7 +284,11 @@ def network_with_weights(
 
 
 def load_imagenet(
-    module: nn.Module, timm_module: nn.Module, model_name: str, weights_path: str | None, path_id: str
+    module: EfficientNetRegressor | SwinScorer,
+    timm_module: nn.Module,
+    model_name: str,
+    weights_path: str | None,
+    path_id: str,
 ) -> None:
     """Copy ImageNet weights (timm's hub, or the local ``weights_path``) into ``timm_module``, a timm model that
     ``module`` built with its ``timm_args``; timm adapts the stem and position tables to those arguments."""
@@ -303,16 +314,16 @@ def initialise_network(
     ``init_checkpoint`` (fine-tuning) puts a whole trained model in instead, and nothing else is loaded.
     """
     pretrained, freeze_f = as_bool(pretrained, "pretrained"), as_bool(freeze_f, "freeze_f")
-    inner = getattr(network, "network", network)  # a PatchScorer holds the network as ``network``
-    f = inner.f if isinstance(inner, TFKT) else inner
+    inner = network.network if isinstance(network, PatchScorer) else network
     if init_checkpoint:
         load_init_checkpoint(network, init_checkpoint)
         logger.info("fine-tuning: every weight from %s", init_checkpoint)
     elif f_checkpoint and Path(f_checkpoint).is_file():
-        load_f_weights(f, f_checkpoint)
+        load_f_weights(regressor_of(inner), f_checkpoint)
         logger.info("F initialised from the phase-1 checkpoint %s", f_checkpoint)
     else:
         if pretrained or f_weights:
+            f = regressor_of(inner)
             load_imagenet(f, f.backbone, f.settings["f_name"], f_weights, "f_weights")
         if f_checkpoint and isinstance(inner, TFKT):
             source = "ImageNet" if pretrained or f_weights else "random"
@@ -322,6 +333,14 @@ def initialise_network(
             load_imagenet(inner.s, inner.s.model, inner.s.model_name, s_weights, "s_weights")
         inner.set_f_frozen(freeze_f)
     return network
+
+
+def regressor_of(network: nn.Module) -> EfficientNetRegressor:
+    """F: the network itself when it is F alone (phase 1), else a TFKT's F."""
+    f = network.f if isinstance(network, TFKT) else network
+    if not isinstance(f, EfficientNetRegressor):
+        raise TypeError(f"{type(network).__name__} is neither TFKT nor F (EfficientNetRegressor): it has no F to load")
+    return f
 
 
 def load_init_checkpoint(network: nn.Module, path: str) -> None:

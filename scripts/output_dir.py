@@ -52,7 +52,7 @@ def printable_tree(value: Any) -> Any:
     return value
 
 
-def write_atomic(path: str | Path, write: Callable[[BinaryIO], None], durable: bool = False) -> Path:
+def write_atomic(path: str | Path, write: Callable[[BinaryIO], object], durable: bool = False) -> Path:
     """``write`` into a temporary file beside ``path``, then rename it over ``path``: readers and crashes see the old
     file or the new one, never half of one; a failed write (full disk) removes the temporary file and re-raises.
     ``durable`` also flushes the file and the rename to disk (checkpoints: a power cut keeps one of them)."""

@@ -19,7 +19,7 @@ checkpoint records ``patch_size`` (one place for the setting).
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -91,8 +91,8 @@ class RandBodyCropd(Randomizable, MapTransform):
     def randomize(self, data: Any = None) -> None:
         pass
 
-    def _corners(self, image: torch.Tensor) -> list[tuple[int, int]]:
-        fraction = body_fraction(image.float(), self.patch_size, self.threshold)
+    def _corners(self, image: torch.Tensor, size: int) -> list[tuple[int, int]]:
+        fraction = body_fraction(image.float(), size, self.threshold)
         columns = fraction.shape[1]
         allowed = on_body(fraction.reshape(1, -1), self.min_fraction)[0].nonzero().flatten()
         picks = torch.as_tensor(self.R.randint(len(allowed), size=self.num_samples), device=allowed.device)
@@ -101,14 +101,14 @@ class RandBodyCropd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any] | list[dict[Hashable, Any]]:
         d = dict(data)
-        if self.patch_size is None:
+        size = self.patch_size
+        if size is None:
             return d
         keys = list(self.key_iterator(d))
         for key in keys:
-            d[key] = pad_to(d[key], self.patch_size)
+            d[key] = pad_to(d[key], size)
         first = d[keys[0]]
-        corners = self._corners(first.as_tensor() if isinstance(first, MetaTensor) else torch.as_tensor(first))
-        size = self.patch_size
+        corners = self._corners(first.as_tensor() if isinstance(first, MetaTensor) else torch.as_tensor(first), size)
         crops = []
         for top, left in corners:
             crop = dict(d)
@@ -142,7 +142,7 @@ class PatchScorer(nn.Module):
         self.min_fraction = float(min_fraction)
         self.threshold = float(threshold)
         self.chunk = TILES_PER_CALL
-        self.settings = {**getattr(network, "settings", {}), "patch_size": self.patch_size}
+        self.settings: dict[str, Any] = {**getattr(network, "settings", {}), "patch_size": self.patch_size}
 
     def tiles(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid's tiles (B, n, C, p, p) and which of them are on the body (B, n).
@@ -190,7 +190,7 @@ class PatchScorer(nn.Module):
         """A copy for ``torch.jit.script`` whose inner network is traced at the tile size (timm models
         trace, they do not script); the tiling stays scripted, so any slice size works."""
         parameter = next(self.network.parameters())
-        example = torch.zeros(2, self.network.settings.get("in_channels", 1), self.patch_size, self.patch_size)
+        example = torch.zeros(2, self.settings.get("in_channels", 1), self.patch_size, self.patch_size)
         with torch.no_grad():
             traced = torch.jit.trace(self.network.eval(), example.to(parameter.device, parameter.dtype))
         return self.around(traced)
@@ -227,12 +227,14 @@ class SpreadInferer(Inferer):
         self.dtype = dtype
         self.batch_size = batch_size
 
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         if isinstance(inputs, MetaTensor):
             inputs = inputs.as_tensor()
         scorer = getattr(network, "module", network)  # DistributedDataParallel
         with autocast(inputs.device, self.dtype):
-            if hasattr(scorer, "score_with_spread"):  # crops: how many there are varies from batch to batch anyway
+            if isinstance(scorer, PatchScorer):  # crops: how many there are varies from batch to batch anyway
                 return scorer.score_with_spread(inputs).float()
             count = len(inputs)
             if getattr(network, "_orig_mod", None) is not None:  # torch.compile's module

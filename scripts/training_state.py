@@ -40,9 +40,10 @@ def _random_transforms(transform: Any) -> Iterator[Randomizable]:
 
 
 def _numpy_state(generator: np.random.RandomState) -> dict[str, Any]:
-    name, keys, position, has_gauss, cached = generator.get_state()
-    keys = torch.from_numpy(keys.astype(np.int64))
-    return {"name": name, "keys": keys, "pos": position, "gauss": (has_gauss, cached)}
+    state = generator.get_state(legacy=False)  # the legacy tuple's fields, by name
+    keys, position = torch.from_numpy(state["state"]["key"].astype(np.int64)), state["state"]["pos"]
+    gauss = (state["has_gauss"], state["gauss"])
+    return {"name": state["bit_generator"], "keys": keys, "pos": position, "gauss": gauss}
 
 
 def _set_numpy_state(generator: np.random.RandomState, state: dict[str, Any]) -> None:

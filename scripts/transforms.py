@@ -65,7 +65,7 @@ def check_slice_size(shape: Sequence[int], max_slice_mb: float | None = None) ->
         )
 
 
-def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
+def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage | tifffile.TiffFrame:
     """The slice's page, checked from its header: a slice file holds one page, whose uncompressed strips lie inside
     the file. Only the first two page headers are read: tifffile's series view walks every page, and a corrupt
     page chain can make that walk endless (found by fuzzing)."""
@@ -100,7 +100,7 @@ def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = F
             if header_only:
                 return None
             if image.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "HSV", "1"):
-                image = image.convert("RGB" if image.mode not in ("LA", "1") else "L")
+                return np.asarray(image.convert("RGB" if image.mode not in ("LA", "1") else "L"))
             return np.asarray(image)
     except DeclaredSizeError as error:
         raise ImageReadError(path, str(error)) from None
@@ -134,7 +134,9 @@ def read_slice(path: str | Path, max_slice_mb: float | None = None) -> np.ndarra
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(path, "file does not exist")
-    pixels = np.squeeze(_decode(path, max_slice_mb))
+    decoded = _decode(path, max_slice_mb)
+    assert decoded is not None  # None only for header_only
+    pixels = np.squeeze(decoded)
     if pixels.ndim == 3 and pixels.shape[-1] == 4:
         pixels = pixels[..., :3]
     if not (pixels.ndim == 2 or (pixels.ndim == 3 and pixels.shape[-1] == 3)):

@@ -97,7 +97,7 @@ def test_workflow_properties(
 
 
 # The Zoo's code-format check (runtests.sh --codeformat) as it runs: from the Zoo's root, over all of it, with the
-# isort and flake8 sections of its setup.cfg and the black settings of its pyproject.toml.
+# isort, flake8, mypy and pytype sections of its setup.cfg and the black settings of its pyproject.toml.
 ZOO_SETUP_CFG = """[flake8]
 select = B,C,E,F,N,P,T4,W,B9
 max_line_length = 120
@@ -108,6 +108,30 @@ per_file_ignores = __init__.py: F401, __main__.py: F401
 known_first_party = models
 profile = black
 line_length = 120
+
+[mypy]
+ignore_missing_imports = True
+no_implicit_optional = True
+warn_redundant_casts = True
+warn_unused_ignores = False
+warn_return_any = True
+strict_equality = True
+show_column_numbers = True
+show_error_codes = True
+
+[pytype]
+keep_going = True
+output = .pytype
+pythonpath = .
+check_attribute_types = True
+check_container_types = True
+check_parameter_types = True
+check_variable_types = True
+disable = pyi-error
+report_errors = True
+precise_return = True
+protocols = True
+strict_import = False
 """
 ZOO_FORMAT_CHECKS = {
     "isort": ["isort", "--check-only", "--diff", "."],
@@ -129,4 +153,26 @@ def test_exported_scripts_pass_the_zoo_code_format(zoo_bundle: Path, tool: str) 
     zoo_root = zoo_bundle.parent.parent
     (zoo_root / "setup.cfg").write_text(ZOO_SETUP_CFG)
     result = subprocess.run([sys.executable, "-m", module, *arguments], cwd=zoo_root, capture_output=True, text=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+ZOO_TYPE_CHECKS = {
+    "mypy": ["mypy", "."],  # with MYPYPATH set to the Zoo's root, as runtests.sh --mypy
+    "pytype": ["pytype", "models", "-j", "2", f"--python-version={sys.version_info.major}.{sys.version_info.minor}"],
+}
+
+
+@pytest.mark.parametrize("zoo_bundle", ["whole_slice"], indirect=True)  # the same scripts are shipped either way
+@pytest.mark.parametrize("tool", sorted(ZOO_TYPE_CHECKS))
+def test_exported_scripts_pass_the_zoo_type_checks(zoo_bundle: Path, tool: str) -> None:
+    """The Zoo's static type checks (runtests.sh --mypy and --pytype) from its root, with its setup.cfg."""
+    if tool == "pytype":
+        pytest.importorskip("pytype", reason="pytype supports Python 3.8 to 3.12 only")
+    [module, *arguments] = ZOO_TYPE_CHECKS[tool]
+    zoo_root = zoo_bundle.parent.parent
+    (zoo_root / "setup.cfg").write_text(ZOO_SETUP_CFG)
+    environment = {**os.environ, "MYPYPATH": str(zoo_root)}
+    result = subprocess.run(
+        [sys.executable, "-m", module, *arguments], cwd=zoo_root, capture_output=True, text=True, env=environment
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
