@@ -233,6 +233,7 @@ class SpreadInferer(Inferer):
         if isinstance(inputs, MetaTensor):
             inputs = inputs.as_tensor()
         scorer = getattr(network, "module", network)  # DistributedDataParallel
+        scorer = getattr(scorer, "_orig_mod", scorer)  # torch.compile's module (the engines' compile)
         with autocast(inputs.device, self.dtype):
             if isinstance(scorer, PatchScorer):  # crops: how many there are varies from batch to batch anyway
                 return scorer.score_with_spread(inputs).float()

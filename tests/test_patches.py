@@ -146,6 +146,16 @@ def test_compiling_a_crop_scorer_compiles_its_network_of_one_crop(patch_network:
     assert compiled is not patch_network and not hasattr(patch_network.network, "_orig_mod")  # left as it was
 
 
+def test_a_crop_scorer_compiled_whole_still_reports_its_spread(patch_network: PatchScorer) -> None:
+    """The configs' ``compile: true`` has MONAI's engines compile the whole network: a PatchScorer inside
+    ``torch.compile``'s module is still scored by ``score_with_spread`` (mean and spread over its crops)."""
+    images = torch.cat([disc_slice(128)[None], disc_slice(128, radius=30)[None]]) + 0.02 * torch.rand(2, 1, 128, 128)
+    with torch.no_grad():
+        expected = patch_network.score_with_spread(images)
+        predictions = SpreadInferer(batch_size=4)(images, torch.compile(patch_network))
+    assert torch.all(expected[:, 1] > 0) and torch.equal(predictions, expected)
+
+
 @pytest.mark.parametrize("size", [256, 200])
 def test_torchscript_scores_any_slice_size_like_eager(patch_network: PatchScorer, size: int) -> None:
     scripted = torch.jit.script(patch_network)
