@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -149,10 +150,7 @@ def test_exported_scripts_pass_the_zoo_code_format(zoo_bundle: Path, tool: str) 
     assert imported and imported <= set(shipped)
     assert all("/" not in name[len("scripts/") :] for name in shipped)  # flat: no tools, no subpackages
     assert not {"scripts/__main__.py", "scripts/demo.py", "scripts/bench.py"} & set(shipped)
-    [module, *arguments] = ZOO_FORMAT_CHECKS[tool]
-    zoo_root = zoo_bundle.parent.parent
-    (zoo_root / "setup.cfg").write_text(ZOO_SETUP_CFG)
-    result = subprocess.run([sys.executable, "-m", module, *arguments], cwd=zoo_root, capture_output=True, text=True)
+    result = run_from_the_zoo_root(zoo_bundle, ZOO_FORMAT_CHECKS[tool])
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
 
 
@@ -168,11 +166,20 @@ def test_exported_scripts_pass_the_zoo_type_checks(zoo_bundle: Path, tool: str) 
     """The Zoo's static type checks (runtests.sh --mypy and --pytype) from its root, with its setup.cfg."""
     if tool == "pytype":
         pytest.importorskip("pytype", reason="pytype supports Python 3.8 to 3.12 only")
-    [module, *arguments] = ZOO_TYPE_CHECKS[tool]
+    result = run_from_the_zoo_root(zoo_bundle, ZOO_TYPE_CHECKS[tool])
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+
+
+def run_from_the_zoo_root(zoo_bundle: Path, command: list[str]) -> subprocess.CompletedProcess[str]:
+    """``python -m <command>`` from the Zoo's root, with its setup.cfg and ``MYPYPATH`` as runtests.sh sets them;
+    the type checkers' caches are removed after, as ``runtests.sh --clean`` does (black would read pytype's .pyi)."""
     zoo_root = zoo_bundle.parent.parent
     (zoo_root / "setup.cfg").write_text(ZOO_SETUP_CFG)
     environment = {**os.environ, "MYPYPATH": str(zoo_root)}
-    result = subprocess.run(
-        [sys.executable, "-m", module, *arguments], cwd=zoo_root, capture_output=True, text=True, env=environment
-    )
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", *command], cwd=zoo_root, capture_output=True, text=True, env=environment
+        )
+    finally:
+        for cache in (".pytype", ".mypy_cache"):
+            shutil.rmtree(zoo_root / cache, ignore_errors=True)
