@@ -35,6 +35,12 @@ def disc_slice(size: int = 256, radius: float = 70.0, value: float = 0.76) -> to
     return (inside.float() * value)[None]
 
 
+@pytest.fixture
+def two_discs() -> torch.Tensor:
+    """Two noisy 128-px discs of different sizes: slices whose crops differ, so their spread is not zero."""
+    return torch.cat([disc_slice(128)[None], disc_slice(128, radius=30)[None]]) + 0.02 * torch.rand(2, 1, 128, 128)
+
+
 @pytest.fixture(scope="module")
 def patch_network() -> PatchScorer:
     torch.manual_seed(0)
@@ -130,29 +136,31 @@ def test_whole_slice_networks_get_a_zero_spread() -> None:
         assert torch.allclose(predictions[:, :1], network(images)) and torch.all(predictions[:, 1] == 0)
 
 
-def test_compiling_a_crop_scorer_compiles_its_network_of_one_crop(patch_network: PatchScorer) -> None:
+def test_compiling_a_crop_scorer_compiles_its_network_of_one_crop(
+    patch_network: PatchScorer, two_discs: torch.Tensor
+) -> None:
     """Scoring calls ``score_with_spread``, which a compiled PatchScorer would run uncompiled: so
     ``compiled_for_inference`` compiles the crop network inside it; scores stay the uncompiled ones (within 1e-4)."""
     from scripts.engines import compiled_for_inference
 
-    images = torch.cat([disc_slice(128)[None], disc_slice(128, radius=30)[None]]) + 0.02 * torch.rand(2, 1, 128, 128)
     with torch.no_grad():
-        expected = SpreadInferer(batch_size=4)(images, patch_network)
+        expected = SpreadInferer(batch_size=4)(two_discs, patch_network)
         graphs_before = compiled_graphs()
         compiled = compiled_for_inference(patch_network)
-        predictions = SpreadInferer(batch_size=4)(images, compiled)
+        predictions = SpreadInferer(batch_size=4)(two_discs, compiled)
     assert compiled_graphs() > graphs_before
     assert predictions.shape == (2, 2) and torch.allclose(predictions, expected, atol=1e-4)
     assert compiled is not patch_network and not hasattr(patch_network.network, "_orig_mod")  # left as it was
 
 
-def test_a_crop_scorer_compiled_whole_still_reports_its_spread(patch_network: PatchScorer) -> None:
+def test_a_crop_scorer_compiled_whole_still_reports_its_spread(
+    patch_network: PatchScorer, two_discs: torch.Tensor
+) -> None:
     """The configs' ``compile: true`` has MONAI's engines compile the whole network: a PatchScorer inside
     ``torch.compile``'s module is still scored by ``score_with_spread`` (mean and spread over its crops)."""
-    images = torch.cat([disc_slice(128)[None], disc_slice(128, radius=30)[None]]) + 0.02 * torch.rand(2, 1, 128, 128)
     with torch.no_grad():
-        expected = patch_network.score_with_spread(images)
-        predictions = SpreadInferer(batch_size=4)(images, torch.compile(patch_network))
+        expected = patch_network.score_with_spread(two_discs)
+        predictions = SpreadInferer(batch_size=4)(two_discs, torch.compile(patch_network))
     assert torch.all(expected[:, 1] > 0) and torch.equal(predictions, expected)
 
 
