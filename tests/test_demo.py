@@ -27,8 +27,9 @@ def test_demo_runs_every_step_and_reports_both_metric_sets(tmp_path: Path, capsy
     )
     printed = capsys.readouterr().out
     assert "TFKT      PLCC" in printed and "baseline  PLCC" in printed
-    assert "real-data check" in printed and printed.count("baseline  Spearman") == 2
-    assert set(result["realcheck"]) >= {"noise", "views"}
+    assert "real-data check" in printed and printed.count("baseline  Spearman") == 3
+    assert "  across slices     model  Spearman" in printed
+    assert set(result["realcheck"]) >= {"noise", "views", "pooled"}
     for name in ("plcc", "srocc", "krocc", "aggregate"):
         assert 0.0 <= result["baseline"][name] <= 3.0 and name in result["tfkt"]
     assert result["tfkt"]["n"] == result["baseline"]["n"] == 10

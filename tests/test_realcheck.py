@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel
 import numpy as np
 import pytest
+import scipy.stats
 import scripts
 import tifffile
 import torch
@@ -33,6 +34,7 @@ from scripts.tools.realcheck import (
     find_check_files,
     model_scores,
     pairs_correct,
+    pooled_spearman,
     read_real_slice,
     realcheck_lines,
     run_realcheck,
@@ -126,6 +128,26 @@ def test_ranking_metrics() -> None:
     assert spearman(levels, [2.0, 2.0, 2.0]) == 0.0  # constant scores rank nothing
 
 
+def test_pooled_spearman_ranks_every_distinct_image_of_every_slice_by_its_error() -> None:
+    """Pooled across slices: each distinct image once (the sparse set's first image is the noise set's full
+    dose), images without a measured error left out; equal to scipy's Spearman on the same pairs."""
+    abdomen = {
+        "noise": {"noise_hu": [10.0, 20.0, 40.0], "model": [3.5, 3.0, 1.0]},
+        "views": {"noise_hu": [10.0, 30.0, 80.0], "model": [3.5, 2.0, 2.5]},
+    }
+    neck = {
+        "noise": {"noise_hu": [15.0, 25.0, None], "model": [3.8, 2.9, 0.2]},
+        "views": {"noise_hu": [15.0, 35.0, 60.0], "model": [3.8, 1.5, 1.2]},
+    }
+    errors = [10.0, 20.0, 40.0, 30.0, 80.0, 15.0, 25.0, 35.0, 60.0]
+    scores = [3.5, 3.0, 1.0, 2.0, 2.5, 3.8, 2.9, 1.5, 1.2]
+    expected = scipy.stats.spearmanr(np.negative(errors), scores).statistic
+    assert pooled_spearman([abdomen, neck], "model") == pytest.approx(expected)
+    assert 0.5 < expected < 1.0  # the neck's clean 3.8 above the abdomen's, the abdomen's 80 HU above 60: not 1
+    no_soft_tissue = {name: {"noise_hu": [None] * 3, "model": [3.0, 2.0, 1.0]} for name in SETS}
+    assert pooled_spearman([no_soft_tissue], "model") is None
+
+
 class MeanIntensity(torch.nn.Module):
     """A stand-in network whose score is 4 x the mean of its (min-max scaled) input: known scores for known images."""
 
@@ -170,6 +192,9 @@ def test_run_realcheck_with_a_checkpoint(tiny_checkpoint, tmp_path) -> None:
             assert -1.0 <= result[name][scorer]["spearman"] <= 1.0
             assert 0.0 <= result[name][scorer]["pairs"] <= 1.0
     assert result["noise"]["baseline"]["spearman"] >= 0.9  # the noise estimator sees the dose even at 96 px
+    for scorer in SCORERS:
+        assert result["pooled"][scorer]["spearman"] == pytest.approx(pooled_spearman(result["per_slice"], scorer))
+    assert result["pooled"]["baseline"]["spearman"] >= 0.7  # noise is comparable across slices for it, too
     assert len(result["per_slice"]) == len(CHECK_FILES)
     for entry in result["per_slice"]:
         assert entry["size"] == SIZE
@@ -183,9 +208,13 @@ def test_run_realcheck_with_a_checkpoint(tiny_checkpoint, tmp_path) -> None:
 
     lines = realcheck_lines(result)
     assert lines[0].startswith("real-data check (3 real CT slices never used in training")
-    assert len(lines) == 3 and lines[1].lstrip().startswith("noise") and lines[2].lstrip().startswith("sparse")
-    for line in lines[1:]:
+    assert [line.split()[0] for line in lines[1:]] == ["noise", "sparse", "across"]
+    for line in lines[1:3]:
         assert "model" in line and "baseline" in line and "Spearman" in line and "pairs" in line
+    model, baseline = (result["pooled"][scorer]["spearman"] for scorer in SCORERS)
+    assert f"model  Spearman {model:.2f}" in lines[3] and f"baseline  Spearman {baseline:.2f}" in lines[3]
+    del result["pooled"]  # a realcheck.json written before the pooled figure: its lines as before
+    assert realcheck_lines(result) == lines[:3]
 
 
 def test_cli_without_a_model_says_how_to_get_one(tmp_path, monkeypatch, capsys) -> None:
@@ -256,7 +285,7 @@ def test_realcheck_on_the_users_inputs(tiny_checkpoint, scored_ct_labels, tmp_pa
     assert json.loads((tmp_path / "out" / "realcheck.json").read_text())["inputs"] == [str(path) for path in inputs]
     lines = realcheck_lines(result)
     assert lines[0].startswith("real-data check (6 real CT slices of the inputs")
-    assert [line.split(":")[0].strip() for line in lines[3:]] == ["not used", "not used"]
+    assert [line.split(":")[0].strip() for line in lines[4:]] == ["not used", "not used"]
 
 
 def test_realcheck_without_ct_among_the_inputs_exits_1_in_one_line(tiny_checkpoint, capsys) -> None:

@@ -22,6 +22,12 @@ whether the scores fall with the dose. Per real slice:
    (``scripts.tools.baseline.baseline_score``), side by side.
 5. Per slice and set: Spearman (level, score) and the fraction of (higher, lower) level pairs ranked
    correctly (strictly higher score; ties count as wrong); means over the slices are reported.
+6. Across slices, as LDCTIQA puts every slice on one scale: Spearman (score, -error) over every distinct
+   image of every slice and both sets pooled, where the error is the SD (HU) of the image minus its noiseless
+   reconstruction in soft tissue (noise and streaks together). A model whose scores mean the same on every
+   slice ranks a noisy head below a clean abdomen, not only a slice's doses among themselves. The error counts
+   what the simulation adds, not the noise the real slice had to begin with (unknown without a reference), so
+   this ranking's truth is rougher than a slice's own doses.
 
 With ``inputs`` the same check runs on the user's own CT instead (DICOM series, NIfTI or NRRD volumes): up to
 ``per_series`` slices of each series, evenly spaced, padded to a square with air; the pixel size comes from the
@@ -227,6 +233,20 @@ def spearman(levels: Sequence[float], scores: Sequence[float]) -> float:
     return float(stats.spearmanr(levels, scores).statistic)
 
 
+def pooled_spearman(per_slice: Sequence[dict[str, Any]], scorer: str) -> float | None:
+    """Spearman (score, -measured error) over every distinct image of every slice (both sets; the sparse set's
+    first image is the noise set's full dose, counted once); None when no slice has soft tissue to measure."""
+    errors: list[float] = []
+    scores: list[float] = []
+    for entry in per_slice:
+        for name, first in zip(SETS, (0, 1), strict=True):
+            for error, score in zip(entry[name]["noise_hu"][first:], entry[name][scorer][first:], strict=True):
+                if error is not None:
+                    errors.append(-error)
+                    scores.append(score)
+    return spearman(errors, scores) if len(errors) > 2 else None
+
+
 def pairs_correct(levels: Sequence[float], scores: Sequence[float]) -> float:
     """Fraction of (higher level, lower level) pairs whose higher level scores strictly higher."""
     pairs = [(a, b) if levels[a] > levels[b] else (b, a) for a, b in itertools.combinations(range(len(levels)), 2)]
@@ -301,7 +321,8 @@ def run_realcheck(
 ) -> dict[str, Any]:
     """The real-data check (see the module's docstring); writes ``realcheck.json`` in ``output_dir`` when given.
 
-    Returns ``{"noise": {"model": {"spearman", "pairs"}, "baseline": {...}}, "views": {...}, "slices": names,
+    Returns ``{"noise": {"model": {"spearman", "pairs"}, "baseline": {...}}, "views": {...}, "pooled": {"model":
+    {"spearman"}, "baseline": {...}}, "slices": names,
     "per_slice": [...], "not_used": [{path, reason}], "size": size, "seed": seed, "seconds": ..}``.
     """
     start = time.perf_counter()
@@ -347,6 +368,7 @@ def run_realcheck(
                 metric: float(np.mean([entry[name][f"{scorer}_{metric}"] for entry in per_slice]))
                 for metric in ("spearman", "pairs")
             }
+    result["pooled"] = {scorer: {"spearman": pooled_spearman(per_slice, scorer)} for scorer in SCORERS}
     end = time.perf_counter()
     result.update(
         per_slice=per_slice,
@@ -364,7 +386,8 @@ def run_realcheck(
 
 
 def realcheck_lines(result: dict[str, Any]) -> list[str]:
-    """The check's report as printed lines: one header, one line per set with both scorers side by side."""
+    """The check's report as printed lines: one header, one line per set with both scorers side by side, and one
+    across slices."""
     n = len(result["slices"])
     which = "of the inputs" if result.get("inputs") else "never used in training"
     lines = [
@@ -377,6 +400,13 @@ def realcheck_lines(result: dict[str, Any]) -> list[str]:
             figures = result[name][scorer]
             parts.append(f"{scorer}  Spearman {figures['spearman']:.2f}  pairs {100 * figures['pairs']:.1f}%")
         lines.append(f"  {labels[name]:<18}" + "   |  ".join(parts))
+    if result.get("pooled"):  # absent from a realcheck.json written before it was measured
+        parts = []
+        for scorer in SCORERS:
+            value = result["pooled"][scorer]["spearman"]
+            parts.append(f"{scorer}  Spearman {'n/a ' if value is None else f'{value:.2f}'}".ljust(34))
+        pooled = "   |  ".join(parts).rstrip()
+        lines.append(f"  {'across slices':<18}{pooled}   (score against measured error, pooled)")
     not_used = result.get("not_used", [])
     lines += [f"  not used: {error['path']}: {error['reason']}" for error in not_used[:LISTED_NOT_USED]]
     if len(not_used) > LISTED_NOT_USED:
