@@ -33,6 +33,7 @@ import math
 import multiprocessing
 import os
 import stat
+import warnings
 import zlib
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -314,19 +315,26 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
 
     source = _gunzipped(path)
     defer_size = HEADER_DEFER_SIZE if header_only and source is None else None
-    try:
-        ds = pydicom.dcmread(path if source is None else source, force=True, defer_size=defer_size)
-    except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
-        raise InputError(f"not a readable DICOM file ({type(error).__name__}: {error})") from error
+    # held back until the file proves to be DICOM: reading another format as DICOM makes pydicom warn about what it
+    # guessed (an ECAT .v file: "Expected implicit VR, but found explicit VR"), which says nothing to the user
+    with warnings.catch_warnings(record=True) as read_warnings:
+        warnings.simplefilter("always")
+        try:
+            ds = pydicom.dcmread(path if source is None else source, force=True, defer_size=defer_size)
+        except (InvalidDicomError, OSError, ValueError, EOFError, KeyError, TypeError) as error:
+            raise InputError(f"not a readable DICOM file ({type(error).__name__}: {error})") from error
     sop_class = _uid_or_file_meta(ds, "SOPClassUID")
     if len(ds) == 0 and len(getattr(ds, "file_meta", None) or ()):  # pydicom gives up on data that ends early
         raise InputError(
             f"truncated or damaged DICOM file ({path.stat().st_size:,} bytes): it has a file meta "
             "header, but its data set cannot be read to the end"
         )
-    if not any(tag in ds for tag in PIXEL_TAGS):
-        if len(ds) == 0 or (sop_class is None and "Modality" not in ds):
-            raise InputError(_not_dicom(path))
+    has_pixels = any(tag in ds for tag in PIXEL_TAGS)
+    if not has_pixels and (len(ds) == 0 or (sop_class is None and "Modality" not in ds)):
+        raise InputError(_not_dicom(path))
+    for held in read_warnings:
+        warnings.warn_explicit(held.message, held.category, held.filename, held.lineno)
+    if not has_pixels:
         kind = ds.get("Modality", "") or _sop_name(sop_class)  # e.g. a DICOMDIR
         raise InputError(f"no pixel data (a {kind} object, not an image)")
     modality = str(ds.get("Modality", "")).strip()

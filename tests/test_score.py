@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -19,8 +20,11 @@ import pydicom
 import pytest
 import tifffile
 from pydicom.data import get_testdata_file
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import (
     CTImageStorage,
+    ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
@@ -36,6 +40,7 @@ from scripts.ct_inputs import (
     find_files,
     index_inputs,
     read_ct_slice,
+    read_dicom_ct,
     read_scored_slice,
 )
 from scripts.ct_io import compress_dicom, write_dicom_slice
@@ -675,6 +680,29 @@ def test_dicom_without_preamble_or_file_meta(tmp_path: Path) -> None:
     items, errors = index_inputs([tmp_path / "raw.dcm"])
     assert errors == [] and items[0]["series"] == "7.7"
     assert np.allclose(read_scored_slice(tmp_path / "raw.dcm", 0, WINDOW), 1040.0 / 1400.0)
+
+
+def test_another_format_read_as_dicom_gives_its_reason_without_pydicoms_guesses(tmp_path: Path) -> None:
+    """nibabel's ECAT file (tinypet.v) read as DICOM made pydicom warn about the VR it guessed, which told the user
+    nothing; the file's reason is all that is said. A DICOM file whose file meta names the wrong encoding (implicit VR
+    for explicit data) is read, and pydicom's warning about it is kept."""
+    ecat = Path(nibabel.__file__).parent / "tests" / "data" / "tinypet.v"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(InputError, match=r"^not a DICOM file \(no DICOM elements found\)"):
+            read_dicom_ct(ecat)
+    assert [str(warning.message) for warning in caught] == []
+
+    ds = pydicom.dcmread(write_dicom(tmp_path / "ct.dcm", "CT", "7.7", 0.0, np.full((32, 32), 40.0)))
+    ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    stream = DicomBytesIO()
+    stream.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(stream, ds.file_meta)
+    stream.is_implicit_VR, stream.is_little_endian = False, True
+    write_dataset(stream, ds)
+    (tmp_path / "mislabelled.dcm").write_bytes(stream.getvalue())
+    with pytest.warns(UserWarning, match="Expected implicit VR, but found explicit VR"):
+        assert read_dicom_ct(tmp_path / "mislabelled.dcm").Modality == "CT"
 
 
 def _flat_ct(path: Path, hu: float = 40.0, size: int = 16) -> pydicom.Dataset:
