@@ -701,7 +701,7 @@ def test_another_format_read_as_dicom_gives_its_reason_without_pydicoms_guesses(
     stream.is_implicit_VR, stream.is_little_endian = False, True
     write_dataset(stream, ds)
     (tmp_path / "mislabelled.dcm").write_bytes(stream.getvalue())
-    with pytest.warns(UserWarning, match="Expected implicit VR, but found explicit VR"):
+    with pytest.warns(UserWarning, match="explicit VR"):
         assert read_dicom_ct(tmp_path / "mislabelled.dcm").Modality == "CT"
 
 

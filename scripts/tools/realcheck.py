@@ -72,6 +72,7 @@ SCORERS = ("model", "baseline")
 RESULT_FILE = "realcheck.json"
 PER_SERIES = 3  # slices of each series or volume of the user's inputs
 LISTED_NOT_USED = 5  # inputs not used, printed; realcheck.json lists them all
+PART_WIDTH = len("model  Spearman 1.00  pairs 100.0%")  # a scorer's part of a printed line, kept in its column
 DEFAULT_PIXEL_MM = 0.7  # assumed when a header gives no pixel size: a 358 mm field of view at 512 px
 
 
@@ -404,7 +405,8 @@ def realcheck_lines(result: dict[str, Any]) -> list[str]:
         parts = []
         for scorer in SCORERS:
             value = result["pooled"][scorer]["spearman"]
-            parts.append(f"{scorer}  Spearman {'n/a ' if value is None else f'{value:.2f}'}".ljust(34))
+            figure = "n/a " if value is None else f"{value:.2f}"
+            parts.append(f"{scorer}  Spearman {figure}".ljust(PART_WIDTH))
         pooled = "   |  ".join(parts).rstrip()
         lines.append(f"  {'across slices':<18}{pooled}   (score against measured error, pooled)")
     not_used = result.get("not_used", [])
