@@ -213,6 +213,7 @@ def test_run_realcheck_with_a_checkpoint(tiny_checkpoint, tmp_path) -> None:
         assert "model" in line and "baseline" in line and "Spearman" in line and "pairs" in line
     model, baseline = (result["pooled"][scorer]["spearman"] for scorer in SCORERS)
     assert f"model  Spearman {model:.2f}" in lines[3] and f"baseline  Spearman {baseline:.2f}" in lines[3]
+    assert lines[1].index("|") == lines[2].index("|") == lines[3].index("|")  # each scorer in its own column
     result["pooled"]["model"]["spearman"] = None  # no slice with soft tissue to measure the error in
     assert "model  Spearman n/a " in realcheck_lines(result)[3]
     del result["pooled"]  # a realcheck.json written before the pooled figure: its lines as before

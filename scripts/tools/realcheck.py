@@ -386,6 +386,11 @@ def run_realcheck(
     return result
 
 
+def _scorers_line(label: str, parts: list[str]) -> str:
+    """One printed line: its label, then each scorer's part in its own column."""
+    return f"  {label:<18}" + "   |  ".join(part.ljust(PART_WIDTH) for part in parts).rstrip()
+
+
 def realcheck_lines(result: dict[str, Any]) -> list[str]:
     """The check's report as printed lines: one header, one line per set with both scorers side by side, and one
     across slices."""
@@ -400,15 +405,14 @@ def realcheck_lines(result: dict[str, Any]) -> list[str]:
         for scorer in SCORERS:
             figures = result[name][scorer]
             parts.append(f"{scorer}  Spearman {figures['spearman']:.2f}  pairs {100 * figures['pairs']:.1f}%")
-        lines.append(f"  {labels[name]:<18}" + "   |  ".join(parts))
+        lines.append(_scorers_line(labels[name], parts))
     if result.get("pooled"):  # absent from a realcheck.json written before it was measured
-        parts = []
-        for scorer in SCORERS:
-            value = result["pooled"][scorer]["spearman"]
-            figure = "n/a " if value is None else f"{value:.2f}"
-            parts.append(f"{scorer}  Spearman {figure}".ljust(PART_WIDTH))
-        pooled = "   |  ".join(parts).rstrip()
-        lines.append(f"  {'across slices':<18}{pooled}   (score against measured error, pooled)")
+        values = [result["pooled"][scorer]["spearman"] for scorer in SCORERS]
+        parts = [
+            f"{scorer}  Spearman {'n/a ' if value is None else f'{value:.2f}'}"
+            for scorer, value in zip(SCORERS, values, strict=True)
+        ]
+        lines.append(_scorers_line("across slices", parts) + "   (score against measured error, pooled)")
     not_used = result.get("not_used", [])
     lines += [f"  not used: {error['path']}: {error['reason']}" for error in not_used[:LISTED_NOT_USED]]
     if len(not_used) > LISTED_NOT_USED:
