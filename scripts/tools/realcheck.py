@@ -407,11 +407,10 @@ def realcheck_lines(result: dict[str, Any]) -> list[str]:
             parts.append(f"{scorer}  Spearman {figures['spearman']:.2f}  pairs {100 * figures['pairs']:.1f}%")
         lines.append(_scorers_line(labels[name], parts))
     if result.get("pooled"):  # absent from a realcheck.json written before it was measured
-        values = [result["pooled"][scorer]["spearman"] for scorer in SCORERS]
-        parts = [
-            f"{scorer}  Spearman {'n/a ' if value is None else f'{value:.2f}'}"
-            for scorer, value in zip(SCORERS, values, strict=True)
-        ]
+        parts = []
+        for scorer in SCORERS:
+            value = result["pooled"][scorer]["spearman"]
+            parts.append(f"{scorer}  Spearman {'n/a' if value is None else f'{value:.2f}'}")
         lines.append(_scorers_line("across slices", parts) + "   (score against measured error, pooled)")
     not_used = result.get("not_used", [])
     lines += [f"  not used: {error['path']}: {error['reason']}" for error in not_used[:LISTED_NOT_USED]]
