@@ -9,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import fire
-from scripts.data import LDCT_RANGE
+from scripts.options import (
+    LDCT_RANGE,
+    amp_choice,
+    channels_last_choice,
+    check_windows,
+    compile_mode,
+    windows_text,
+    worker_count,
+)
 from scripts.tools.bench import run_benchmark
 
 
@@ -39,32 +47,29 @@ def _checkpoint_or_exit(ckpt: str | None) -> str:
     return str(path)
 
 
-def _options_or_exit(amp: Any, channels_last: Any, compile: Any, num_workers: Any) -> None:
-    """One line and exit 2 for a speed option ``score`` cannot take, before the model is loaded."""
-    from scripts.engines import amp_dtype, compile_mode, reader_processes, wants_channels_last
-
+def _options_or_exit(amp: Any, channels_last: Any, compile: Any, num_workers: Any, window: Any) -> None:
+    """One line and exit 2 for a speed option or a ``--window`` that ``score`` cannot take, checked before torch and
+    MONAI are imported (seconds) and the model is loaded."""
     try:
-        amp_dtype(amp)
-        wants_channels_last(channels_last, "cpu")
+        amp_choice(amp)
+        channels_last_choice(channels_last)
         compile_mode(compile)
-        reader_processes(num_workers)
+        worker_count(num_workers)
+        if window is not None:
+            check_windows(window)
     except ValueError as error:
         print(error, file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def _window_or_exit(window: Any, ckpt: str) -> None:
-    """One line and exit 2 for a ``--window`` that is not a window; a warning when it is not the model's own."""
+def _warn_other_window(window: Any, ckpt: str) -> None:
+    """A warning when ``--window`` is not the window the model was trained with."""
     from scripts.checkpoints import read_settings
-    from scripts.transforms import check_windows, recorded_windows, windows_text
+    from scripts.transforms import recorded_windows
 
     if window is None:
         return
-    try:
-        wanted = check_windows(window)
-    except ValueError as error:
-        print(error, file=sys.stderr)
-        raise SystemExit(2) from None
+    wanted = check_windows(window)
     trained = recorded_windows(read_settings(ckpt))
     if wanted != trained:
         print(
@@ -85,13 +90,13 @@ def _scoring_setup(
     num_workers: Any,
 ) -> tuple[str, dict[str, Any]]:
     """``score``'s and ``compare``'s checks before the model loads (one line and an exit for a bad option or
-    checkpoint): the checkpoint, the window, and the inference config's speed ids. Sets the cap per slice for this
-    process and the reading workers it forks."""
-    from scripts import transforms
+    checkpoint): the inference config's speed ids and the window, then the checkpoint. Sets the cap per slice for
+    this process and the reading workers it forks."""
+    _options_or_exit(amp, channels_last, compile, num_workers, window)
+    from scripts import transforms  # after the checks: it imports torch and MONAI (seconds)
 
-    _options_or_exit(amp, channels_last, compile, num_workers)
     ckpt = _checkpoint_or_exit(ckpt)
-    _window_or_exit(window, ckpt)
+    _warn_other_window(window, ckpt)
     transforms.MAX_SLICE_MB = float(max_slice_mb)
     return ckpt, {"amp": amp, "channels_last": channels_last, "compile": compile}
 
@@ -173,10 +178,10 @@ def score(
     false skips the series plots. Exits
     non-zero when no input could be scored, or (before scoring, with one line) when output_dir cannot be used.
     """
-    from scripts.clinical.score import score_paths
+    ckpt, options = _scoring_setup(ckpt, window, max_slice_mb, amp, channels_last, compile, num_workers)
+    from scripts.clinical.score import score_paths  # after the checks, as every import of torch and MONAI
     from scripts.output_dir import OutputError, printable
 
-    ckpt, options = _scoring_setup(ckpt, window, max_slice_mb, amp, channels_last, compile, num_workers)
     try:
         inputs = [str(path) for path in paths]  # fire reads a name like 2024 as a number
         summary = score_paths(inputs, str(output_dir), ckpt, window, device, batch_size, num_workers, plots, **options)
@@ -217,10 +222,10 @@ def compare(
     higher, the Wilcoxon signed-rank p-value, and the Mann-Whitney U p-value over every slice. Exits non-zero when
     either side has no slice scored.
     """
-    from scripts.clinical.compare import compare_lines, compare_paths
+    ckpt, options = _scoring_setup(ckpt, window, max_slice_mb, amp, channels_last, compile, num_workers)
+    from scripts.clinical.compare import compare_lines, compare_paths  # after the checks, as in score
     from scripts.output_dir import OutputError, printable
 
-    ckpt, options = _scoring_setup(ckpt, window, max_slice_mb, amp, channels_last, compile, num_workers)
     try:
         sides = str(first), str(second)  # fire reads a name like 2024 as a number
         result = compare_paths(*sides, str(output_dir), ckpt, window, device, batch_size, num_workers, **options)

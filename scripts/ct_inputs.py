@@ -47,7 +47,7 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from scripts.ct_io import HU_WINDOW, check_hu_mapping, frame_count, frame_hu, stored_values_are_hu
-from scripts.options import as_bool
+from scripts.options import as_bool, check_windows
 from scripts.output_dir import COMPARE_ENTRIES, LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
 from scripts.transforms import (
     SLICE_SUFFIXES,
@@ -55,7 +55,6 @@ from scripts.transforms import (
     ImageReadError,
     check_image_header,
     check_slice_size,
-    check_windows,
     format_mib,
     read_slice,
     to_channels,

@@ -21,14 +21,6 @@ HU_WINDOW = (-1000.0, 400.0)
 ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
 
 
-def check_window(window: Any) -> tuple[float, float]:
-    """``window`` as (low, high) HU; ``ValueError`` unless it is two finite numbers with low < high."""
-    values = tuple(float(value) for value in window)
-    if len(values) != 2 or not all(np.isfinite(values)) or values[0] >= values[1]:
-        raise ValueError(f"window must be two HU values low, high with low < high, both finite, got {values}")
-    return values[0], values[1]
-
-
 def window_hu(hu: ArrayT, low: float = HU_WINDOW[0], high: float = HU_WINDOW[1]) -> ArrayT:
     """The LDCTIQA display window: HU in [low, high] -> [0, 1], clipped (works on arrays and tensors)."""
     scaled = (hu - low) / (high - low)

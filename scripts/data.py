@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 from scripts.ct_inputs import VOLUME_SUFFIXES, InputError, index_inputs, read_ct_slice, read_dicom_ct
+from scripts.options import LDCT_RANGE
 from scripts.output_dir import write_json_atomic
 from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice
 
@@ -33,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 LDCT_LAYOUTS = (("image", "train.json"), ("images", "test.json"))
 LDCT_GROUPED_LABELS = "test-ground-truth.json"  # the slices of each group in a folder of its own
-LDCT_RANGE = (0.0, 4.0)
 KADID_RANGE = (1.0, 5.0)
 SETTING_A_SEED = 48
 SETTING_A_HELD_OUT = 0.2

@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch
 from monai.inferers import Inferer
-from scripts.options import as_bool, as_bool_or_word
+from scripts.options import amp_choice, channels_last_choice, compile_mode, worker_count
 from torch import nn
 
 AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -23,13 +23,10 @@ def amp_dtype(amp: Any, device: str | torch.device = "cpu") -> torch.dtype | Non
     """The autocast dtype the ``amp`` id asks for: None (false/0), bf16 or fp16 by name; true means bf16 on a CUDA
     GPU that supports it, else fp16 there, and nothing on a CPU (where bf16 is slower on most processors and, at
     the start of training, can round every prediction to the same value; ask for it by name)."""
-    if isinstance(amp, str) and amp.strip().lower() in AMP_NAMES:
-        return AMP_NAMES[amp.strip().lower()]
-    try:
-        wanted = as_bool(amp, "amp")
-    except ValueError:
-        raise ValueError(f"amp must be false, true, bf16 or fp16 (or 0/1), got {amp!r}") from None
-    if not wanted or torch.device(device).type != "cuda":
+    choice = amp_choice(amp)
+    if isinstance(choice, str):
+        return AMP_NAMES[choice]
+    if not choice or torch.device(device).type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
@@ -49,7 +46,7 @@ def autocast(device: str | torch.device, dtype: torch.dtype | None) -> contextli
 def wants_channels_last(channels_last: Any, device: str | torch.device) -> bool:
     """The ``channels_last`` id: true or false, or ``"auto"``: on a CUDA GPU (the paper network's bf16 forward ran
     1.27 times as fast on an H100), not on a CPU, where it gains little."""
-    choice = as_bool_or_word(channels_last, "channels_last", ("auto",), "auto")
+    choice = channels_last_choice(channels_last)
     return torch.device(device).type == "cuda" if choice == "auto" else bool(choice)
 
 
@@ -68,19 +65,6 @@ def use_cudnn_autotuner(device: str | torch.device) -> None:
     H100). A CPU run leaves the process-wide flag as it is."""
     if torch.device(device).type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
-
-
-def compile_mode(compile: Any) -> str | None:
-    """The ``compile`` id: false (None), true (``"default"``) or one of ``torch.compile``'s modes by name, such as
-    ``max-autotune`` (tunes each kernel: a longer first call) or ``reduce-overhead`` (CUDA graphs)."""
-    modes = f"a torch.compile mode ({', '.join(COMPILE_MODES)})"
-    choice = as_bool_or_word(compile, "compile", COMPILE_MODES, modes)
-    if isinstance(choice, str):
-        return choice
-    return "default" if choice else None
 
 
 def wants_compile(compile: Any) -> bool:
@@ -135,17 +119,12 @@ def reader_processes(num_workers: Any, device: str | torch.device = "cpu", slice
     reading 100 slices here (1.3 ms each on an H100 host) while the GPU scores the batch before; scoring now starts
     them once, with its network (``scripts.clinical.score.SliceReaders``).
     """
-    if isinstance(num_workers, str) and num_workers.strip().lower() == "auto":
-        if torch.device(device).type == "cpu" or (slices is not None and slices <= IN_PROCESS_SLICES):
-            return 0
-        return min(GPU_READERS, usable_cores())
-    try:
-        count = int(num_workers)
-    except (TypeError, ValueError):
-        raise ValueError(f"num_workers must be a number of processes or 'auto', got {num_workers!r}") from None
-    if count < 0 or count != float(num_workers):
-        raise ValueError(f"num_workers must be a number of processes (0 or more) or 'auto', got {num_workers!r}")
-    return count
+    count = worker_count(num_workers)
+    if isinstance(count, int):
+        return count
+    if torch.device(device).type == "cpu" or (slices is not None and slices <= IN_PROCESS_SLICES):
+        return 0
+    return min(GPU_READERS, usable_cores())
 
 
 class AutocastInferer(Inferer):

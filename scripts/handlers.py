@@ -16,9 +16,9 @@ from typing import Any, cast
 import numpy as np
 from ignite.engine import Engine, Events
 from scripts.ct_inputs import ErrorList
-from scripts.data import LDCT_RANGE, DatasetError
+from scripts.data import DatasetError
 from scripts.metrics import METRIC_NAMES, correlations, logistic_plcc
-from scripts.options import as_bool
+from scripts.options import LDCT_RANGE, as_bool
 from scripts.output_dir import printable_tree, write_bytes_atomic, write_json_atomic
 
 logger = logging.getLogger(__name__)

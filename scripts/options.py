@@ -3,15 +3,21 @@
 ``python -m monai.bundle run ... --pretrained false`` hands the config the *string* "false", which
 Python counts as true; these helpers turn each accepted spelling into the value it means and
 reject everything else with a message naming the option, so a flag can never silently mean its
-opposite.
+opposite. The module imports neither torch nor MONAI, so that ``python -m scripts`` checks its
+options (and prints ``--help``) before spending seconds importing them.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 TRUE_WORDS = ("true", "1")
 FALSE_WORDS = ("false", "0")
+LDCT_RANGE = (0.0, 4.0)  # the radiologists' scale of LDCTIQA: 0 (bad) to 4 (excellent)
+AMP_WORDS = ("bf16", "bfloat16", "fp16", "float16")  # the autocast dtypes ``amp`` takes by name
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def as_bool(value: Any, name: str) -> bool:
@@ -44,3 +50,70 @@ def optional_size(value: Any, name: str) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         raise ValueError(f"{name} must be a whole number of pixels or None, got {value!r}") from None
+
+
+def amp_choice(amp: Any) -> str | bool:
+    """The ``amp`` id checked: a dtype's name (``AMP_WORDS``, lower case) or true/false; ``ValueError`` otherwise.
+    ``scripts.engines.amp_dtype`` turns it into the dtype for a device."""
+    if isinstance(amp, str) and amp.strip().lower() in AMP_WORDS:
+        return amp.strip().lower()
+    try:
+        return as_bool(amp, "amp")
+    except ValueError:
+        raise ValueError(f"amp must be false, true, bf16 or fp16 (or 0/1), got {amp!r}") from None
+
+
+def compile_mode(compile: Any) -> str | None:
+    """The ``compile`` id: false (None), true (``"default"``) or one of ``torch.compile``'s modes by name, such as
+    ``max-autotune`` (tunes each kernel: a longer first call) or ``reduce-overhead`` (CUDA graphs)."""
+    modes = f"a torch.compile mode ({', '.join(COMPILE_MODES)})"
+    choice = as_bool_or_word(compile, "compile", COMPILE_MODES, modes)
+    if isinstance(choice, str):
+        return choice
+    return "default" if choice else None
+
+
+def channels_last_choice(channels_last: Any) -> bool | str:
+    """The ``channels_last`` id checked: true, false or ``"auto"``; ``ValueError`` otherwise.
+    ``scripts.engines.wants_channels_last`` decides what ``"auto"`` means on a device."""
+    return as_bool_or_word(channels_last, "channels_last", ("auto",), "auto")
+
+
+def worker_count(num_workers: Any) -> int | str:
+    """The ``num_workers`` id checked: ``"auto"`` or a number of processes (0 or more); ``ValueError`` otherwise.
+    ``scripts.engines.reader_processes`` decides what ``"auto"`` means on a device."""
+    if isinstance(num_workers, str) and num_workers.strip().lower() == "auto":
+        return "auto"
+    try:
+        count = int(num_workers)
+    except (TypeError, ValueError):
+        raise ValueError(f"num_workers must be a number of processes or 'auto', got {num_workers!r}") from None
+    if count < 0 or count != float(num_workers):
+        raise ValueError(f"num_workers must be a number of processes (0 or more) or 'auto', got {num_workers!r}")
+    return count
+
+
+def check_window(window: Any) -> tuple[float, float]:
+    """``window`` as (low, high) HU; ``ValueError`` unless it is two finite numbers with low < high."""
+    values = tuple(float(value) for value in window)
+    if len(values) != 2 or not all(math.isfinite(value) for value in values) or values[0] >= values[1]:
+        raise ValueError(f"window must be two HU values low, high with low < high, both finite, got {values}")
+    return values[0], values[1]
+
+
+def check_windows(window: Any) -> list[tuple[float, float]]:
+    """One HU window ``[low, high]`` or several ``[[low, high], ...]`` (one per channel), each checked; ``ValueError``
+    naming the value otherwise (a single number, text, a pair the wrong way round)."""
+    try:
+        values = list(window)
+        several = bool(values) and all(isinstance(value, (list, tuple)) for value in values)
+        return [check_window(pair) for pair in values] if several else [check_window(values)]
+    except TypeError:
+        raise ValueError(
+            f"window must be two HU values low,high (e.g. -1000,400) or one pair per channel, got {window!r}"
+        ) from None
+
+
+def windows_text(windows: Sequence[tuple[float, float]]) -> str:
+    """Windows as a reader writes them: ``[-1000, 400], [-160, 240]``."""
+    return ", ".join(f"[{low:g}, {high:g}]" for low, high in windows)

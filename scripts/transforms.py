@@ -19,8 +19,8 @@ from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
-from scripts.ct_io import HU_WINDOW, check_window
-from scripts.options import optional_size
+from scripts.ct_io import HU_WINDOW
+from scripts.options import check_windows, optional_size
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 FLOAT_SLACK = 0.1  # float slices are windowed to [0, 1]; overshoot from resampling or rounding is tolerated
@@ -215,27 +215,9 @@ class ScoreToTensord(MapTransform):
         return d
 
 
-def check_windows(window: Any) -> list[tuple[float, float]]:
-    """One HU window ``[low, high]`` or several ``[[low, high], ...]`` (one per channel), each checked; ``ValueError``
-    naming the value otherwise (a single number, text, a pair the wrong way round)."""
-    try:
-        values = list(window)
-        several = bool(values) and all(isinstance(value, (list, tuple)) for value in values)
-        return [check_window(pair) for pair in values] if several else [check_window(values)]
-    except TypeError:
-        raise ValueError(
-            f"window must be two HU values low,high (e.g. -1000,400) or one pair per channel, got {window!r}"
-        ) from None
-
-
 def recorded_windows(settings: dict[str, Any]) -> list[tuple[float, float]]:
     """The HU window(s) a model was trained with, from its settings (``model.json``); [-1000, 400] when not recorded."""
     return check_windows(settings.get("window") or HU_WINDOW)
-
-
-def windows_text(windows: Sequence[tuple[float, float]]) -> str:
-    """Windows as a reader writes them: ``[-1000, 400], [-160, 240]``."""
-    return ", ".join(f"[{low:g}, {high:g}]" for low, high in windows)
 
 
 def window_channels(

@@ -140,6 +140,8 @@ def test_the_benchmark_runs_only_the_parts_it_is_asked_for(tmp_path: Path) -> No
     assert tiny["parameters"] > 0 and tiny["scoring"]["ratio"] > 0 and tiny["training"]["ratio"] > 0
     with pytest.raises(ValueError, match=r"unknown parts \['warp'\]; choose from pipeline, inference"):
         run_benchmark("tiny", parts="scoring,warp")
+    with pytest.raises(ValueError, match=r"pipeline_workers must be a number of reader processes or a list"):
+        run_benchmark("tiny", pipeline_workers="2,auto")  # counts to compare, not the configs' "auto"
 
 
 def test_the_benchmarks_device_figures_time_every_variant() -> None:

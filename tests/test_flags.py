@@ -128,6 +128,33 @@ def test_score_refuses_a_bad_speed_option_in_one_line(tmp_path: Path, option: st
     assert not (tmp_path / "out").exists()
 
 
+NO_TORCH_NOR_MONAI = (  # the command line as ``python -m scripts``, in a process where importing either fails
+    "import runpy, sys; sys.modules.update(torch=None, monai=None); sys.argv[0] = 'scripts'; "
+    "runpy.run_module('scripts', run_name='__main__')"
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "reason"),
+    [(["--help"], 0, ""),
+     (["score", "--help"], 0, ""),
+     (["bench", "--help"], 0, ""),
+     (["score", "in", "--output_dir", "out", "--amp", "fp8"], 2, "amp must be false, true, bf16 or fp16"),
+     (["score", "in", "--output_dir", "out", "--num_workers", "two"], 2, "num_workers must be a number"),
+     (["compare", "a", "b", "out", "--window", "400,-1000"], 2, "window must be two HU values low, high")],
+)  # fmt: skip
+def test_help_and_a_bad_option_need_neither_torch_nor_monai(
+    tmp_path: Path, args: list[str], status: int, reason: str
+) -> None:
+    """Importing them takes seconds (7 s on a 2-core host): ``--help`` and a refusal come without that wait."""
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TORCH_NOR_MONAI, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == status, result.stderr[-2000:]
+    assert result.stderr.strip().startswith(reason) and "Error" not in result.stderr, result.stderr[-2000:]
+    assert status or "NAME" in result.stdout + result.stderr  # fire's help, on stderr when it is not a terminal
+
+
 @pytest.mark.parametrize(
     ("window", "reason"),
     [("400,-1000", "with low < high, both finite, got (400.0, -1000.0)"),

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from ignite.engine import Events
-from scripts.engines import amp_dtype, needs_grad_scaler, place_network, wants_channels_last
+from scripts.engines import AMP_NAMES, amp_dtype, needs_grad_scaler, place_network, wants_channels_last
+from scripts.options import AMP_WORDS
 
 from tests.conftest import (
     TINY_NETWORKS,
@@ -34,6 +35,7 @@ OPTIONS = {"channels_last": {"channels_last": "true"}, "compile": {"compile": Tr
      (True, None), ("true", None), ("1", None)],
 )  # fmt: skip
 def test_amp_values(amp: object, expected: torch.dtype | None) -> None:
+    assert sorted(AMP_NAMES) == sorted(AMP_WORDS)  # each name the option check takes has its dtype
     assert amp_dtype(amp, "cpu") is expected  # true: nothing on a CPU, where bf16 must be asked for by name
     assert not needs_grad_scaler(amp, "cpu")  # a gradient scaler is for fp16 on CUDA only
 

@@ -44,7 +44,7 @@ from scripts.ct_inputs import (
     read_scored_slice,
 )
 from scripts.ct_io import compress_dicom, write_dicom_slice
-from scripts.transforms import check_windows
+from scripts.options import check_windows
 
 from tests.conftest import NOT_DICOM, REPO_ROOT, inference_workflow, scoring_tiny_network
 

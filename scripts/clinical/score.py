@@ -49,7 +49,6 @@ from scripts.ct_inputs import (
     slice_item,
 )
 from scripts.ct_io import HU_WINDOW
-from scripts.data import LDCT_RANGE
 from scripts.engines import (
     PlainTensorBatch,
     compiled_for_inference,
@@ -60,7 +59,7 @@ from scripts.engines import (
     wants_compile,
 )
 from scripts.handlers import figure_png, pyplot
-from scripts.options import as_bool
+from scripts.options import LDCT_RANGE, as_bool, check_windows
 from scripts.output_dir import (
     OutputError,
     check_free_space,
@@ -71,7 +70,6 @@ from scripts.output_dir import (
     staged_report,
 )
 from scripts.patches import SpreadInferer, pad_collate
-from scripts.transforms import check_windows
 from torch.utils.data import Dataset as TorchDataset
 
 logger = logging.getLogger(__name__)

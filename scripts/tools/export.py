@@ -32,7 +32,8 @@ import torch
 from scripts import bundle_root
 from scripts.checkpoints import CONFIG_SETTING_KEYS, config_ids, read_checkpoint, write_checkpoint_atomic
 from scripts.networks import NETWORK_SETTING_KEYS, build_network
-from scripts.transforms import recorded_windows, windows_text
+from scripts.options import windows_text
+from scripts.transforms import recorded_windows
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # scripts/: its flat modules are the runtime the configs import
 TORCHSCRIPT_ATOL = 1e-4
