@@ -11,10 +11,15 @@ from typing import Any
 import fire
 from scripts.options import (
     LDCT_RANGE,
+    OptionError,
     amp_choice,
+    as_bool,
     channels_last_choice,
     check_windows,
     compile_mode,
+    optional_size,
+    positive_number,
+    whole_number,
     windows_text,
     worker_count,
 )
@@ -47,19 +52,19 @@ def _checkpoint_or_exit(ckpt: str | None) -> str:
     return str(path)
 
 
-def _options_or_exit(amp: Any, channels_last: Any, compile: Any, num_workers: Any, window: Any) -> None:
-    """One line and exit 2 for a speed option or a ``--window`` that ``score`` cannot take, checked before torch and
-    MONAI are imported (seconds) and the model is loaded."""
-    try:
-        amp_choice(amp)
-        channels_last_choice(channels_last)
-        compile_mode(compile)
-        worker_count(num_workers)
-        if window is not None:
-            check_windows(window)
-    except ValueError as error:
-        print(error, file=sys.stderr)
-        raise SystemExit(2) from None
+def _check_options(
+    batch_size: Any, max_slice_mb: Any, amp: Any, channels_last: Any, compile: Any, num_workers: Any, window: Any
+) -> None:
+    """The options ``score`` and ``compare`` share, checked before torch and MONAI are imported (seconds) and the
+    model is loaded: ``OptionError`` (one line and exit 2, from ``main``) for one they cannot take."""
+    whole_number(batch_size, "batch_size", 1)
+    positive_number(max_slice_mb, "max_slice_mb")
+    amp_choice(amp)
+    channels_last_choice(channels_last)
+    compile_mode(compile)
+    worker_count(num_workers)
+    if window is not None:
+        check_windows(window)
 
 
 def _warn_other_window(window: Any, ckpt: str) -> None:
@@ -83,6 +88,7 @@ def _warn_other_window(window: Any, ckpt: str) -> None:
 def _scoring_setup(
     ckpt: str | None,
     window: Any,
+    batch_size: Any,
     max_slice_mb: float,
     amp: Any,
     channels_last: Any,
@@ -92,7 +98,7 @@ def _scoring_setup(
     """``score``'s and ``compare``'s checks before the model loads (one line and an exit for a bad option or
     checkpoint): the inference config's speed ids and the window, then the checkpoint. Sets the cap per slice for
     this process and the reading workers it forks."""
-    _options_or_exit(amp, channels_last, compile, num_workers, window)
+    _check_options(batch_size, max_slice_mb, amp, channels_last, compile, num_workers, window)
     from scripts import transforms  # after the checks: it imports torch and MONAI (seconds)
 
     ckpt = _checkpoint_or_exit(ckpt)
@@ -178,7 +184,8 @@ def score(
     false skips the series plots. Exits
     non-zero when no input could be scored, or (before scoring, with one line) when output_dir cannot be used.
     """
-    ckpt, options = _scoring_setup(ckpt, window, max_slice_mb, amp, channels_last, compile, num_workers)
+    as_bool(plots, "plots")
+    ckpt, options = _scoring_setup(ckpt, window, batch_size, max_slice_mb, amp, channels_last, compile, num_workers)
     from scripts.clinical.score import score_paths  # after the checks, as every import of torch and MONAI
     from scripts.output_dir import OutputError, printable
 
@@ -222,7 +229,7 @@ def compare(
     higher, the Wilcoxon signed-rank p-value, and the Mann-Whitney U p-value over every slice. Exits non-zero when
     either side has no slice scored.
     """
-    ckpt, options = _scoring_setup(ckpt, window, max_slice_mb, amp, channels_last, compile, num_workers)
+    ckpt, options = _scoring_setup(ckpt, window, batch_size, max_slice_mb, amp, channels_last, compile, num_workers)
     from scripts.clinical.compare import compare_lines, compare_paths  # after the checks, as in score
     from scripts.output_dir import OutputError, printable
 
@@ -257,11 +264,13 @@ def realcheck(
     the demo's model (which it names); ``size`` resamples the slices (default: their own size); ``output_dir``
     gets ``realcheck.json``.
     """
+    per_series = whole_number(per_series, "per_series", 1)
+    size, batch_size = optional_size(size, "size"), whole_number(batch_size, "batch_size", 1)
     from scripts.tools.realcheck import RealCheckError, realcheck_lines, run_realcheck
 
     ckpt = _checkpoint_or_exit(ckpt)
     try:
-        result = run_realcheck(ckpt, output_dir, size, seed, device, batch_size, inputs, int(per_series))
+        result = run_realcheck(ckpt, output_dir, size, seed, device, batch_size, inputs, per_series)
     except RealCheckError as error:
         print(f"real-data check failed: {error}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -283,12 +292,12 @@ def export(
 
     ``--onnx true`` adds models/model.onnx (needs ``pip install onnx onnxruntime``).
     """
+    with_onnx = as_bool(onnx, "onnx")
+    flags = as_bool(torchscript, "torchscript"), as_bool(overwrite, "overwrite"), with_onnx
     from scripts.checkpoints import CheckpointError
-    from scripts.options import as_bool
     from scripts.tools.export import ExportError, export_bundle
 
     try:
-        flags = as_bool(torchscript, "torchscript"), as_bool(overwrite, "overwrite"), as_bool(onnx, "onnx")
         result = export_bundle(output_dir, ckpt, metrics, weights_url, *flags)
     except (ExportError, CheckpointError) as error:
         print(f"export failed: {error}", file=sys.stderr)
@@ -298,7 +307,7 @@ def export(
         print(f"  models/model.ts matches the eager network within {result['torchscript_max_difference']:.2g}")
     if result["onnx_max_difference"] is not None:
         print(f"  models/model.onnx matches the eager network within {result['onnx_max_difference']:.2g}")
-    elif as_bool(onnx, "onnx"):
+    elif with_onnx:
         print("  models/model.onnx written, not run (onnxruntime is not installed: pip install onnxruntime)")
     for note in result["notes"]:
         print(f"  {note}")
@@ -314,6 +323,9 @@ def demo(output_dir: str | None = None, seed: int = 0) -> None:
 def main() -> None:
     try:
         _commands()
+    except OptionError as error:  # a value an option cannot take: its reason alone, as argparse exits for a bad flag
+        print(error, file=sys.stderr)
+        raise SystemExit(2) from None
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (reports are swapped in whole, or not at all)
         print("interrupted (Ctrl-C)", file=sys.stderr)
         raise SystemExit(130) from None

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 from scripts.ct_inputs import VOLUME_SUFFIXES, InputError, index_inputs, read_ct_slice, read_dicom_ct
-from scripts.options import LDCT_RANGE
+from scripts.options import LDCT_RANGE, OptionError
 from scripts.output_dir import write_json_atomic
 from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice
 
@@ -486,9 +486,12 @@ def split_items(
     if str(split).upper() == "A":
         fraction, seed = SETTING_A_HELD_OUT, SETTING_A_SEED
     else:
-        fraction = float(split)
+        try:
+            fraction = float(split)
+        except (TypeError, ValueError):
+            fraction = math.nan
         if not 0.0 < fraction < 1.0:
-            raise ValueError(f"split must be 'A' or a validation fraction in (0, 1), got {split!r}")
+            raise OptionError(f"split must be 'A' or a validation fraction in (0, 1), got {split!r}")
     groups = sorted({item[group_key] if group_key else item["image"] for item in items})
     order = np.random.default_rng(seed).permutation(len(groups))
     n_val = max(1, round(fraction * len(groups)))
@@ -496,7 +499,7 @@ def split_items(
     train = [it for it in items if (it[group_key] if group_key else it["image"]) not in val_groups]
     val = [it for it in items if (it[group_key] if group_key else it["image"]) in val_groups]
     if not train and not allow_empty:
-        raise ValueError(f"split {split!r} leaves no training data ({len(items)} items)")
+        raise OptionError(f"split {split!r} leaves no training data ({len(items)} items)")
     return train, val
 
 
@@ -569,7 +572,7 @@ def labelled_items(
         return kadid_labelled_items(dataset_dir, check_images)
     if layout == "scored_ct":
         return scored_ct_items(_labels_file(labels), score_range, check_images)
-    raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    raise OptionError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
 def _dataset_root(dataset_dir: str | Path | None, layout: str, labels: str | Path | None) -> str | Path | None:

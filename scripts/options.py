@@ -20,6 +20,11 @@ AMP_WORDS = ("bf16", "bfloat16", "fp16", "float16")  # the autocast dtypes ``amp
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
+class OptionError(ValueError):
+    """A value an option cannot take, in a message that names the option and the value: ``python -m scripts``
+    prints the message alone and exits 2."""
+
+
 def as_bool(value: Any, name: str) -> bool:
     """``value`` as a bool: True/False, 1/0 and the strings true/false/True/False/1/0; ``ValueError`` otherwise."""
     if isinstance(value, bool):
@@ -28,7 +33,7 @@ def as_bool(value: Any, name: str) -> bool:
         return bool(value)
     if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
         return value.strip().lower() in TRUE_WORDS
-    raise ValueError(f"{name} must be true or false (true/false/True/False/1/0), got {value!r}")
+    raise OptionError(f"{name} must be true or false (true/false/True/False/1/0), got {value!r}")
 
 
 def as_bool_or_word(value: Any, name: str, words: tuple[str, ...], described: str) -> bool | str:
@@ -39,7 +44,7 @@ def as_bool_or_word(value: Any, name: str, words: tuple[str, ...], described: st
     try:
         return as_bool(value, name)
     except ValueError:
-        raise ValueError(f"{name} must be true, false or {described}, got {value!r}") from None
+        raise OptionError(f"{name} must be true, false or {described}, got {value!r}") from None
 
 
 def optional_size(value: Any, name: str) -> int | None:
@@ -49,7 +54,31 @@ def optional_size(value: Any, name: str) -> int | None:
     try:
         return int(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number of pixels or None, got {value!r}") from None
+        raise OptionError(f"{name} must be a whole number of pixels or None, got {value!r}") from None
+
+
+def whole_number(value: Any, name: str, minimum: int = 0) -> int:
+    """``value`` as a whole number of at least ``minimum`` (3, 3.0 or "3"; not True, 2.5 or "three")."""
+    try:
+        number = int(value)
+        whole = not isinstance(value, bool) and number == float(value) and number >= minimum
+    except (TypeError, ValueError):
+        whole = False
+    if not whole:
+        raise OptionError(f"{name} must be a whole number of at least {minimum}, got {value!r}")
+    return number
+
+
+def positive_number(value: Any, name: str) -> float:
+    """``value`` as a finite number above 0 (64, 0.5 or "64")."""
+    try:
+        number = float(value)
+        positive = not isinstance(value, bool) and math.isfinite(number) and number > 0
+    except (TypeError, ValueError):
+        positive = False
+    if not positive:
+        raise OptionError(f"{name} must be a number above 0, got {value!r}")
+    return number
 
 
 def amp_choice(amp: Any) -> str | bool:
@@ -60,7 +89,7 @@ def amp_choice(amp: Any) -> str | bool:
     try:
         return as_bool(amp, "amp")
     except ValueError:
-        raise ValueError(f"amp must be false, true, bf16 or fp16 (or 0/1), got {amp!r}") from None
+        raise OptionError(f"amp must be false, true, bf16 or fp16 (or 0/1), got {amp!r}") from None
 
 
 def compile_mode(compile: Any) -> str | None:
@@ -87,9 +116,9 @@ def worker_count(num_workers: Any) -> int | str:
     try:
         count = int(num_workers)
     except (TypeError, ValueError):
-        raise ValueError(f"num_workers must be a number of processes or 'auto', got {num_workers!r}") from None
+        raise OptionError(f"num_workers must be a number of processes or 'auto', got {num_workers!r}") from None
     if count < 0 or count != float(num_workers):
-        raise ValueError(f"num_workers must be a number of processes (0 or more) or 'auto', got {num_workers!r}")
+        raise OptionError(f"num_workers must be a number of processes (0 or more) or 'auto', got {num_workers!r}")
     return count
 
 
@@ -97,7 +126,7 @@ def check_window(window: Any) -> tuple[float, float]:
     """``window`` as (low, high) HU; ``ValueError`` unless it is two finite numbers with low < high."""
     values = tuple(float(value) for value in window)
     if len(values) != 2 or not all(math.isfinite(value) for value in values) or values[0] >= values[1]:
-        raise ValueError(f"window must be two HU values low, high with low < high, both finite, got {values}")
+        raise OptionError(f"window must be two HU values low, high with low < high, both finite, got {values}")
     return values[0], values[1]
 
 
@@ -109,7 +138,7 @@ def check_windows(window: Any) -> list[tuple[float, float]]:
         several = bool(values) and all(isinstance(value, (list, tuple)) for value in values)
         return [check_window(pair) for pair in values] if several else [check_window(values)]
     except TypeError:
-        raise ValueError(
+        raise OptionError(
             f"window must be two HU values low,high (e.g. -1000,400) or one pair per channel, got {window!r}"
         ) from None
 

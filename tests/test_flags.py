@@ -113,21 +113,6 @@ def test_a_failed_bundle_run_ends_with_its_reason(ldct_train_dir: Path, tmp_path
     assert "pass its local path (f_weights=/path/to/weights.safetensors)" in reason
 
 
-@pytest.mark.parametrize(
-    ("option", "value", "reason"),
-    [("--amp", "fp8", "amp must be false, true, bf16 or fp16 (or 0/1), got 'fp8'"),
-     ("--compile", "fastest", "compile must be true, false or a torch.compile mode (default, reduce-overhead, "
-      "max-autotune, max-autotune-no-cudagraphs), got 'fastest'"),
-     ("--channels_last", "sometimes", "channels_last must be true, false or auto, got 'sometimes'"),
-     ("--num_workers", "-1", "num_workers must be a number of processes (0 or more) or 'auto', got -1")],
-)  # fmt: skip
-def test_score_refuses_a_bad_speed_option_in_one_line(tmp_path: Path, option: str, value: str, reason: str) -> None:
-    """Before any model is loaded or output written: the reason alone on stderr, exit status 2."""
-    result = run_cli("scripts", "score", str(tmp_path), "--output_dir", str(tmp_path / "out"), option, value)
-    assert result.returncode == 2 and result.stderr.strip() == reason, result.stderr[-2000:]
-    assert not (tmp_path / "out").exists()
-
-
 NO_TORCH_NOR_MONAI = (  # the command line as ``python -m scripts``, in a process where importing either fails
     "import runpy, sys; sys.modules.update(torch=None, monai=None); sys.argv[0] = 'scripts'; "
     "runpy.run_module('scripts', run_name='__main__')"
@@ -135,24 +120,59 @@ NO_TORCH_NOR_MONAI = (  # the command line as ``python -m scripts``, in a proces
 
 
 @pytest.mark.parametrize(
-    ("args", "status", "reason"),
-    [(["--help"], 0, ""),
-     (["score", "--help"], 0, ""),
-     (["bench", "--help"], 0, ""),
-     (["score", "in", "--output_dir", "out", "--amp", "fp8"], 2, "amp must be false, true, bf16 or fp16"),
-     (["score", "in", "--output_dir", "out", "--num_workers", "two"], 2, "num_workers must be a number"),
-     (["compare", "a", "b", "out", "--window", "400,-1000"], 2, "window must be two HU values low, high")],
+    ("args", "reason"),
+    [(["--help"], None),
+     (["score", "--help"], None),
+     (["bench", "--help"], None),
+     (["score", "in", "--output_dir", "out", "--amp", "fp8"],
+      "amp must be false, true, bf16 or fp16 (or 0/1), got 'fp8'"),
+     (["score", "in", "--output_dir", "out", "--num_workers", "two"],
+      "num_workers must be a number of processes or 'auto', got 'two'"),
+     (["score", "in", "--output_dir", "out", "--num_workers", "-1"],
+      "num_workers must be a number of processes (0 or more) or 'auto', got -1"),
+     (["score", "in", "--output_dir", "out", "--compile", "fastest"],
+      "compile must be true, false or a torch.compile mode (default, reduce-overhead, max-autotune, "
+      "max-autotune-no-cudagraphs), got 'fastest'"),
+     (["score", "in", "--output_dir", "out", "--channels_last", "sometimes"],
+      "channels_last must be true, false or auto, got 'sometimes'"),
+     (["score", "in", "--output_dir", "out", "--batch_size", "0"],
+      "batch_size must be a whole number of at least 1, got 0"),
+     (["score", "in", "--output_dir", "out", "--plots", "maybe"],
+      "plots must be true or false (true/false/True/False/1/0), got 'maybe'"),
+     (["compare", "a", "b", "out", "--max_slice_mb", "lots"], "max_slice_mb must be a number above 0, got 'lots'"),
+     (["compare", "a", "b", "out", "--window", "400,-1000"],
+      "window must be two HU values low, high with low < high, both finite, got (400.0, -1000.0)"),
+     (["realcheck", "--per_series", "x"], "per_series must be a whole number of at least 1, got 'x'"),
+     (["export", "out", "--onnx", "maybe"], "onnx must be true or false (true/false/True/False/1/0), got 'maybe'"),
+     (["bench", "--parts", "scoring,warp"],
+      "unknown parts ['warp']; choose from pipeline, inference, scoring, long, training, gpu")],
 )  # fmt: skip
 def test_help_and_a_bad_option_need_neither_torch_nor_monai(
-    tmp_path: Path, args: list[str], status: int, reason: str
+    tmp_path: Path, args: list[str], reason: str | None
 ) -> None:
-    """Importing them takes seconds (7 s on a 2-core host): ``--help`` and a refusal come without that wait."""
+    """Importing them takes seconds (7 s on a 2-core host): ``--help``, and a value an option cannot take (its reason
+    alone, exit status 2, as argparse exits for a bad flag), come without that wait and before anything is written."""
     result = subprocess.run(
-        [sys.executable, "-c", NO_TORCH_NOR_MONAI, *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == status, result.stderr[-2000:]
-    assert result.stderr.strip().startswith(reason) and "Error" not in result.stderr, result.stderr[-2000:]
-    assert status or "NAME" in result.stdout + result.stderr  # fire's help, on stderr when it is not a terminal
+        [sys.executable, "-c", NO_TORCH_NOR_MONAI, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )  # fmt: skip
+    if reason is None:
+        assert result.returncode == 0 and "NAME" in result.stdout + result.stderr, result.stderr[-2000:]  # fire's help
+    else:
+        assert result.returncode == 2 and result.stderr.strip() == reason, result.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "reason"),
+    [("--layout", "nifti", "layout must be one of ldct, kadid, scored_ct, got 'nifti'"),
+     ("--split", "half", "split must be 'A' or a validation fraction in (0, 1), got 'half'")],
+)  # fmt: skip
+def test_check_data_refuses_a_bad_option_in_one_line(
+    ldct_train_dir: Path, option: str, value: str, reason: str
+) -> None:
+    result = run_cli("scripts", "check_data", str(ldct_train_dir), option, value)
+    assert result.returncode == 2 and result.stderr.strip() == reason, result.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from scripts import __main__ as cli
 from scripts.clinical.score import SliceScorer
 from scripts.ct_inputs import pixel_size_mm
 from scripts.ct_io import write_dicom_slice
+from scripts.options import OptionError
 from scripts.tools import realcheck
 from scripts.tools.realcheck import (
     CHECK_FILES,
@@ -298,6 +299,7 @@ def test_realcheck_without_ct_among_the_inputs_exits_1_in_one_line(tiny_checkpoi
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and error.startswith("real-data check failed: no CT slice in HU among the inputs (")
     assert "modality MR is not CT" in error
-    with pytest.raises(SystemExit):
-        cli.realcheck(get_testdata_file("CT_small.dcm"), ckpt=str(tiny_checkpoint), per_series=0)
-    assert capsys.readouterr().err.strip() == "real-data check failed: per_series must be at least 1, got 0"
+    with pytest.raises(OptionError, match=r"^per_series must be a whole number of at least 1, got 0$"):
+        cli.realcheck(get_testdata_file("CT_small.dcm"), ckpt=str(tiny_checkpoint), per_series=0)  # main: exit 2
+    with pytest.raises(OptionError, match=r"^per_series must be a whole number of at least 1, got 0$"):
+        run_realcheck(str(tiny_checkpoint), inputs=[get_testdata_file("CT_small.dcm")], per_series=0)

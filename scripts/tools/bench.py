@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from scripts.options import compile_mode, worker_count
+from scripts.options import OptionError, compile_mode, worker_count
 
 TINY_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
 PROFILES: dict[str, dict[str, Any]] = {
@@ -148,7 +148,7 @@ def _chosen(what: str, value: Any, allowed: Any) -> list[str]:
     names = _comma_list(value)
     unknown = [name for name in names if name not in allowed]
     if unknown or not names:
-        raise ValueError(f"unknown {what} {unknown or names}; choose from {', '.join(allowed)}")
+        raise OptionError(f"unknown {what} {unknown or names}; choose from {', '.join(allowed)}")
     return names
 
 
@@ -157,7 +157,7 @@ def _worker_counts(value: Any) -> tuple[int, ...]:
     counts = [worker_count(part) for part in _comma_list(value)]
     numbers = tuple(count for count in counts if isinstance(count, int))
     if not numbers or len(numbers) < len(counts):
-        raise ValueError(f"pipeline_workers must be a number of reader processes or a list (2,4,8), got {value!r}")
+        raise OptionError(f"pipeline_workers must be a number of reader processes or a list (2,4,8), got {value!r}")
     return numbers
 
 

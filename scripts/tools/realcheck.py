@@ -50,6 +50,7 @@ import numpy as np
 from scipy import ndimage, stats
 from scripts.ct_inputs import InputError, index_inputs, pixel_size_mm, read_ct_slice
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
+from scripts.options import whole_number
 from scripts.output_dir import write_json_atomic
 from scripts.synthetic.ct import CHECK_FILES, hu_to_mu, mu_to_hu
 from scripts.tools.baseline import baseline_score
@@ -135,8 +136,7 @@ def input_slices(
 ) -> tuple[list[tuple[str, np.ndarray, float]], list[dict]]:
     """(name, HU clipped to [-1000, 3000], pixel size in mm) of up to ``per_series`` slices of each CT series or
     volume under ``paths``, evenly spaced and away from the ends; and ``{path, reason}`` for every input not used."""
-    if per_series < 1:
-        raise RealCheckError(f"per_series must be at least 1, got {per_series}")
+    per_series = whole_number(per_series, "per_series", 1)
     items, errors = index_inputs(paths)
     errors = list(errors)
     by_series: dict[str, list[dict]] = {}
