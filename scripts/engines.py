@@ -13,7 +13,7 @@ import torch
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch
 from monai.inferers import Inferer
-from scripts.options import amp_choice, channels_last_choice, compile_mode, worker_count
+from scripts.options import OptionError, amp_choice, channels_last_choice, compile_mode, worker_count
 from torch import nn
 
 AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
@@ -29,6 +29,27 @@ def amp_dtype(amp: Any, device: str | torch.device = "cpu") -> torch.dtype | Non
     if not choice or torch.device(device).type != "cuda":
         return None
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def usable_device(device: str | torch.device | None) -> torch.device:
+    """``device`` as a torch device (None: the first CUDA GPU, else the CPU); ``OptionError`` for a name torch does
+    not know or a device this machine lacks (``cuda`` without a CUDA GPU, ``cuda:2`` with two), which torch would
+    only report at the first tensor sent there, in words about something else."""
+    if device is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"device must be cpu, cuda or cuda:N, got {device!r}") from None
+    if chosen.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise OptionError(f"device {device!r}: no CUDA GPU is usable here; leave device unset or use cpu")
+        if chosen.index is not None and chosen.index >= count:
+            raise OptionError(f"device {device!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}")
+    elif chosen.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"device {device!r}: Apple's MPS is not usable here; leave device unset or use cpu")
+    return chosen
 
 
 def needs_grad_scaler(amp: Any, device: str | torch.device = "cpu") -> bool:

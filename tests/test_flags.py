@@ -13,7 +13,10 @@ import pytest
 import torch
 from pydicom.data import get_testdata_file
 from scripts.checkpoints import read_checkpoint
-from scripts.options import as_bool
+from scripts.clinical.compare import compare_paths
+from scripts.engines import usable_device
+from scripts.options import OptionError, as_bool
+from scripts.tools.realcheck import run_realcheck
 
 from tests.conftest import EVALUATE_CONFIGS, REPO_ROOT, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
 
@@ -161,6 +164,34 @@ def test_help_and_a_bad_option_need_neither_torch_nor_monai(
     else:
         assert result.returncode == 2 and result.stderr.strip() == reason, result.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+NO_GPU = "no CUDA GPU is usable here; leave device unset or use cpu"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_a_device_this_machine_lacks_is_refused_in_one_line_before_any_output(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    """torch would fail only at the first tensor sent there, in words about the checkpoint not fitting the network."""
+    assert usable_device(None) == torch.device("cpu") == usable_device("cpu")
+    for device, reason in [("cuda", f"device 'cuda': {NO_GPU}"), ("cuda:1", f"device 'cuda:1': {NO_GPU}"),
+                           ("gpu", "device must be cpu, cuda or cuda:N, got 'gpu'")]:  # fmt: skip
+        with pytest.raises(OptionError) as refused:
+            usable_device(device)
+        assert str(refused.value) == reason
+    output = tmp_path / "out"
+    with pytest.raises(OptionError, match=f"device 'cuda': {NO_GPU}"):
+        compare_paths(str(tmp_path), str(tmp_path), output, tiny_checkpoint, device="cuda")
+    with pytest.raises(OptionError, match=f"device 'cuda': {NO_GPU}"):
+        run_realcheck(tiny_checkpoint, output, device="cuda")
+    slices = tmp_path / "slices"
+    slices.mkdir()
+    shutil.copyfile(get_testdata_file("CT_small.dcm"), slices / "CT_small.dcm")
+    result = run_cli("scripts", "score", str(slices), "--output_dir", str(output), "--ckpt", str(tiny_checkpoint),
+                     "--device", "cuda")  # fmt: skip
+    assert result.returncode == 2 and result.stderr.strip() == f"device 'cuda': {NO_GPU}", result.stderr[-2000:]
+    assert not output.exists()
 
 
 @pytest.mark.parametrize(

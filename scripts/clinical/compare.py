@@ -30,6 +30,7 @@ import numpy as np
 from scipy import stats
 from scripts.clinical.score import Series, SliceScorer, score_inputs, series_summary
 from scripts.ct_inputs import VOLUME_SUFFIXES, InputError, read_dicom_ct, slice_normal
+from scripts.engines import usable_device
 from scripts.output_dir import (
     COMPARE_ENTRIES,
     locked_output_dir,
@@ -258,9 +259,10 @@ def compare_paths(
 ) -> dict[str, Any]:
     """Score both sides with the checkpoint's network (``options``: ``amp``, ``channels_last``, ``compile``, as for
     ``score``) and write ``pairs.csv`` and ``compare.json`` (returned) in ``output_dir``, locked before the network
-    loads (``OutputError``)."""
+    loads (``OutputError``; a device this machine lacks fails before, ``OptionError``)."""
+    target = usable_device(device)
     with locked_output_dir(output_dir) as output:
-        scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window, **options)
+        scorer = SliceScorer.from_checkpoint(ckpt, target, batch_size, num_workers, window, **options)
         first_series, first_errors = score_inputs([first], scorer, output)
         second_series, second_errors = score_inputs([second], scorer, output)
         statistics, pairs = compare_scores(first_series, second_series, (first, second))

@@ -55,6 +55,7 @@ from scripts.engines import (
     place_network,
     reader_processes,
     usable_cores,
+    usable_device,
     use_cudnn_autotuner,
     wants_compile,
 )
@@ -177,7 +178,7 @@ class SliceScorer:
         from scripts.checkpoints import CheckpointError, config_ids, read_checkpoint
         from scripts.networks import network_with_weights
 
-        device = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        device = usable_device(device)
         parser = ConfigParser()
         parser.read_config(str(Path(bundle_dir) / config_file))
         parser.update({"bundle_root": str(bundle_dir), "device": device, "batch_size": batch_size, **overrides})
@@ -689,9 +690,9 @@ def score_paths(
     """
     window = None if window is None else check_windows(window)  # a bad window fails before the lock
     rank, world = process_group()
-    device = process_device(device, world)
+    target = usable_device(process_device(device, world))  # so does a device this machine lacks
     with _locked_by_rank_0(output_dir, rank, world) as output:
-        scorer = SliceScorer.from_checkpoint(ckpt, device, batch_size, num_workers, window, **options)
+        scorer = SliceScorer.from_checkpoint(ckpt, target, batch_size, num_workers, window, **options)
         series, errors, per_process = _score_shares(paths, scorer, output, rank, world)
         if rank != 0:
             return {}

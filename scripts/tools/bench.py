@@ -76,13 +76,12 @@ def run_benchmark(
     compile_mode(compile)  # a bad value fails here, not after the CPU-side figures
     other_workers = _worker_counts(pipeline_workers)
 
-    import torch
     from scripts.clinical.score import SliceScorer
-    from scripts.engines import reader_processes
+    from scripts.engines import reader_processes, usable_device
     from scripts.tools.bench_pipeline import bench_pipeline, gpu_figures
     from scripts.tools.bench_workflows import bench_inference, bench_scoring, bench_training, profile_checkpoint
 
-    target = torch.device(device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    target = usable_device(device)
     results: dict[str, dict] = {}
     for name in names:
         profile = dict(PROFILES[name])

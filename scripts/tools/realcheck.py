@@ -50,6 +50,7 @@ import numpy as np
 from scipy import ndimage, stats
 from scripts.ct_inputs import InputError, index_inputs, pixel_size_mm, read_ct_slice
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
+from scripts.engines import usable_device
 from scripts.options import whole_number
 from scripts.output_dir import write_json_atomic
 from scripts.synthetic.ct import CHECK_FILES, hu_to_mu, mu_to_hu
@@ -327,6 +328,7 @@ def run_realcheck(
     "per_slice": [...], "not_used": [{path, reason}], "size": size, "seed": seed, "seconds": ..}``.
     """
     start = time.perf_counter()
+    device = str(usable_device(device))  # a device this machine lacks fails before the simulation
     inputs = [inputs] if isinstance(inputs, (str, Path)) else list(inputs or [])
     if inputs:
         real, not_used = input_slices(inputs, size, per_series)
