@@ -120,6 +120,7 @@ NO_TORCH_NOR_MONAI = (  # the command line as ``python -m scripts``, in a proces
     "import runpy, sys; sys.modules.update(torch=None, monai=None); sys.argv[0] = 'scripts'; "
     "runpy.run_module('scripts', run_name='__main__')"
 )
+SCORE = ["score", "in", "--output_dir", "out"]
 
 
 @pytest.mark.parametrize(
@@ -127,21 +128,15 @@ NO_TORCH_NOR_MONAI = (  # the command line as ``python -m scripts``, in a proces
     [(["--help"], None),
      (["score", "--help"], None),
      (["bench", "--help"], None),
-     (["score", "in", "--output_dir", "out", "--amp", "fp8"],
-      "amp must be false, true, bf16 or fp16 (or 0/1), got 'fp8'"),
-     (["score", "in", "--output_dir", "out", "--num_workers", "two"],
-      "num_workers must be a number of processes or 'auto', got 'two'"),
-     (["score", "in", "--output_dir", "out", "--num_workers", "-1"],
-      "num_workers must be a number of processes (0 or more) or 'auto', got -1"),
-     (["score", "in", "--output_dir", "out", "--compile", "fastest"],
+     ([*SCORE, "--amp", "fp8"], "amp must be false, true, bf16 or fp16 (or 0/1), got 'fp8'"),
+     ([*SCORE, "--num_workers", "two"], "num_workers must be a number of processes or 'auto', got 'two'"),
+     ([*SCORE, "--num_workers", "-1"], "num_workers must be a number of processes (0 or more) or 'auto', got -1"),
+     ([*SCORE, "--compile", "fastest"],
       "compile must be true, false or a torch.compile mode (default, reduce-overhead, max-autotune, "
       "max-autotune-no-cudagraphs), got 'fastest'"),
-     (["score", "in", "--output_dir", "out", "--channels_last", "sometimes"],
-      "channels_last must be true, false or auto, got 'sometimes'"),
-     (["score", "in", "--output_dir", "out", "--batch_size", "0"],
-      "batch_size must be a whole number of at least 1, got 0"),
-     (["score", "in", "--output_dir", "out", "--plots", "maybe"],
-      "plots must be true or false (true/false/True/False/1/0), got 'maybe'"),
+     ([*SCORE, "--channels_last", "sometimes"], "channels_last must be true, false or auto, got 'sometimes'"),
+     ([*SCORE, "--batch_size", "0"], "batch_size must be a whole number of at least 1, got 0"),
+     ([*SCORE, "--plots", "maybe"], "plots must be true or false (true/false/True/False/1/0), got 'maybe'"),
      (["compare", "a", "b", "out", "--max_slice_mb", "lots"], "max_slice_mb must be a number above 0, got 'lots'"),
      (["compare", "a", "b", "out", "--window", "400,-1000"],
       "window must be two HU values low, high with low < high, both finite, got (400.0, -1000.0)"),

@@ -75,8 +75,7 @@ def run_benchmark(
     chosen = _chosen("parts", parts, PARTS)
     compile_mode(compile)  # a bad value fails here, not after the CPU-side figures
     other_workers = _worker_counts(pipeline_workers)
-
-    from scripts.clinical.score import SliceScorer
+    from scripts.clinical.score import SliceScorer  # after the checks: these import torch and MONAI (seconds)
     from scripts.engines import reader_processes, usable_device
     from scripts.tools.bench_pipeline import bench_pipeline, gpu_figures
     from scripts.tools.bench_workflows import bench_inference, bench_scoring, bench_training, profile_checkpoint
