@@ -142,6 +142,7 @@ SCORE = ["score", "in", "--output_dir", "out"]
       "window must be two HU values low, high with low < high, both finite, got (400.0, -1000.0)"),
      (["realcheck", "--per_series", "x"], "per_series must be a whole number of at least 1, got 'x'"),
      (["export", "out", "--onnx", "maybe"], "onnx must be true or false (true/false/True/False/1/0), got 'maybe'"),
+     (["bench", "--amp", "fp8"], "amp must be false, true, bf16 or fp16 (or 0/1), got 'fp8'"),
      (["bench", "--parts", "scoring,warp"],
       "unknown parts ['warp']; choose from pipeline, inference, scoring, long, training, gpu")],
 )  # fmt: skip

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from scripts.options import OptionError, compile_mode, worker_count
+from scripts.options import OptionError, amp_choice, compile_mode, worker_count
 
 TINY_SWIN = {"embed_dim": 16, "depths": [1, 1, 1, 1], "num_heads": [1, 1, 1, 1]}
 PROFILES: dict[str, dict[str, Any]] = {
@@ -74,6 +74,8 @@ def run_benchmark(
     names = _chosen("profiles", profiles, PROFILES)
     chosen = _chosen("parts", parts, PARTS)
     compile_mode(compile)  # a bad value fails here, not after the CPU-side figures
+    amp_choice(amp)
+    worker_count(num_workers)
     other_workers = _worker_counts(pipeline_workers)
     from scripts.clinical.score import SliceScorer  # after the checks: these import torch and MONAI (seconds)
     from scripts.engines import reader_processes, usable_device
