@@ -26,7 +26,7 @@ class OptionError(ValueError):
 
 
 def as_bool(value: Any, name: str) -> bool:
-    """``value`` as a bool: True/False, 1/0 and the strings true/false/True/False/1/0; ``ValueError`` otherwise."""
+    """``value`` as a bool: True/False, 1/0 and the strings true/false/True/False/1/0; ``OptionError`` otherwise."""
     if isinstance(value, bool):
         return value
     if isinstance(value, int) and value in (0, 1):
@@ -37,7 +37,7 @@ def as_bool(value: Any, name: str) -> bool:
 
 
 def as_bool_or_word(value: Any, name: str, words: tuple[str, ...], described: str) -> bool | str:
-    """``value`` as one of ``words`` (case and spaces ignored), else as ``as_bool``; ``ValueError`` naming the option,
+    """``value`` as one of ``words`` (case and spaces ignored), else as ``as_bool``; ``OptionError`` naming the option,
     ``described`` (what the words are) and the value otherwise."""
     if isinstance(value, str) and value.strip().lower() in words:
         return value.strip().lower()
@@ -82,7 +82,7 @@ def positive_number(value: Any, name: str) -> float:
 
 
 def amp_choice(amp: Any) -> str | bool:
-    """The ``amp`` id checked: a dtype's name (``AMP_WORDS``, lower case) or true/false; ``ValueError`` otherwise.
+    """The ``amp`` id checked: a dtype's name (``AMP_WORDS``, lower case) or true/false; ``OptionError`` otherwise.
     ``scripts.engines.amp_dtype`` turns it into the dtype for a device."""
     if isinstance(amp, str) and amp.strip().lower() in AMP_WORDS:
         return amp.strip().lower()
@@ -103,13 +103,13 @@ def compile_mode(compile: Any) -> str | None:
 
 
 def channels_last_choice(channels_last: Any) -> bool | str:
-    """The ``channels_last`` id checked: true, false or ``"auto"``; ``ValueError`` otherwise.
+    """The ``channels_last`` id checked: true, false or ``"auto"``; ``OptionError`` otherwise.
     ``scripts.engines.wants_channels_last`` decides what ``"auto"`` means on a device."""
     return as_bool_or_word(channels_last, "channels_last", ("auto",), "auto")
 
 
 def worker_count(num_workers: Any) -> int | str:
-    """The ``num_workers`` id checked: ``"auto"`` or a number of processes (0 or more); ``ValueError`` otherwise.
+    """The ``num_workers`` id checked: ``"auto"`` or a number of processes (0 or more); ``OptionError`` otherwise.
     ``scripts.engines.reader_processes`` decides what ``"auto"`` means on a device."""
     if isinstance(num_workers, str) and num_workers.strip().lower() == "auto":
         return "auto"
@@ -123,15 +123,18 @@ def worker_count(num_workers: Any) -> int | str:
 
 
 def check_window(window: Any) -> tuple[float, float]:
-    """``window`` as (low, high) HU; ``ValueError`` unless it is two finite numbers with low < high."""
-    values = tuple(float(value) for value in window)
+    """``window`` as (low, high) HU; ``OptionError`` unless it is two finite numbers with low < high."""
+    try:
+        values = tuple(float(value) for value in window)
+    except ValueError:  # text that is not a number ("abc,400")
+        raise OptionError(f"window must be two HU values low, high, got {window!r}") from None
     if len(values) != 2 or not all(math.isfinite(value) for value in values) or values[0] >= values[1]:
         raise OptionError(f"window must be two HU values low, high with low < high, both finite, got {values}")
     return values[0], values[1]
 
 
 def check_windows(window: Any) -> list[tuple[float, float]]:
-    """One HU window ``[low, high]`` or several ``[[low, high], ...]`` (one per channel), each checked; ``ValueError``
+    """One HU window ``[low, high]`` or several ``[[low, high], ...]`` (one per channel), each checked; ``OptionError``
     naming the value otherwise (a single number, text, a pair the wrong way round)."""
     try:
         values = list(window)

@@ -140,6 +140,7 @@ SCORE = ["score", "in", "--output_dir", "out"]
      (["compare", "a", "b", "out", "--max_slice_mb", "lots"], "max_slice_mb must be a number above 0, got 'lots'"),
      (["compare", "a", "b", "out", "--window", "400,-1000"],
       "window must be two HU values low, high with low < high, both finite, got (400.0, -1000.0)"),
+     (["compare", "a", "b", "out", "--window", "abc,400"], "window must be two HU values low, high, got ['abc', 400]"),
      (["realcheck", "--per_series", "x"], "per_series must be a whole number of at least 1, got 'x'"),
      (["export", "out", "--onnx", "maybe"], "onnx must be true or false (true/false/True/False/1/0), got 'maybe'"),
      (["bench", "--amp", "fp8"], "amp must be false, true, bf16 or fp16 (or 0/1), got 'fp8'"),
