@@ -32,10 +32,10 @@ def amp_dtype(amp: Any, device: str | torch.device = "cpu") -> torch.dtype | Non
 
 
 def usable_device(device: str | torch.device | None) -> torch.device:
-    """``device`` as a torch device (None: the first CUDA GPU, else the CPU); ``OptionError`` for a name torch does
-    not know or a device this machine lacks (``cuda`` without a CUDA GPU, ``cuda:2`` with two), which torch would
-    only report at the first tensor sent there, in words about something else."""
-    if device is None:
+    """``device`` as a torch device (None or "": the first CUDA GPU, else the CPU); ``OptionError`` for a name torch
+    does not know or a device this machine lacks (``cuda`` without a CUDA GPU, ``cuda:2`` with two), which torch
+    would only report at the first tensor sent there, in words about something else."""
+    if device is None or device == "":
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     try:
         chosen = torch.device(device)

@@ -171,7 +171,7 @@ def test_a_device_this_machine_lacks_is_refused_in_one_line_before_any_output(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
     """torch would fail only at the first tensor sent there, in words about the checkpoint not fitting the network."""
-    assert usable_device(None) == torch.device("cpu") == usable_device("cpu")
+    assert usable_device(None) == usable_device("") == torch.device("cpu") == usable_device("cpu")
     for device, reason in [("cuda", f"device 'cuda': {NO_GPU}"), ("cuda:1", f"device 'cuda:1': {NO_GPU}"),
                            ("gpu", "device must be cpu, cuda or cuda:N, got 'gpu'")]:  # fmt: skip
         with pytest.raises(OptionError) as refused:
