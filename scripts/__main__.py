@@ -54,27 +54,26 @@ def _checkpoint_or_exit(ckpt: str | None) -> str:
 
 def _check_options(
     batch_size: Any, max_slice_mb: Any, amp: Any, channels_last: Any, compile: Any, num_workers: Any, window: Any
-) -> None:
+) -> list[tuple[float, float]] | None:
     """The options ``score`` and ``compare`` share, checked before torch and MONAI are imported (seconds) and the
-    model is loaded: ``OptionError`` (one line and exit 2, from ``main``) for one they cannot take."""
+    model is loaded: ``OptionError`` (one line and exit 2, from ``main``) for one they cannot take. Returns the
+    windows ``--window`` asks for, or None."""
     whole_number(batch_size, "batch_size", 1)
     positive_number(max_slice_mb, "max_slice_mb")
     amp_choice(amp)
     channels_last_choice(channels_last)
     compile_mode(compile)
     worker_count(num_workers)
-    if window is not None:
-        check_windows(window)
+    return None if window is None else check_windows(window)
 
 
-def _warn_other_window(window: Any, ckpt: str) -> None:
-    """A warning when ``--window`` is not the window the model was trained with."""
+def _warn_other_window(wanted: list[tuple[float, float]] | None, ckpt: str) -> None:
+    """A warning when ``--window`` (``wanted``, checked) is not the window the model was trained with."""
     from scripts.checkpoints import read_settings
     from scripts.transforms import recorded_windows
 
-    if window is None:
+    if wanted is None:
         return
-    wanted = check_windows(window)
     trained = recorded_windows(read_settings(ckpt))
     if wanted != trained:
         print(
@@ -98,11 +97,11 @@ def _scoring_setup(
     """``score``'s and ``compare``'s checks before the model loads (one line and an exit for a bad option or
     checkpoint): the inference config's speed ids and the window, then the checkpoint. Sets the cap per slice for
     this process and the reading workers it forks."""
-    _check_options(batch_size, max_slice_mb, amp, channels_last, compile, num_workers, window)
+    wanted = _check_options(batch_size, max_slice_mb, amp, channels_last, compile, num_workers, window)
     from scripts import transforms  # after the checks: it imports torch and MONAI (seconds)
 
     ckpt = _checkpoint_or_exit(ckpt)
-    _warn_other_window(window, ckpt)
+    _warn_other_window(wanted, ckpt)
     transforms.MAX_SLICE_MB = float(max_slice_mb)
     return ckpt, {"amp": amp, "channels_last": channels_last, "compile": compile}
 
