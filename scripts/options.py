@@ -48,13 +48,15 @@ def as_bool_or_word(value: Any, name: str, words: tuple[str, ...], described: st
 
 
 def optional_size(value: Any, name: str) -> int | None:
-    """A size in pixels, or None for "not set" (also the command line's "None"/"null" strings)."""
+    """A size in pixels (a whole number of at least 1: 256, 256.0 or "256"), or None for "not set" (also the command
+    line's "None"/"null" strings). 2.5, 0 and -1 are refused rather than truncated or passed on to fail in a resize."""
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise OptionError(f"{name} must be a whole number of pixels or None, got {value!r}") from None
+        whole = whole_number(value, name, 1)
+    except OptionError:
+        raise OptionError(f"{name} must be a whole number of pixels (at least 1) or None, got {value!r}") from None
+    return whole
 
 
 def whole_number(value: Any, name: str, minimum: int = 0) -> int:

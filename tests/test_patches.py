@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -267,8 +268,11 @@ def test_sizes_from_the_command_line_may_be_unset(unset) -> None:
     assert RandBodyCropd("image", patch_size=unset)(data)["image"] is data["image"]
     assert ResizeSliced("image", [unset, unset])(data)["image"] is data["image"]
     assert isinstance(build_network(**TINY_NETWORKS, patch_size=unset), TFKT)
-    with pytest.raises(ValueError, match="patch_size must be a whole number of pixels or None, got 'big'"):
-        optional_size("big", "patch_size")
+    assert optional_size(256.0, "image_size") == 256
+    for bad in ("big", 2.5, "2.5", 0, -1, True):
+        message = rf"patch_size must be a whole number of pixels \(at least 1\) or None, got {re.escape(repr(bad))}"
+        with pytest.raises(ValueError, match=message):
+            optional_size(bad, "patch_size")
 
 
 def test_slices_of_any_size_score_the_same_alone_or_batched(
