@@ -214,6 +214,8 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
 
     for path in map(Path, paths):
         visit(path, {})
+    for error in errors:  # as each file that cannot be read is logged: a mistyped path is said at once, not only in
+        logger.warning("not scored: %s: %s", error["path"], error["reason"])  # summary.json
     return files, errors
 
 
@@ -333,6 +335,8 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
         raise InputError(_not_dicom(path))
     for held in read_warnings:
         warnings.warn_explicit(held.message, held.category, held.filename, held.lineno)
+    if not has_pixels and (ds.get("Modality") or ("CT" if str(sop_class) in CT_SOP_CLASSES else "")) == "CT":
+        raise InputError("no pixel data: a CT header without its image (the pixel data were left out of the file)")
     if not has_pixels:
         kind = ds.get("Modality", "") or _sop_name(sop_class)  # e.g. a DICOMDIR
         raise InputError(f"no pixel data (a {kind} object, not an image)")

@@ -328,6 +328,12 @@ def test_objects_without_pixel_data_are_reported(modality: str, tmp_path: Path) 
     assert index_inputs([tmp_path])[1][0]["reason"] == f"no pixel data (a {modality} object, not an image)"
 
 
+def test_a_ct_header_without_its_image_says_so(tmp_path: Path) -> None:
+    write_dicom(tmp_path / "header.dcm", "CT", "6.6", 0.0)  # no pixels: as some test corpora keep CT files
+    reason = "no pixel data: a CT header without its image (the pixel data were left out of the file)"
+    assert index_inputs([tmp_path])[1] == [{"path": str(tmp_path / "header.dcm"), "reason": reason}]
+
+
 def test_a_dicomdir_is_reported_by_its_sop_class(tmp_path: Path) -> None:
     shutil.copyfile(get_testdata_file("DICOMDIR"), tmp_path / "DICOMDIR")
     assert index_inputs([tmp_path])[1] == [

@@ -75,7 +75,9 @@ def test_linked_folders_are_scanned_and_the_same_file_is_read_once(tmp_path: Pat
     ]
 
 
-def test_broken_links_loops_special_files_and_missing_paths_are_errors(tmp_path: Path) -> None:
+def test_broken_links_loops_special_files_and_missing_paths_are_errors(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     inputs = ct_series(tmp_path / "inputs", "3.3", n=1)
     (inputs / "broken").symlink_to(inputs / "nowhere")
     (inputs / "self").symlink_to(inputs / "self")
@@ -95,6 +97,8 @@ def test_broken_links_loops_special_files_and_missing_paths_are_errors(tmp_path:
         "sock": "not a regular file (a socket)",
         "missing.dcm": "does not exist",
     }
+    logged = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert [f"not scored: {error['path']}: {error['reason']}" for error in errors] == logged  # said, not only listed
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder and file")
