@@ -116,12 +116,10 @@ def worker_count(num_workers: Any) -> int | str:
     if isinstance(num_workers, str) and num_workers.strip().lower() == "auto":
         return "auto"
     try:
-        count = int(num_workers)
-    except (TypeError, ValueError):
-        raise OptionError(f"num_workers must be a number of processes or 'auto', got {num_workers!r}") from None
-    if count < 0 or count != float(num_workers):
-        raise OptionError(f"num_workers must be a number of processes (0 or more) or 'auto', got {num_workers!r}")
-    return count
+        return whole_number(num_workers, "num_workers", 0)
+    except OptionError:
+        message = f"num_workers must be a number of processes (0 or more) or 'auto', got {num_workers!r}"
+        raise OptionError(message) from None
 
 
 def check_window(window: Any) -> tuple[float, float]:

@@ -129,7 +129,7 @@ SCORE = ["score", "in", "--output_dir", "out"]
      (["score", "--help"], None),
      (["bench", "--help"], None),
      ([*SCORE, "--amp", "fp8"], "amp must be false, true, bf16 or fp16 (or 0/1), got 'fp8'"),
-     ([*SCORE, "--num_workers", "two"], "num_workers must be a number of processes or 'auto', got 'two'"),
+     ([*SCORE, "--num_workers", "two"], "num_workers must be a number of processes (0 or more) or 'auto', got 'two'"),
      ([*SCORE, "--num_workers", "-1"], "num_workers must be a number of processes (0 or more) or 'auto', got -1"),
      ([*SCORE, "--compile", "fastest"],
       "compile must be true, false or a torch.compile mode (default, reduce-overhead, max-autotune, "

@@ -27,7 +27,7 @@ def test_reader_processes() -> None:
     assert reader_processes("auto", "cuda", IN_PROCESS_SLICES) == 0
     assert reader_processes(3, "cpu") == 3 and reader_processes("0", torch.device("cpu")) == 0
     assert reader_processes(3, "cuda", slices=1) == 3
-    for bad in (-1, 1.5, "many", None):
+    for bad in (-1, 1.5, "many", None, True):
         with pytest.raises(ValueError, match="num_workers must be a number of processes"):
             reader_processes(bad, "cpu")
 
