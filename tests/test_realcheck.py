@@ -266,7 +266,8 @@ def test_realcheck_on_the_users_inputs(tiny_checkpoint, scored_ct_labels, tmp_pa
     wide = _wide_volume(tmp_path / "wide.nii.gz")
     mr, rendered = get_testdata_file("MR_small.dcm"), tmp_path / "rendered.tif"
     tifffile.imwrite(rendered, np.full((32, 32), 0.5, np.float32))
-    inputs = [root / "p00", root / "p01.nii.gz", wide, mr, rendered]
+    thumbnail = write_dicom_slice(tmp_path / "thumbnail.dcm", np.full((16, 16), 40.0), "1.2.3.16")  # as in corpora
+    inputs = [root / "p00", root / "p01.nii.gz", wide, mr, rendered, thumbnail]
     with caplog.at_level(logging.WARNING, logger="scripts.tools.realcheck"):
         result = run_realcheck(
             tiny_checkpoint, tmp_path / "out", device="cpu", batch_size=8, inputs=inputs, per_series=2
@@ -285,11 +286,12 @@ def test_realcheck_on_the_users_inputs(tiny_checkpoint, scored_ct_labels, tmp_pa
     assert reasons == {
         mr: "modality MR is not CT; only CT is scored",
         str(rendered): "a rendered slice (TIFF/PNG) has no HU to project",
+        str(thumbnail): "16 x 16 px is too small to simulate a scan of (at least 64 px across)",
     }
     assert json.loads((tmp_path / "out" / "realcheck.json").read_text())["inputs"] == [str(path) for path in inputs]
     lines = realcheck_lines(result)
     assert lines[0].startswith("real-data check (6 real CT slices of the inputs")
-    assert [line.split(":")[0].strip() for line in lines[4:]] == ["not used", "not used"]
+    assert [line.split(":")[0].strip() for line in lines[4:]] == ["not used"] * 3
 
 
 def test_realcheck_without_ct_among_the_inputs_exits_1_in_one_line(tiny_checkpoint, capsys) -> None:

@@ -75,6 +75,7 @@ RESULT_FILE = "realcheck.json"
 PER_SERIES = 3  # slices of each series or volume of the user's inputs
 LISTED_NOT_USED = 5  # inputs not used, printed; realcheck.json lists them all
 PART_WIDTH = len("model  Spearman 1.00  pairs 100.0%")  # a scorer's part of a printed line, kept in its column
+MIN_SIDE = 64  # px across: smaller images (a corpus's 16 x 16 thumbnails) are not slices to simulate a scan of
 DEFAULT_PIXEL_MM = 0.7  # assumed when a header gives no pixel size: a 358 mm field of view at 512 px
 
 
@@ -156,6 +157,11 @@ def input_slices(
                 continue
             if not in_hu:
                 errors.append({"path": item["image"], "reason": "a rendered slice (TIFF/PNG) has no HU to project"})
+                break
+            if max(hu.shape[-2:]) < MIN_SIDE:
+                rows, cols = hu.shape[-2:]
+                reason = f"{rows} x {cols} px is too small to simulate a scan of (at least {MIN_SIDE} px across)"
+                errors.append({"path": item["image"], "reason": reason})
                 break
             if pixel_mm is None:
                 logger.warning("%s: no pixel size in its header; %g mm assumed", item["image"], DEFAULT_PIXEL_MM)
