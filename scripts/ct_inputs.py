@@ -214,8 +214,9 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
 
     for path in map(Path, paths):
         visit(path, {})
-    for error in errors:  # as each file that cannot be read is logged: a mistyped path is said at once, not only in
-        logger.warning("not scored: %s: %s", error["path"], error["reason"])  # summary.json
+    # logged as each file that cannot be read is: a mistyped path is said at once, not only in summary.json
+    for error in errors:
+        logger.warning("not scored: %s: %s", error["path"], error["reason"])
     return files, errors
 
 
@@ -335,11 +336,11 @@ def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
         raise InputError(_not_dicom(path))
     for held in read_warnings:
         warnings.warn_explicit(held.message, held.category, held.filename, held.lineno)
-    if not has_pixels and (ds.get("Modality") or ("CT" if str(sop_class) in CT_SOP_CLASSES else "")) == "CT":
-        raise InputError("no pixel data: a CT header without its image (the pixel data were left out of the file)")
     if not has_pixels:
-        kind = ds.get("Modality", "") or _sop_name(sop_class)  # e.g. a DICOMDIR
-        raise InputError(f"no pixel data (a {kind} object, not an image)")
+        kind = ds.get("Modality", "") or ("CT" if str(sop_class) in CT_SOP_CLASSES else _sop_name(sop_class))
+        if kind == "CT":  # a header-only export, or a test corpus's stand-in for an image
+            raise InputError("no pixel data: a CT header without its image (the pixel data were left out of the file)")
+        raise InputError(f"no pixel data (a {kind} object, not an image)")  # RTSTRUCT, SR; a DICOMDIR by its class
     modality = str(ds.get("Modality", "")).strip()
     if not modality and str(sop_class) in CT_SOP_CLASSES:  # Modality removed (by a de-identification tool, say)
         ds.modality_assumed = True

@@ -53,10 +53,9 @@ def optional_size(value: Any, name: str) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
         return None
     try:
-        whole = whole_number(value, name, 1)
+        return whole_number(value, name, 1)
     except OptionError:
         raise OptionError(f"{name} must be a whole number of pixels (at least 1) or None, got {value!r}") from None
-    return whole
 
 
 def whole_number(value: Any, name: str, minimum: int = 0) -> int:
