@@ -13,10 +13,11 @@ import torch
 from monai.data import MetaTensor
 from monai.engines import PrepareBatch
 from monai.inferers import Inferer
-from scripts.options import OptionError, amp_choice, channels_last_choice, compile_mode, worker_count
+from scripts.options import AMP_DTYPES, OptionError, amp_choice, channels_last_choice, compile_mode, worker_count
 from torch import nn
 
-AMP_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+# the dtype of each name scripts.options takes
+AMP_NAMES: dict[str, torch.dtype] = {word: getattr(torch, dtype) for word, dtype in AMP_DTYPES.items()}
 
 
 def amp_dtype(amp: Any, device: str | torch.device = "cpu") -> torch.dtype | None:

@@ -16,7 +16,8 @@ from typing import Any
 TRUE_WORDS = ("true", "1")
 FALSE_WORDS = ("false", "0")
 LDCT_RANGE = (0.0, 4.0)  # the radiologists' scale of LDCTIQA: 0 (bad) to 4 (excellent)
-AMP_WORDS = ("bf16", "bfloat16", "fp16", "float16")  # the autocast dtypes ``amp`` takes by name
+AMP_DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16"}  # name: torch's
+AMP_WORDS = tuple(AMP_DTYPES)  # the autocast dtypes ``amp`` takes by name
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 

@@ -158,8 +158,8 @@ def input_slices(
             if not in_hu:
                 errors.append({"path": item["image"], "reason": "a rendered slice (TIFF/PNG) has no HU to project"})
                 break
-            if max(hu.shape[-2:]) < MIN_SIDE:
-                rows, cols = hu.shape[-2:]
+            rows, cols = hu.shape[-2:]
+            if max(rows, cols) < MIN_SIDE:
                 reason = f"{rows} x {cols} px is too small to simulate a scan of (at least {MIN_SIDE} px across)"
                 errors.append({"path": item["image"], "reason": reason})
                 break
