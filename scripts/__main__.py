@@ -200,6 +200,9 @@ def score(
         return
     slices = sum(entry["n_slices"] for entry in summary["series"].values())
     print(f"scored {slices} slices in {len(summary['series'])} series; {len(summary['errors'])} inputs not scored")
+    warned = sum(entry["n_warned"] for entry in summary["series"].values())
+    if warned:
+        print(f"{warned} of the {slices} slices scored with a warning: see the warning column of scores.csv")
     shown = printable(str(output_dir))
     print(f"  {shown}/scores.csv\n  {shown}/summary.json")
     if not slices:

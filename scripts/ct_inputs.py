@@ -68,6 +68,7 @@ PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the file while indexing
 PLACEHOLDER_SIZE = 8
 MIN_SIDE = 8  # pixels: smaller "slices" are not images a radiologist could score
+MIN_SCAN_SIDE = 64  # pixels across the longer side: smaller slices are thumbnails, scored with a warning
 ASSUMED_MONOCHROME2 = "no PhotometricInterpretation: read as MONOCHROME2"
 ASSUMED_CT = "no Modality: read as CT by its SOP class"
 ASSUMED_HU = "no RescaleSlope/RescaleIntercept: its signed stored values read as HU"
@@ -653,10 +654,10 @@ def _check_volume_size(path: Path, image: Any, shape: tuple[int, ...]) -> None:
         )
 
 
-def _volume_positions(path: Path) -> list[float]:
+def _volume_positions(path: Path) -> tuple[list[float], list[int]]:
     """Where each axial slice of the volume reoriented to RAS lies along the normal of its plane (mm, increasing
     towards the head, as a DICOM series' positions along the normal of ImageOrientationPatient [1, 0, 0, 0, 1, 0]),
-    from the header alone; the slice index when the affine gives the planes no normal."""
+    from the header alone (the slice index when the affine gives the planes no normal); and the slices' size."""
     import nibabel
 
     image = _volume_image(path)
@@ -677,10 +678,10 @@ def _volume_positions(path: Path) -> list[float]:
     normal = normal * np.sign(normal @ ras[:3, 2])
     length = float(np.linalg.norm(normal))
     if not np.isfinite(length) or length == 0.0:  # also when the slice axis lies in the planes (sign 0)
-        return [float(k) for k in range(int(image.shape[axial]))]
+        return [float(k) for k in range(int(image.shape[axial]))], in_plane
     normal /= length
     start, step = float(ras[:3, 3] @ normal), float(ras[:3, 2] @ normal)
-    return [start + k * step for k in range(int(image.shape[axial]))]
+    return [start + k * step for k in range(int(image.shape[axial]))], in_plane
 
 
 def pixel_size_mm(path: str | Path, frame: int = 0) -> float | None:
@@ -782,13 +783,14 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
     if not path.is_file():
         raise InputError("file does not exist")
     if _is_volume(path):
-        return str(path), [{"position": position} for position in _volume_positions(path)], ""
+        positions, in_plane = _volume_positions(path)
+        return str(path), [{"position": position} for position in positions], thumbnail_warning(*in_plane)
     if _is_rendered(path):
         try:
-            check_image_header(path)
+            rows, columns = check_image_header(path)
         except ImageReadError as error:
             raise InputError(error.reason) from None
-        return str(path), [{"position": 0.0}], ""
+        return str(path), [{"position": 0.0}], thumbnail_warning(rows, columns)
     ds = read_dicom_ct(path, header_only=True)
     frames = _frame_geometry(ds, frame_count(ds))
     series = str(ds.get("SeriesInstanceUID", "")).strip()
@@ -799,7 +801,16 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
     assumed = [ASSUMED_CT] if getattr(ds, "modality_assumed", False) else []
     assumed += [ASSUMED_MONOCHROME2] if getattr(ds, "photometric_assumed", False) else []
     assumed += [ASSUMED_HU] if stored_values_are_hu(ds) else []
-    return series, frames, "; ".join(assumed)
+    assumed += [thumbnail_warning(int(ds.Rows), int(ds.Columns))]
+    return series, frames, "; ".join(filter(None, assumed))
+
+
+def thumbnail_warning(rows: int, columns: int) -> str:
+    """The warning a slice under ``MIN_SCAN_SIDE`` pixels across gets ("" for others): a test corpus's 16 x 16
+    stand-in, or an icon, is scaled up to the model's input and scored, but its score says little about a scan."""
+    if max(rows, columns) >= MIN_SCAN_SIDE:
+        return ""
+    return f"{rows} x {columns} px: a thumbnail, not a scan (under {MIN_SCAN_SIDE} px across), its score means little"
 
 
 def _series_without_uid(path: Path, ds: Any) -> str:

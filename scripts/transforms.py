@@ -65,11 +65,11 @@ def check_slice_size(shape: Sequence[int], max_slice_mb: float | None = None) ->
         )
 
 
-def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage | tifffile.TiffFrame:
+def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
     """The slice's page, checked from its header: a slice file holds one page, whose uncompressed strips lie inside
     the file. Only the first two page headers are read: tifffile's series view walks every page, and a corrupt
     page chain can make that walk endless (found by fuzzing)."""
-    page = tif.pages[0]
+    page = tif.pages.first
     try:
         more = tif.pages[1] is not None
     except (IndexError, tifffile.TiffFileError):
@@ -86,19 +86,19 @@ def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage | tifffile.TiffFrame
     return page
 
 
-def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = False) -> np.ndarray | None:
-    """An image file's pixels (None with ``header_only``), refused before decoding when its header declares
-    too much; ``ImageReadError`` with the reason."""
+def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = False) -> np.ndarray | tuple[int, int]:
+    """An image file's pixels (its (rows, columns) with ``header_only``), refused before decoding when its header
+    declares too much; ``ImageReadError`` with the reason."""
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             with tifffile.TiffFile(path) as tif:
                 page = _tiff_page(tif)
                 check_slice_size(page.shape, max_slice_mb)
-                return None if header_only else page.asarray()
+                return (int(page.imagelength), int(page.imagewidth)) if header_only else page.asarray()
         with Image.open(path) as image:
             check_slice_size((image.height, image.width, len(image.getbands())), max_slice_mb)
             if header_only:
-                return None
+                return image.height, image.width
             if image.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "HSV", "1"):
                 return np.asarray(image.convert("RGB" if image.mode not in ("LA", "1") else "L"))
             return np.asarray(image)
@@ -108,9 +108,12 @@ def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = F
         raise ImageReadError(path, f"unreadable image ({type(error).__name__}: {error})") from error
 
 
-def check_image_header(path: str | Path, max_slice_mb: float | None = None) -> None:
-    """``ImageReadError`` when a TIFF/PNG file's header cannot be read or declares more than the cap per slice."""
-    _decode(Path(path), max_slice_mb, header_only=True)
+def check_image_header(path: str | Path, max_slice_mb: float | None = None) -> tuple[int, int]:
+    """The (rows, columns) a TIFF/PNG file's header declares; ``ImageReadError`` when it cannot be read or declares
+    more than the cap per slice."""
+    shape = _decode(Path(path), max_slice_mb, header_only=True)
+    assert isinstance(shape, tuple)
+    return shape
 
 
 def _scale_to_unit(pixels: np.ndarray) -> np.ndarray:
@@ -135,7 +138,7 @@ def read_slice(path: str | Path, max_slice_mb: float | None = None) -> np.ndarra
     if not path.is_file():
         raise ImageReadError(path, "file does not exist")
     decoded = _decode(path, max_slice_mb)
-    assert decoded is not None  # None only for header_only
+    assert isinstance(decoded, np.ndarray)  # a shape only for header_only
     pixels = np.squeeze(decoded)
     if pixels.ndim == 3 and pixels.shape[-1] == 4:
         pixels = pixels[..., :3]

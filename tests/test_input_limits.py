@@ -249,9 +249,9 @@ def test_another_image_under_a_reused_uid_is_scored_in_its_own_folder_series(tmp
     """Low-dose copies made from full-dose files keep their UIDs: neither half of a pair may be dropped as a copy."""
     rng = np.random.default_rng(5)
     for z in (0.0, 1.0):
-        full = write_dicom_slice(tmp_path / "full" / f"{int(z)}.dcm", rng.normal(40, 10, (32, 32)), "6.6", z)
+        full = write_dicom_slice(tmp_path / "full" / f"{int(z)}.dcm", rng.normal(40, 10, (64, 64)), "6.6", z)
         ds = pydicom.dcmread(full)
-        hu = ds.pixel_array.astype(np.int32) + rng.normal(0, 40, (32, 32)).round().astype(np.int32)  # more noise
+        hu = ds.pixel_array.astype(np.int32) + rng.normal(0, 40, (64, 64)).round().astype(np.int32)  # more noise
         ds.PixelData = np.clip(hu, 0, 65535).astype(np.uint16).tobytes()
         (tmp_path / "low").mkdir(exist_ok=True)
         ds.save_as(tmp_path / "low" / f"{int(z)}.dcm", enforce_file_format=True)
@@ -267,10 +267,10 @@ def test_another_image_under_a_reused_uid_is_scored_in_its_own_folder_series(tmp
         }
     ]
     assert [(item["series"], Path(item["image"]).relative_to(tmp_path).as_posix()) for item in items] == [
-        ("6.6 (32x32 full)", "full/0.dcm"),
-        ("6.6 (32x32 full)", "full/1.dcm"),
-        ("6.6 (32x32 low)", "low/0.dcm"),
-        ("6.6 (32x32 low)", "low/1.dcm"),
+        ("6.6 (64x64 full)", "full/0.dcm"),
+        ("6.6 (64x64 full)", "full/1.dcm"),
+        ("6.6 (64x64 low)", "low/0.dcm"),
+        ("6.6 (64x64 low)", "low/1.dcm"),
     ]
     assert [item["warning"] for item in items] == ["", ""] + [
         f"same SOPInstanceUID as {tmp_path / 'full' / name}, other pixels: scored as an image of its own"

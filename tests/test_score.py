@@ -271,7 +271,7 @@ def test_other_modalities_are_reported_not_scored(modality: str, tmp_path: Path)
 def test_a_missing_modality_is_ct_by_its_sop_class_only(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """A CT slice whose Modality was removed (a de-identification tool, say) is scored, with a warning; another
     image without one is reported by its SOP class."""
-    ds = pydicom.dcmread(write_dicom(tmp_path / "in" / "ct.dcm", "CT", "5.5", 0.0, np.zeros((16, 16))))
+    ds = pydicom.dcmread(write_dicom(tmp_path / "in" / "ct.dcm", "CT", "5.5", 0.0, np.zeros((64, 64))))
     del ds.Modality
     ds.save_as(tmp_path / "in" / "ct.dcm", enforce_file_format=True)
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
@@ -657,6 +657,7 @@ def test_command_exits_zero_when_something_is_scored(tiny_checkpoint: Path, mixe
     result = subprocess.run([*command, "--window=-160,240"], cwd=REPO_ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "scored 1 slices in 1 series; 1 inputs not scored" in result.stdout
+    assert "1 of the 1 slices scored with a warning: see the warning column of scores.csv" in result.stdout  # 48 px
     written = json.loads((tmp_path / "out" / "summary.json").read_text())["series"]["3.3"]["mean"]
     windowed, default = (
         score_paths([ct], tmp_path / str(window), tiny_checkpoint, window, "cpu")["series"]["3.3"]["mean"]
@@ -765,10 +766,10 @@ def test_rescaled_hu_equal_pydicoms(stored: str, slope: float, intercept: float,
 def test_unsigned_or_half_rescaled_ct_is_refused_and_signed_ct_without_rescale_is_read_as_hu(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:
-    hu = np.random.default_rng(6).integers(-1000, 400, (16, 16)).astype(np.int16)
+    hu = np.random.default_rng(6).integers(-1000, 400, (64, 64)).astype(np.int16)
     for name, signed, keep in [("unsigned", False, ()), ("no_intercept", False, ("RescaleSlope",)),
                                ("signed_no_intercept", True, ("RescaleSlope",)), ("signed", True, ())]:  # fmt: skip
-        ds = _flat_ct(tmp_path / f"{name}.dcm")
+        ds = _flat_ct(tmp_path / f"{name}.dcm", size=64)
         for keyword in {"RescaleSlope", "RescaleIntercept"} - set(keep):
             delattr(ds, keyword)
         if signed:
@@ -810,6 +811,34 @@ def test_tiny_slices_and_non_finite_windows_are_refused(tiny_checkpoint: Path, t
     for window in ((float("nan"), 400.0), (-1000.0, float("inf"))):
         with pytest.raises(ValueError, match="both finite"):
             score_paths([tmp_path], tmp_path / "out", ckpt=tiny_checkpoint, window=window)
+
+
+def test_thumbnails_are_scored_with_a_warning_that_names_their_size(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A slice under 64 px across (a test corpus's 16 x 16 stand-in, an icon) is scored, but its row in
+    ``scores.csv`` says that its score means little; the size comes from the header of each kind of input."""
+    from PIL import Image
+
+    inputs = tmp_path / "in"
+    _flat_ct(inputs / "thumbnail.dcm", size=16)
+    write_dicom(inputs / "wide.dcm", "CT", "8.8", 0.0, np.full((48, 64), 40.0))  # 64 px across: a scan
+    volume = np.full((20, 24, 3), -1000.0, dtype=np.float32)
+    volume[5:15, 5:15] = 40.0
+    nibabel.Nifti1Image(volume, np.eye(4)).to_filename(inputs / "small.nii.gz")
+    Image.fromarray(np.full((32, 40), 128, dtype=np.uint8)).save(inputs / "icon.png")
+    tifffile.imwrite(inputs / "slice.tif", np.full((64, 64), 0.5, dtype=np.float32))
+    summary = score_paths([inputs], tmp_path / "out", tiny_checkpoint, device="cpu", num_workers=0)
+    assert summary["errors"] == []
+    assert sorted(entry["n_warned"] for entry in summary["series"].values()) == [0, 0, 1, 1, 3]  # the volume's 3 slices
+    with open(tmp_path / "out" / "scores.csv", newline="") as stream:
+        warnings_by_file = {(Path(row["source"]).name, row["warning"]) for row in csv.DictReader(stream)}
+    thumbnail = "px: a thumbnail, not a scan (under 64 px across), its score means little"
+    assert warnings_by_file == {
+        ("thumbnail.dcm", f"16 x 16 {thumbnail}"),
+        ("wide.dcm", ""),
+        ("small.nii.gz", f"20 x 24 {thumbnail}"),
+        ("icon.png", f"32 x 40 {thumbnail}"),
+        ("slice.tif", ""),
+    }
 
 
 def test_float_tiff_outside_the_unit_range_is_not_windowed(tmp_path: Path) -> None:

@@ -649,8 +649,9 @@ def process_device(device: str | None, world: int) -> str | None:
 
 
 def series_summary(entry: Series) -> dict[str, Any]:
-    """Slices, mean/min/max score, the mean spread over crops, the worst slices of one scored series and how it was
-    acquired (``acquisition``: its first slice's header)."""
+    """Slices, mean/min/max score, the mean spread over crops, the worst slices of one scored series, how many of its
+    slices were scored with a warning (``scores.csv`` gives each one's) and how it was acquired (``acquisition``: its
+    first slice's header)."""
     sources, indices = [item["image"] for item in entry.items], entry.slice_indices()
     worst = np.argsort(entry.scores, kind="stable")[:WORST_LISTED]
     return {
@@ -659,6 +660,7 @@ def series_summary(entry: Series) -> dict[str, Any]:
         "min": float(np.min(entry.scores)),
         "max": float(np.max(entry.scores)),
         "mean_score_sd": float(np.mean(entry.spreads)),
+        "n_warned": sum(1 for item in entry.items if item.get("warning")),
         "worst": [
             {"slice_index": indices[i], "source": sources[i], "score": entry.scores[i], "score_sd": entry.spreads[i]}
             for i in worst

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage, stats
-from scripts.ct_inputs import InputError, index_inputs, pixel_size_mm, read_ct_slice
+from scripts.ct_inputs import MIN_SCAN_SIDE, InputError, index_inputs, pixel_size_mm, read_ct_slice
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
 from scripts.engines import usable_device
 from scripts.options import whole_number
@@ -75,7 +75,6 @@ RESULT_FILE = "realcheck.json"
 PER_SERIES = 3  # slices of each series or volume of the user's inputs
 LISTED_NOT_USED = 5  # inputs not used, printed; realcheck.json lists them all
 PART_WIDTH = len("model  Spearman 1.00  pairs 100.0%")  # a scorer's part of a printed line, kept in its column
-MIN_SIDE = 64  # px across: smaller images (a corpus's 16 x 16 thumbnails) are not slices to simulate a scan of
 DEFAULT_PIXEL_MM = 0.7  # assumed when a header gives no pixel size: a 358 mm field of view at 512 px
 
 
@@ -159,8 +158,8 @@ def input_slices(
                 errors.append({"path": item["image"], "reason": "a rendered slice (TIFF/PNG) has no HU to project"})
                 break
             rows, cols = hu.shape[-2:]
-            if max(rows, cols) < MIN_SIDE:
-                reason = f"{rows} x {cols} px is too small to simulate a scan of (at least {MIN_SIDE} px across)"
+            if max(rows, cols) < MIN_SCAN_SIDE:
+                reason = f"{rows} x {cols} px is too small to simulate a scan of (at least {MIN_SCAN_SIDE} px across)"
                 errors.append({"path": item["image"], "reason": reason})
                 break
             if pixel_mm is None:
