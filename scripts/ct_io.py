@@ -61,6 +61,13 @@ def check_hu_mapping(ds: Any) -> None:
         raise ValueError(f"{reason}: the HU of this CT cannot be known")
 
 
+def shared_rescale(ds: Any) -> tuple[int, int] | None:
+    """The ``integer_rescale`` every frame of ``ds`` goes through: its top level's Rescale Slope/Intercept; None for
+    any other mapping to HU (a Modality LUT, a per-frame or fractional rescale, none)."""
+    transformation = _frame_transformation(ds)
+    return integer_rescale(transformation) if transformation is ds else None
+
+
 def frame_count(ds: Any) -> int:
     """How many frames a dataset's pixel data holds (1 for a classic slice)."""
     return int(ds.get("NumberOfFrames", 1) or 1)
@@ -79,12 +86,24 @@ def frame_hu(ds: Any, index: int = 0, compact: bool = False) -> np.ndarray:
     if transformation is None:
         check_hu_mapping(ds)
         return pixels.astype(np.float32, copy=False)  # float pixel data holds the values themselves
-    exact = _exact_integer_rescale(pixels, transformation)
-    if exact is not None:
-        info = np.iinfo(np.int16)
-        fits = compact and exact.size > 0 and info.min <= exact.min() and exact.max() <= info.max
-        return exact.astype(np.int16 if fits else np.float32)
+    rescale = integer_rescale(transformation)
+    if rescale is not None and pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2:
+        return rescaled_hu(pixels, *rescale, compact)
     return apply_modality_lut(pixels, transformation).astype(np.float32, copy=False)
+
+
+def rescaled_hu(pixels: np.ndarray, slope: int, intercept: int, compact: bool = False) -> np.ndarray:
+    """8- or 16-bit integer stored values through an ``integer_rescale``, in int32: every value is exact, and exact
+    in float32 too, so it equals pydicom's float64 result. float32, or with ``compact`` int16 where every value fits
+    (``frame_hu``)."""
+    hu = pixels.astype(np.int32)
+    if slope != 1:
+        hu *= slope
+    if intercept:
+        hu += intercept
+    info = np.iinfo(np.int16)
+    fits = compact and hu.size > 0 and info.min <= hu.min() and hu.max() <= info.max
+    return hu.astype(np.int16 if fits else np.float32)
 
 
 def _frame_pixels(ds: Any, index: int) -> np.ndarray:
@@ -105,23 +124,18 @@ def _frame_pixels(ds: Any, index: int) -> np.ndarray:
     return pixel_array(ds, index=index) if frame_count(ds) > 1 else ds.pixel_array
 
 
-def _exact_integer_rescale(pixels: np.ndarray, transformation: Any) -> np.ndarray | None:
-    """The usual CT rescale (integer slope and intercept on 8- or 16-bit integers, no Modality LUT) in int32: every
-    value is exact, and exact in float32 too, so it equals pydicom's float64 result; None for anything else (pydicom
-    does it)."""
+def integer_rescale(transformation: Any) -> tuple[int, int] | None:
+    """(slope, intercept) of the usual CT rescale, whole numbers and no Modality LUT, which ``rescaled_hu`` applies
+    exactly to integer stored values; None for anything else (pydicom applies it)."""
     if "ModalityLUTSequence" in transformation or "RescaleSlope" not in transformation:
         return None
-    if pixels.dtype.kind not in "iu" or pixels.dtype.itemsize > 2:
+    try:
+        slope, intercept = float(transformation.RescaleSlope), float(transformation.RescaleIntercept)
+    except (AttributeError, TypeError, ValueError):  # malformed: pydicom says what is wrong
         return None
-    slope, intercept = float(transformation.RescaleSlope), float(transformation.RescaleIntercept)
     if not (slope.is_integer() and intercept.is_integer() and abs(slope) <= 128 and abs(intercept) <= 2**23):
         return None  # beyond these a float32 sum could round where float64 does not
-    hu = pixels.astype(np.int32)
-    if slope != 1:
-        hu *= int(slope)
-    if intercept:
-        hu += int(intercept)
-    return hu
+    return int(slope), int(intercept)
 
 
 def frames_hu(ds: Any) -> list[np.ndarray]:

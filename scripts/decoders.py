@@ -104,11 +104,10 @@ def decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
     return frame.tobytes()
 
 
-def native_frame(ds: Any, index: int = 0) -> np.ndarray | None:
-    """One frame of uncompressed little-endian 16-bit monochrome pixel data, the usual CT slice, read straight from
-    its bytes: the array pydicom's ``pixel_array`` gives (its values and type, the bits above Bits Stored cleared
-    and signed values sign-extended), without its decoder's checks, which cost a 512 x 512 slice about 0.35 ms, as
-    long as reading the file. None for anything else, which pydicom decodes."""
+def native_layout(ds: Any) -> tuple[int, int, int, int, int] | None:
+    """(rows, columns, frames, bits stored, signed) of uncompressed little-endian 16-bit monochrome pixel data, the
+    usual CT slice, which ``unpack_native`` reads straight from its bytes; from the header alone (the pixels may be
+    left in the file). None for anything else, which pydicom decodes."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) or "PixelData" not in ds:
         return None
@@ -118,12 +117,29 @@ def native_frame(ds: Any, index: int = 0) -> np.ndarray | None:
         samples = int(ds.get("SamplesPerPixel", 1))
     except (AttributeError, TypeError, ValueError):  # a missing or malformed element: pydicom says what is wrong
         return None
+    if allocated != 16 or not 0 < stored <= 16 or signed not in (0, 1) or samples != 1 or frames < 1:
+        return None
+    return rows, columns, frames, stored, signed
+
+
+def native_frame(ds: Any, index: int = 0) -> np.ndarray | None:
+    """One frame of the pixel data ``native_layout`` describes, read straight from its bytes: the array pydicom's
+    ``pixel_array`` gives (its values and type, the bits above Bits Stored cleared and signed values sign-extended),
+    without its decoder's checks, which cost a 512 x 512 slice about 0.35 ms, as long as reading the file. None for
+    anything else, which pydicom decodes."""
+    layout = native_layout(ds)
+    if layout is None:
+        return None
+    rows, columns, frames, stored, signed = layout
     data = ds.PixelData
+    if not 0 <= index < frames or not isinstance(data, bytes) or len(data) != 2 * rows * columns * frames:
+        return None
+    return unpack_native(data, rows, columns, stored, signed, index)
+
+
+def unpack_native(data: bytes, rows: int, columns: int, stored: int, signed: int, index: int = 0) -> np.ndarray:
+    """Frame ``index`` of little-endian 16-bit pixel data (``native_layout``) as pydicom's ``pixel_array`` gives it."""
     size = rows * columns
-    if allocated != 16 or not 0 < stored <= 16 or signed not in (0, 1) or samples != 1 or not 0 <= index < frames:
-        return None
-    if not isinstance(data, bytes) or len(data) != 2 * size * frames:
-        return None
     frame = np.frombuffer(data, "<u2", size, 2 * size * index).reshape(rows, columns)
     if stored < 16:
         frame = frame & np.uint16((1 << stored) - 1)

@@ -13,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRBigEndian, HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
-from scripts.ct_inputs import InputError, read_ct_slice
+from scripts.ct_inputs import STORED_PIXELS, InputError, LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import _frame_pixels, compress_dicom, frame_count, frame_hu
 from scripts.decoders import (
     PLUGIN,
@@ -217,3 +217,51 @@ def test_frames_the_fast_path_does_not_take_are_read_by_pydicom(tmp_path: Path) 
     assert native_frame(pydicom.dcmread(tmp_path / "short.dcm")) is None
     with pytest.raises(InputError, match=r"\(32,768 bytes\), but PixelData holds 32,766 bytes"):
         read_ct_slice(tmp_path / "short.dcm")
+
+
+def test_slices_read_from_where_indexing_found_their_pixels_equal_the_full_read(tmp_path: Path) -> None:
+    """``index_inputs`` records where an uncompressed slice's pixels lie (``stored_pixels``), and the reader takes
+    them from there without parsing the header again: the same HU, value for value and type for type, for real CT,
+    signed 12-bit values with other bits set above them, a rescale slope of 2 and each frame of a multi-frame file.
+    Compressed files and small slices (whose pixels come with the header) are read in full, as before."""
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    rng = np.random.default_rng(3)
+    raw = rng.integers(0, 2**16, size=(3, int(ds.Rows), int(ds.Columns)), dtype=np.uint16)
+    ds.PixelData, ds.NumberOfFrames = raw.astype("<u2").tobytes(), 3
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation, ds.RescaleSlope = 12, 11, 1, 2
+    ds.save_as(tmp_path / "frames.dcm")
+    for name in ("CT_small.dcm", "693_UNCI.dcm"):
+        (tmp_path / name).write_bytes(Path(get_testdata_file(name)).read_bytes())
+    compress_dicom(get_testdata_file("CT_small.dcm"), RLELossless, tmp_path / "rle.dcm")
+    small = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    small.PixelData, small.Rows, small.Columns = small.PixelData[: 2 * 40 * 40], 40, 40  # 3,200 bytes: in the header
+    small.save_as(tmp_path / "small.dcm")
+    items, errors = index_inputs([tmp_path])
+    assert errors == []
+    fast = {(Path(item["image"]).name, item["frame"]) for item in items if STORED_PIXELS in item}
+    assert fast == {("CT_small.dcm", 0), ("693_UNCI.dcm", 0), *(("frames.dcm", frame) for frame in range(3))}
+    for item in items:
+        for compact in (False, True):
+            expected, in_hu = read_ct_slice(item["image"], item["frame"], 1, compact)
+            pixels, hu = read_ct_slice(item["image"], item["frame"], 1, compact, item.get(STORED_PIXELS))
+            assert hu and in_hu and pixels.dtype == expected.dtype and np.array_equal(pixels, expected), item
+    loaded = LoadCTSliced("image", compact_hu=True)(next(item for item in items if STORED_PIXELS in item))
+    assert STORED_PIXELS not in loaded  # where the pixels lie is not part of the batch
+
+
+def test_a_file_changed_after_indexing_is_read_as_it_is_now(tmp_path: Path) -> None:
+    """The reader takes a slice from where indexing found its pixels only while the file is the one indexed (its
+    size, modification time and inode): a slice rewritten since reads as its new pixels, and one cut short since
+    gives the reason."""
+    source = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    source.save_as(tmp_path / "ct.dcm")
+    (item,), _ = index_inputs([tmp_path / "ct.dcm"])
+    changed = pydicom.dcmread(tmp_path / "ct.dcm")
+    changed.PixelData = (changed.pixel_array // 2).astype(changed.pixel_array.dtype).tobytes()
+    changed.save_as(tmp_path / "new.dcm")
+    os.replace(tmp_path / "new.dcm", tmp_path / "ct.dcm")  # same size, another inode
+    expected = read_ct_slice(tmp_path / "ct.dcm")[0]
+    assert np.array_equal(read_ct_slice(tmp_path / "ct.dcm", 0, 1, False, item[STORED_PIXELS])[0], expected)
+    (tmp_path / "ct.dcm").write_bytes((tmp_path / "ct.dcm").read_bytes()[:-5000])
+    with pytest.raises(InputError, match="PixelData holds"):
+        read_ct_slice(tmp_path / "ct.dcm", 0, 1, False, item[STORED_PIXELS])
