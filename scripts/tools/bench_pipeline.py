@@ -21,7 +21,7 @@ import torch
 from monai.data import DataLoader, Dataset
 from monai.transforms import Compose, EnsureTyped
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
-from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
+from scripts.ct_inputs import STORED_PIXELS, LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import HU_WINDOW, compress_dicom, write_dicom_slice
 from scripts.engines import PlainTensorBatch, compiled_for_inference, reader_processes, wants_compile
 from scripts.patches import pad_collate
@@ -74,7 +74,8 @@ def _seconds(step: Callable[[], Any], device: torch.device) -> float:
 
 
 def _read(items: list[dict]) -> list[tuple[np.ndarray, bool]]:
-    return [read_ct_slice(item["image"], item["frame"]) for item in items]
+    """Each item's slice as the readers read it: from where indexing found its pixels, where it did."""
+    return [read_ct_slice(item["image"], item["frame"], stored=item.get(STORED_PIXELS)) for item in items]
 
 
 def stage_times(
