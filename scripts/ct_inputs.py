@@ -10,11 +10,13 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
    or NRRD volume gives one item per axial slice (after reorienting to RAS); a TIFF/PNG file is one
    already-rendered slice. Each item is
    ``{"image": path, "frame": k, "series": name, "position": z, "error": "", "warning": ""}`` (``warning``:
-   what was assumed to read it, e.g. a missing PhotometricInterpretation). Inputs that cannot
+   what was assumed to read it, e.g. a missing PhotometricInterpretation, or that it is a thumbnail), and for an
+   uncompressed DICOM slice ``stored_pixels``: where its pixels lie in the file. Inputs that cannot
    be scored (other modalities, no pixel data, unreadable, wrong dimensionality, a declared size that
    the file cannot hold or over the caps ``scripts.transforms.MAX_SLICE_MB`` per slice and
    ``MAX_VOLUME_MB`` per NIfTI volume) are listed as ``{path, reason}`` instead.
-2. ``LoadCTSliced`` reads one item's pixels: CT to HU (rescale slope and intercept, Modality LUT), which
+2. ``LoadCTSliced`` reads one item's pixels (from ``stored_pixels`` where the file is unchanged, without parsing
+   its header again): CT to HU (rescale slope and intercept, Modality LUT), which
    ``scripts.transforms.WindowHUd`` (the config's ``window``) then brings to [0, 1]. Problems only found in
    the pixels (truncated or undecodable data, NaN/Inf, a NIfTI/NRRD volume whose values are not CT in HU:
    ``not_hu_reason``) are recorded in the item's ``error`` instead of stopping the batch.
