@@ -863,10 +863,16 @@ def _stored_hu(path: Path, frame: int, stored: list[int], compact: bool) -> np.n
     return rescaled_hu(unpack_native(data, rows, columns, bits, signed), slope, intercept, compact)
 
 
+def is_thumbnail(rows: int, columns: int) -> bool:
+    """Whether a slice is under ``MIN_SCAN_SIDE`` pixels across its longer side: a test corpus's 16 x 16 stand-in,
+    or an icon, rather than a scan."""
+    return max(rows, columns) < MIN_SCAN_SIDE
+
+
 def thumbnail_warning(rows: int, columns: int) -> str:
-    """The warning a slice under ``MIN_SCAN_SIDE`` pixels across gets ("" for others): a test corpus's 16 x 16
-    stand-in, or an icon, is scaled up to the model's input and scored, but its score says little about a scan."""
-    if max(rows, columns) >= MIN_SCAN_SIDE:
+    """The warning a thumbnail (``is_thumbnail``) gets, "" for others: it is scaled up to the model's input and
+    scored, but its score says little about a scan."""
+    if not is_thumbnail(rows, columns):
         return ""
     return f"{rows} x {columns} px: a thumbnail, not a scan (under {MIN_SCAN_SIDE} px across), its score means little"
 

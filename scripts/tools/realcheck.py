@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage, stats
-from scripts.ct_inputs import MIN_SCAN_SIDE, InputError, index_inputs, pixel_size_mm, read_ct_slice
+from scripts.ct_inputs import MIN_SCAN_SIDE, InputError, index_inputs, is_thumbnail, pixel_size_mm, read_ct_slice
 from scripts.ct_io import frames_hu, window_hu, write_dicom_slice
 from scripts.engines import usable_device
 from scripts.options import whole_number
@@ -158,7 +158,7 @@ def input_slices(
                 errors.append({"path": item["image"], "reason": "a rendered slice (TIFF/PNG) has no HU to project"})
                 break
             rows, cols = hu.shape[-2:]
-            if max(rows, cols) < MIN_SCAN_SIDE:
+            if is_thumbnail(rows, cols):
                 reason = f"{rows} x {cols} px is too small to simulate a scan of (at least {MIN_SCAN_SIDE} px across)"
                 errors.append({"path": item["image"], "reason": reason})
                 break
