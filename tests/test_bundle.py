@@ -114,6 +114,8 @@ def test_benchmark_prints_the_stage_table_the_ratios_and_the_fixed_costs() -> No
     stripped = [line.strip() for line in lines]
     assert any(line.startswith("a 6-slice study, model loaded:") and "target <= 0.3 s" in line for line in stripped)
     assert any(line.startswith("a 6-slice score run:") and "loading the model" in line for line in stripped)
+    free = [line for line in stripped if line.startswith("the same study with a network that costs nothing:")]
+    assert len(free) == 1 and float(free[0].split(": ")[1].split(" s")[0]) > 0
 
 
 def test_the_benchmark_runs_only_the_parts_it_is_asked_for(tmp_path: Path) -> None:

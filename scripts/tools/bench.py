@@ -240,6 +240,8 @@ def _fixed_cost_lines(scoring: dict) -> list[str]:
         f"{scoring['network_s']:.2f} s + {scoring['study_overhead_s']:.2f} s more (target <= 0.3 s; indexing "
         f"{scoring['index_s']:.2f} s, first batch {scoring['first_batch_s']:.2f} s, report without plots "
         f"{scoring['report_without_plots_s']:.2f} s, plots {scoring['plots_s']:.2f} s)",
+        f"  the same study with a network that costs nothing: {scoring['free_network_study_s']:.2f} s "
+        "(what it spends beyond its network; target <= 0.3 s)",
         f"  a {scoring['slices']}-slice score run: {scoring['run_s']:.2f} s = network "
         f"{scoring['run_network_s']:.2f} s"
         f" + plots {scoring['plots_s']:.2f} s + loading the model {scoring['load_s']:.2f} s + "
