@@ -183,3 +183,16 @@ def run_from_the_zoo_root(zoo_bundle: Path, command: list[str]) -> subprocess.Co
     finally:
         for cache in (".pytype", ".mypy_cache"):
             shutil.rmtree(zoo_root / cache, ignore_errors=True)
+
+
+def test_the_whole_package_passes_mypy_with_the_zoo_settings(tmp_path: Path) -> None:
+    """Not only the shipped scripts: every module of ``scripts`` type-checks with the Zoo's mypy settings (the
+    project's ``[tool.mypy]``), so a tool module that later ships does not bring errors with it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "scripts", "--cache-dir", str(tmp_path / "mypy_cache")],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "Success: no issues found" in result.stdout

@@ -266,7 +266,7 @@ def compare_paths(
         first_series, first_errors = score_inputs([first], scorer, output)
         second_series, second_errors = score_inputs([second], scorer, output)
         statistics, pairs = compare_scores(first_series, second_series, (first, second))
-        result = printable_tree(
+        result: dict[str, Any] = printable_tree(
             {
                 "first": _side(first, first_series, first_errors),
                 "second": _side(second, second_series, second_errors),

@@ -24,7 +24,7 @@ import logging
 import multiprocessing
 import os
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
@@ -241,9 +241,9 @@ class SliceScorer:
         soon as its header is read, in file order, instead of after every header is read: on a GPU, indexing a
         1000-file series took as long as a quarter of its network time. The results are put in slice order at the
         end, and those of duplicates dropped, exactly as ``index`` orders and drops them."""
-        files, errors = find_files(paths, skip)
+        files, unreadable = find_files(paths, skip)
         if self.reader_pool is None or len(files) < PARALLEL_INDEX_FILES:
-            items, errors = ordered_items(self._file_items(files, errors), errors)
+            items, errors = ordered_items(self._file_items(files, unreadable), unreadable)
             if indexed is not None:
                 indexed(items, errors)
             return items, errors, self(items)
@@ -252,10 +252,10 @@ class SliceScorer:
 
         def streamed() -> Iterator[list[dict]]:
             nonlocal ordered
-            for items in self._file_items(files, errors):
+            for items in self._file_items(files, unreadable):
                 by_file.append(items)
                 yield items
-            ordered = ordered_items(by_file, errors)
+            ordered = ordered_items(by_file, unreadable)
             if indexed is not None:
                 indexed(*ordered)
 
@@ -356,7 +356,8 @@ class _SliceReader(TorchDataset):
         self.transform = transform
 
     def __getitem__(self, item: dict) -> dict:
-        return self.transform(item)
+        preprocessed: dict = self.transform(item)
+        return preprocessed
 
 
 class SliceReaders:
@@ -439,7 +440,8 @@ def downsample(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
         return pixels
     rows, columns = (-(-side // step) * step for side in pixels.shape)
     padded = np.pad(pixels, ((0, rows - pixels.shape[0]), (0, columns - pixels.shape[1])), mode="edge")
-    return padded.reshape(rows // step, step, columns // step, step).mean(axis=(1, 3))
+    shrunk: np.ndarray = padded.reshape(rows // step, step, columns // step, step).mean(axis=(1, 3))
+    return shrunk
 
 
 def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
@@ -467,7 +469,9 @@ def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
     return figure_png(figure)
 
 
-def series_pngs(series: Sequence[Series], window: Sequence[float], processes: int | None = None) -> Iterator[bytes]:
+def series_pngs(
+    series: Sequence[Series], window: Sequence[float], processes: int | None = None
+) -> Generator[bytes, None, None]:
     """``series_png`` of each series, in order: drawn by ``processes`` forked processes (default: one per usable
     core) for ``PARALLEL_PLOTS`` series or more, so that an archive's plots do not add a tenth of a second per series
     after its scoring; here for fewer, or where processes cannot be forked, and for the rest if one dies."""

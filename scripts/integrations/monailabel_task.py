@@ -64,9 +64,9 @@ class CTQualityTask(InferTask):
         image = request.get("image")
         if not isinstance(image, (str, Path)) or not str(image):
             reason = "no image path (MONAI Label passes an empty one for an id its datastore does not hold)"
-            errors = ErrorList()
-            errors.add(str(image or ""), reason)
-            return None, {"score": None, "errors": errors}
+            no_image = ErrorList()
+            no_image.add(str(image or ""), reason)
+            return None, {"score": None, "errors": no_image}
         series, errors = score_inputs([image], self.scorer())
         if not series:
             return None, {"score": None, "errors": errors}

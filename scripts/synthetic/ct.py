@@ -138,7 +138,8 @@ def _denoise(hu: np.ndarray) -> np.ndarray:
     from skimage.restoration import denoise_tv_chambolle
 
     smooth = denoise_tv_chambolle(hu.astype(np.float64) / 1000.0, weight=SOURCE_TV_WEIGHT) * 1000.0
-    return ndimage.gaussian_filter(smooth, SOURCE_SIGMA)
+    denoised: np.ndarray = ndimage.gaussian_filter(smooth, SOURCE_SIGMA)
+    return denoised
 
 
 def source_paths() -> list[Path]:
@@ -202,7 +203,9 @@ def _source_stack(size: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- anatomy
 
 
-def _ellipse(rng: np.random.Generator, centre: Sequence[float], axes: Sequence[float], hu: float) -> list[float]:
+def _ellipse(
+    rng: np.random.Generator, centre: Sequence[float], axes: Sequence[float] | np.ndarray, hu: float
+) -> list[float]:
     """One ellipse row (cx, cy, ax, ay, angle, hu), jittered a little."""
     (dx, dy), (sx, sy) = rng.normal(0.0, 0.02, 2), rng.uniform(0.85, 1.15, 2)
     return [centre[0] + dx, centre[1] + dy, axes[0] * sx, axes[1] * sy, rng.uniform(-0.4, 0.4), hu]
@@ -453,8 +456,8 @@ def _csr(rows: np.ndarray, columns: np.ndarray, values: np.ndarray, shape: tuple
     """A torch sparse CSR matrix from numpy arrays (int32 indices: half the memory of int64)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        tensors = (torch.from_numpy(a.ravel()) for a in (rows, columns, values))
-        return torch.sparse_csr_tensor(*tensors, size=shape)
+        row_starts, column_indices, entries = (torch.from_numpy(a.ravel()) for a in (rows, columns, values))
+        return torch.sparse_csr_tensor(row_starts, column_indices, entries, size=shape)
 
 
 def _taps(position: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -560,7 +563,8 @@ def _ramp(bins: int) -> torch.Tensor:
     n = torch.cat([torch.arange(0, padded // 2 + 1), torch.arange(-(padded // 2) + 1, 0)]).double()
     kernel = torch.where(n % 2 == 1, -1.0 / (math.pi * n) ** 2, torch.zeros_like(n))
     kernel[0] = 0.25
-    return torch.fft.rfft(kernel).real
+    response: torch.Tensor = torch.fft.rfft(kernel).real
+    return response
 
 
 @functools.lru_cache(maxsize=16)
@@ -579,7 +583,8 @@ def _filter(sinogram: torch.Tensor, response: torch.Tensor) -> torch.Tensor:
     bins = sinogram.shape[-1]
     padded = 2 * (response.shape[-1] - 1)
     spectrum = torch.fft.rfft(sinogram, n=padded, dim=-1) * response
-    return torch.fft.irfft(spectrum, n=padded, dim=-1)[..., :bins]
+    filtered: torch.Tensor = torch.fft.irfft(spectrum, n=padded, dim=-1)[..., :bins]
+    return filtered
 
 
 def filter_sinogram(sinogram: torch.Tensor, hann: bool = True, kernel: str | None = None) -> torch.Tensor:
@@ -793,7 +798,7 @@ def scan(
     sparse = np.flatnonzero(step > 1)
     if len(sparse):
         members = torch.from_numpy(sparse)
-        streaks = sparse_view_streaks(hu[members], step[sparse], [kernels[i] for i in sparse])
+        streaks = sparse_view_streaks(hu[members], step[sparse], [kernels[int(i)] for i in sparse])
         streak_hu[members] = _body_rms(streaks, body[members])
         recon[members] += streaks
     x, y = _grid(hu.shape[-1])
@@ -814,7 +819,8 @@ def rate(quality: np.ndarray, rng: np.random.Generator, raters: int = RATERS) ->
     bias = rng.normal(0.0, RATER_BIAS_SD, raters)
     error = rng.normal(0.0, RATER_NOISE_SD, (len(quality), raters))
     ratings = np.clip(np.rint(np.asarray(quality)[:, None] + bias + error), 0, 4)
-    return np.round(ratings.mean(1), 1)
+    mean_rating: np.ndarray = np.round(ratings.mean(1), 1)
+    return mean_rating
 
 
 def _fov_and_width(

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import skimage
@@ -191,7 +191,7 @@ def _color_saturation_lab(image: np.ndarray, level: int, rng: np.random.Generato
     return lab_to_rgb(lab)
 
 
-def _encode(image: np.ndarray, **options: object) -> np.ndarray:
+def _encode(image: np.ndarray, **options: Any) -> np.ndarray:
     """Round trip through a lossy Pillow encoder."""
     buffer = io.BytesIO()
     _to_pil(image).save(buffer, **options)
@@ -474,6 +474,7 @@ def random_crop(photo: Image.Image, size: int, rng: np.random.Generator) -> np.n
             best, best_contrast = pixels, contrast
         if contrast >= MIN_CROP_CONTRAST:
             break
+    assert best is not None  # CROP_TRIES >= 1 draws, and the first always beats -1
     return best
 
 

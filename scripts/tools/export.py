@@ -93,7 +93,7 @@ def _image_classes(settings: dict[str, Any]) -> str:
 
 def _metadata(source: Path, settings: dict[str, Any], metrics: dict[str, float] | None) -> dict[str, Any]:
     """metadata.json with the checkpoint's input (size, channels, window) and, when given, its evaluation metrics."""
-    meta = json.loads(source.read_text())
+    meta: dict[str, Any] = json.loads(source.read_text())
     meta["image_classes"] = _image_classes(settings)
     image = meta["network_data_format"]["inputs"]["image"]
     size = int(settings.get("image_size") or image["spatial_shape"][0])  # None: crops of any slice size

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,7 +81,7 @@ class OnnxTiling(nn.Module):
         return (total / keep.sum(dim=1).to(total.dtype)).unsqueeze(1)
 
 
-def _exportable(network: nn.Module) -> tuple[nn.Module, dict[str, dict[int, str]]]:
+def _exportable(network: nn.Module) -> tuple[nn.Module, dict[int, str]]:
     """The module to hand to the exporter, and the input's dynamic axes."""
     if isinstance(network, PatchScorer):
         inner = network.__prepare_scriptable__().network  # traced at the tile size, like model.ts
@@ -97,6 +98,7 @@ def _check_batches(network: nn.Module, image_size: int | None, in_channels: int)
     """
     generator = torch.Generator().manual_seed(0)
     if not isinstance(network, PatchScorer):
+        assert image_size is not None  # export_onnx refuses a whole-slice network without it
         return [torch.rand(2, in_channels, image_size, image_size, generator=generator)]
     p = network.patch_size
     batches = []
@@ -170,4 +172,5 @@ def export_bundle_onnx(checkpoint: str | Path, path: str | Path, image_size: int
     from scripts.networks import load_network
 
     network = load_network(str(checkpoint), map_location="cpu")
-    return export_onnx(network, path, image_size, int(network.settings.get("in_channels", 1)))
+    settings: dict[str, Any] = getattr(network, "settings", {})
+    return export_onnx(network, path, image_size, int(settings.get("in_channels", 1)))

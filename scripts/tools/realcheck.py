@@ -173,7 +173,8 @@ def input_slices(
 def soft_tissue_mask(hu: np.ndarray) -> np.ndarray:
     """Soft tissue (-100..150 HU) away from edges, where noise is measured."""
     mask = (hu > SOFT_TISSUE_HU[0]) & (hu < SOFT_TISSUE_HU[1])
-    return ndimage.binary_erosion(mask, iterations=max(1, hu.shape[0] // 128))
+    eroded: np.ndarray = ndimage.binary_erosion(mask, iterations=max(1, hu.shape[0] // 128))
+    return eroded
 
 
 # --- dose reduction in the projection domain -----------------------------------------------------
@@ -197,7 +198,8 @@ def noisy_projections(p: np.ndarray, i0: float, dose: float, rng: np.random.Gene
     """Line integrals measured with Poisson photon counts (and electronic noise) at ``dose`` x full dose."""
     expected = i0 * dose
     counts = rng.poisson(expected * np.exp(-p)) + rng.normal(0.0, ELECTRONIC_NOISE, p.shape)
-    return -np.log(np.maximum(counts, 1.0) / expected)
+    measured: np.ndarray = -np.log(np.maximum(counts, 1.0) / expected)
+    return measured
 
 
 def reconstruct(p: np.ndarray, theta: np.ndarray, size: int, pixel_mm: float) -> np.ndarray:
