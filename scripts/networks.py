@@ -387,6 +387,5 @@ def load_network(path: str, map_location: str | torch.device = "cpu") -> nn.Modu
             f"{path}: no network settings beside it ({settings_path(path).name}): rebuild the network from the "
             "bundle's config ids (network_def) and load the state dict into it"
         )
-    model = build_network(**{k: v for k, v in settings.items() if k in NETWORK_SETTING_KEYS})
-    model.load_state_dict(state)
-    return model.eval()
+    arguments = {k: v for k, v in settings.items() if k in NETWORK_SETTING_KEYS}
+    return network_with_weights(lambda: build_network(**arguments), state, map_location).eval()
