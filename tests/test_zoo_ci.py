@@ -8,6 +8,7 @@ shipped ``models/model.ts``; and the workflows' required properties for training
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
 import shutil
@@ -196,3 +197,13 @@ def test_the_whole_package_passes_mypy_with_the_zoo_settings(tmp_path: Path) -> 
     )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "Success: no issues found" in result.stdout
+
+
+def test_the_project_mypy_settings_are_the_zoos() -> None:
+    """``[tool.mypy]`` of pyproject.toml, which ``mypy scripts`` reads, says what the Zoo's setup.cfg says."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+    zoo = configparser.ConfigParser()
+    zoo.read_string(ZOO_SETUP_CFG)
+    ours = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    ours.pop("overrides")
+    assert {key: str(value) for key, value in ours.items()} == dict(zoo["mypy"])
