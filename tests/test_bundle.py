@@ -105,6 +105,7 @@ def test_benchmark_prints_the_stage_table_the_ratios_and_the_fixed_costs() -> No
     assert [line.split()[0] for line in ratios] == ["inference", "DICOM", "DICOM", "training"]
     assert "a 6-slice study" in ratios[1] and "a 12-slice series" in ratios[2]
     assert re.search(r"s beyond the network: indexing \d+\.\d\d s, first batch \d+\.\d\d s", ratios[2])
+    assert re.search(r"; \d+\.\d\d s with a network that costs nothing", ratios[2])
     table = {line.split()[0]: line.split()[1:] for line in lines if line.strip().split(" ")[0] in INPUT_KINDS}
     assert sorted(table) == sorted(INPUT_KINDS)
     for values in table.values():  # the stages, then "slices/s (start s)" for auto, 0 and 2 reader processes

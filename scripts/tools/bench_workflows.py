@@ -188,7 +188,11 @@ def bench_scoring(
         costs = _run_costs(scorer, series, checkpoint, device, batch_size, num_workers, workdir, bare_forward, rounds)
         result.update(costs)
     else:  # a long run: where its time beyond the network goes, before the first batch reaches the network
-        result.update(start_costs(scorer, series)[1], beyond_network_s=scoring_seconds - bare_seconds)
+        result.update(
+            start_costs(scorer, series)[1],
+            beyond_network_s=scoring_seconds - bare_seconds,
+            free_network_s=free_network_seconds(scorer, score_series, device, rounds),
+        )
     return result
 
 
@@ -197,6 +201,18 @@ class FreeNetwork(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return images.new_zeros(len(images), 1)
+
+
+def free_network_seconds(scorer: SliceScorer, run: Callable[[], None], device: torch.device, rounds: int) -> float:
+    """Best seconds of ``run`` (scoring with ``scorer``) over ``rounds`` after one to warm up, with ``scorer``'s network
+    swapped for a ``FreeNetwork``: the run's cost beyond its network, measured rather than taken as the difference of
+    two timings, whose noise on a busy machine is larger than the 0.3 s target. Exact on a CPU, where slices are read
+    between batches; with reader processes, which read while the network runs, an upper bound."""
+    network, scorer.network = scorer.network, FreeNetwork()
+    try:
+        return _best_times(lambda: None, run, device, rounds)[1]
+    finally:
+        scorer.network = network
 
 
 def _run_costs(
@@ -213,9 +229,7 @@ def _run_costs(
     """What a study pays beyond its network time (``bare_forward``, timed beside it: alternating, best of
     ``rounds``) and its plots: with the model loaded (index, read, score, report without plots), and a whole
     ``score`` run (loading the model, lock, report with plots); and where it goes (indexing, the first batch, the
-    report). The study is also timed with a ``FreeNetwork``: on a CPU, where slices are read between batches, that
-    is its cost beyond the network, measured rather than taken as the difference of two timings whose noise on a
-    busy machine is larger than the 0.3 s target; with reader processes it is an upper bound."""
+    report); and the study with a network that costs nothing (``free_network_seconds``)."""
     load_s = timed(device, SliceScorer.from_checkpoint, checkpoint, device)[1]
     costs = fixed_costs(scorer, series, workdir)
     plots_s = max(0.0, costs["report_s"] - costs["report_without_plots_s"])
@@ -225,11 +239,7 @@ def _run_costs(
             write_report(output, *score_inputs([series], scorer, output), scorer.window, None, False)
 
     bare_seconds, study_s = _best_times(bare_forward, study, device, rounds)
-    network, scorer.network = scorer.network, FreeNetwork()
-    try:  # the same study with a network that costs nothing: its cost beyond the network, not a difference of two
-        free_network_study_s = _best_times(lambda: None, study, device, rounds)[1]  # noisy timings of seconds
-    finally:
-        scorer.network = network
+    free_network_study_s = free_network_seconds(scorer, study, device, rounds)
     options = {"device": str(device), "batch_size": batch_size, "num_workers": num_workers}
     run_bare_s, run_s = _best_times(
         bare_forward, partial(score_paths, [series], workdir / "run", checkpoint, **options), device, 1
