@@ -128,10 +128,7 @@ def load_trained_weights(network: nn.Module, path: str | Path, role: str = "chec
     mismatch names the ids on both sides. ``role`` names the file in messages (``checkpoint``, ``init_checkpoint``).
     """
     if not Path(path).is_file():
-        raise FileNotFoundError(
-            f"{role} {str(path)!r} does not exist: give a model.pt written by training, or run "
-            "`python -m scripts demo` to train the embedded model"
-        )
+        raise FileNotFoundError(f"{role} {str(path)!r} does not exist: {_how_to_get_a_model(role)}")
     model = getattr(network, "module", network)  # DistributedDataParallel
     state, settings = read_checkpoint(path)
     own = json.loads(json.dumps(getattr(model, "settings", {})))  # tuples as lists, as in the settings file
@@ -151,6 +148,19 @@ def load_trained_weights(network: nn.Module, path: str | Path, role: str = "chec
             f"{role} {path} does not fit this network ({reason}): set the network ids (network, f_name, s_name, "
             "side, in_channels, patch_size) to those it was trained with, or put its model.json beside it"
         ) from None
+
+
+def _how_to_get_a_model(role: str) -> str:
+    """What to do when a config's model file is missing: where the demo's model is, when it has been trained."""
+    from scripts import demo_output
+
+    demo = demo_output() / "models" / "model.pt"
+    if role == "checkpoint" and demo.is_file():
+        return (
+            f"give a model.pt written by training (--checkpoint FILE), e.g. the demo's, {demo}, with the overlay it "
+            "was trained with (add configs/demo.json to --config_file)"
+        )
+    return "give a model.pt written by training, or run `python -m scripts demo` to train the embedded model"
 
 
 class TrainedWeightsLoader:

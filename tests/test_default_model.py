@@ -3,6 +3,7 @@ unusable checkpoint (pickled code, a folder, not a checkpoint) is one line too; 
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,10 @@ from tests.conftest import copy_checkpoint
 
 @pytest.fixture
 def no_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
-    """A bundle folder and a demo output folder, both without a model."""
+    """A bundle folder and a demo output folder, both without a model. Only where ``default_checkpoint`` looks: the
+    scoring module, which binds ``bundle_root`` (for the configs) when it is first imported, is imported first."""
+    importlib.import_module("scripts.clinical.score")
+
     bundle, demo = tmp_path / "bundle", tmp_path / "demo_outputs"
     monkeypatch.setattr(scripts, "bundle_root", lambda: bundle)
     monkeypatch.setattr(scripts, "demo_output", lambda: demo)
@@ -53,6 +57,27 @@ def test_without_ckpt_the_demo_model_is_used_and_named(
     copy_checkpoint(tiny_checkpoint, bundle / "models" / "model.pt")
     score(str(tmp_path / "in"), output_dir=str(tmp_path / "out2"), num_workers=0)
     assert "using the bundle's model" in capsys.readouterr().out
+
+
+def test_a_config_without_its_model_names_the_demos(no_models, tiny_checkpoint: Path) -> None:
+    """Evaluation and inference configs read ``models/model.pt``: where it is missing, the error says how to get one,
+    and names the demo's model with the overlay to use once the demo has trained it."""
+    import torch
+    from scripts.checkpoints import load_trained_weights
+
+    _, demo = no_models
+    network = torch.nn.Linear(1, 1)
+    with pytest.raises(FileNotFoundError, match="does not exist: give a model.pt written by training, or run"):
+        load_trained_weights(network, demo.parent / "bundle" / "models" / "model.pt")
+    copy_checkpoint(tiny_checkpoint, demo / "models" / "model.pt")
+    with pytest.raises(FileNotFoundError) as missing:
+        load_trained_weights(network, demo.parent / "bundle" / "models" / "model.pt")
+    assert f"e.g. the demo's, {demo / 'models' / 'model.pt'}, with the overlay it was trained with" in str(
+        missing.value
+    )
+    assert "add configs/demo.json to --config_file" in str(missing.value)
+    with pytest.raises(FileNotFoundError, match="run `python -m scripts demo`"):  # fine-tuning starts elsewhere
+        load_trained_weights(network, demo.parent / "absent.pt", role="init_checkpoint")
 
 
 class _RunsCode:
