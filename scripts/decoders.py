@@ -30,6 +30,7 @@ from pydicom.uid import (
     JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSTransferSyntaxes,
+    JPEGTransferSyntaxes,
 )
 from scripts.engines import usable_cores
 
@@ -40,6 +41,9 @@ PLUGIN = "imagecodecs-fast"
 JPEG_LOSSLESS_SYNTAXES = (JPEGLossless, JPEGLosslessSV1)
 SYNTAXES = (*JPEG2000TransferSyntaxes, *JPEG_LOSSLESS_SYNTAXES, *JPEGLSTransferSyntaxes)
 DECODER_DEPENDENCIES = {uid: ("imagecodecs>=2024.9.22",) for uid in SYNTAXES}
+CODESTREAM_SYNTAXES = (*JPEG2000TransferSyntaxes, *JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes)
+J2K_START = b"\xff\x4f\xff\x51"  # SOC then SIZ: a JPEG 2000 codestream's first two markers
+J2K_SEARCH = 4096  # bytes searched for them: a JP2 file puts its header boxes before the codestream
 
 
 def is_available(uid: str) -> bool:
@@ -55,21 +59,69 @@ def is_available(uid: str) -> bool:
     return uid in JPEGLSTransferSyntaxes and bool(imagecodecs.JPEGLS.available)
 
 
-def is_lossless_jpeg(src: bytes) -> bool:
-    """Whether a JPEG codestream's frame header is a lossless one (SOF3, SOF7, SOF11 or SOF15), read by walking its
-    marker segments up to the first frame or scan header."""
+def _jpeg_frame_header(src: bytes) -> int | None:
+    """Where a JPEG or JPEG-LS codestream's frame header (SOFn, or JPEG-LS's SOF55) starts, found by walking its
+    marker segments from SOI; None when a scan or the end comes first."""
     position = 2  # after SOI
     while position + 4 <= len(src) and src[position] == 0xFF:
         marker = src[position + 1]
         if marker == 0xFF:  # a fill byte
             position += 1
             continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header (not DHT, JPG, DAC)
-            return marker in (0xC3, 0xC7, 0xCB, 0xCF)
+        if (0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)) or marker == 0xF7:  # not DHT, JPG, DAC
+            return position
         if marker == 0xDA:  # a scan before any frame header
-            return False
+            return None
         position += 2 + int.from_bytes(src[position + 2 : position + 4], "big")
-    return False
+    return None
+
+
+def is_lossless_jpeg(src: bytes) -> bool:
+    """Whether a JPEG codestream's frame header is a lossless one (SOF3, SOF7, SOF11 or SOF15)."""
+    position = _jpeg_frame_header(src)
+    return position is not None and src[position + 1] in (0xC3, 0xC7, 0xCB, 0xCF)
+
+
+def codestream_shape(src: bytes) -> tuple[int, int] | None:
+    """(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 codestream declares: its frame header (JPEG 2000's SIZ
+    segment, also inside a JP2 file's boxes), read from its first bytes. Rows 0: a JPEG that gives them later (in
+    a DNL segment). None where no such header can be read."""
+    if src[:2] == b"\xff\xd8":
+        position = _jpeg_frame_header(src)
+        if position is None or position + 9 > len(src):
+            return None
+        return int.from_bytes(src[position + 5 : position + 7], "big"), int.from_bytes(
+            src[position + 7 : position + 9], "big"
+        )
+    start = src.find(J2K_START, 0, J2K_SEARCH)
+    if start < 0 or start + 24 > len(src):
+        return None
+    width, height, left, top = (int.from_bytes(src[at : at + 4], "big") for at in range(start + 8, start + 24, 4))
+    return height - top, width - left
+
+
+def check_codestream_shape(ds: Any, index: int = 0) -> None:
+    """``ValueError`` when compressed frame ``index`` declares another size than the header's Rows x Columns.
+
+    Decoders size their output by the codestream: a few KB that declare 60000 x 60000 pixels made the JPEG-LS and
+    JPEG lossless decoders allocate gigabytes and fail after 210 and 110 s on 2 cores. Checked before any decoder
+    runs; frames of other syntaxes, and frames whose codestream cannot be read here, are left to the decoders."""
+    from pydicom.encaps import get_frame
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax not in CODESTREAM_SYNTAXES or "PixelData" not in ds:
+        return
+    try:
+        frame = get_frame(ds.PixelData, index, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except Exception:  # malformed: pydicom's decoders say what is wrong
+        return
+    shape = codestream_shape(frame)
+    if shape is not None and (shape[1] != columns or shape[0] not in (0, rows)):
+        raise ValueError(
+            f"the compressed frame declares {shape[0]} x {shape[1]} pixels, the header {rows} x {columns} "
+            "(Rows x Columns): the pixel data is damaged or belongs to another image"
+        )
 
 
 def _container_bits(precision: int) -> int:

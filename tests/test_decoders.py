@@ -12,12 +12,21 @@ import pytest
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import pixel_array
-from pydicom.uid import ExplicitVRBigEndian, HTJ2KLossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+from pydicom.uid import (
+    ExplicitVRBigEndian,
+    HTJ2KLossless,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
 from scripts.ct_inputs import STORED_PIXELS, InputError, LoadCTSliced, index_inputs, read_ct_slice
-from scripts.ct_io import _frame_pixels, compress_dicom, frame_count, frame_hu
+from scripts.ct_io import _frame_pixels, compress_dicom, frame_count, frame_hu, write_dicom_slice
 from scripts.decoders import (
     PLUGIN,
     SYNTAXES,
+    check_codestream_shape,
+    codestream_shape,
     decode_threads,
     decoding_options,
     is_lossless_jpeg,
@@ -118,6 +127,54 @@ def test_a_truncated_jpeg2000_codestream_is_an_input_error_naming_the_decoders(t
     ds.save_as(tmp_path / "truncated.dcm", enforce_file_format=True)
     with pytest.raises(InputError, match=r"pixel data cannot be decoded .*pylibjpeg"):
         read_ct_slice(tmp_path / "truncated.dcm")
+
+
+def _declaring(codestream: bytes, rows: int, columns: int) -> bytes:
+    """``codestream`` with its frame header (JPEG, JPEG-LS) or SIZ segment (JPEG 2000) declaring another size."""
+    data = bytearray(codestream)
+    if data[:2] == b"\xff\xd8":
+        at = next(at for at in range(2, len(data)) if data[at] == 0xFF and data[at + 1] in (0xC3, 0xF7))
+        data[at + 5 : at + 9] = rows.to_bytes(2, "big") + columns.to_bytes(2, "big")
+    else:
+        at = bytes(data).index(b"\xff\x4f\xff\x51")
+        data[at + 8 : at + 16] = columns.to_bytes(4, "big") + rows.to_bytes(4, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("syntax", [JPEG2000Lossless, *LOSSLESS.values()], ids=["j2k", *LOSSLESS.keys()])
+def test_a_codestream_declaring_another_size_than_the_header_is_refused_before_decoding(
+    syntax: str, tmp_path: Path
+) -> None:
+    """A few KB whose codestream declares 60000 x 60000 pixels: the decoders would allocate gigabytes (JPEG-LS and
+    JPEG lossless failed after 210 and 110 s); it is refused from the headers, with both sizes named."""
+    if syntax == HTJ2KLossless and not hasattr(imagecodecs, "htj2k_encode"):
+        pytest.skip(f"imagecodecs {imagecodecs.__version__} has no HTJ2K encoder, which newer versions have")
+    source = write_dicom_slice(tmp_path / "slice.dcm", np.full((64, 64), 40.0), "1.2.3")
+    ds = pydicom.dcmread(compress_dicom(source, syntax))
+    codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    assert codestream_shape(codestream) == (64, 64)
+    ds.PixelData = encapsulate([_declaring(codestream, 60000, 60000)])
+    ds.save_as(source, enforce_file_format=True)
+    with pytest.raises(InputError, match="declares 60000 x 60000 pixels, the header 64 x 64 .Rows x Columns."):
+        read_ct_slice(source)
+    ds.PixelData = encapsulate([_declaring(codestream, 0, 64)])  # a JPEG may give its rows later (DNL)
+    assert check_codestream_shape(ds) is None
+
+
+def test_every_compressed_frame_of_pydicoms_corpora_declares_its_headers_size() -> None:
+    """The check above passes every frame that decodes (JPEG 2000, JPEG, JPEG-LS; grey and colour, subsampled)."""
+    checked = 0
+    for path in _compressed_files(colour=False) + _compressed_files(colour=True):
+        ds = pydicom.dcmread(path)
+        try:
+            frame = pixel_array(ds, index=0)
+        except Exception:
+            continue  # pydicom cannot decode it either
+        codestream = next(generate_frames(ds.PixelData, number_of_frames=frame_count(ds)))
+        assert codestream_shape(codestream) == frame.shape[:2] == (ds.Rows, ds.Columns), path.name
+        check_codestream_shape(ds)
+        checked += 1
+    assert checked >= 25
 
 
 class _Threads(Dataset):
