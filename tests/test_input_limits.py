@@ -19,7 +19,7 @@ import pydicom
 import pytest
 import tifffile
 from pydicom.data import get_testdata_file
-from pydicom.uid import RLELossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 from scripts import transforms
 from scripts.clinical.score import SliceScorer, downsample, score_inputs
 from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
@@ -153,6 +153,29 @@ def test_dicom_slices_over_the_cap_are_refused(tmp_path: Path, monkeypatch: pyte
     assert only_error([consistent]) == (
         "declared size 16 x 16 needs 0.00098 MiB as float32, over the cap of 0.0005 MiB per slice (MAX_SLICE_MB)"
     )
+
+
+def test_a_deflated_dicom_file_is_read_unless_it_inflates_past_the_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pydicom inflates a Deflated Explicit VR file whole, in memory: 0.8 MB of deflated zeros took 800 MiB. A file
+    that would inflate past ``MAX_VOLUME_MB`` is refused, counted without keeping what it inflates to."""
+    plain = write_dicom_slice(tmp_path / "plain.dcm", np.random.default_rng(0).normal(40, 20, (64, 64)), "1.9.8")
+    ds = pydicom.dcmread(plain)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "deflated.dcm", enforce_file_format=True)
+    assert np.array_equal(read_scored_slice(tmp_path / "deflated.dcm", 0), read_scored_slice(plain, 0))
+    ds.SOPInstanceUID = "1.9.8.2"
+    ds.add_new(0x00091010, "OB", bytes(3 * 2**20))  # 3 MiB of zeros in a private element
+    ds.save_as(tmp_path / "bomb.dcm", enforce_file_format=True)
+    assert (tmp_path / "bomb.dcm").stat().st_size < 10_000
+    assert len(index_inputs([tmp_path / "bomb.dcm"])[0]) == 1  # within the cap: read
+    monkeypatch.setattr("scripts.ct_inputs.MAX_VOLUME_MB", 2.0)
+    reason = "deflated (transfer syntax Deflated Explicit VR), and over 2 MiB inflated (MAX_VOLUME_MB)"
+    assert only_error([tmp_path / "bomb.dcm"]) == reason
+    with pytest.raises(InputError, match=r"over 2 MiB inflated \(MAX_VOLUME_MB\)"):
+        read_scored_slice(tmp_path / "bomb.dcm", 0)
+    assert only_error([Path(get_testdata_file("image_dfl.dcm"))]) == "modality OT is not CT; only CT is scored"
 
 
 def test_tiff_declaring_20000_squared_is_refused_from_its_header(tmp_path: Path) -> None:
