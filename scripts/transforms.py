@@ -20,11 +20,14 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 from scripts.ct_io import HU_WINDOW
+from scripts.decoders import codestream_shape
 from scripts.options import check_windows, optional_size
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
 FLOAT_SLACK = 0.1  # float slices are windowed to [0, 1]; overshoot from resampling or rounding is tolerated
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+JPEG_COMPRESSIONS = frozenset({7, 99, 33003, 33004, 33005, 33007, 34712, 34892})  # TIFF's JPEG and JPEG 2000 codes
+SEGMENT_HEAD = 4096  # bytes of a compressed tile or strip read for its codestream's frame header
 MAX_SLICE_MB = 64.0  # MiB per decoded slice as float32 (4096 x 4096): larger declared sizes are refused unread
 
 
@@ -86,6 +89,28 @@ def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
     return page
 
 
+def _check_tiff_codestreams(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> None:
+    """``DeclaredSizeError`` when a JPEG or JPEG 2000 tile or strip declares more pixels than the tile or strip holds.
+
+    Its decoder allocates what the codestream declares: a 64 x 64 slice whose JPEG strip declared 60000 x 60000
+    took 18 s and 4.2 GiB to read. Only the head of each segment is read."""
+    if page.compression not in JPEG_COMPRESSIONS or not page.dataoffsets:
+        return
+    tiled = bool(page.is_tiled)
+    if tiled:
+        rows, columns = int(page.tilelength), int(page.tilewidth)
+    else:
+        rows, columns = min(int(page.rowsperstrip or page.imagelength), int(page.imagelength)), int(page.imagewidth)
+    for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
+        tif.filehandle.seek(offset)
+        shape = codestream_shape(tif.filehandle.read(min(count, SEGMENT_HEAD)))
+        if shape is not None and (shape[0] > rows or shape[1] > columns):
+            raise DeclaredSizeError(
+                f"a compressed {'tile' if tiled else 'strip'} declares {shape[0]} x {shape[1]} pixels, more than its "
+                f"{rows} x {columns}: the file is damaged"
+            )
+
+
 def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = False) -> np.ndarray | tuple[int, int]:
     """An image file's pixels (its (rows, columns) with ``header_only``), refused before decoding when its header
     declares too much; ``ImageReadError`` with the reason."""
@@ -94,7 +119,10 @@ def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = F
             with tifffile.TiffFile(path) as tif:
                 page = _tiff_page(tif)
                 check_slice_size(page.shape, max_slice_mb)
-                return (int(page.imagelength), int(page.imagewidth)) if header_only else page.asarray()
+                if header_only:
+                    return int(page.imagelength), int(page.imagewidth)
+                _check_tiff_codestreams(tif, page)
+                return page.asarray()
         with Image.open(path) as image:
             check_slice_size((image.height, image.width, len(image.getbands())), max_slice_mb)
             if header_only:

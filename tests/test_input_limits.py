@@ -196,6 +196,38 @@ def test_tiff_declaring_20000_squared_is_refused_from_its_header(tmp_path: Path)
     )
 
 
+@pytest.mark.parametrize(
+    ("compression", "layout", "marker", "at"),
+    [
+        ("jpeg", {"rowsperstrip": 16}, b"\xff\xc0", 5),  # 100 rows: the last strip holds 4
+        ("jpeg", {"tile": (32, 32)}, b"\xff\xc0", 5),
+        ("jpeg2000", {}, b"\xff\x4f\xff\x51", 8),
+        ("jpeg2000", {"tile": (64, 64)}, b"\xff\x4f\xff\x51", 8),
+    ],
+    ids=["jpeg-strips", "jpeg-tiles", "jpeg2000-strip", "jpeg2000-tiles"],
+)
+def test_a_compressed_tiff_segment_declaring_more_pixels_than_it_holds_is_refused_unread(
+    tmp_path: Path, compression: str, layout: dict, marker: bytes, at: int
+) -> None:
+    """JPEG and JPEG 2000 tiles and strips read as tifffile reads them; one whose codestream declares 60000 x 60000
+    pixels is refused before its decoder allocates them (a 64 x 64 slice took 18 s and 4.2 GiB)."""
+    path = tmp_path / "slice.tif"
+    pixels = np.random.default_rng(0).integers(0, 255, (100, 70), dtype=np.uint8)
+    tifffile.imwrite(path, pixels, compression=compression, **layout)
+    assert np.array_equal(read_slice(path), tifffile.imread(path) / np.float32(255))
+    data = bytearray(path.read_bytes())
+    where = data.index(marker) + at
+    width = 4 if compression == "jpeg2000" else 2
+    data[where : where + 2 * width] = (60000).to_bytes(width, "big") * 2
+    path.write_bytes(bytes(data))
+    start = time.perf_counter()
+    with pytest.raises(
+        ImageReadError, match="declares 60000 x 60000 pixels, more than its (16 x 70|32 x 32|100 x 70|64 x 64)"
+    ):
+        read_slice(path)
+    assert time.perf_counter() - start < QUICK_S
+
+
 def test_hostile_files_end_in_errors_quickly_and_small(tiny_checkpoint: Path, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
