@@ -122,6 +122,30 @@ def test_a_nrrd_declaring_a_huge_volume_is_refused_before_its_data_are_read(tmp_
         read_scored_slice(path, 0)
 
 
+@pytest.mark.parametrize("encoding", ["gzip", "bzip2"])
+def test_nrrd_data_that_inflate_past_their_declared_volume_are_refused_early(encoding: str, tmp_path: Path) -> None:
+    """Compressed NRRD data read as pynrrd reads them; data that inflate to more than the header's sizes need are
+    refused as soon as they do: pynrrd inflated 1 MB of gzip zeros to 1 GiB before it counted them."""
+    import bz2
+    import zlib
+
+    import nrrd
+
+    volume = np.random.default_rng(0).normal(0, 300, (40, 30, 5)).astype(np.int16)
+    nrrd.write(str(tmp_path / "ct.nrrd"), volume, {"encoding": encoding, "space": "left-posterior-superior"})
+    nrrd.write(str(tmp_path / "raw.nrrd"), volume, {"encoding": "raw", "space": "left-posterior-superior"})
+    assert np.array_equal(read_scored_slice(tmp_path / "ct.nrrd", 2), read_scored_slice(tmp_path / "raw.nrrd", 2))
+    packer = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS | 16) if encoding == "gzip" else bz2.BZ2Compressor()
+    zeros = b"".join(packer.compress(bytes(2**24)) for _ in range(16)) + packer.flush()  # 256 MiB
+    header = f"NRRD0004\ntype: short\ndimension: 3\nsizes: 64 64 4\nendian: little\nencoding: {encoding}\n\n"
+    (tmp_path / "bomb.nrrd").write_bytes(header.encode() + zeros)
+    assert (tmp_path / "bomb.nrrd").stat().st_size < 500_000
+    before, start = rss_mib(), time.perf_counter()
+    with pytest.raises(InputError, match=f"its {encoding} data inflate to more than the 64 x 64 x 4 voxels"):
+        read_scored_slice(tmp_path / "bomb.nrrd", 0)
+    assert time.perf_counter() - start < QUICK_S and rss_mib() - before < 100
+
+
 def test_dicom_declaring_100000_frames_is_refused_from_its_header(tmp_path: Path) -> None:
     path = dicom_with(tmp_path / "frames.dcm", NumberOfFrames=100000)
     assert path.stat().st_size < 3000
