@@ -128,6 +128,7 @@ NRRD_PACKED = ("gzip", "gz", "bzip2", "bz2")  # NRRD data encodings inflated by 
 NRRD_MAX_ITEMSIZE = 8  # bytes a voxel of NRRD's widest types (double, 64-bit integers)
 DEFLATED_UID = b"1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian, as written in the file meta
 DICOM_HEAD = 512  # bytes read to tell gzip and the deflated transfer syntax: the preamble and the file meta's start
+INFLATE_PIECE = 2**20  # bytes of compressed data read at a time by ``_inflated``
 META_START = 144  # where the file meta's elements start after its group length: preamble, DICM, (0002,0000) UL 4
 MAX_VOLUME_MB = 2048.0  # MiB per NIfTI volume as float32 (read whole, one per reading process)
 AIR_HU = -500.0  # at or below: air (about -1000 HU), which a CT volume holds around the body, in lungs and bowel
@@ -336,20 +337,32 @@ def _check_inflated_size(stream: BinaryIO, head: bytes) -> None:
     if DEFLATED_UID not in head or head[128:136] != b"DICM\x02\x00\x00\x00":
         return
     stream.seek(META_START + int.from_bytes(head[META_START - 4 : META_START], "little"))  # past the file meta
-    cap, inflated = int(MAX_VOLUME_MB * 2**20), 0
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        while not inflater.eof and (chunk := stream.read(2**20)):
-            while chunk and not inflater.eof and inflated <= cap:  # what follows the stream's end is not inflated
-                inflated += len(inflater.decompress(chunk, 2**24))
-                chunk = inflater.unconsumed_tail
-            if inflated > cap:
-                raise InputError(
-                    f"deflated (transfer syntax Deflated Explicit VR), and over {MAX_VOLUME_MB:g} MiB "
-                    "inflated (MAX_VOLUME_MB)"
-                )
+        within = _inflated(stream, zlib.decompressobj(-zlib.MAX_WBITS), int(MAX_VOLUME_MB * 2**20), keep=False)
     except zlib.error:
         return
+    if within is None:
+        raise InputError(
+            f"deflated (transfer syntax Deflated Explicit VR), and over {MAX_VOLUME_MB:g} MiB inflated (MAX_VOLUME_MB)"
+        )
+
+
+def _inflated(stream: BinaryIO, inflater: Any, cap: int, keep: bool = True) -> bytearray | None:
+    """What a zlib or bz2 ``inflater`` makes of the rest of ``stream`` (up to the end of its compressed stream), or
+    None as soon as that passes ``cap`` bytes: read and inflated a piece at a time, so that data made to inflate
+    a thousandfold never take more than the cap. Without ``keep``, only counted (the result is then empty)."""
+    inflated, count, chunk = bytearray(), 0, stream.read(INFLATE_PIECE)
+    while chunk and not inflater.eof:
+        piece = inflater.decompress(chunk, min(cap + 1 - count, 16 * INFLATE_PIECE))
+        count += len(piece)
+        if count > cap:
+            return None
+        if keep:
+            inflated += piece
+        chunk = getattr(inflater, "unconsumed_tail", b"")  # what zlib has not read yet; bz2 keeps it inside
+        if not chunk and getattr(inflater, "needs_input", True):
+            chunk = stream.read(INFLATE_PIECE)
+    return inflated
 
 
 def read_dicom_ct(path: Path, header_only: bool = False) -> Any:
@@ -599,16 +612,10 @@ def _nrrd_read(path: Path) -> tuple[np.ndarray, dict]:
         skip = int(header.get("byteskip", header.get("byte skip", 0)))
         cap = int(np.prod(header["sizes"], dtype=np.int64)) * NRRD_MAX_ITEMSIZE + max(skip, 0)
         gzipped = encoding in ("gzip", "gz")
-        inflater: Any = zlib.decompressobj(zlib.MAX_WBITS | 16) if gzipped else bz2.BZ2Decompressor()
-        inflated, chunk = bytearray(), stream.read(2**20)
-        while chunk and not inflater.eof:
-            inflated += inflater.decompress(chunk, cap + 1 - len(inflated))
-            if len(inflated) > cap:
-                sizes = " x ".join(str(int(size)) for size in header["sizes"])
-                raise InputError(f"its {encoding} data inflate to more than the {sizes} voxels its header declares")
-            chunk = getattr(inflater, "unconsumed_tail", b"")  # what zlib has not read; bzip2 keeps it inside
-            if not chunk and getattr(inflater, "needs_input", True):
-                chunk = stream.read(2**20)
+        inflated = _inflated(stream, zlib.decompressobj(zlib.MAX_WBITS | 16) if gzipped else bz2.BZ2Decompressor(), cap)
+    if inflated is None:
+        sizes = " x ".join(str(int(size)) for size in header["sizes"])
+        raise InputError(f"its {encoding} data inflate to more than the {sizes} voxels its header declares")
     raw = {key: value for key, value in header.items() if key not in ("lineskip", "line skip")}
     return nrrd.read_data(raw | {"encoding": "raw"}, io.BytesIO(inflated), str(path)), header
 

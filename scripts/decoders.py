@@ -90,9 +90,8 @@ def codestream_shape(src: bytes) -> tuple[int, int] | None:
         position = _jpeg_frame_header(src)
         if position is None or position + 9 > len(src):
             return None
-        return int.from_bytes(src[position + 5 : position + 7], "big"), int.from_bytes(
-            src[position + 7 : position + 9], "big"
-        )
+        rows, columns = (int.from_bytes(src[at : at + 2], "big") for at in (position + 5, position + 7))
+        return rows, columns
     start = src.find(J2K_START, 0, J2K_SEARCH)
     if start < 0 or start + 24 > len(src):
         return None
