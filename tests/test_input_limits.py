@@ -146,6 +146,28 @@ def test_nrrd_data_that_inflate_past_their_declared_volume_are_refused_early(enc
     assert time.perf_counter() - start < QUICK_S and rss_mib() - before < 100
 
 
+@pytest.mark.parametrize("kind", ["nifti1", "nifti2"])
+def test_a_nifti_whose_extensions_would_fill_memory_is_refused_from_its_first_bytes(kind: str, tmp_path: Path) -> None:
+    """nibabel reads every header extension into memory before the voxels: a .nii.gz of a few hundred KB whose
+    extension held 256 MiB of zeros took 269 MiB. A header putting its voxels past 64 MiB is refused; one with the
+    usual few KB of extensions (a DICOM header dump, say) is read."""
+    image_type = nibabel.Nifti1Image if kind == "nifti1" else nibabel.Nifti2Image
+    volume = np.random.default_rng(0).normal(0, 300, (64, 64, 3)).astype(np.int16)
+    image = image_type(volume, np.diag([0.7, 0.7, 2.5, 1.0]))
+    image.header.extensions.append(nibabel.nifti1.Nifti1Extension(6, b"dicom header dump " * 200))  # 3.6 KB
+    nibabel.save(image, tmp_path / "ct.nii.gz")
+    assert read_scored_slice(tmp_path / "ct.nii.gz", 1).shape == (1, 64, 64)
+    image.header.extensions.append(nibabel.nifti1.Nifti1Extension(40, bytes(96 * 2**20)))
+    nibabel.save(image, tmp_path / "bomb.nii.gz")
+    assert (tmp_path / "bomb.nii.gz").stat().st_size < 1_000_000
+    assert only_error([tmp_path / "bomb.nii.gz"]) == (
+        "its header puts the voxels 96 MiB into the file (vox_offset: header extensions before them), over the cap "
+        "of 64 MiB (MAX_NIFTI_OFFSET_MB)"
+    )
+    with pytest.raises(InputError, match="over the cap of 64 MiB .MAX_NIFTI_OFFSET_MB."):
+        read_scored_slice(tmp_path / "bomb.nii.gz", 0)
+
+
 def test_dicom_declaring_100000_frames_is_refused_from_its_header(tmp_path: Path) -> None:
     path = dicom_with(tmp_path / "frames.dcm", NumberOfFrames=100000)
     assert path.stat().st_size < 3000
