@@ -82,29 +82,31 @@ def is_lossless_jpeg(src: bytes) -> bool:
     return position is not None and src[position + 1] in (0xC3, 0xC7, 0xCB, 0xCF)
 
 
-def codestream_shape(src: bytes) -> tuple[int, int] | None:
-    """(rows, columns) that a JPEG, JPEG-LS or JPEG 2000 codestream declares: its frame header (JPEG 2000's SIZ
-    segment, also inside a JP2 file's boxes), read from its first bytes. Rows 0: a JPEG that gives them later (in
-    a DNL segment). None where no such header can be read."""
+def codestream_shape(src: bytes) -> tuple[int, int, int] | None:
+    """(rows, columns, components) that a JPEG, JPEG-LS or JPEG 2000 codestream declares: its frame header (JPEG
+    2000's SIZ segment, also inside a JP2 file's boxes), read from its first bytes. Rows 0: a JPEG that gives them
+    later (in a DNL segment). None where no such header can be read."""
     if src[:2] == b"\xff\xd8":
         position = _jpeg_frame_header(src)
-        if position is None or position + 9 > len(src):
+        if position is None or position + 10 > len(src):
             return None
         rows, columns = (int.from_bytes(src[at : at + 2], "big") for at in (position + 5, position + 7))
-        return rows, columns
+        return rows, columns, src[position + 9]
     start = src.find(J2K_START, 0, J2K_SEARCH)
-    if start < 0 or start + 24 > len(src):
+    if start < 0 or start + 42 > len(src):
         return None
     width, height, left, top = (int.from_bytes(src[at : at + 4], "big") for at in range(start + 8, start + 24, 4))
-    return height - top, width - left
+    return height - top, width - left, int.from_bytes(src[start + 40 : start + 42], "big")
 
 
 def check_codestream_shape(ds: Any, index: int = 0) -> None:
-    """``ValueError`` when compressed frame ``index`` declares another size than the header's Rows x Columns.
+    """``ValueError`` when compressed frame ``index`` declares another size than the header's Rows x Columns, or
+    other components than its Samples per Pixel.
 
     Decoders size their output by the codestream: a few KB that declare 60000 x 60000 pixels made the JPEG-LS and
-    JPEG lossless decoders allocate gigabytes and fail after 210 and 110 s on 2 cores. Checked before any decoder
-    runs; frames of other syntaxes, and frames whose codestream cannot be read here, are left to the decoders."""
+    JPEG lossless decoders allocate gigabytes and fail after 210 and 110 s on 2 cores, and a 512 x 512 JPEG 2000
+    frame declaring 6000 components took OpenJPEG 3.4 GiB. Checked before any decoder runs; frames of other
+    syntaxes, and frames whose codestream cannot be read here, are left to the decoders."""
     from pydicom.encaps import get_frame
 
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -112,14 +114,21 @@ def check_codestream_shape(ds: Any, index: int = 0) -> None:
         return
     try:
         frame = get_frame(ds.PixelData, index, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1))
-        rows, columns = int(ds.Rows), int(ds.Columns)
+        rows, columns, samples = int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1)
     except Exception:  # malformed: pydicom's decoders say what is wrong
         return
     shape = codestream_shape(frame)
-    if shape is not None and (shape[1] != columns or shape[0] not in (0, rows)):
+    if shape is None:
+        return
+    damaged = "the pixel data is damaged or belongs to another image"
+    if shape[1] != columns or shape[0] not in (0, rows):
         raise ValueError(
             f"the compressed frame declares {shape[0]} x {shape[1]} pixels, the header {rows} x {columns} "
-            "(Rows x Columns): the pixel data is damaged or belongs to another image"
+            f"(Rows x Columns): {damaged}"
+        )
+    if shape[2] != samples:
+        raise ValueError(
+            f"the compressed frame declares {shape[2]} components, the header {samples} (SamplesPerPixel): {damaged}"
         )
 
 

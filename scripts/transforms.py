@@ -90,13 +90,14 @@ def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
 
 
 def _check_tiff_codestreams(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> None:
-    """``DeclaredSizeError`` when a JPEG or JPEG 2000 tile or strip declares more pixels than the tile or strip holds.
+    """``DeclaredSizeError`` when a JPEG or JPEG 2000 tile or strip declares more rows, columns or samples per pixel
+    than the tile or strip holds.
 
     Its decoder allocates what the codestream declares: a 64 x 64 slice whose JPEG strip declared 60000 x 60000
     took 18 s and 4.2 GiB to read. Only the head of each segment is read."""
     if page.compression not in JPEG_COMPRESSIONS or not page.dataoffsets:
         return
-    tiled = bool(page.is_tiled)
+    tiled, samples = bool(page.is_tiled), int(page.samplesperpixel)
     if tiled:
         rows, columns = int(page.tilelength), int(page.tilewidth)
     else:
@@ -104,10 +105,10 @@ def _check_tiff_codestreams(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> 
     for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
         tif.filehandle.seek(offset)
         shape = codestream_shape(tif.filehandle.read(min(count, SEGMENT_HEAD)))
-        if shape is not None and (shape[0] > rows or shape[1] > columns):
+        if shape is not None and (shape[0] > rows or shape[1] > columns or shape[2] > samples):
             raise DeclaredSizeError(
-                f"a compressed {'tile' if tiled else 'strip'} declares {shape[0]} x {shape[1]} pixels, more than its "
-                f"{rows} x {columns}: the file is damaged"
+                f"a compressed {'tile' if tiled else 'strip'} declares {shape[0]} x {shape[1]} x {shape[2]} samples, "
+                f"more than its {rows} x {columns} x {samples}: the file is damaged"
             )
 
 

@@ -129,16 +129,20 @@ def test_a_truncated_jpeg2000_codestream_is_an_input_error_naming_the_decoders(t
         read_ct_slice(tmp_path / "truncated.dcm")
 
 
-def _declaring(codestream: bytes, rows: int, columns: int) -> bytes:
-    """``codestream`` with its frame header (JPEG, JPEG-LS) or SIZ segment (JPEG 2000) declaring another size."""
+def _declaring(codestream: bytes, rows: int, columns: int, components: int = 1) -> bytes:
+    """``codestream`` with its frame header (JPEG, JPEG-LS) or SIZ segment (JPEG 2000) declaring another size, or
+    other components (JPEG 2000: as many entries as it declares, each the first one's)."""
     data = bytearray(codestream)
     if data[:2] == b"\xff\xd8":
         at = next(at for at in range(2, len(data)) if data[at] == 0xFF and data[at + 1] in (0xC3, 0xF7))
-        data[at + 5 : at + 9] = rows.to_bytes(2, "big") + columns.to_bytes(2, "big")
-    else:
-        at = bytes(data).index(b"\xff\x4f\xff\x51")
-        data[at + 8 : at + 16] = columns.to_bytes(4, "big") + rows.to_bytes(4, "big")
-    return bytes(data)
+        data[at + 5 : at + 10] = rows.to_bytes(2, "big") + columns.to_bytes(2, "big") + bytes([components])
+        return bytes(data)
+    at = bytes(data).index(b"\xff\x4f\xff\x51")
+    data[at + 8 : at + 16] = columns.to_bytes(4, "big") + rows.to_bytes(4, "big")
+    end = at + 4 + int.from_bytes(data[at + 4 : at + 6], "big")  # the end of the SIZ segment
+    entries = data[at + 42 : at + 45] * components
+    siz = (38 + 3 * components).to_bytes(2, "big") + data[at + 6 : at + 40] + components.to_bytes(2, "big")
+    return bytes(data[: at + 4] + siz + entries + data[end:])
 
 
 @pytest.mark.parametrize("syntax", [JPEG2000Lossless, *LOSSLESS.values()], ids=["j2k", *LOSSLESS.keys()])
@@ -152,17 +156,22 @@ def test_a_codestream_declaring_another_size_than_the_header_is_refused_before_d
     source = write_dicom_slice(tmp_path / "slice.dcm", np.full((64, 64), 40.0), "1.2.3")
     ds = pydicom.dcmread(compress_dicom(source, syntax))
     codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
-    assert codestream_shape(codestream) == (64, 64)
+    assert codestream_shape(codestream) == (64, 64, 1) == codestream_shape(_declaring(codestream, 64, 64))
     ds.PixelData = encapsulate([_declaring(codestream, 60000, 60000)])
     ds.save_as(source, enforce_file_format=True)
     with pytest.raises(InputError, match="declares 60000 x 60000 pixels, the header 64 x 64 .Rows x Columns."):
+        read_ct_slice(source)
+    ds.PixelData = encapsulate([_declaring(codestream, 64, 64, components=200)])  # 6000 took OpenJPEG 3.4 GiB
+    ds.save_as(source, enforce_file_format=True)
+    with pytest.raises(InputError, match="declares 200 components, the header 1 .SamplesPerPixel."):
         read_ct_slice(source)
     ds.PixelData = encapsulate([_declaring(codestream, 0, 64)])  # a JPEG may give its rows later (DNL)
     assert check_codestream_shape(ds) is None
 
 
 def test_every_compressed_frame_of_pydicoms_corpora_declares_its_headers_size() -> None:
-    """The check above passes every frame that decodes (JPEG 2000, JPEG, JPEG-LS; grey and colour, subsampled)."""
+    """The check above passes every frame that decodes (JPEG 2000, JPEG, JPEG-LS; grey and colour, subsampled): each
+    declares its header's Rows, Columns and Samples per Pixel."""
     checked = 0
     for path in _compressed_files(colour=False) + _compressed_files(colour=True):
         ds = pydicom.dcmread(path)
@@ -171,7 +180,9 @@ def test_every_compressed_frame_of_pydicoms_corpora_declares_its_headers_size() 
         except Exception:
             continue  # pydicom cannot decode it either
         codestream = next(generate_frames(ds.PixelData, number_of_frames=frame_count(ds)))
-        assert codestream_shape(codestream) == frame.shape[:2] == (ds.Rows, ds.Columns), path.name
+        declared = codestream_shape(codestream)
+        assert declared is not None and declared[:2] == frame.shape[:2] == (ds.Rows, ds.Columns), path.name
+        assert declared[2] == ds.SamplesPerPixel, path.name
         check_codestream_shape(ds)
         checked += 1
     assert checked >= 25
