@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from scripts.decoders import check_codestream_shape, decoding_options, native_frame
+from scripts.decoders import check_codestream, decoding_options, native_frame
 
 HU_WINDOW = (-1000.0, 400.0)
 
@@ -115,7 +115,7 @@ def _frame_pixels(ds: Any, index: int) -> np.ndarray:
     native = native_frame(ds, index)
     if native is not None:
         return native
-    check_codestream_shape(ds, index)
+    check_codestream(ds, index)
     options = decoding_options(ds)
     if options:
         try:

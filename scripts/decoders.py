@@ -18,8 +18,9 @@ are left to pydicom's other plugins.
 
 from __future__ import annotations
 
+import io
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -44,6 +45,9 @@ DECODER_DEPENDENCIES = {uid: ("imagecodecs>=2024.9.22",) for uid in SYNTAXES}
 CODESTREAM_SYNTAXES = (*JPEG2000TransferSyntaxes, *JPEGTransferSyntaxes, *JPEGLSTransferSyntaxes)
 J2K_START = b"\xff\x4f\xff\x51"  # SOC then SIZ: a JPEG 2000 codestream's first two markers
 J2K_SEARCH = 4096  # bytes searched for them: a JP2 file puts its header boxes before the codestream
+SOS = b"\xff\xda"  # a JPEG scan's first marker: entropy-coded data follow every 0xFF with 0x00 or RSTn, never 0xDA
+MAX_JPEG_SCANS = 100  # scans a JPEG codestream may hold: progressive ones have 6 to 12, sequential one per component
+SCAN_CHUNK = 1 << 20  # bytes read at a time while counting scans
 
 
 def is_available(uid: str) -> bool:
@@ -99,9 +103,39 @@ def codestream_shape(src: bytes) -> tuple[int, int, int] | None:
     return height - top, width - left, int.from_bytes(src[start + 40 : start + 42], "big")
 
 
-def check_codestream_shape(ds: Any, index: int = 0) -> None:
+class Readable(Protocol):
+    """A file, or tifffile's file handle."""
+
+    def read(self, size: int = -1, /) -> bytes:
+        """Up to ``size`` bytes (-1: all that are left)."""
+
+
+def check_jpeg_scans(stream: Readable, size: int = -1) -> None:
+    """``ValueError`` when the next ``size`` bytes of ``stream`` (all of it: -1), a JPEG or JPEG-LS codestream,
+    hold more than ``MAX_JPEG_SCANS`` scans; counting stops there.
+
+    Decoders pass over the whole image once a scan, however few bytes the scan holds: a 4096 x 4096 progressive
+    JPEG of 200 KB repeating one 33-byte scan 3000 times took 31 s to read as a .jpg, 86 s as a DICOM frame; at
+    100 scans, 1 and 2.8 s. Each FF DA is counted, also
+    inside an APPn segment (an EXIF thumbnail's), so the count is at most a few over the scans."""
+    scans, carry, left = 0, b"", size if size >= 0 else float("inf")
+    while left > 0 and scans <= MAX_JPEG_SCANS:
+        chunk = stream.read(int(min(SCAN_CHUNK, left)))
+        if not chunk:
+            break
+        left -= len(chunk)
+        scans += (carry + chunk).count(SOS)
+        carry = chunk[-1:] if chunk[-1:] == SOS[:1] else b""  # a marker split between two chunks
+    if scans > MAX_JPEG_SCANS:
+        raise ValueError(
+            f"the JPEG codestream holds over {MAX_JPEG_SCANS} scans (MAX_JPEG_SCANS; progressive JPEGs have 6 to 12): "
+            "decoders pass over the whole image once a scan, so it would take minutes; the file is damaged or hostile"
+        )
+
+
+def check_codestream(ds: Any, index: int = 0) -> None:
     """``ValueError`` when compressed frame ``index`` declares another size than the header's Rows x Columns, or
-    other components than its Samples per Pixel.
+    other components than its Samples per Pixel, or (JPEG) holds more scans than ``MAX_JPEG_SCANS``.
 
     Decoders size their output by the codestream: a few KB that declare 60000 x 60000 pixels made the JPEG-LS and
     JPEG lossless decoders allocate gigabytes and fail after 210 and 110 s on 2 cores, and a 512 x 512 JPEG 2000
@@ -130,6 +164,8 @@ def check_codestream_shape(ds: Any, index: int = 0) -> None:
         raise ValueError(
             f"the compressed frame declares {shape[2]} components, the header {samples} (SamplesPerPixel): {damaged}"
         )
+    if frame[:2] == b"\xff\xd8":
+        check_jpeg_scans(io.BytesIO(frame))
 
 
 def _container_bits(precision: int) -> int:

@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from PIL import Image
 from scripts.ct_io import HU_WINDOW
-from scripts.decoders import codestream_shape
+from scripts.decoders import Readable, check_jpeg_scans, codestream_shape
 from scripts.options import check_windows, optional_size
 
 SLICE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp")
@@ -91,10 +91,10 @@ def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
 
 def _check_tiff_codestreams(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> None:
     """``DeclaredSizeError`` when a JPEG or JPEG 2000 tile or strip declares more rows, columns or samples per pixel
-    than the tile or strip holds.
+    than the tile or strip holds, or a JPEG one holds more scans than ``MAX_JPEG_SCANS``.
 
     Its decoder allocates what the codestream declares: a 64 x 64 slice whose JPEG strip declared 60000 x 60000
-    took 18 s and 4.2 GiB to read. Only the head of each segment is read."""
+    took 18 s and 4.2 GiB to read. Only the head of a JPEG 2000 segment is read."""
     if page.compression not in JPEG_COMPRESSIONS or not page.dataoffsets:
         return
     tiled, samples = bool(page.is_tiled), int(page.samplesperpixel)
@@ -104,12 +104,24 @@ def _check_tiff_codestreams(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> 
         rows, columns = min(int(page.rowsperstrip or page.imagelength), int(page.imagelength)), int(page.imagewidth)
     for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
         tif.filehandle.seek(offset)
-        shape = codestream_shape(tif.filehandle.read(min(count, SEGMENT_HEAD)))
+        head = tif.filehandle.read(min(count, SEGMENT_HEAD))
+        shape = codestream_shape(head)
         if shape is not None and (shape[0] > rows or shape[1] > columns or shape[2] > samples):
             raise DeclaredSizeError(
                 f"a compressed {'tile' if tiled else 'strip'} declares {shape[0]} x {shape[1]} x {shape[2]} samples, "
                 f"more than its {rows} x {columns} x {samples}: the file is damaged"
             )
+        if head[:2] == b"\xff\xd8":
+            tif.filehandle.seek(offset)
+            _check_scans(tif.filehandle, count)
+
+
+def _check_scans(stream: Readable, size: int = -1) -> None:
+    """``check_jpeg_scans``, raising ``DeclaredSizeError``."""
+    try:
+        check_jpeg_scans(stream, size)
+    except ValueError as error:
+        raise DeclaredSizeError(str(error)) from None
 
 
 def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = False) -> np.ndarray | tuple[int, int]:
@@ -128,6 +140,9 @@ def _decode(path: Path, max_slice_mb: float | None = None, header_only: bool = F
             check_slice_size((image.height, image.width, len(image.getbands())), max_slice_mb)
             if header_only:
                 return image.height, image.width
+            if image.format in ("JPEG", "MPO"):
+                with path.open("rb") as stream:
+                    _check_scans(stream)
             if image.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "HSV", "1"):
                 return np.asarray(image.convert("RGB" if image.mode not in ("LA", "1") else "L"))
             return np.asarray(image)

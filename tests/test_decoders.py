@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -20,12 +21,15 @@ from pydicom.uid import (
     JPEGLSLossless,
     RLELossless,
 )
+from scripts import decoders
 from scripts.ct_inputs import STORED_PIXELS, InputError, LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import _frame_pixels, compress_dicom, frame_count, frame_hu, write_dicom_slice
 from scripts.decoders import (
     PLUGIN,
+    SOS,
     SYNTAXES,
-    check_codestream_shape,
+    check_codestream,
+    check_jpeg_scans,
     codestream_shape,
     decode_threads,
     decoding_options,
@@ -166,7 +170,7 @@ def test_a_codestream_declaring_another_size_than_the_header_is_refused_before_d
     with pytest.raises(InputError, match="declares 200 components, the header 1 .SamplesPerPixel."):
         read_ct_slice(source)
     ds.PixelData = encapsulate([_declaring(codestream, 0, 64)])  # a JPEG may give its rows later (DNL)
-    assert check_codestream_shape(ds) is None
+    assert check_codestream(ds) is None
 
 
 def test_every_compressed_frame_of_pydicoms_corpora_declares_its_headers_size() -> None:
@@ -183,9 +187,18 @@ def test_every_compressed_frame_of_pydicoms_corpora_declares_its_headers_size() 
         declared = codestream_shape(codestream)
         assert declared is not None and declared[:2] == frame.shape[:2] == (ds.Rows, ds.Columns), path.name
         assert declared[2] == ds.SamplesPerPixel, path.name
-        check_codestream_shape(ds)
+        check_codestream(ds)
         checked += 1
     assert checked >= 25
+
+
+def test_scans_are_counted_across_the_reads_of_a_stream(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scan marker split between two reads counts once; counting stops at ``size`` bytes."""
+    monkeypatch.setattr(decoders, "SCAN_CHUNK", 3)  # every other marker straddles two reads
+    check_jpeg_scans(io.BytesIO(SOS * decoders.MAX_JPEG_SCANS))
+    with pytest.raises(ValueError, match=f"holds over {decoders.MAX_JPEG_SCANS} scans"):
+        check_jpeg_scans(io.BytesIO(SOS * (decoders.MAX_JPEG_SCANS + 1)))
+    check_jpeg_scans(io.BytesIO(SOS * (decoders.MAX_JPEG_SCANS + 1)), size=2 * decoders.MAX_JPEG_SCANS)
 
 
 class _Threads(Dataset):

@@ -5,6 +5,7 @@ size and orientation, and sorted along the slice normal."""
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import resource
 import shutil
@@ -18,11 +19,13 @@ import numpy as np
 import pydicom
 import pytest
 import tifffile
+from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
+from pydicom.encaps import encapsulate
+from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless
 from scripts import transforms
 from scripts.clinical.score import SliceScorer, downsample, score_inputs
-from scripts.ct_inputs import InputError, index_inputs, read_scored_slice
+from scripts.ct_inputs import InputError, index_inputs, read_ct_slice, read_scored_slice
 from scripts.ct_io import write_dicom_slice
 from scripts.transforms import ImageReadError, read_slice
 
@@ -271,6 +274,50 @@ def test_a_compressed_tiff_segment_declaring_more_pixels_than_it_holds_is_refuse
         ImageReadError, match="declares 60000 x 60000 x 1 samples, more than its (16 x 70|32 x 32|100 x 70|64 x 64) x 1"
     ):
         read_slice(path)
+    assert time.perf_counter() - start < QUICK_S
+
+
+def progressive_jpeg(pixels: np.ndarray, repeats: int = 0) -> bytes:
+    """A progressive JPEG of grey uint8 ``pixels`` (pillow's 6 scans), its last scan then repeated ``repeats`` times."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", progressive=True, quality=95)
+    codestream = buffer.getvalue()
+    last = codestream.rindex(b"\xff\xda")
+    return codestream[:-2] + codestream[last:-2] * repeats + b"\xff\xd9"
+
+
+def jpeg_slice(path: Path, codestream: bytes, shape: tuple[int, int]) -> Path:
+    """``codestream`` as a .jpg file, a TIFF's one strip or a DICOM CT slice's frame, by ``path``'s suffix."""
+    if path.suffix == ".jpg":
+        path.write_bytes(codestream)
+    elif path.suffix == ".tif":
+        tifffile.imwrite(path, iter([codestream]), shape=shape, dtype=np.uint8, compression="jpeg", rowsperstrip=64)
+    else:
+        ds = pydicom.dcmread(write_dicom_slice(path, np.zeros(shape), "1.2.3"))
+        ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+        ds.RescaleSlope, ds.RescaleIntercept = 1, 0
+        ds.PixelData = encapsulate([codestream])
+        ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".tif", ".dcm"])
+def test_a_jpeg_holding_too_many_scans_is_refused_before_decoding(suffix: str, tmp_path: Path) -> None:
+    """Decoders pass over the whole image once a scan, however small: a 200 KB 4096 x 4096 JPEG repeating one scan
+    3000 times took 31 s as a .jpg, 33 s as a TIFF strip and 86 s as a DICOM frame. A JPEG of up to
+    ``MAX_JPEG_SCANS`` (100) scans reads as pillow decodes it; one of more is refused unread."""
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 80), dtype=np.uint8)
+    allowed = progressive_jpeg(pixels, repeats=100 - 6)
+    with Image.open(io.BytesIO(allowed)) as image:
+        expected = np.asarray(image)
+    path = jpeg_slice(tmp_path / f"slice{suffix}", allowed, pixels.shape)
+    read = read_ct_slice(path)[0][0] if suffix == ".dcm" else read_slice(path) * 255
+    assert np.abs(read - expected).max() < 1e-3
+    jpeg_slice(path, progressive_jpeg(pixels, repeats=100 - 5), pixels.shape)
+    start = time.perf_counter()
+    with pytest.raises((InputError, ImageReadError), match="holds over 100 scans .MAX_JPEG_SCANS"):
+        read_ct_slice(path)
     assert time.perf_counter() - start < QUICK_S
 
 
