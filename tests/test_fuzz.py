@@ -1,4 +1,4 @@
-"""Fuzzing: valid DICOM (uncompressed, RLE, JPEG 2000, JPEG lossless, JPEG-LS), NIfTI and TIFF files, mutated in
+"""Fuzzing: valid DICOM (uncompressed, RLE, JPEG 2000, JPEG lossless, JPEG-LS), NIfTI, TIFF and JPEG files, mutated in
 their headers and bytes, each end scored or in ``errors``, within a time bound, without a crash.
 
 CI runs a fixed set of 100 examples per kind (``derandomize``). For thousands of fresh random ones:
@@ -28,15 +28,16 @@ import pytest
 import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from PIL import Image
 from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, JPEGLSLossless, RLELossless
 from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import compress_dicom, write_dicom_slice
 from scripts.output_dir import printable_tree
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))  # per kind: 700 in all in CI
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))  # per kind: 800 in all in CI
 SECONDS_PER_FILE = 10  # index and read one mutated file; a valid one takes milliseconds
 DICOM_KINDS = ("dicom", "dicom_rle", "dicom_j2k", "dicom_jpeg_lossless", "dicom_jpeg_ls")
-SUFFIXES = dict.fromkeys(DICOM_KINDS, ".dcm") | {"nifti": ".nii", "tiff": ".tif"}
+SUFFIXES = dict.fromkeys(DICOM_KINDS, ".dcm") | {"nifti": ".nii", "tiff": ".tif", "jpeg": ".jpg"}
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every odd element it meets
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES,
@@ -75,7 +76,11 @@ def _valid_files(folder: Path) -> dict[str, bytes]:
     nibabel.save(nibabel.Nifti1Image(_hu((16, 16, 3)).astype(np.int16), np.diag([0.7, 0.7, 2.5, 1.0])), nifti)
     tiff = io.BytesIO()
     tifffile.imwrite(tiff, np.random.default_rng(1).random((16, 16), dtype=np.float32))
-    files = {"dicom": dicom.read_bytes(), "nifti": nifti.read_bytes(), "tiff": tiff.getvalue()}
+    jpeg = io.BytesIO()  # progressive: 6 scans, whose markers the mutations may multiply
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (16, 16), dtype=np.uint8)).save(
+        jpeg, "JPEG", progressive=True
+    )
+    files = {"dicom": dicom.read_bytes(), "nifti": nifti.read_bytes(), "tiff": tiff.getvalue(), "jpeg": jpeg.getvalue()}
     return files | {kind: path.read_bytes() for kind, path in compressed.items()}
 
 
