@@ -168,7 +168,8 @@ def score(
     compile: Any = False,
     plots: Any = True,
 ) -> None:
-    """Score DICOM files/folders, NIfTI/NRRD volumes and TIFF/PNG slices: scores.csv and summary.json in output_dir
+    """Score DICOM files/folders, NIfTI/NRRD/MetaImage volumes and TIFF/PNG slices: scores.csv and summary.json in
+    output_dir
     (``torchrun --nproc_per_node N -m scripts score ...`` shares the series out between N processes).
 
     ``ckpt`` defaults to the bundle's ``models/model.pt``, else the demo's model (which it names); ``window`` to

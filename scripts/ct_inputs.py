@@ -1,4 +1,4 @@
-"""Real CT inputs to score: DICOM files and folders, NIfTI and NRRD volumes and rendered TIFF/PNG slices.
+"""Real CT inputs to score: DICOM files and folders, NIfTI, NRRD and MetaImage volumes and rendered TIFF/PNG slices.
 
 Scoring runs in two steps so that reading can overlap with the network (DataLoader workers):
 
@@ -6,8 +6,8 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
    grouped into series by SeriesInstanceUID (by folder and shared attributes where it was removed;
    split by slice size and orientation; copies with the
    same SOPInstanceUID and pixels reported once, other images under a reused UID split by folder)
-   and sorted along the slice normal; enhanced (multi-frame) CT gives one item per frame; a NIfTI
-   or NRRD volume gives one item per axial slice (after reorienting to RAS); a TIFF/PNG file is one
+   and sorted along the slice normal; enhanced (multi-frame) CT gives one item per frame; a NIfTI,
+   NRRD or MetaImage volume gives one item per axial slice (after reorienting to RAS); a TIFF/PNG file is one
    already-rendered slice. Each item is
    ``{"image": path, "frame": k, "series": name, "position": z, "error": "", "warning": ""}`` (``warning``:
    what was assumed to read it, e.g. a missing PhotometricInterpretation, or that it is a thumbnail), and for an
@@ -37,7 +37,7 @@ import os
 import stat
 import warnings
 import zlib
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -74,7 +74,9 @@ from scripts.transforms import (
 
 logger = logging.getLogger(__name__)
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd")  # NIfTI, and NRRD (3D Slicer's default)
+METAIMAGE_SUFFIXES = (".mha", ".mhd")  # ITK's MetaImage: one file, or a header naming its data file
+VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", *METAIMAGE_SUFFIXES)  # NIfTI, NRRD (3D Slicer's default), MetaImage
+METAIMAGE_HEAD = 65536  # bytes of a .mhd header searched for the data file it names
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the file while indexing
 PLACEHOLDER_SIZE = 8
@@ -229,6 +231,10 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
             left_out = [n for n in names if n in outputs or n.startswith(TEMP_PREFIX)]
             logger.info("not read as input: the report in %s (%s)", path, ", ".join(left_out))
             names = [n for n in names if n not in left_out]
+        voxels = {data for n in names if n.lower().endswith(".mhd") for data in metaimage_data_files(path / n)}
+        if voxels & set(names):  # a MetaImage header's data file is read with its header, not as an input
+            logger.info("read with their MetaImage headers: %s", ", ".join(sorted(voxels & set(names))))
+            names = [n for n in names if n not in voxels]
         inside = {**ancestors, key: path}
         for name in names:
             visit(path / name, inside)
@@ -278,8 +284,13 @@ def _not_dicom(path: Path) -> str:
     reason = "not a DICOM file (no DICOM elements found)"
     if path.suffix.lower() in (".hdr", ".img"):
         return f"{reason}: an Analyze or NIfTI pair (.hdr/.img) is not read; save it as .nii or .nii.gz"
+    if path.suffix.lower() in (".raw", ".zraw"):
+        return f"{reason}: voxels without their header; give the MetaImage header (.mhd) that names this file"
     slices = ", ".join(SLICE_SUFFIXES)
-    return f"{reason}; the inputs scored are DICOM, NIfTI (.nii, .nii.gz), NRRD (.nrrd) and slices ({slices})"
+    return (
+        f"{reason}; the inputs scored are DICOM, NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd) "
+        f"and slices ({slices})"
+    )
 
 
 def _ensure_transfer_syntax(ds: Any) -> None:
@@ -622,6 +633,72 @@ def _nrrd_read(path: Path) -> tuple[np.ndarray, dict]:
     return nrrd.read_data(raw | {"encoding": "raw"}, io.BytesIO(inflated), str(path)), header
 
 
+def _lps_affine(directions: np.ndarray, spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    """Voxel to RAS+ millimetres of an image in LPS (DICOM's and ITK's world): ``directions`` (a column per axis),
+    the voxel ``spacing`` and the first voxel's ``origin``, of up to 3 axes."""
+    axes = min(len(spacing), 3)
+    affine = np.eye(4)
+    affine[:axes, :axes] = np.asarray(directions, dtype=float)[:axes, :axes] * np.asarray(spacing[:axes], dtype=float)
+    affine[:axes, 3] = np.asarray(origin[:axes], dtype=float)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+
+
+def _metaimage_image(path: Path, pixels: bool) -> Any:
+    """A MetaImage file (``.mha``, or a ``.mhd`` header and the data file it names) read by SimpleITK, as an
+    in-memory NIfTI image in RAS+: its pixels with ``pixels``, else a stand-in of the declared shape that takes no
+    memory. SimpleITK inflates compressed data into the declared size only."""
+    import nibabel
+    import SimpleITK
+
+    reader = SimpleITK.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO("MetaImageIO")
+    try:
+        reader.ReadImageInformation()
+        size = tuple(int(side) for side in reader.GetSize())
+        if reader.GetNumberOfComponents() != 1:
+            raise InputError(
+                f"MetaImage data of {reader.GetNumberOfComponents()} components a voxel (colour or vectors) "
+                f"is not a grey-level volume; {ONLY_HU}"
+            )
+        if pixels:
+            data = SimpleITK.GetArrayFromImage(reader.Execute()).transpose()  # (z, y, x) to (x, y, z), as in NIfTI
+        else:
+            data = np.broadcast_to(np.zeros((), np.float32), size)
+    except InputError:
+        raise
+    except Exception as error:  # SimpleITK raises RuntimeError with ITK's message for unreadable headers and data
+        message = " ".join(str(error).split())[-300:]
+        raise InputError(f"not a readable MetaImage volume ({type(error).__name__}: {message})") from error
+    if data.dtype.kind not in "iuf":
+        raise InputError(f"MetaImage data of type {data.dtype} is not a grey-level volume; {ONLY_HU}")
+    dimension = len(size)
+    directions = np.asarray(reader.GetDirection(), dtype=float).reshape(dimension, dimension)
+    return nibabel.Nifti1Image(data, _lps_affine(directions, reader.GetSpacing(), reader.GetOrigin()))
+
+
+def metaimage_data_files(header: Path) -> list[str]:
+    """The names of the data files a ``.mhd`` header names beside it (``ElementDataFile``: one name, or ``LIST``
+    and one a line); none for ``LOCAL`` (data in the header's own file), a file pattern, or a header that cannot be
+    read. Those files are the volume's voxels, not inputs of their own."""
+    try:
+        with open(header, "rb") as stream:
+            text = stream.read(METAIMAGE_HEAD).decode("latin-1")
+    except OSError:
+        return []
+    lines = text.splitlines()
+    for at, line in enumerate(lines):
+        key, _, value = line.partition("=")
+        if key.strip() != "ElementDataFile":
+            continue
+        value = value.strip()
+        if value.upper() == "LOCAL" or "%" in value:
+            return []
+        names = [name.strip() for name in lines[at + 1 :]] if value.upper().startswith("LIST") else [value]
+        return [name for name in names if name and Path(name).name == name]
+    return []
+
+
 def _nrrd_image(path: Path, pixels: bool) -> Any:
     """A NRRD file as an in-memory NIfTI image in RAS+: its pixels with ``pixels``, else a stand-in of the declared
     shape that takes no memory."""
@@ -669,14 +746,16 @@ def _check_nifti_offset(path: Path) -> None:
 
 
 def _volume_image(path: Path, pixels: bool = False) -> Any:
-    """The NIfTI or NRRD image as a 3-D volume (a 2-D image is one slice, trailing axes of length 1 are dropped),
-    its declared size checked first; NIfTI pixels stay in the file until used, NRRD pixels are read with ``pixels``.
-    ``InputError`` for anything else (a time series, CIFTI)."""
+    """The NIfTI, NRRD or MetaImage image as a 3-D volume (a 2-D image is one slice, trailing axes of length 1 are
+    dropped), its declared size checked first; NIfTI pixels stay in the file until used, NRRD and MetaImage pixels
+    are read with ``pixels``. ``InputError`` for anything else (a time series, CIFTI)."""
     import nibabel
 
-    is_nrrd = path.name.lower().endswith(".nrrd")
-    if is_nrrd:
-        image = _nrrd_image(path, pixels=False)
+    name = path.name.lower()
+    in_memory = _nrrd_image if name.endswith(".nrrd") else None
+    in_memory = _metaimage_image if name.endswith(METAIMAGE_SUFFIXES) else in_memory
+    if in_memory is not None:
+        image = in_memory(path, pixels=False)
     else:
         _check_nifti_offset(path)
         try:
@@ -685,7 +764,7 @@ def _volume_image(path: Path, pixels: bool = False) -> Any:
             raise InputError(f"not a readable NIfTI volume ({type(error).__name__}: {error})") from error
     if isinstance(image, nibabel.cifti2.Cifti2Image):
         raise InputError("a CIFTI-2 file (surface or connectivity data), not an image volume")
-    if not is_nrrd:
+    if in_memory is None:
         _check_nifti_content(image)
     shape = tuple(int(side) for side in image.shape)
     while len(shape) > 3 and shape[-1] == 1:  # e.g. (x, y, z, 1) or (x, y, z, 1, 1): one volume
@@ -694,8 +773,8 @@ def _volume_image(path: Path, pixels: bool = False) -> Any:
     if len(shape) != 3:
         raise InputError(f"expected a 3-D volume, got shape {tuple(image.shape)} (wrong dimensionality)")
     _check_volume_size(path, image, shape)
-    if is_nrrd and pixels:
-        image = _nrrd_image(path, pixels=True)
+    if in_memory is not None and pixels:
+        image = in_memory(path, pixels=True)
     if shape != image.shape:
         image = type(image)(image.dataobj.reshape(shape), image.affine, image.header)
     return image

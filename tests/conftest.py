@@ -22,8 +22,8 @@ from scripts.synthetic.natural import write_natural_dataset
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # what score and the inference config say of a file that is not DICOM, a volume or a slice image
 NOT_DICOM = (
-    "not a DICOM file (no DICOM elements found); the inputs scored are DICOM, NIfTI (.nii, .nii.gz), NRRD (.nrrd) "
-    "and slices (.tif, .tiff, .png, .jpg, .jpeg, .bmp)"
+    "not a DICOM file (no DICOM elements found); the inputs scored are DICOM, NIfTI (.nii, .nii.gz), NRRD (.nrrd), "
+    "MetaImage (.mha, .mhd) and slices (.tif, .tiff, .png, .jpg, .jpeg, .bmp)"
 )
 CONFIG_DIR = REPO_ROOT / "bundle" / "configs"
 TRAIN_CONFIG = str(CONFIG_DIR / "train.json")

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import nibabel
@@ -114,15 +115,37 @@ def test_nifti_volume_and_slice_caps_are_configurable(tmp_path: Path, monkeypatc
     assert only_error([path]) == cap
 
 
-def test_a_nrrd_declaring_a_huge_volume_is_refused_before_its_data_are_read(tmp_path: Path) -> None:
-    path = tmp_path / "huge.nrrd"  # 1000^3 voxels declared, 20 bytes of (gzip) data
-    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 1000 1000 1000\nencoding: gzip\n\n" + bytes(20))
+METAIMAGE_HEADER = "ObjectType = Image\nNDims = 3\nDimSize = {sizes}\nElementType = MET_SHORT\n{data}"
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_a_volume_declaring_a_huge_size_is_refused_before_its_data_are_read(suffix: str, tmp_path: Path) -> None:
+    path = tmp_path / f"huge{suffix}"  # 1000^3 voxels declared, 20 bytes of (gzip) data
+    if suffix == ".nrrd":
+        path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 1000 1000 1000\nencoding: gzip\n\n" + bytes(20))
+    else:
+        data = "CompressedData = True\nCompressedDataSize = 20\nElementDataFile = LOCAL\n"
+        path.write_bytes(METAIMAGE_HEADER.format(sizes="1000 1000 1000", data=data).encode() + bytes(20))
     assert only_error([path]) == (
         "declared volume 1000 x 1000 x 1000 needs 3,815 MiB as float32, "
         "over the cap of 2048 MiB per volume (MAX_VOLUME_MB)"
     )
     with pytest.raises(InputError, match="over the cap of 2048 MiB per volume"):
         read_scored_slice(path, 0)
+
+
+def test_metaimage_data_that_inflate_past_their_declared_volume_are_read_to_it_only(tmp_path: Path) -> None:
+    """SimpleITK inflates compressed MetaImage data into the declared voxels only: 1 GiB of zeros (1 MB
+    compressed) under a 64 x 64 x 4 header reads as those voxels, without the gigabyte."""
+    packer = zlib.compressobj()
+    zeros = b"".join(packer.compress(bytes(2**24)) for _ in range(64)) + packer.flush()
+    data = f"CompressedData = True\nCompressedDataSize = {len(zeros)}\nElementDataFile = LOCAL\n"
+    path = tmp_path / "bomb.mha"
+    path.write_bytes(METAIMAGE_HEADER.format(sizes="64 64 4", data=data).encode() + zeros)
+    before, start = rss_mib(), time.perf_counter()
+    with pytest.raises(InputError, match="every voxel is 0: an empty volume"):  # read, then found not CT
+        read_scored_slice(path, 0)
+    assert time.perf_counter() - start < QUICK_S and rss_mib() - before < 200
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "bzip2"])

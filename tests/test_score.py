@@ -605,6 +605,53 @@ def test_nrrd_volumes_read_like_the_same_grid_saved_as_nifti(tiny_checkpoint: Pa
         read_scored_slice(raw, 0)
 
 
+def test_metaimage_volumes_read_like_the_same_grid_saved_as_nifti(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """MetaImage (ITK's LPS world) in one compressed .mha file, or a .mhd header and the .raw file it names; the
+    .raw is read with its header, not listed on its own. Vectors, truncated data and a lone .raw are errors."""
+    import SimpleITK as sitk
+
+    hu = np.random.default_rng(5).normal(0, 80, (20, 16, 3)).round().astype(np.int16)  # x, y, z
+    hu[:4, :2] = 300  # a corner that shows which way each axis runs
+    hu[-2:] = -1000  # air along one side: CT in HU
+    directions = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # a column per axis, rotated in-plane
+    spacing, origin = (0.7, 0.8, 5.0), (10.0, 20.0, 30.0)
+    image = sitk.GetImageFromArray(hu.transpose())  # SimpleITK's arrays are (z, y, x)
+    image.SetDirection(directions.ravel().tolist())
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    sitk.WriteImage(image, str(folder / "ct.mha"), useCompression=True)
+    sitk.WriteImage(image, str(folder / "ct.mhd"))  # and ct.raw beside it
+    lps = np.block([[directions * spacing, np.array(origin)[:, None]], [np.zeros((1, 3)), np.ones((1, 1))]])
+    nibabel.save(nibabel.Nifti1Image(hu, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps), tmp_path / "ct.nii.gz")
+    items, errors = index_inputs([folder, tmp_path / "ct.nii.gz"])
+    assert errors == [] and sorted(Path(item["image"]).name for item in items) == sorted(
+        ["ct.mha", "ct.mhd", "ct.nii.gz"] * 3
+    )
+    for frame in range(3):
+        expected = read_scored_slice(tmp_path / "ct.nii.gz", frame, (-200.0, 400.0))
+        for name in ("ct.mha", "ct.mhd"):
+            assert np.array_equal(read_scored_slice(folder / name, frame, (-200.0, 400.0)), expected), name
+    summary = score_paths([folder / "ct.mha", tmp_path / "ct.nii.gz"], tmp_path / "out", ckpt=tiny_checkpoint)
+    by_file = {Path(name).name: entry["mean"] for name, entry in summary["series"].items()}
+    assert by_file["ct.mha"] == pytest.approx(by_file["ct.nii.gz"], abs=1e-5)
+
+    sitk.WriteImage(
+        sitk.GetImageFromArray(np.zeros((3, 16, 16, 2), np.float32), isVector=True), str(tmp_path / "v.mha")
+    )
+    truncated = tmp_path / "truncated.mha"
+    sitk.WriteImage(image, str(truncated))
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    _, errors = index_inputs([tmp_path / "v.mha", folder / "ct.raw"])
+    assert errors[0]["reason"].startswith("MetaImage data of 2 components a voxel (colour or vectors)")
+    assert errors[1]["reason"].endswith(
+        "voxels without their header; give the MetaImage header (.mhd) that names this file"
+    )
+    with pytest.raises(InputError, match="^not a readable MetaImage volume .RuntimeError"):
+        read_scored_slice(truncated, 0)
+
+
 def test_gzipped_dicom_scores_as_the_file_itself_and_other_files_say_what_is_read(
     tiny_checkpoint: Path, tmp_path: Path
 ) -> None:

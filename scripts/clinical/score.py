@@ -1,9 +1,10 @@
-"""Score real CT: DICOM files and folders, NIfTI and NRRD volumes and TIFF/PNG slices; by slice and per series.
+"""Score real CT: DICOM files and folders, NIfTI, NRRD and MetaImage volumes and TIFF/PNG slices; by slice and per
+series.
 
 ``python -m scripts score PATH [PATH ...] --output_dir OUT [--ckpt FILE] [--window=-1000,400] [--device D]``
 
 Inputs are indexed from their headers (``scripts.ct_inputs``: DICOM grouped into series and
-sorted by slice position, enhanced CT split into frames, NIfTI/NRRD along its axial axis, TIFF/PNG
+sorted by slice position, enhanced CT split into frames, volumes along their axial axis, TIFF/PNG
 as rendered); DataLoader workers then read, window and resize slices while the network scores
 the previous batch. The network is rebuilt from the checkpoint alone. Every input that cannot
 be scored becomes an ``errors`` entry ``{path, reason}``; the others are scored regardless.
