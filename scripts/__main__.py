@@ -225,7 +225,7 @@ def compare(
     compile: Any = False,
 ) -> None:
     """Compare two scans of the same anatomy slice by slice (low and full dose, two reconstructions): each a DICOM
-    file or folder, a NIfTI/NRRD volume or slice images; compare.json and pairs.csv in output_dir.
+    file or folder, a NIfTI/NRRD/MetaImage volume or slice images; compare.json and pairs.csv in output_dir.
 
     Scored as ``score`` scores them (the same options); slices paired by series (one a side, else by folder under
     each input) and position; the mean difference (second - first), the share of pairs where each side scores
@@ -261,7 +261,7 @@ def realcheck(
 ) -> None:
     """Does the model rank real CT slices (never used in training) by dose? Model and noise baseline side by side.
 
-    Three real slices from pydicom-data, or given ``inputs`` (DICOM files or folders, NIfTI/NRRD volumes) up to
+    Three real slices from pydicom-data, or given ``inputs`` (DICOM files or folders, CT volumes) up to
     ``per_series`` slices of each CT series or volume found there, dose lowered in the projection domain (fewer photons;
     fewer views), scored through the scoring path. ``ckpt`` defaults to the bundle's ``models/model.pt``, else
     the demo's model (which it names); ``size`` resamples the slices (default: their own size); ``output_dir``

@@ -18,7 +18,7 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
 2. ``LoadCTSliced`` reads one item's pixels (from ``stored_pixels`` where the file is unchanged, without parsing
    its header again): CT to HU (rescale slope and intercept, Modality LUT), which
    ``scripts.transforms.WindowHUd`` (the config's ``window``) then brings to [0, 1]. Problems only found in
-   the pixels (truncated or undecodable data, NaN/Inf, a NIfTI/NRRD volume whose values are not CT in HU:
+   the pixels (truncated or undecodable data, NaN/Inf, a NIfTI/NRRD/MetaImage volume whose values are not CT in HU:
    ``not_hu_reason``) are recorded in the item's ``error`` instead of stopping the batch.
 """
 
@@ -576,7 +576,7 @@ def _frame_geometry(ds: Any, count: int) -> list[dict]:
     return frames
 
 
-# --- NIfTI and NRRD volumes --------------------------------------------------------------------
+# --- NIfTI, NRRD and MetaImage volumes ------------------------------------------------------
 
 # NRRD world spaces as the signs that bring them to RAS+ (NIfTI's); other spaces (scanner-xyz, ...) are taken as is
 NRRD_SPACE_SIGNS = {
@@ -791,8 +791,9 @@ def _check_nifti_content(image: Any) -> None:
 
 
 def not_hu_reason(volume: np.ndarray) -> str:
-    """Why the values of a whole NIfTI/NRRD volume cannot be CT in HU, or ``""`` when they can: such a volume has no
-    Modality to check, so a segmentation, an MR volume or already normalised data would otherwise be scored as CT."""
+    """Why the values of a whole volume (NIfTI, NRRD, MetaImage) cannot be CT in HU, or ``""`` when they can: such a
+    volume has no Modality to check, so a segmentation, an MR volume or already normalised data would otherwise be
+    scored as CT."""
     step = 4 if min(volume.shape[:2]) >= 64 else 1  # every 16th voxel of a large slice tells CT's air: 1/16 the work
     sample = volume[::step, ::step]
     if np.count_nonzero(sample <= AIR_HU) >= MIN_AIR_SHARE * sample.size:
@@ -877,7 +878,7 @@ def _volume_positions(path: Path) -> tuple[list[float], list[int]]:
 
 
 def pixel_size_mm(path: str | Path, frame: int = 0) -> float | None:
-    """The mean in-plane pixel size (mm) of a DICOM frame or of a NIfTI/NRRD volume's axial slices, from the header;
+    """The mean in-plane pixel size (mm) of a DICOM frame or of a volume's axial slices, from the header;
     None when it gives none."""
     import nibabel
 
@@ -918,7 +919,7 @@ def _plain(value: Any) -> int | float | str:
 
 def acquisition(path: str | Path, frame: int = 0) -> dict[str, Any]:
     """How a slice was acquired and reconstructed, as its header says: ``ACQUISITION_KEYWORDS`` that a DICOM file
-    holds (numbers as numbers, several values as a list) and ``pixel_mm``; for a NIfTI/NRRD volume ``pixel_mm`` only,
+    holds (numbers as numbers, several values as a list) and ``pixel_mm``; for a volume ``pixel_mm`` only,
     for a rendered slice nothing. Never raises: a file that cannot be read (any more) gives ``{}``."""
     path = Path(path)
     found: dict[str, Any] = {}

@@ -406,9 +406,9 @@ def scored_ct_items(
 ) -> list[dict]:
     """``[{"image", "frame", "label", "patient", "sd"}]`` for a scored-CT labels file, checked row by row.
 
-    Columns: ``path`` (a DICOM file or series folder, a NIfTI/NRRD volume or a TIFF/PNG slice; relative to the labels
-    file or absolute), ``score`` (within ``score_range``), and optionally ``slice`` (the index along the series or
-    volume, as scoring orders it, or a SOPInstanceUID; without it every slice of the path has the score),
+    Columns: ``path`` (a DICOM file or series folder, a NIfTI, NRRD or MetaImage volume or a TIFF/PNG slice; relative
+    to the labels file or absolute), ``score`` (within ``score_range``), and optionally ``slice`` (the index along
+    the series or volume, as scoring orders it, or a SOPInstanceUID; without it every slice of the path has the score),
     ``patient`` (kept on one side of a split; default: the path) and ``sd`` (the raters' spread). Every problem is
     listed as ``(where, reason)`` in one ``DatasetError``.
     """

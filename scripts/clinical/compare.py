@@ -6,7 +6,7 @@ Both sides are scored as ``score`` scores them, by one network. Slices are paire
 lie in under their side's input (``L067/`` with ``L067/``), in name order within a folder, and series left then pair
 within a patient by their positions (``QD/L067_QD/`` with ``FD/L067_FD/``); within a pair of series,
 each slice of the first with the slice of the second at the same position along the slice axis (within a quarter of
-the first's median slice spacing): a DICOM slice's along the normal of its orientation, a NIfTI or NRRD slice's
+the first's median slice spacing): a DICOM slice's along the normal of its orientation, a volume's slice's
 from the volume's affine, so a volume made from a series pairs with it.
 ``compare.json`` gives each side's slices and mean score, and its series as ``score``'s ``summary.json`` gives them
 (with how each was acquired); over the pairs, the mean difference (second - first),

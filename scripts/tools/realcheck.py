@@ -29,7 +29,7 @@ whether the scores fall with the dose. Per real slice:
    what the simulation adds, not the noise the real slice had to begin with (unknown without a reference), so
    this ranking's truth is rougher than a slice's own doses.
 
-With ``inputs`` the same check runs on the user's own CT instead (DICOM series, NIfTI or NRRD volumes): up to
+With ``inputs`` the same check runs on the user's own CT instead (DICOM series, NIfTI, NRRD or MetaImage volumes): up to
 ``per_series`` slices of each series, evenly spaced, padded to a square with air; the pixel size comes from the
 header (``DEFAULT_PIXEL_MM`` with a warning when it gives none), and inputs that cannot be used are listed.
 
