@@ -58,6 +58,8 @@ from scripts.ct_io import (
     stored_values_are_hu,
 )
 from scripts.decoders import native_layout, unpack_native
+from scripts.metaimage import MetaImageHeader, data_file_names
+from scripts.metaimage import read_header as read_metaimage_header
 from scripts.options import as_bool, check_windows
 from scripts.output_dir import COMPARE_ENTRIES, LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
 from scripts.transforms import (
@@ -76,7 +78,6 @@ logger = logging.getLogger(__name__)
 
 METAIMAGE_SUFFIXES = (".mha", ".mhd")  # ITK's MetaImage: one file, or a header naming its data file
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", *METAIMAGE_SUFFIXES)  # NIfTI, NRRD (3D Slicer's default), MetaImage
-METAIMAGE_HEAD = 65536  # bytes of a .mhd header searched for the data file it names
 PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 HEADER_DEFER_SIZE = 4096  # bytes: larger values (the pixels) are left in the file while indexing
 PLACEHOLDER_SIZE = 8
@@ -231,7 +232,7 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
             left_out = [n for n in names if n in outputs or n.startswith(TEMP_PREFIX)]
             logger.info("not read as input: the report in %s (%s)", path, ", ".join(left_out))
             names = [n for n in names if n not in left_out]
-        voxels = {data for n in names if n.lower().endswith(".mhd") for data in metaimage_data_files(path / n)}
+        voxels = {data for n in names if n.lower().endswith(".mhd") for data in data_file_names(path / n)}
         if voxels & set(names):  # a MetaImage header's data file is read with its header, not as an input
             logger.info("read with their MetaImage headers: %s", ", ".join(sorted(voxels & set(names))))
             names = [n for n in names if n not in voxels]
@@ -643,60 +644,57 @@ def _lps_affine(directions: np.ndarray, spacing: Sequence[float], origin: Sequen
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
 
 
-def _metaimage_image(path: Path, pixels: bool) -> Any:
-    """A MetaImage file (``.mha``, or a ``.mhd`` header and the data file it names) read by SimpleITK, as an
-    in-memory NIfTI image in RAS+: its pixels with ``pixels``, else a stand-in of the declared shape that takes no
-    memory. SimpleITK inflates compressed data into the declared size only."""
-    import nibabel
-    import SimpleITK
-
-    reader = SimpleITK.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.SetImageIO("MetaImageIO")
-    try:
-        reader.ReadImageInformation()
-        size = tuple(int(side) for side in reader.GetSize())
-        if reader.GetNumberOfComponents() != 1:
-            raise InputError(
-                f"MetaImage data of {reader.GetNumberOfComponents()} components a voxel (colour or vectors) "
-                f"is not a grey-level volume; {ONLY_HU}"
-            )
-        if pixels:
-            data = SimpleITK.GetArrayFromImage(reader.Execute()).transpose()  # (z, y, x) to (x, y, z), as in NIfTI
+def _metaimage_voxels(header: MetaImageHeader, path: Path) -> np.ndarray:
+    """The voxels a MetaImage header declares, (x, y, z) as in NIfTI: compressed ones inflated up to the declared
+    size only, uncompressed ones checked against their file's size."""
+    source = header.data_file or path
+    with open(source, "rb") as stream:
+        stream.seek(_metaimage_offset(header, source))
+        if header.compressed:
+            inflated = _inflated(stream, zlib.decompressobj(zlib.MAX_WBITS | 32), header.nbytes)  # zlib or gzip
+            if inflated is None:
+                sides = " x ".join(map(str, header.shape))
+                raise InputError(f"its compressed voxels inflate to more than the {sides} its header declares")
+            data = bytes(inflated)
         else:
-            data = np.broadcast_to(np.zeros((), np.float32), size)
-    except InputError:
-        raise
-    except Exception as error:  # SimpleITK raises RuntimeError with ITK's message for unreadable headers and data
-        message = " ".join(str(error).split())[-300:]
-        raise InputError(f"not a readable MetaImage volume ({type(error).__name__}: {message})") from error
-    if data.dtype.kind not in "iuf":
-        raise InputError(f"MetaImage data of type {data.dtype} is not a grey-level volume; {ONLY_HU}")
-    dimension = len(size)
-    directions = np.asarray(reader.GetDirection(), dtype=float).reshape(dimension, dimension)
-    return nibabel.Nifti1Image(data, _lps_affine(directions, reader.GetSpacing(), reader.GetOrigin()))
+            data = stream.read(header.nbytes)
+    _check_metaimage_bytes(header, source, len(data))
+    return np.frombuffer(data, header.dtype, math.prod(header.shape)).reshape(header.shape, order="F")
 
 
-def metaimage_data_files(header: Path) -> list[str]:
-    """The names of the data files a ``.mhd`` header names beside it (``ElementDataFile``: one name, or ``LIST``
-    and one a line); none for ``LOCAL`` (data in the header's own file), a file pattern, or a header that cannot be
-    read. Those files are the volume's voxels, not inputs of their own."""
+def _metaimage_offset(header: MetaImageHeader, source: Path) -> int:
+    """Where the voxels start in ``source``: ``HeaderSize = -1`` puts them at its end."""
+    return max(0, source.stat().st_size - header.nbytes) if header.data_offset < 0 else header.data_offset
+
+
+def _check_metaimage_bytes(header: MetaImageHeader, source: Path, count: int) -> None:
+    """``InputError`` when ``source`` holds fewer than the ``header.nbytes`` bytes of voxels it must."""
+    if count < header.nbytes:
+        raise InputError(
+            f"{source.name} holds {'an inflated ' if header.compressed else ''}{count:,} bytes of voxels, the header "
+            f"declares {' x '.join(map(str, header.shape))} of {header.dtype.itemsize} bytes ({header.nbytes:,})"
+        )
+
+
+def _metaimage_image(path: Path, pixels: bool) -> Any:
+    """A MetaImage file (``.mha``, or a ``.mhd`` header and the data file it names) as an in-memory NIfTI image in
+    RAS+: its pixels with ``pixels``, else a stand-in of the declared shape that takes no memory."""
+    import nibabel
+
     try:
-        with open(header, "rb") as stream:
-            text = stream.read(METAIMAGE_HEAD).decode("latin-1")
-    except OSError:
-        return []
-    lines = text.splitlines()
-    for at, line in enumerate(lines):
-        key, _, value = line.partition("=")
-        if key.strip() != "ElementDataFile":
-            continue
-        value = value.strip()
-        if value.upper() == "LOCAL" or "%" in value:
-            return []
-        names = [name.strip() for name in lines[at + 1 :]] if value.upper().startswith("LIST") else [value]
-        return [name for name in names if name and Path(name).name == name]
-    return []
+        header = read_metaimage_header(path)
+    except ValueError as error:
+        raise InputError(str(error)) from None
+    source = header.data_file or path
+    if not source.is_file():
+        raise InputError(f"its data file {source.name!r} (ElementDataFile) is not beside it")
+    if not header.compressed:  # checked from the header: the file must hold the voxels
+        _check_metaimage_bytes(header, source, source.stat().st_size - _metaimage_offset(header, source))
+    if not pixels:
+        data = np.broadcast_to(np.zeros((), np.float32), header.shape)
+    else:
+        data = _metaimage_voxels(header, path)
+    return nibabel.Nifti1Image(data, _lps_affine(header.directions, header.spacing, header.origin))
 
 
 def _nrrd_image(path: Path, pixels: bool) -> Any:

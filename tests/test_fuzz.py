@@ -1,4 +1,5 @@
-"""Fuzzing: valid DICOM (uncompressed, RLE, JPEG 2000, JPEG lossless, JPEG-LS), NIfTI, TIFF and JPEG files, mutated in
+"""Fuzzing: valid DICOM (uncompressed, RLE, JPEG 2000, JPEG lossless, JPEG-LS), NIfTI, MetaImage, TIFF and JPEG files,
+mutated in
 their headers and bytes, each end scored or in ``errors``, within a time bound, without a crash.
 
 CI runs a fixed set of 100 examples per kind (``derandomize``). For thousands of fresh random ones:
@@ -25,6 +26,7 @@ import nibabel
 import numpy as np
 import pydicom
 import pytest
+import SimpleITK
 import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -34,10 +36,10 @@ from scripts.ct_inputs import LoadCTSliced, index_inputs, read_ct_slice
 from scripts.ct_io import compress_dicom, write_dicom_slice
 from scripts.output_dir import printable_tree
 
-EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))  # per kind: 800 in all in CI
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "100"))  # per kind: 900 in all in CI
 SECONDS_PER_FILE = 10  # index and read one mutated file; a valid one takes milliseconds
 DICOM_KINDS = ("dicom", "dicom_rle", "dicom_j2k", "dicom_jpeg_lossless", "dicom_jpeg_ls")
-SUFFIXES = dict.fromkeys(DICOM_KINDS, ".dcm") | {"nifti": ".nii", "tiff": ".tif", "jpeg": ".jpg"}
+SUFFIXES = dict.fromkeys(DICOM_KINDS, ".dcm") | {"nifti": ".nii", "metaimage": ".mha", "tiff": ".tif", "jpeg": ".jpg"}
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about every odd element it meets
 FUZZ_SETTINGS = settings(
     max_examples=EXAMPLES,
@@ -74,13 +76,17 @@ def _valid_files(folder: Path) -> dict[str, bytes]:
         compressed[kind] = compress_dicom(seed, syntax, folder / f"{kind}.dcm")
     nifti = folder / "seed.nii"
     nibabel.save(nibabel.Nifti1Image(_hu((16, 16, 3)).astype(np.int16), np.diag([0.7, 0.7, 2.5, 1.0])), nifti)
+    metaimage = folder / "seed.mha"  # compressed, as grand-challenge.org writes it
+    volume = SimpleITK.GetImageFromArray(_hu((3, 16, 16)).astype(np.int16))
+    SimpleITK.WriteImage(volume, str(metaimage), useCompression=True)
     tiff = io.BytesIO()
     tifffile.imwrite(tiff, np.random.default_rng(1).random((16, 16), dtype=np.float32))
     jpeg = io.BytesIO()  # progressive: 6 scans, whose markers the mutations may multiply
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (16, 16), dtype=np.uint8)).save(
         jpeg, "JPEG", progressive=True
     )
-    files = {"dicom": dicom.read_bytes(), "nifti": nifti.read_bytes(), "tiff": tiff.getvalue(), "jpeg": jpeg.getvalue()}
+    files = {"dicom": dicom.read_bytes(), "nifti": nifti.read_bytes(), "metaimage": metaimage.read_bytes()}
+    files |= {"tiff": tiff.getvalue(), "jpeg": jpeg.getvalue()}
     return files | {kind: path.read_bytes() for kind, path in compressed.items()}
 
 
@@ -209,7 +215,7 @@ def test_the_valid_seeds_are_scored(valid_files: dict[str, bytes], tmp_path: Pat
     for kind, data in valid_files.items():
         path = tmp_path / f"seed_{kind}{SUFFIXES[kind]}"
         path.write_bytes(data)
-        assert score_without_network(path) == (3 if kind == "nifti" else 1, [])
+        assert score_without_network(path) == (3 if kind in ("nifti", "metaimage") else 1, [])
         if kind in DICOM_KINDS:
             syntaxes.add(pydicom.dcmread(path).file_meta.TransferSyntaxUID)
             hu = read_ct_slice(path)[0][0]
