@@ -689,7 +689,7 @@ def _metaimage_image(path: Path, pixels: bool) -> Any:
     if not source.is_file():
         raise InputError(f"its data file {source.name!r} (ElementDataFile) is not beside it")
     if not header.compressed:  # checked from the header: the file must hold the voxels
-        _check_metaimage_bytes(header, source, source.stat().st_size - _metaimage_offset(header, source))
+        _check_metaimage_bytes(header, source, max(0, source.stat().st_size - _metaimage_offset(header, source)))
     if not pixels:
         data = np.broadcast_to(np.zeros((), np.float32), header.shape)
     else:
