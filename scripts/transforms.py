@@ -91,7 +91,7 @@ def _tiff_page(tif: tifffile.TiffFile) -> tifffile.TiffPage:
 
 def _check_tiff_codestreams(tif: tifffile.TiffFile, page: tifffile.TiffPage) -> None:
     """``DeclaredSizeError`` when a JPEG or JPEG 2000 tile or strip declares more rows, columns or samples per pixel
-    than the tile or strip holds, or a JPEG one holds more scans than ``MAX_JPEG_SCANS``.
+    than the tile or strip holds, or a JPEG one holds more scans than ``scan_limit`` allows.
 
     Its decoder allocates what the codestream declares: a 64 x 64 slice whose JPEG strip declared 60000 x 60000
     took 18 s and 4.2 GiB to read. Only the head of a JPEG 2000 segment is read."""

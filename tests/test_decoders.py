@@ -192,11 +192,26 @@ def test_every_compressed_frame_of_pydicoms_corpora_declares_its_headers_size() 
     assert checked >= 25
 
 
+@pytest.mark.parametrize("syntax", [JPEGLosslessSV1, JPEGLSLossless], ids=["jpeg_ll", "jpeg_ls"])
+def test_a_frame_holding_more_scans_than_components_is_refused_before_decoding(syntax: str, tmp_path: Path) -> None:
+    """A sequential, lossless or JPEG-LS frame codes each component in one scan; each empty scan after it costs the
+    decoders a pass over the image (200 took 90 s at 2048 x 2048 in JPEG-LS, 15 s in JPEG lossless)."""
+    source = write_dicom_slice(tmp_path / "slice.dcm", np.full((64, 64), 40.0), "1.2.3")
+    ds = pydicom.dcmread(compress_dicom(source, syntax))
+    codestream = next(generate_frames(ds.PixelData, number_of_frames=1))
+    start = codestream.index(SOS)
+    scan_header = codestream[start : start + 2 + int.from_bytes(codestream[start + 2 : start + 4], "big")]
+    ds.PixelData = encapsulate([codestream[:-2] + scan_header + b"\xff\xd9"])
+    ds.save_as(source, enforce_file_format=True)
+    with pytest.raises(InputError, match=r"holds more than 1 scan \(one a component, and its frame has 1\)"):
+        read_ct_slice(source)
+
+
 def test_scans_are_counted_across_the_reads_of_a_stream(monkeypatch: pytest.MonkeyPatch) -> None:
     """A scan marker split between two reads counts once; counting stops at ``size`` bytes."""
     monkeypatch.setattr(decoders, "SCAN_CHUNK", 3)  # every other marker straddles two reads
     check_jpeg_scans(io.BytesIO(SOS * decoders.MAX_JPEG_SCANS))
-    with pytest.raises(ValueError, match=f"holds over {decoders.MAX_JPEG_SCANS} scans"):
+    with pytest.raises(ValueError, match=f"holds more than {decoders.MAX_JPEG_SCANS} scans"):
         check_jpeg_scans(io.BytesIO(SOS * (decoders.MAX_JPEG_SCANS + 1)))
     check_jpeg_scans(io.BytesIO(SOS * (decoders.MAX_JPEG_SCANS + 1)), size=2 * decoders.MAX_JPEG_SCANS)
 

@@ -339,9 +339,24 @@ def test_a_jpeg_holding_too_many_scans_is_refused_before_decoding(suffix: str, t
     assert np.abs(read - expected).max() < 1e-3
     jpeg_slice(path, progressive_jpeg(pixels, repeats=100 - 5), pixels.shape)
     start = time.perf_counter()
-    with pytest.raises((InputError, ImageReadError), match="holds over 100 scans .MAX_JPEG_SCANS"):
+    with pytest.raises((InputError, ImageReadError), match="holds more than 100 scans .MAX_JPEG_SCANS; progressive"):
         read_ct_slice(path)
     assert time.perf_counter() - start < QUICK_S
+
+
+def test_a_jpeg_with_a_thumbnail_before_its_frame_reads(tmp_path: Path) -> None:
+    """A baseline JPEG holds one scan for its one component; an EXIF thumbnail (a JPEG with its own scan, in APP1
+    before the frame header) is not counted."""
+    pixels = np.random.default_rng(1).integers(0, 255, (64, 80), dtype=np.uint8)
+    image, thumbnail = io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels).save(image, "JPEG", quality=95)
+    Image.fromarray(pixels[:8, :8]).save(thumbnail, "JPEG")
+    payload = b"Exif\0\0" + thumbnail.getvalue()
+    app1 = b"\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload
+    path = tmp_path / "slice.jpg"
+    path.write_bytes(image.getvalue()[:2] + app1 + image.getvalue()[2:])
+    with Image.open(path) as decoded:
+        assert np.array_equal(read_slice(path) * 255, np.asarray(decoded, np.float32))
 
 
 def test_hostile_files_end_in_errors_quickly_and_small(tiny_checkpoint: Path, tmp_path: Path) -> None:
