@@ -58,7 +58,7 @@ from scripts.ct_io import (
     stored_values_are_hu,
 )
 from scripts.decoders import native_layout, unpack_native
-from scripts.metaimage import MetaImageHeader, data_file_names
+from scripts.metaimage import MetaImageHeader, data_file_name
 from scripts.metaimage import read_header as read_metaimage_header
 from scripts.options import as_bool, check_windows
 from scripts.output_dir import COMPARE_ENTRIES, LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
@@ -232,9 +232,10 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
             left_out = [n for n in names if n in outputs or n.startswith(TEMP_PREFIX)]
             logger.info("not read as input: the report in %s (%s)", path, ", ".join(left_out))
             names = [n for n in names if n not in left_out]
-        voxels = {data for n in names if n.lower().endswith(".mhd") for data in data_file_names(path / n)}
-        if voxels & set(names):  # a MetaImage header's data file is read with its header, not as an input
-            logger.info("read with their MetaImage headers: %s", ", ".join(sorted(voxels & set(names))))
+        data_files = (data_file_name(path / n) for n in names if n.lower().endswith(".mhd"))
+        voxels = {name for name in data_files if name is not None and name in names}
+        if voxels:  # a MetaImage header's data file is read with its header, not as an input
+            logger.info("read with their MetaImage headers: %s", ", ".join(sorted(voxels)))
             names = [n for n in names if n not in voxels]
         inside = {**ancestors, key: path}
         for name in names:

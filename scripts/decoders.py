@@ -47,7 +47,7 @@ J2K_SEARCH = 4096  # bytes searched for them: a JP2 file puts its header boxes b
 SOS = b"\xff\xda"  # a JPEG scan's first marker: entropy-coded data follow every 0xFF with 0x00 or RSTn, never 0xDA
 MAX_JPEG_SCANS = 100  # scans a progressive JPEG may hold: encoders write 6 to 12 (a sequential one: one a component)
 PROGRESSIVE_FRAMES = (0xC2, 0xC6, 0xCA, 0xCE)  # SOF2, SOF6, SOF10, SOF14
-SCAN_CHUNK = 1 << 20  # bytes read at a time while counting scans; the frame header is looked for in the first
+SCAN_CHUNK = 1 << 20  # bytes read at a time while counting scans; the frame header is looked for in the first piece
 
 
 def is_available(uid: str) -> bool:

@@ -133,11 +133,11 @@ def read_header(path: Path) -> MetaImageHeader:
     )
 
 
-def data_file_names(path: Path) -> list[str]:
-    """The data file a ``.mhd`` header names beside it, as a one-name list; none for ``LOCAL`` or a header that
-    cannot be read. That file is the volume's voxels, not an input of its own."""
+def data_file_name(path: Path) -> str | None:
+    """The name of the data file a ``.mhd`` header names beside it; None for ``LOCAL`` or a header that cannot be
+    read. That file is the volume's voxels, not an input of its own."""
     try:
         header = read_header(path)
     except (OSError, ValueError):
-        return []
-    return [] if header.data_file is None else [header.data_file.name]
+        return None
+    return None if header.data_file is None else header.data_file.name
