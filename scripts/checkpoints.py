@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from scripts.calibration import calibrated_state
 from scripts.options import optional_size
 from scripts.output_dir import write_atomic, write_json_atomic
 from torch import nn
@@ -259,7 +260,8 @@ class BestCheckpointSaver:
     the new one in place (a kill in between loses both). The folder is checked (writable, room for
     two checkpoints) when the handler is built, before the first epoch. A NaN or infinite key metric
     never selects a checkpoint, and a tie keeps the earlier one. A checkpoint already at the path
-    belongs to another run: it is replaced only with ``overwrite`` or continued with ``resume``.
+    belongs to another run: it is replaced only with ``overwrite`` or continued with ``resume``. When the
+    evaluator's metrics hold a calibration line (``scripts.calibration``), the saved network carries it.
     """
 
     def __init__(
@@ -288,10 +290,14 @@ class BestCheckpointSaver:
         )
         check_checkpoint_folder(self.path.parent, size)
 
-    def _content(self) -> dict[str, Any]:
-        """One object's state dict as it is (a plain ``model.pt``, as Ignite's ``Checkpoint`` writes one), or a
-        dict of them by name."""
-        states = {name: obj.state_dict() for name, obj in self.save_dict.items()}
+    def _content(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """One object's state dict (a plain ``model.pt``, as Ignite's ``Checkpoint`` writes one), or a dict of them
+        by name; a network's with its score calibration refitted from the epoch's ``metrics`` when they hold one
+        (``scripts.calibration``)."""
+        states = {
+            name: calibrated_state(obj, metrics) if isinstance(obj, nn.Module) else obj.state_dict()
+            for name, obj in self.save_dict.items()
+        }
         return next(iter(states.values())) if len(states) == 1 else states
 
     def attach(self, engine: Any) -> None:
@@ -307,5 +313,5 @@ class BestCheckpointSaver:
         self.best = score
         if self.settings is not None:  # first, so that a checkpoint never lacks its settings
             write_json_atomic(settings_path(self.path), self.settings.state_dict())
-        write_checkpoint_atomic(self.path, self._content())
+        write_checkpoint_atomic(self.path, self._content(engine.state.metrics))
         logger.info("best %s %.4f: saved %s", name, score, self.path)

@@ -237,7 +237,8 @@ class PredictionWriter:
         return correlations(mean_predictions, mean_labels)
 
     def _metrics(self, engine: Engine | None, predictions: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
-        """The engine's Ignite metrics when attached, else the same numbers from scipy."""
+        """The engine's Ignite correlations when attached, else the same numbers from scipy; with the mean absolute
+        and root-mean-square errors."""
         engine_metrics = engine.state.metrics if engine is not None else {}
         if all(name in engine_metrics for name in METRIC_NAMES):
             metrics: dict[str, Any] = {name: float(engine_metrics[name]) for name in METRIC_NAMES}
@@ -245,6 +246,8 @@ class PredictionWriter:
             metrics["n"] = int(labels.size)
         else:
             metrics = correlations(predictions, labels)
+        errors = predictions - labels  # agreement on the scale itself, which the correlations do not see
+        metrics["mae"], metrics["rmse"] = float(np.abs(errors).mean()), float(np.sqrt(np.mean(errors**2)))
         if self.logistic_fit:
             metrics["plcc_logistic"] = logistic_plcc(predictions, labels)
         return metrics

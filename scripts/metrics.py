@@ -20,6 +20,8 @@ from ignite.metrics.regression import KendallRankCorrelation, PearsonCorrelation
 from monai.handlers import from_engine
 from numpy.typing import ArrayLike
 from scipy import optimize, stats
+from scripts.calibration import calibration_metrics
+from scripts.options import as_bool
 
 METRIC_NAMES = ("plcc", "srocc", "krocc")
 
@@ -93,6 +95,16 @@ def correlation_metrics(output_transform: Callable[[Any], Any] | None = None) ->
         "srocc": _absolute(SpearmanRankCorrelation(output_transform=transform, check_compute_fn=False)),
         "krocc": _absolute(KendallRankCorrelation(output_transform=transform, check_compute_fn=False)),
     }
+
+
+def validation_metrics(calibrate: bool = True) -> dict[str, Metric]:
+    """``correlation_metrics`` and, with ``calibrate``, the line that maps the predictions onto the labels
+    (``calibration_scale``, ``calibration_shift``; see ``scripts.calibration``): what training computes on its
+    validation set each epoch, and saves with its best checkpoint."""
+    metrics = correlation_metrics()
+    if as_bool(calibrate, "calibrate"):
+        metrics.update(calibration_metrics(pred_label_float64))
+    return metrics
 
 
 def _finite_sum(*values: float) -> float:

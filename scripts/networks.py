@@ -2,7 +2,9 @@
 
 TFKT = S(C(F(x))): F reads the whole CT slice and gives pooled features, C maps them to a
 one-channel side x side "feature image", S reads that image and a linear head gives one score
-(Rifa et al., SPIE Medical Imaging 2024; the serial connector follows the authors' code).
+(Rifa et al., SPIE Medical Imaging 2024; the serial connector follows the authors' code). The
+score ends in a fitted linear calibration, the identity until training saves a best checkpoint
+(``scripts.calibration``).
 
 Every module keeps the constructor arguments that decide its shape in ``self.settings``, so a
 checkpoint can rebuild it from the file alone (see ``scripts.checkpoints``).
@@ -17,6 +19,7 @@ from typing import Any
 
 import timm
 import torch
+from scripts.calibration import ScoreCalibration
 from scripts.checkpoints import (
     NETWORK_SETTING_KEYS,
     CheckpointError,
@@ -93,6 +96,7 @@ class EfficientNetRegressor(nn.Module):
         )
         self.num_features: int = self.backbone.num_features
         self.head = nn.Linear(self.num_features, 1)
+        self.calibration = ScoreCalibration()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, (B, num_features)."""
@@ -100,7 +104,7 @@ class EfficientNetRegressor(nn.Module):
         return x
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        features = self.head(features)
+        features = self.calibration(self.head(features))
         return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,8 +176,8 @@ class TFKT(nn.Module):
     """S(C(F(x))): scores a (B, in_channels, H, W) slice batch as (B, 1).
 
     ``freeze_f`` keeps F's weights and batch-norm statistics fixed (the paper's "F frozen"
-    ablation). F's own regression head is kept so a phase-1 checkpoint loads exactly, but it is
-    unused here and never trained.
+    ablation). F's own regression head (and its calibration) is kept so a phase-1 checkpoint loads
+    exactly, but it is unused here and never trained.
     """
 
     def __init__(
@@ -195,6 +199,7 @@ class TFKT(nn.Module):
         self.f = EfficientNetRegressor(f_name, in_channels, f_pretrained, f_weights, drop_rate, f_kwargs)
         self.connector = Connector(self.f.num_features, side)
         self.s = SwinScorer(s_name, side, s_pretrained, s_weights, s_kwargs)
+        self.calibration = ScoreCalibration()
         self.f.head.requires_grad_(False)
         self.settings = {**self.f.settings, "s_name": s_name, "side": side, "s_kwargs": dict(s_kwargs or {})}
         self.freeze_f = False
@@ -215,7 +220,8 @@ class TFKT(nn.Module):
         return self.s.forward_features(self.connector(self.f.forward_features(x)))
 
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
-        return self.s.forward_head(features)
+        features = self.calibration(self.s.forward_head(features))
+        return features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+from scripts.calibration import fit_line
 from scripts.checkpoints import read_checkpoint
 
-from tests.conftest import CONFIG_DIR, REPO_ROOT, TINY_NETWORKS
+from tests.conftest import CONFIG_DIR, EVALUATE_CONFIGS, REPO_ROOT, TINY_NETWORKS, TINY_OVERRIDES, make_workflow
 
 
 def test_two_process_training_writes_one_plain_checkpoint(ldct_train_dir: Path, tmp_path: Path) -> None:
@@ -39,6 +42,8 @@ def test_two_process_training_writes_one_plain_checkpoint(ldct_train_dir: Path, 
         str(tmp_path / "out"),
         "--max_epochs",
         "2",
+        "--split",
+        "0.25",  # 8 validation slices, 4 on each process
         "--pretrained",
         "False",
         "--image_size",
@@ -63,3 +68,14 @@ def test_two_process_training_writes_one_plain_checkpoint(ldct_train_dir: Path, 
     assert last["trainer"]["iteration"] == 2 * last["trainer"]["epoch_length"]
     events = sorted((tmp_path / "out").glob("events.out.tfevents.*"))
     assert len(events) == 2  # rank 0's trainer and evaluator: no empty files from rank 1
+    # the score calibration was fitted on both processes' validation slices: on all 8 it needs no further line
+    evaluation = make_workflow(
+        EVALUATE_CONFIGS, "train", **TINY_OVERRIDES, dataset_dir=str(ldct_train_dir), ckpt_dir=str(tmp_path / "models"),
+        eval_datalist=str(tmp_path / "out" / "datalist.json"), output_dir=str(tmp_path / "eval"),
+    )  # fmt: skip
+    evaluation.run()
+    with open(tmp_path / "eval" / "predictions.csv", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert len(rows) == 8 and float(state["calibration.scale"]) != 1.0
+    line = fit_line([float(row["prediction"]) for row in rows], [float(row["label"]) for row in rows])
+    assert line == pytest.approx((1.0, 0.0), abs=0.02)  # float32 outputs that vary by 1e-3: not exact

@@ -155,7 +155,7 @@ def test_evaluation_writes_metrics_predictions_and_scatter(
     )
     workflow.run()
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics) == {"plcc", "srocc", "krocc", "aggregate", "n", "plcc_logistic"}
+    assert set(metrics) == {"plcc", "srocc", "krocc", "aggregate", "n", "mae", "rmse", "plcc_logistic"}
     rows = _read_csv(tmp_path / "predictions.csv")
     assert list(rows[0]) == ["file", "label", "prediction", "score_sd"]
     assert sorted(row["file"] for row in rows) == [f"images/test{i:03d}.tiff" for i in range(12)]
@@ -163,6 +163,8 @@ def test_evaluation_writes_metrics_predictions_and_scatter(
     for name in ("plcc", "srocc", "krocc", "aggregate"):
         assert metrics[name] == pytest.approx(expected[name], abs=1e-6), (name, metrics, expected)
     assert metrics["n"] == 12
+    errors = np.array([float(r["prediction"]) - float(r["label"]) for r in rows])
+    assert (metrics["mae"], metrics["rmse"]) == pytest.approx((np.abs(errors).mean(), np.sqrt((errors**2).mean())))
     assert (tmp_path / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

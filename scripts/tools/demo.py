@@ -225,7 +225,7 @@ def run_demo(
     }
     print(
         f"\nTFKT      PLCC {metrics['plcc']:.4f}  SROCC {metrics['srocc']:.4f}  KROCC {metrics['krocc']:.4f}  "
-        f"aggregate {metrics['aggregate']:.4f}  (n={metrics['n']})"
+        f"aggregate {metrics['aggregate']:.4f}  MAE {metrics['mae']:.3f}  (n={metrics['n']})"
     )
     print(
         f"baseline  PLCC {baseline['plcc']:.4f}  SROCC {baseline['srocc']:.4f}  KROCC {baseline['krocc']:.4f}  "

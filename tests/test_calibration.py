@@ -1,0 +1,111 @@
+"""Score calibration: the least-squares line onto the labels, saved with the best checkpoint, run by the network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ignite.engine import Engine
+from scipy import stats
+from scripts.calibration import SCALE_METRIC, SHIFT_METRIC, calibration_metrics, fit_line, scoring_calibration
+from scripts.checkpoints import BestCheckpointSaver, read_checkpoint, save_checkpoint
+from scripts.metrics import correlations, pred_label_float64
+from scripts.networks import build_network, load_network
+
+from tests.conftest import TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
+
+
+def _noisy_scores(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels on 0..4 and predictions pulled towards the mean, as an MSE-trained model gives them."""
+    rng = np.random.default_rng(seed)
+    labels = np.round(rng.uniform(0, 4, n) * 5) / 5
+    return 0.6 * labels + 1.2 + rng.normal(0, 0.3, n), labels
+
+
+def test_the_line_is_least_squares_onto_the_labels_and_the_identity_where_it_would_not_increase() -> None:
+    predictions, labels = _noisy_scores()
+    scale, shift = fit_line(predictions.tolist(), labels.tolist())
+    assert (scale, shift) == pytest.approx(tuple(np.polyfit(predictions, labels, 1)), abs=1e-9)
+    calibrated = scale * predictions + shift
+    assert correlations(calibrated, labels) == pytest.approx(correlations(predictions, labels), abs=1e-12)
+    assert np.abs(calibrated - labels).mean() < 0.8 * np.abs(predictions - labels).mean()
+    r = stats.pearsonr(predictions, labels)[0]
+    assert calibrated.std() == pytest.approx(r * labels.std(), rel=1e-9)  # never wider than the labels
+    assert fit_line([1.0, 2.0], [0.0, 4.0]) == (1.0, 0.0)  # too few points
+    assert fit_line([2.0, 2.0, 2.0], [0.0, 2.0, 4.0]) == (1.0, 0.0)  # constant predictions
+    assert fit_line((-predictions).tolist(), labels.tolist()) == (1.0, 0.0)  # would turn the ranking over
+
+
+def test_the_metric_over_batches_gives_the_line_of_all_values() -> None:
+    predictions, labels = _noisy_scores(50, seed=1)
+    batches = [(predictions[i : i + 8], labels[i : i + 8]) for i in range(0, 50, 8)]  # the last batch is short
+
+    def step(engine: Engine, batch: tuple[np.ndarray, np.ndarray]) -> list[dict[str, torch.Tensor]]:
+        return [{"pred": torch.tensor([p, 0.1]), "label": torch.tensor(y)} for p, y in zip(*batch, strict=True)]
+
+    engine = Engine(step)
+    for name, metric in calibration_metrics(pred_label_float64).items():
+        metric.attach(engine, name)
+    metrics = engine.run(batches).metrics
+    expected = np.polyfit(predictions, labels, 1)
+    assert (metrics[SCALE_METRIC], metrics[SHIFT_METRIC]) == pytest.approx(tuple(expected), abs=1e-9)
+
+
+def test_a_checkpoint_saved_before_calibration_existed_loads_as_the_identity(tmp_path: Path) -> None:
+    network = build_network(**TINY_NETWORKS).eval()
+    path = save_checkpoint(tmp_path / "model.pt", network, image_size=64)
+    old = {k: v for k, v in torch.load(path, weights_only=True).items() if "calibration" not in k}
+    assert len(old) == len(network.state_dict()) - 4  # TFKT's line and F's unused one
+    torch.save(old, path)
+    loaded = load_network(str(path))
+    images = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(images), network(images))
+    assert (float(loaded.calibration.scale), float(loaded.calibration.shift)) == (1.0, 0.0)
+
+
+@pytest.mark.parametrize("patch_size", [None, 32])
+def test_the_saved_line_follows_the_one_the_network_has_and_leaves_the_network_as_it_is(
+    patch_size: int | None, tmp_path: Path
+) -> None:
+    network = build_network(**TINY_NETWORKS, patch_size=patch_size).eval()
+    prefix, calibration = scoring_calibration(network)
+    assert prefix == ("network." if patch_size else "") + "calibration."
+    calibration.scale.fill_(2.0)  # a fine-tuned model that started calibrated
+    calibration.shift.fill_(1.0)
+    saver = BestCheckpointSaver(tmp_path, {"model": network})
+    engine = Engine(lambda engine, batch: None)
+    engine.state.key_metric_name = "aggregate"
+    engine.state.metrics = {"aggregate": 1.0, SCALE_METRIC: 0.5, SHIFT_METRIC: 0.25}
+    saver(engine)
+    state, _ = read_checkpoint(tmp_path / "model.pt")
+    assert (float(state[prefix + "scale"]), float(state[prefix + "shift"])) == (1.0, 0.75)  # 0.5 (2 x + 1) + 0.25
+    assert (float(calibration.scale), float(calibration.shift)) == (2.0, 1.0)  # training goes on unchanged
+    f_prefix = ("network." if patch_size else "") + "f.calibration."
+    assert (float(state[f_prefix + "scale"]), float(state[f_prefix + "shift"])) == (1.0, 0.0)  # F's is not touched
+
+
+def test_the_best_checkpoint_scores_its_validation_slices_on_the_labels_line(
+    ldct_train_dir: Path, tmp_path: Path
+) -> None:
+    """Trained with the bundle's config, the saved model refitted on the validation slices needs no further line,
+    and its correlations are those of the best epoch."""
+    workflow = make_workflow(
+        TRAIN_CONFIG, "train", **TINY_OVERRIDES, dataset_dir=str(ldct_train_dir), ckpt_dir=str(tmp_path / "models"),
+        output_dir=str(tmp_path / "out"), f_checkpoint=None, max_epochs=2, split=0.3,
+    )  # fmt: skip
+    workflow.run()
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    best = evaluator.state.best_metric
+    saved, _ = read_checkpoint(tmp_path / "models" / "model.pt")
+    scale = float(saved["calibration.scale"])
+    assert scale > 1.5  # the tiny model's outputs are far from the labels' scale
+    model = workflow.parser.get_parsed_content("model")
+    model.load_state_dict(saved)
+    evaluator.run()
+    metrics = evaluator.state.metrics
+    assert (metrics[SCALE_METRIC], metrics[SHIFT_METRIC]) == pytest.approx((1.0, 0.0), abs=1e-4)
+    assert metrics["aggregate"] == pytest.approx(best, abs=1e-5)
+    workflow.finalize()
