@@ -11,10 +11,12 @@ from ignite.engine import Engine
 from scipy import stats
 from scripts.calibration import SCALE_METRIC, SHIFT_METRIC, calibration_metrics, fit_line, scoring_calibration
 from scripts.checkpoints import BestCheckpointSaver, read_checkpoint, save_checkpoint
+from scripts.clinical.score import score_paths
+from scripts.ct_io import write_dicom_slice
 from scripts.metrics import correlations, pred_label_float64
 from scripts.networks import build_network, load_network
 
-from tests.conftest import TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow
+from tests.conftest import TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow, scoring_tiny_network
 
 
 def _noisy_scores(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -109,3 +111,26 @@ def test_the_best_checkpoint_scores_its_validation_slices_on_the_labels_line(
     assert (metrics[SCALE_METRIC], metrics[SHIFT_METRIC]) == pytest.approx((1.0, 0.0), abs=1e-4)
     assert metrics["aggregate"] == pytest.approx(best, abs=1e-5)
     workflow.finalize()
+
+
+def test_score_gives_the_calibrated_scores_and_names_the_model_and_its_line(tmp_path: Path) -> None:
+    network = scoring_tiny_network()
+    raw = save_checkpoint(tmp_path / "raw" / "model.pt", network, image_size=64)
+    network.calibration.scale.fill_(0.5)
+    network.calibration.shift.fill_(1.0)
+    calibrated = save_checkpoint(tmp_path / "calibrated" / "model.pt", network, image_size=64)
+    for z in range(3):
+        hu = np.random.default_rng(z).normal(0.0, 100.0 * (z + 1), (48, 48))
+        write_dicom_slice(tmp_path / "ct" / f"{z}.dcm", hu, "1.2.3", float(z))
+
+    def scores(checkpoint: Path) -> tuple[list[float], dict]:
+        summary = score_paths([tmp_path / "ct"], tmp_path / checkpoint.parent.name / "out", checkpoint, device="cpu")
+        worst = sorted(summary["series"]["1.2.3"]["worst"], key=lambda entry: entry["slice_index"])
+        return [entry["score"] for entry in worst], summary["model"]
+
+    raw_scores, raw_model = scores(raw)
+    calibrated_scores, calibrated_model = scores(calibrated)
+    assert 0 < min(raw_scores) and max(raw_scores) < 4  # inside the scale: nothing clipped
+    assert calibrated_scores == pytest.approx([0.5 * score + 1.0 for score in raw_scores], abs=1e-5)
+    assert raw_model == {"checkpoint": str(raw.resolve()), "calibration": {"scale": 1.0, "shift": 0.0}}
+    assert calibrated_model["calibration"] == {"scale": 0.5, "shift": 1.0}

@@ -38,6 +38,7 @@ import torch
 from monai.data import DataLoader
 from monai.transforms import Compose
 from scripts import bundle_root
+from scripts.calibration import scoring_calibration
 from scripts.ct_inputs import (
     PARALLEL_INDEX_FILES,
     ErrorList,
@@ -674,6 +675,14 @@ def series_summary(entry: Series) -> dict[str, Any]:
     }
 
 
+def model_record(ckpt: str | Path, network: torch.nn.Module) -> dict[str, Any]:
+    """Which model scored, for the summary: its checkpoint and the calibration line that ends its scores
+    (``scripts.calibration``; null for a network without one)."""
+    found = scoring_calibration(network)
+    line = None if found is None else {"scale": float(found[1].scale), "shift": float(found[1].shift)}
+    return {"checkpoint": str(Path(ckpt).resolve()), "calibration": line}
+
+
 def score_paths(
     paths: Sequence[str | Path],
     output_dir: str | Path,
@@ -690,7 +699,8 @@ def score_paths(
     The output folder is checked and locked before any scoring (``OutputError``: one line, the reason and the fix).
     ``window`` defaults to the one recorded with the checkpoint (else the inference config's, [-1000, 400] HU).
     ``options`` are the inference config's ``amp``, ``channels_last`` and ``compile``; ``plots`` false leaves the
-    series plots out (``plot`` is null in the summary). Under ``torchrun`` the
+    series plots out (``plot`` is null in the summary), whose ``model`` names the checkpoint and its calibration line.
+    Under ``torchrun`` the
     series are shared out between the processes (each on its own GPU, or the CPU) and rank 0 writes the one report,
     as a single process would; ``summary.json`` records ``processes`` and ``slices_per_process``. Other ranks
     return ``{}``.
@@ -705,6 +715,7 @@ def score_paths(
             return {}
         windows = [list(pair) for pair in scorer.window]  # as the slices were windowed: the model's, or --window
         extra = {"processes": world, "slices_per_process": per_process, "window": windows}
+        extra["model"] = model_record(ckpt, scorer.network)
         return write_report(output, series, errors, scorer.window, extra, as_bool(plots, "plots"))
 
 
