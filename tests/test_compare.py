@@ -212,6 +212,8 @@ def test_volumes_made_from_a_series_read_as_its_slices_and_pair_with_them(
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert result["paired"]["n_pairs"] == 6 and result["paired"]["tied"] == 1.0
     assert result["window"] == [[-1000.0, 400.0]]  # the tiny model's own, from its model.json
+    identity = {"scale": 1.0, "shift": 0.0}
+    assert result["model"] == {"checkpoint": str(tiny_checkpoint.resolve()), "calibration": identity}
     with open(tmp_path / "cmp" / "pairs.csv", newline="") as stream:
         pairs = list(csv.DictReader(stream))
     assert [int(row["first_slice"]) for row in pairs] == [int(row["second_slice"]) for row in pairs] == list(range(6))

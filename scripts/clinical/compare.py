@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
-from scripts.clinical.score import Series, SliceScorer, score_inputs, series_summary
+from scripts.clinical.score import Series, SliceScorer, model_record, score_inputs, series_summary
 from scripts.ct_inputs import VOLUME_SUFFIXES, InputError, read_dicom_ct, slice_normal
 from scripts.engines import usable_device
 from scripts.output_dir import (
@@ -271,6 +271,7 @@ def compare_paths(
                 "first": _side(first, first_series, first_errors),
                 "second": _side(second, second_series, second_errors),
                 "window": [list(pair) for pair in scorer.window],
+                "model": model_record(ckpt, scorer.network),
                 **statistics,
             }
         )
