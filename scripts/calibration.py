@@ -144,5 +144,5 @@ def calibrated_state(network: nn.Module, metrics: dict[str, Any]) -> dict[str, t
     scale, shift = float(metrics[SCALE_METRIC]), float(metrics[SHIFT_METRIC])
     state[prefix + "scale"] = (calibration.scale * scale).detach().clone()
     state[prefix + "shift"] = (calibration.shift * scale + shift).detach().clone()
-    logger.info("scores calibrated on the validation set: score = %.4f x output %+.4f", scale, shift)
+    logger.info("calibration line fitted on the labelled slices: score = %.4f x output %+.4f", scale, shift)
     return state

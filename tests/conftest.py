@@ -29,6 +29,7 @@ CONFIG_DIR = REPO_ROOT / "bundle" / "configs"
 TRAIN_CONFIG = str(CONFIG_DIR / "train.json")
 PRETRAIN_CONFIG = [TRAIN_CONFIG, str(CONFIG_DIR / "pretrain.json")]  # an overlay on train.json
 EVALUATE_CONFIGS = [TRAIN_CONFIG, str(CONFIG_DIR / "evaluate.json")]
+CALIBRATE_CONFIGS = [*EVALUATE_CONFIGS, str(CONFIG_DIR / "calibrate.json")]  # an overlay on evaluation
 INFERENCE_CONFIG = str(CONFIG_DIR / "inference.json")
 METADATA = str(CONFIG_DIR / "metadata.json")
 

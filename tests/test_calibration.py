@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,16 @@ from scripts.ct_io import write_dicom_slice
 from scripts.metrics import correlations, pred_label_float64
 from scripts.networks import build_network, load_network
 
-from tests.conftest import TINY_NETWORKS, TINY_OVERRIDES, TRAIN_CONFIG, make_workflow, scoring_tiny_network
+from tests.conftest import (
+    CALIBRATE_CONFIGS,
+    EVALUATE_CONFIGS,
+    TINY_NETWORKS,
+    TINY_OVERRIDES,
+    TRAIN_CONFIG,
+    copy_checkpoint,
+    make_workflow,
+    scoring_tiny_network,
+)
 
 
 def _noisy_scores(n: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -134,3 +146,40 @@ def test_score_gives_the_calibrated_scores_and_names_the_model_and_its_line(tmp_
     assert calibrated_scores == pytest.approx([0.5 * score + 1.0 for score in raw_scores], abs=1e-5)
     assert raw_model == {"checkpoint": str(raw.resolve()), "calibration": {"scale": 1.0, "shift": 0.0}}
     assert calibrated_model["calibration"] == {"scale": 0.5, "shift": 1.0}
+
+
+def test_a_trained_model_is_calibrated_on_a_labelled_set_of_ones_own(
+    trained_bundle: Path, ldct_test_dir: Path, tmp_path: Path
+) -> None:
+    """``calibrate.json``: the line onto a reader study's scores, fitted after the one the model has, into a new
+    checkpoint that scores the study with the same correlations and a smaller error."""
+    models, study = tmp_path / "models", tmp_path / "study"
+    copy_checkpoint(trained_bundle / "model.pt", models / "model.pt")
+    shutil.copytree(ldct_test_dir, study)
+    ids = {**TINY_OVERRIDES, "dataset_dir": str(study), "ckpt_dir": str(models)}
+
+    def evaluated(name: str) -> tuple[dict, dict[str, float]]:
+        output = tmp_path / name
+        make_workflow(EVALUATE_CONFIGS, "train", **ids, ckpt_name=name, output_dir=str(output)).run()
+        with open(output / "predictions.csv", newline="") as stream:
+            rows = list(csv.DictReader(stream))
+        scores = {row["file"]: float(row["prediction"]) for row in rows}
+        return json.loads((output / "metrics.json").read_text()), scores
+
+    # readers who rank the slices much as the model does, on a scale of their own
+    _, outputs = evaluated("model.pt")
+    names, raw = list(outputs), np.array(list(outputs.values()))
+    z = (raw - raw.mean()) / raw.std() + np.random.default_rng(0).normal(0, 0.4, raw.size)
+    labels = np.clip(np.round((2.0 + 0.8 * z) * 5) / 5, 0, 4)
+    (study / "test.json").write_text(json.dumps({Path(n).name: float(y) for n, y in zip(names, labels, strict=True)}))
+
+    make_workflow(CALIBRATE_CONFIGS, "train", **ids, output_dir=str(tmp_path / "calibrate")).run()
+    assert read_checkpoint(models / "model_calibrated.pt")[1] == read_checkpoint(models / "model.pt")[1]  # model.json
+    before, _ = evaluated("model.pt")
+    after, calibrated = evaluated("model_calibrated.pt")
+    assert json.loads((tmp_path / "calibrate" / "metrics.json").read_text()) == before  # the model as it was
+    for name in ("plcc", "srocc", "krocc"):
+        assert after[name] == pytest.approx(before[name], abs=1e-5)
+    assert after["mae"] < 0.8 * before["mae"] and after["rmse"] < before["rmse"]
+    scale, shift = fit_line(raw.tolist(), labels.tolist())
+    assert scale != 1.0 and [calibrated[n] for n in names] == pytest.approx(scale * raw + shift, abs=1e-4)
