@@ -699,11 +699,10 @@ def score_paths(
     The output folder is checked and locked before any scoring (``OutputError``: one line, the reason and the fix).
     ``window`` defaults to the one recorded with the checkpoint (else the inference config's, [-1000, 400] HU).
     ``options`` are the inference config's ``amp``, ``channels_last`` and ``compile``; ``plots`` false leaves the
-    series plots out (``plot`` is null in the summary), whose ``model`` names the checkpoint and its calibration line.
-    Under ``torchrun`` the
-    series are shared out between the processes (each on its own GPU, or the CPU) and rank 0 writes the one report,
-    as a single process would; ``summary.json`` records ``processes`` and ``slices_per_process``. Other ranks
-    return ``{}``.
+    series plots out (``plot`` is null in the summary). The summary's ``model`` names the checkpoint and its
+    calibration line. Under ``torchrun`` the series are shared out between the processes (each on its own GPU, or
+    the CPU) and rank 0 writes the one report, as a single process would; ``summary.json`` records ``processes``
+    and ``slices_per_process``. Other ranks return ``{}``.
     """
     window = None if window is None else check_windows(window)  # a bad window fails before the lock
     rank, world = process_group()
