@@ -51,12 +51,13 @@ def test_anything_else_is_refused_with_the_option_named(value) -> None:
 @pytest.mark.parametrize(("spelling", "expected"), [("false", False), ("0", False), ("True", True), ("1", True)])
 def test_workflows_receive_real_booleans(ldct_train_dir: Path, tmp_path: Path, spelling: str, expected: bool) -> None:
     workflow = make_workflow(
-        TRAIN_CONFIG, "train", **{**TINY_OVERRIDES, "amp": spelling, "freeze_f": spelling},
+        TRAIN_CONFIG, "train", **{**TINY_OVERRIDES, "amp": spelling, "freeze_f": spelling, "calibrate": spelling},
         dataset_dir=str(ldct_train_dir), ckpt_dir=str(tmp_path), f_checkpoint=None,
     )  # fmt: skip
     assert workflow.parser.get_parsed_content("amp_dtype") is None  # amp true autocasts on CUDA; bf16 by name here
     assert workflow.parser.get_parsed_content("train#trainer").amp is False  # a gradient scaler: fp16 on CUDA only
     assert workflow.parser.get_parsed_content("model").freeze_f is expected
+    assert ("calibration_scale" in workflow.parser.get_parsed_content("validate#metrics")) is expected
 
 
 def _f_backbone(path: Path) -> dict[str, torch.Tensor]:
