@@ -8,11 +8,12 @@ validation slices' predictions ``p`` and labels ``y`` give the least-squares lin
 two buffers at the end of its head), so every path that runs the network (evaluation, inference,
 ``score``, TorchScript, ONNX, MONAI Label, MONAI Deploy) gives calibrated scores.
 
-The line is increasing, so PLCC, SROCC and KROCC are unchanged: only the absolute error falls.
-On the validation slices the calibrated scores spread no wider than the labels (their standard
-deviation is |r| times the labels'), so a weak model is never stretched into confident scores. A
-line that would not increase (no positive correlation) is not applied. Checkpoints saved before
-calibration existed load with the identity line.
+PLCC, SROCC and KROCC, which LDCTIQA takes in absolute value, are those of the raw outputs: only
+the absolute error falls. On the validation slices the calibrated scores spread no wider than the
+labels (their standard deviation is |r| times the labels'), so a weak model is never stretched
+into confident scores. A model whose outputs run against the labels (an early epoch can, and the
+absolute correlations can still make it the best) gets a decreasing line, which turns its scores
+the right way round. Checkpoints saved before calibration existed load with the identity line.
 """
 
 import logging  # no ``from __future__ import annotations``: TorchScript reads the buffers' annotations as types
@@ -80,8 +81,8 @@ def scoring_calibration(network: nn.Module) -> tuple[str, ScoreCalibration] | No
 
 
 def fit_line(predictions: Sequence[float], labels: Sequence[float]) -> tuple[float, float]:
-    """The least-squares line ``labels = scale * predictions + shift``, or the identity (1, 0) where it would
-    not increase: fewer than 3 points, constant predictions, or no positive correlation."""
+    """The least-squares line ``labels = scale * predictions + shift``, or the identity (1, 0) where there is
+    none that keeps the ranking: fewer than 3 points, constant predictions, or no correlation at all."""
     n = len(predictions)
     sums = [n, sum(predictions), sum(labels), sum(p * p for p in predictions)]
     sums.append(sum(p * y for p, y in zip(predictions, labels, strict=True)))
@@ -93,7 +94,7 @@ def _line_from_sums(n: float, sum_p: float, sum_y: float, sum_pp: float, sum_py:
         return 1.0, 0.0
     variance = sum_pp / n - (sum_p / n) ** 2
     covariance = sum_py / n - (sum_p / n) * (sum_y / n)
-    if not (variance > 1e-12 and covariance > 0 and math.isfinite(covariance / variance)):
+    if not (variance > 1e-12 and covariance != 0 and math.isfinite(covariance / variance)):
         return 1.0, 0.0
     scale = covariance / variance
     return scale, (sum_y - scale * sum_p) / n

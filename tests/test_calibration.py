@@ -49,7 +49,9 @@ def test_the_line_is_least_squares_onto_the_labels_and_the_identity_where_it_wou
     assert calibrated.std() == pytest.approx(r * labels.std(), rel=1e-9)  # never wider than the labels
     assert fit_line([1.0, 2.0], [0.0, 4.0]) == (1.0, 0.0)  # too few points
     assert fit_line([2.0, 2.0, 2.0], [0.0, 2.0, 4.0]) == (1.0, 0.0)  # constant predictions
-    assert fit_line((-predictions).tolist(), labels.tolist()) == (1.0, 0.0)  # would turn the ranking over
+    flipped = fit_line((-predictions).tolist(), labels.tolist())  # outputs that run against the labels
+    assert flipped == pytest.approx((-scale, shift), abs=1e-9)  # are turned the right way round
+    assert fit_line([1.0, 2.0, 3.0, 2.0], [1.0, 3.0, 1.0, -1.0]) == (1.0, 0.0)  # no correlation at all
 
 
 def test_the_metric_over_batches_gives_the_line_of_all_values() -> None:
