@@ -12,7 +12,14 @@ import pytest
 import torch
 from ignite.engine import Engine
 from scipy import stats
-from scripts.calibration import SCALE_METRIC, SHIFT_METRIC, calibration_metrics, fit_line, scoring_calibration
+from scripts.calibration import (
+    SCALE_METRIC,
+    SHIFT_METRIC,
+    STEEP_LINE,
+    calibration_metrics,
+    fit_line,
+    scoring_calibration,
+)
 from scripts.checkpoints import BestCheckpointSaver, read_checkpoint, save_checkpoint
 from scripts.clinical.score import score_paths
 from scripts.ct_io import write_dicom_slice
@@ -104,7 +111,7 @@ def test_the_saved_line_follows_the_one_the_network_has_and_leaves_the_network_a
 
 
 def test_the_best_checkpoint_scores_its_validation_slices_on_the_labels_line(
-    ldct_train_dir: Path, tmp_path: Path
+    ldct_train_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Trained with the bundle's config, the saved model refitted on the validation slices needs no further line,
     and its correlations are those of the best epoch."""
@@ -118,6 +125,7 @@ def test_the_best_checkpoint_scores_its_validation_slices_on_the_labels_line(
     saved, _ = read_checkpoint(tmp_path / "models" / "model.pt")
     scale = float(saved["calibration.scale"])
     assert scale > 1.5  # the tiny model's outputs are far from the labels' scale
+    assert scale < STEEP_LINE or f"its line stretches them {scale:.1f} times" in caplog.text
     model = workflow.parser.get_parsed_content("model")
     model.load_state_dict(saved)
     evaluator.run()
