@@ -147,10 +147,11 @@ def calibrated_state(network: nn.Module, metrics: dict[str, Any]) -> dict[str, t
     state[prefix + "scale"] = (calibration.scale * scale).detach().clone()
     state[prefix + "shift"] = (calibration.shift * scale + shift).detach().clone()
     logger.info("calibration line fitted on the labelled slices: score = %.4f x output %+.4f", scale, shift)
-    if abs(float(state[prefix + "scale"])) > STEEP_LINE:
+    stretch = abs(float(state[prefix + "scale"]))
+    if stretch > STEEP_LINE:
         logger.warning(
             "the model's outputs barely vary: its line stretches them %.1f times, and their rounding with them "
             "(bf16 and fp16 inference above all)",
-            abs(float(state[prefix + "scale"])),
+            stretch,
         )
     return state
