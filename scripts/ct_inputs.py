@@ -24,12 +24,14 @@ Scoring runs in two steps so that reading can overlap with the network (DataLoad
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import filecmp
 import functools
 import gzip
 import hashlib
 import io
+import itertools
 import logging
 import math
 import multiprocessing
@@ -58,7 +60,8 @@ from scripts.ct_io import (
     stored_values_are_hu,
 )
 from scripts.decoders import native_layout, unpack_native
-from scripts.metaimage import MetaImageHeader, data_file_name
+from scripts.metaimage import MetaImageHeader
+from scripts.metaimage import data_files as metaimage_data_files
 from scripts.metaimage import read_header as read_metaimage_header
 from scripts.options import as_bool, check_windows
 from scripts.output_dir import COMPARE_ENTRIES, LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
@@ -190,6 +193,7 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
     files: list[Path] = []
     errors = ErrorList()
     seen: dict[tuple[int, int], Path] = {}
+    voxel_files: set[tuple[int, int]] = set()  # the data files of the MetaImage headers met: read with them
     skip_info = os.stat(skip) if skip is not None and os.path.isdir(skip) else None
     skip_key = (skip_info.st_dev, skip_info.st_ino) if skip_info else None
 
@@ -207,6 +211,9 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
             logger.info("already read as %s: %s", seen[key], path)
             return
         if stat.S_ISREG(info.st_mode):
+            if key in voxel_files:
+                logger.debug("read with its MetaImage header: %s", path)
+                return
             seen[key] = path
             if os.access(path, os.R_OK):
                 files.append(path)
@@ -232,11 +239,7 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
             left_out = [n for n in names if n in outputs or n.startswith(TEMP_PREFIX)]
             logger.info("not read as input: the report in %s (%s)", path, ", ".join(left_out))
             names = [n for n in names if n not in left_out]
-        data_files = (data_file_name(path / n) for n in names if n.lower().endswith(".mhd"))
-        voxels = {name for name in data_files if name is not None and name in names}
-        if voxels:  # a MetaImage header's data file is read with its header, not as an input
-            logger.info("read with their MetaImage headers: %s", ", ".join(sorted(voxels)))
-            names = [n for n in names if n not in voxels]
+        _add_voxel_files(voxel_files, [path / n for n in names if n.lower().endswith(".mhd")])
         inside = {**ancestors, key: path}
         for name in names:
             visit(path / name, inside)
@@ -247,6 +250,20 @@ def find_files(paths: Iterable[str | Path], skip: str | Path | None = None) -> t
     for error in errors:
         logger.warning("not scored: %s: %s", error["path"], error["reason"])
     return files, errors
+
+
+def _add_voxel_files(voxel_files: set[tuple[int, int]], headers: list[Path]) -> None:
+    """Adds the data files the MetaImage ``headers`` name (as (device, inode)): they are read with their headers, in
+    this folder or below it, not as inputs of their own."""
+    found = []
+    for data_file in itertools.chain.from_iterable(map(metaimage_data_files, headers)):
+        with contextlib.suppress(OSError):
+            info = data_file.stat()
+            voxel_files.add((info.st_dev, info.st_ino))
+            found.append(data_file.name)
+    if found:
+        more = f" and {len(found) - 3:,} more" if len(found) > 3 else ""
+        logger.info("read with their MetaImage headers: %s%s", ", ".join(found[:3]), more)
 
 
 def _is_volume(path: Path) -> bool:
@@ -646,34 +663,42 @@ def _lps_affine(directions: np.ndarray, spacing: Sequence[float], origin: Sequen
 
 
 def _metaimage_voxels(header: MetaImageHeader, path: Path) -> np.ndarray:
-    """The voxels a MetaImage header declares, (x, y, z) as in NIfTI: compressed ones inflated up to the declared
-    size only, uncompressed ones checked against their file's size."""
-    source = header.data_file or path
-    with open(source, "rb") as stream:
-        stream.seek(_metaimage_offset(header, source))
-        if header.compressed:
-            inflated = _inflated(stream, zlib.decompressobj(zlib.MAX_WBITS | 32), header.nbytes)  # zlib or gzip
-            if inflated is None:
-                sides = " x ".join(map(str, header.shape))
-                raise InputError(f"its compressed voxels inflate to more than the {sides} its header declares")
-            data = bytes(inflated)
-        else:
-            data = stream.read(header.nbytes)
-    _check_metaimage_bytes(header, source, len(data))
+    """The voxels a MetaImage header declares, (x, y, z) as in NIfTI, from its own file or its data files in turn:
+    compressed ones inflated up to the declared size only, uncompressed ones checked against their file's size."""
+    data = bytearray()
+    for source in header.data_files or (path,):
+        with open(source, "rb") as stream:
+            stream.seek(_metaimage_offset(header, source))
+            if header.compressed:
+                inflated = _inflated(stream, zlib.decompressobj(zlib.MAX_WBITS | 32), header.file_nbytes)  # zlib, gzip
+                if inflated is None:
+                    sides = " x ".join(map(str, header.shape))
+                    share = f"their {header.file_nbytes:,} bytes of " if header.data_files[1:] else ""
+                    raise InputError(
+                        f"the compressed voxels of {source.name} inflate to more than {share}the {sides} its header "
+                        "declares"
+                    )
+                part = bytes(inflated)
+            else:
+                part = stream.read(header.file_nbytes)
+        _check_metaimage_bytes(header, source, len(part))
+        data += part
     return np.frombuffer(data, header.dtype, math.prod(header.shape)).reshape(header.shape, order="F")
 
 
 def _metaimage_offset(header: MetaImageHeader, source: Path) -> int:
     """Where the voxels start in ``source``: ``HeaderSize = -1`` puts them at its end."""
-    return max(0, source.stat().st_size - header.nbytes) if header.data_offset < 0 else header.data_offset
+    return max(0, source.stat().st_size - header.file_nbytes) if header.data_offset < 0 else header.data_offset
 
 
 def _check_metaimage_bytes(header: MetaImageHeader, source: Path, count: int) -> None:
-    """``InputError`` when ``source`` holds fewer than the ``header.nbytes`` bytes of voxels it must."""
-    if count < header.nbytes:
+    """``InputError`` when ``source`` holds fewer than the ``header.file_nbytes`` bytes of voxels it must."""
+    if count < header.file_nbytes:
+        shape = " x ".join(map(str, header.shape))
+        share = f"its {header.file_nbytes:,} of the {shape}" if header.data_files[1:] else shape
         raise InputError(
             f"{source.name} holds {'an inflated ' if header.compressed else ''}{count:,} bytes of voxels, the header "
-            f"declares {' x '.join(map(str, header.shape))} of {header.dtype.itemsize} bytes ({header.nbytes:,})"
+            f"declares {share} of {header.dtype.itemsize} bytes ({header.file_nbytes:,})"
         )
 
 
@@ -686,11 +711,18 @@ def _metaimage_image(path: Path, pixels: bool) -> Any:
         header = read_metaimage_header(path)
     except ValueError as error:
         raise InputError(str(error)) from None
-    source = header.data_file or path
-    if not source.is_file():
-        raise InputError(f"its data file {source.name!r} (ElementDataFile) is not beside it")
-    if not header.compressed:  # checked from the header: the file must hold the voxels
-        _check_metaimage_bytes(header, source, max(0, source.stat().st_size - _metaimage_offset(header, source)))
+    sources = header.data_files or (path,)
+    missing = [source for source in sources if not source.is_file()]
+    if missing:
+        name = str(missing[0].relative_to(path.parent) if missing[0].is_relative_to(path.parent) else missing[0])
+        if sources[1:]:
+            raise InputError(
+                f"{len(missing):,} of its {len(sources):,} data files (ElementDataFile) are not found, {name!r} first"
+            )
+        raise InputError(f"its data file {name!r} (ElementDataFile) is not found")
+    if not header.compressed:  # checked from the header: the files must hold the voxels
+        for source in sources:
+            _check_metaimage_bytes(header, source, max(0, source.stat().st_size - _metaimage_offset(header, source)))
     if not pixels:
         data = np.broadcast_to(np.zeros((), np.float32), header.shape)
     else:

@@ -3,6 +3,7 @@ them, voxels and geometry; malformed headers, which make SimpleITK abort the pro
 
 from __future__ import annotations
 
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +83,26 @@ GOOD_HEADER = (
 MALFORMED = {
     "ndims-minus-one": (("NDims = 3", "NDims = -1"), "NDims = -1 with DimSize = (16, 16, 3): not an image of 1 to 4"),
     "garbled-data-file": (("= LOCAL\n", "= LO"), "ElementDataFile = 'LO\\x18ü\\x18ü"),  # runs into the voxels
-    "list-of-files": (("= LOCAL", "= LIST"), "ElementDataFile = 'LIST': voxels in several files or another folder"),
+    "short-list": (
+        ("= LOCAL", "= LIST\nct1.raw\nct2.raw\n"),
+        "ElementDataFile = LIST names 2 files, DimSize 16 x 16 x 3",
+    ),
+    "list-of-list": (("= LOCAL", "= LIST 2Dx"), "ElementDataFile = 'LIST 2Dx': LIST takes the files' dimensions"),
+    "short-pattern": (("= LOCAL", "= ct%02d.raw 1 2 1"), "ElementDataFile = 'ct%02d.raw 1 2 1' numbers 2 files"),
+    "reversed-pattern": (("= LOCAL", "= ct%02d.raw 3 1 1"), "ElementDataFile = 'ct%02d.raw 3 1 1': no run of numbers"),
+    "string-pattern": (("= LOCAL", "= ct%s.raw"), "ElementDataFile = 'ct%s.raw' is not a file name with one %d field"),
+    "empty-data-file": (("= LOCAL", "="), "ElementDataFile is empty"),
+    "too-many-files": (
+        (
+            "16 16 3\nElementType = MET_SHORT\nElementDataFile = LOCAL",
+            "16 16 200000\nElementType = MET_SHORT\nElementDataFile = ct%d.raw",
+        ),
+        "ElementDataFile = 'ct%d.raw': 200,000 files, over the cap of 100,000",
+    ),
+    "missing-slice": (
+        ("= LOCAL", "= ct%d.raw"),
+        "3 of its 3 data files (ElementDataFile) are not found, 'ct1.raw' first",
+    ),
     "text-voxels": (
         ("BinaryData = True", "BinaryData = False"),
         "MetaImage voxels stored as text (BinaryData = False)",
@@ -90,7 +110,7 @@ MALFORMED = {
     "channels": (("ElementType", "ElementNumberOfChannels = 3\nElementType"), "MetaImage data of 3 components a voxel"),
     "element-type": (("MET_SHORT", "MET_COMPLEX"), "ElementType = 'MET_COMPLEX' is none of MetaIO's number types"),
     "matrix": (("1 0 0 0 1 0 0 0 1", "1 0 0 nan 1 0"), "TransformMatrix = '1 0 0 nan 1 0' is not 9 finite numbers"),
-    "data-file": (("= LOCAL", "= ct.raw"), "its data file 'ct.raw' (ElementDataFile) is not beside it"),
+    "data-file": (("= LOCAL", "= ct.raw"), "its data file 'ct.raw' (ElementDataFile) is not found"),
     "truncated": (
         ("DimSize = 16 16 3", "DimSize = 16 16 4"),
         "ct.mha holds 1,536 bytes of voxels, the header declares 16 x 16 x 4 of 2 bytes (2,048)",
@@ -113,3 +133,62 @@ def test_a_malformed_metaimage_header_is_an_error_naming_what_is_wrong(case: str
     items, errors = index_inputs([path])
     assert items == [] and [error["path"] for error in errors] == [str(path)]
     assert errors[0]["reason"].startswith(reason), errors[0]["reason"]
+
+
+SLICES = RNG.normal(0, 300, (20, 16, 3)).astype(np.int16)  # (x, y, z), a data file per slice
+DATA_FILES = {  # name: (ElementDataFile and the lines after it, the name of slice k's file, other header lines)
+    "list": ("LIST\nct1.raw\nct2.raw\nct3.raw\n", "ct{}.raw", ""),
+    "list-2d-in-a-subfolder": ("LIST 2D\nslices/a1.raw\nslices/a2.raw\nslices/a3.raw\n", "slices/a{}.raw", ""),
+    "pattern": ("ct%03d.raw 1 3 1\n", "ct{:03d}.raw", ""),
+    "pattern-first-only": ("ct%d.raw 5\n", "ct{}.raw", ""),
+    "pattern-first-and-last": ("ct%d.raw 2 9\n", "ct{}.raw", ""),  # a step of 7 // 3, the first 3 of 2, 4, 6, 8
+    "pattern-with-spaces": ("my ct %02d.raw 1 3 1\n", "my ct {:02d}.raw", ""),
+    "header-size-each": ("ct%d.raw 1 3 1\n", "ct{}.raw", "HeaderSize = 10\n"),
+    "header-size-minus-one-each": ("ct%d.raw 1 3 1\n", "ct{}.raw", "HeaderSize = -1\n"),
+    "compressed-each": ("ct%d.raw 1 3 1\n", "ct{}.raw", "CompressedData = True\n"),
+}
+
+
+def _data_file_header(tmp_path: Path, case: str) -> Path:
+    """``SLICES`` as a .mhd header naming a data file per slice, the files written as ``DATA_FILES[case]`` says."""
+    data_file, slice_name, lines = DATA_FILES[case]
+    first, step = {"pattern-first-only": (5, 1), "pattern-first-and-last": (2, 2)}.get(case, (1, 1))
+    for k in range(SLICES.shape[2]):
+        voxels = SLICES[:, :, k].tobytes(order="F")
+        voxels = zlib.compress(voxels) if "compressed" in case else voxels
+        junk = b"J" * 10 if "header-size" in case else b""
+        path = tmp_path / slice_name.format(first + k * step)
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(junk + voxels)
+    header = GOOD_HEADER.replace("DimSize = 16 16 3", "DimSize = 20 16 3").replace("CompressedData = False\n", "")
+    header = header.replace("ElementDataFile = LOCAL\n", lines + "ElementDataFile = " + data_file)
+    (tmp_path / "ct.mhd").write_text(header)
+    return tmp_path / "ct.mhd"
+
+
+@pytest.mark.parametrize("case", DATA_FILES, ids=DATA_FILES)
+def test_voxels_in_a_data_file_per_slice_read_as_simpleitk_reads_them(case: str, tmp_path: Path) -> None:
+    path = _data_file_header(tmp_path, case)
+    image = _metaimage_image(path, pixels=True)
+    assert np.array_equal(image.dataobj, SLICES)
+    assert np.array_equal(SimpleITK.GetArrayFromImage(SimpleITK.ReadImage(str(path))).transpose(), SLICES)
+
+
+def test_a_pattern_counting_down_reads_its_files_in_that_order(tmp_path: Path) -> None:
+    """MetaIO reads nothing for a negative step (SimpleITK returns uninitialised memory); here it counts down."""
+    path = _data_file_header(tmp_path, "pattern")
+    path.write_text(path.read_text().replace("ct%03d.raw 1 3 1", "ct%03d.raw 3 1 -1"))
+    assert np.array_equal(_metaimage_image(path, pixels=True).dataobj, SLICES[:, :, ::-1])
+
+
+def test_data_files_are_read_with_their_header_and_not_scored_as_inputs(tmp_path: Path) -> None:
+    path = _data_file_header(tmp_path, "list-2d-in-a-subfolder")
+    (path.parent / "notes.txt").write_text("not CT")
+    items, errors = index_inputs([tmp_path])
+    assert [(item["image"], item["frame"]) for item in items] == [(str(path), k) for k in range(3)]
+    assert [(error["path"], error["reason"][:16]) for error in errors] == [
+        (str(tmp_path / "notes.txt"), "not a DICOM file")
+    ]
+    (path.parent / "slices" / "a2.raw").write_bytes(b"short")  # a data file of the wrong size: its name and reason
+    items, errors = index_inputs([path])
+    assert items == [] and errors[0]["reason"].startswith("a2.raw holds 5 bytes of voxels, the header declares its 640")
