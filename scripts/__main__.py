@@ -17,6 +17,7 @@ from scripts.options import (
     channels_last_choice,
     check_windows,
     compile_mode,
+    optional_intercept,
     optional_size,
     positive_number,
     whole_number,
@@ -53,7 +54,14 @@ def _checkpoint_or_exit(ckpt: str | None) -> str:
 
 
 def _check_options(
-    batch_size: Any, max_slice_mb: Any, amp: Any, channels_last: Any, compile: Any, num_workers: Any, window: Any
+    batch_size: Any,
+    max_slice_mb: Any,
+    amp: Any,
+    channels_last: Any,
+    compile: Any,
+    num_workers: Any,
+    window: Any,
+    slice_intercept: Any = None,
 ) -> list[tuple[float, float]] | None:
     """The options ``score`` and ``compare`` share, checked before torch and MONAI are imported (seconds) and the
     model is loaded: ``OptionError`` (one line and exit 2, from ``main``) for one they cannot take. Returns the
@@ -64,6 +72,7 @@ def _check_options(
     channels_last_choice(channels_last)
     compile_mode(compile)
     worker_count(num_workers)
+    optional_intercept(slice_intercept)
     return None if window is None else check_windows(window)
 
 
@@ -93,17 +102,19 @@ def _scoring_setup(
     channels_last: Any,
     compile: Any,
     num_workers: Any,
+    slice_intercept: Any = None,
 ) -> tuple[str, dict[str, Any]]:
     """``score``'s and ``compare``'s checks before the model loads (one line and an exit for a bad option or
     checkpoint): the inference config's speed ids and the window, then the checkpoint. Sets the cap per slice for
     this process and the reading workers it forks."""
-    wanted = _check_options(batch_size, max_slice_mb, amp, channels_last, compile, num_workers, window)
+    wanted = _check_options(batch_size, max_slice_mb, amp, channels_last, compile, num_workers, window, slice_intercept)
     from scripts import transforms  # after the checks: it imports torch and MONAI (seconds)
 
     ckpt = _checkpoint_or_exit(ckpt)
     _warn_other_window(wanted, ckpt)
     transforms.MAX_SLICE_MB = float(max_slice_mb)
-    return ckpt, {"amp": amp, "channels_last": channels_last, "compile": compile}
+    intercept = optional_intercept(slice_intercept)
+    return ckpt, {"amp": amp, "channels_last": channels_last, "compile": compile, "slice_intercept": intercept}
 
 
 def check_data(
@@ -113,14 +124,15 @@ def check_data(
     score_range: Any = LDCT_RANGE,
     split: Any = 0.1,
     seed: int = 48,
+    slice_intercept: Any = None,
 ) -> None:
     """Check a KADID-10k (layout=kadid) or LDCTIQA (layout=ldct) folder, or a scored-CT labels file (layout=scored_ct
-    --labels FILE), and the validation side training's ``--split`` and ``--seed`` would give it; every problem is
-    listed, as (file, reason)."""
+    --labels FILE; ``slice_intercept`` as in training), and the validation side training's ``--split`` and ``--seed``
+    would give it; every problem is listed, as (file, reason)."""
     from scripts.data import DatasetError, check_dataset
 
     try:
-        check_dataset(dataset_dir, layout, labels, score_range, split, seed)
+        check_dataset(dataset_dir, layout, labels, score_range, split, seed, slice_intercept)
     except DatasetError as error:
         print(error, file=sys.stderr)
         raise SystemExit(1) from None
@@ -167,6 +179,7 @@ def score(
     channels_last: Any = "auto",
     compile: Any = False,
     plots: Any = True,
+    slice_intercept: Any = None,
 ) -> None:
     """Score DICOM files/folders, NIfTI/NRRD/MetaImage volumes and TIFF/PNG slices: scores.csv and summary.json in
     output_dir
@@ -181,11 +194,14 @@ def score(
     that would take more than ``max_slice_mb`` MiB as float32 is refused unread (listed in errors). ``amp``
     (false/true/bf16/fp16), ``channels_last`` (default auto: on a CUDA GPU) and ``compile`` (torch.compile, with the
     weights frozen; true or a mode: max-autotune, reduce-overhead, ...) as in the inference config; ``plots``
-    false skips the series plots. Exits
+    false skips the series plots; ``slice_intercept`` reads TIFF/PNG slices as CT numbers, HU = value + intercept
+    (-32768 for DeepLesion's 16-bit PNGs, -1024 for HU + 1024, 0 for HU), windowed as CT is. Exits
     non-zero when no input could be scored, or (before scoring, with one line) when output_dir cannot be used.
     """
     as_bool(plots, "plots")
-    ckpt, options = _scoring_setup(ckpt, window, batch_size, max_slice_mb, amp, channels_last, compile, num_workers)
+    ckpt, options = _scoring_setup(
+        ckpt, window, batch_size, max_slice_mb, amp, channels_last, compile, num_workers, slice_intercept
+    )
     from scripts.clinical.score import score_paths  # after the checks, as every import of torch and MONAI
     from scripts.output_dir import OutputError, printable
 
@@ -223,6 +239,7 @@ def compare(
     amp: Any = False,
     channels_last: Any = "auto",
     compile: Any = False,
+    slice_intercept: Any = None,
 ) -> None:
     """Compare two scans of the same anatomy slice by slice (low and full dose, two reconstructions): each a DICOM
     file or folder, a NIfTI/NRRD/MetaImage volume or slice images; compare.json and pairs.csv in output_dir.
@@ -232,7 +249,9 @@ def compare(
     higher, the Wilcoxon signed-rank p-value, and the Mann-Whitney U p-value over every slice. Exits non-zero when
     either side has no slice scored.
     """
-    ckpt, options = _scoring_setup(ckpt, window, batch_size, max_slice_mb, amp, channels_last, compile, num_workers)
+    ckpt, options = _scoring_setup(
+        ckpt, window, batch_size, max_slice_mb, amp, channels_last, compile, num_workers, slice_intercept
+    )
     from scripts.clinical.compare import compare_lines, compare_paths  # after the checks, as in score
     from scripts.output_dir import OutputError, printable
 

@@ -63,7 +63,7 @@ from scripts.decoders import native_layout, unpack_native
 from scripts.metaimage import MetaImageHeader
 from scripts.metaimage import data_files as metaimage_data_files
 from scripts.metaimage import read_header as read_metaimage_header
-from scripts.options import as_bool, check_windows
+from scripts.options import as_bool, check_windows, optional_intercept
 from scripts.output_dir import COMPARE_ENTRIES, LOCK_NAME, REPORT_ENTRIES, TEMP_PREFIX
 from scripts.transforms import (
     SLICE_SUFFIXES,
@@ -1307,13 +1307,20 @@ def _finite_2d(pixels: np.ndarray, where: str = "") -> np.ndarray:
 
 
 def read_ct_slice(
-    path: str | Path, frame: int = 0, channels: int = 1, compact: bool = False, stored: list[int] | None = None
+    path: str | Path,
+    frame: int = 0,
+    channels: int = 1,
+    compact: bool = False,
+    stored: list[int] | None = None,
+    slice_intercept: float | None = None,
 ) -> tuple[np.ndarray, bool]:
     """One slice before windowing, and whether it is in HU: ((channels, H, W) HU, True) for CT (DICOM, NIfTI,
     rescaled and through any Modality LUT by pydicom; the one channel repeated, so that a batch mixing CT with
     rendered slices stacks), ((channels, H, W) in [0, 1], False) for rendered TIFF/PNG. float32, except with
     ``compact`` DICOM HU that are whole numbers within int16 by construction, which come as int16. ``stored``: the
     item's ``stored_pixels``, read straight from the file when it has not changed since it was indexed.
+    ``slice_intercept``: TIFF/PNG slices hold CT numbers, HU = stored value + ``slice_intercept`` (as DICOM's
+    RescaleIntercept: -32768 for DeepLesion's PNGs, 0 for HU as they are), not rendered grey levels.
 
     Raises ``InputError`` with the reason when the pixels cannot be used.
     """
@@ -1323,7 +1330,9 @@ def read_ct_slice(
         return to_channels(hu, channels), True
     if _is_rendered(path):
         try:
-            return to_channels(read_slice(path), channels), False
+            if slice_intercept is None:
+                return to_channels(read_slice(path), channels), False
+            return to_channels(read_slice(path, stored_values=True) + np.float32(slice_intercept), channels), True
         except ImageReadError as error:
             raise InputError(error.reason) from error
     if _is_volume(path):
@@ -1346,14 +1355,21 @@ def read_ct_slice(
     return to_channels(_finite_2d(pixels, where), channels), True
 
 
-def read_scored_slice(path: str | Path, frame: int = 0, window: Any = HU_WINDOW, channels: int = 1) -> np.ndarray:
+def read_scored_slice(
+    path: str | Path,
+    frame: int = 0,
+    window: Any = HU_WINDOW,
+    channels: int = 1,
+    slice_intercept: float | None = None,
+) -> np.ndarray:
     """One slice as the network sees it before resizing: (channels, H, W) float32 in [0, 1].
 
     CT goes from HU through ``window`` (one ``[low, high]`` or one per channel), as ``WindowHUd`` does in the
-    configs; TIFF/PNG are taken as rendered. Raises ``InputError`` with the reason when the pixels cannot be used.
+    configs; TIFF/PNG are taken as rendered, or as CT numbers with ``slice_intercept`` (``read_ct_slice``). Raises
+    ``InputError`` with the reason when the pixels cannot be used.
     """
     windows = check_windows(window)
-    pixels, hu = read_ct_slice(path, frame, channels)
+    pixels, hu = read_ct_slice(path, frame, channels, slice_intercept=slice_intercept)
     return window_channels(torch.from_numpy(pixels), windows, channels).numpy() if hu else pixels
 
 
@@ -1364,7 +1380,8 @@ class LoadCTSliced(MapTransform):
 
     ``compact_hu`` keeps integer DICOM HU as int16 (``read_ct_slice``): half the bytes from reader processes to
     the batch, converted to float32 where the batch is windowed (the inference config; training windows each slice
-    as it is cached and keeps float32).
+    as it is cached and keeps float32). ``slice_intercept`` (a number, or None: rendered) reads TIFF/PNG slices as
+    CT numbers, HU = stored value + intercept, windowed as CT is.
 
     With ``error_key`` set, a slice that cannot be read becomes a small zero placeholder and its
     reason goes to ``data[error_key]`` (items already carrying an error are passed through the
@@ -1379,10 +1396,12 @@ class LoadCTSliced(MapTransform):
         error_key: str | None = "error",
         hu_key: str = "hu",
         compact_hu: bool = False,
+        slice_intercept: Any = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.compact_hu = as_bool(compact_hu, "compact_hu")
+        self.slice_intercept = optional_intercept(slice_intercept)
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.channels = channels
@@ -1402,7 +1421,9 @@ class LoadCTSliced(MapTransform):
             pixels = None
             if not error:
                 try:
-                    pixels, hu = read_ct_slice(path, frame, self.channels, self.compact_hu, stored)
+                    pixels, hu = read_ct_slice(
+                        path, frame, self.channels, self.compact_hu, stored, self.slice_intercept
+                    )
                 except Exception as caught:  # one odd file never stops the batch
                     if self.error_key is None:
                         raise InputError(f"{path}: {caught}") from caught

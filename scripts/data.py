@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 from monai.data import load_decathlon_datalist
 from scripts.ct_inputs import VOLUME_SUFFIXES, InputError, index_inputs, read_ct_slice, read_dicom_ct
-from scripts.options import LDCT_RANGE, OptionError
+from scripts.options import LDCT_RANGE, OptionError, optional_intercept
 from scripts.output_dir import write_json_atomic
 from scripts.transforms import SLICE_SUFFIXES, ImageReadError, read_slice
 
@@ -402,7 +402,10 @@ class _Sources:
 
 
 def scored_ct_items(
-    labels: str | Path, score_range: Sequence[float] = LDCT_RANGE, check_images: bool = True
+    labels: str | Path,
+    score_range: Sequence[float] = LDCT_RANGE,
+    check_images: bool = True,
+    slice_intercept: float | None = None,
 ) -> list[dict]:
     """``[{"image", "frame", "label", "patient", "sd"}]`` for a scored-CT labels file, checked row by row.
 
@@ -410,7 +413,8 @@ def scored_ct_items(
     to the labels file or absolute), ``score`` (within ``score_range``), and optionally ``slice`` (the index along
     the series or volume, as scoring orders it, or a SOPInstanceUID; without it every slice of the path has the score),
     ``patient`` (kept on one side of a split; default: the path) and ``sd`` (the raters' spread). Every problem is
-    listed as ``(where, reason)`` in one ``DatasetError``.
+    listed as ``(where, reason)`` in one ``DatasetError``. ``slice_intercept``: TIFF/PNG slices hold CT numbers
+    (``scripts.ct_inputs.read_ct_slice``).
     """
     labels = Path(labels).expanduser()
     if not labels.is_file():
@@ -464,7 +468,7 @@ def scored_ct_items(
     if check_images and not problems:
         for item in items:
             try:
-                read_ct_slice(item["image"], item["frame"])
+                read_ct_slice(item["image"], item["frame"], slice_intercept=slice_intercept)
             except InputError as error:
                 problems.append((f"{item['image']} [slice {item['frame']}]", str(error)))
     if problems:
@@ -535,6 +539,7 @@ def training_datalists(
     check_images: bool = True,
     labels: str | Path | None = None,
     score_range: Sequence[float] = LDCT_RANGE,
+    slice_intercept: float | None = None,
 ) -> dict[str, list[dict]]:
     """Checked ``{"training": [...], "validation": [...]}`` for ``layout`` "ldct", "kadid" or "scored_ct".
 
@@ -542,7 +547,7 @@ def training_datalists(
     is also written to ``output_dir/datalist.json`` (paths relative to the dataset folder, or to the labels
     file's folder; MONAI's decathlon form) so it can be reproduced and evaluated later.
     """
-    items = labelled_items(dataset_dir, layout, labels, score_range, check_images)
+    items = labelled_items(dataset_dir, layout, labels, score_range, check_images, slice_intercept)
     dataset_dir = _dataset_root(dataset_dir, layout, labels)
     train, val = checked_split(dataset_dir, layout, items, split, seed)
     if output_dir is not None:
@@ -564,14 +569,16 @@ def labelled_items(
     labels: str | Path | None = None,
     score_range: Sequence[float] = LDCT_RANGE,
     check_images: bool = True,
+    slice_intercept: float | None = None,
 ) -> list[dict]:
-    """Every labelled slice of a dataset in ``layout`` ("ldct", "kadid", or "scored_ct" with its ``labels`` file)."""
+    """Every labelled slice of a dataset in ``layout`` ("ldct", "kadid", or "scored_ct" with its ``labels`` file,
+    whose TIFF/PNG slices hold CT numbers with ``slice_intercept``)."""
     if layout == "ldct":
         return ldct_labelled_items(dataset_dir, check_images)
     if layout == "kadid":
         return kadid_labelled_items(dataset_dir, check_images)
     if layout == "scored_ct":
-        return scored_ct_items(_labels_file(labels), score_range, check_images)
+        return scored_ct_items(_labels_file(labels), score_range, check_images, optional_intercept(slice_intercept))
     raise OptionError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
 
 
@@ -633,14 +640,15 @@ def check_dataset(
     score_range: Sequence[float] = LDCT_RANGE,
     split: str | float = 0.1,
     seed: int = 48,
+    slice_intercept: float | None = None,
 ) -> dict[str, Any]:
-    """Check a dataset the way training will, its split included (``split`` and ``seed`` as training takes them),
-    and summarise it (``python -m scripts check_data``).
+    """Check a dataset the way training will, its split included (``split`` and ``seed`` as training takes them;
+    ``slice_intercept`` as the configs' id), and summarise it (``python -m scripts check_data``).
 
     Raises ``DatasetError`` listing every problem; on success returns the slice count, the label range and the
     validation slices of the split (and, for scored CT, the patient count).
     """
-    items = labelled_items(dataset_dir, layout, labels, score_range)
+    items = labelled_items(dataset_dir, layout, labels, score_range, slice_intercept=slice_intercept)
     _, val = checked_split(_dataset_root(dataset_dir, layout, labels), layout, items, split, seed)
     labels_seen = [item["label"] for item in items]
     summary = {

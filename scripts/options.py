@@ -83,6 +83,21 @@ def positive_number(value: Any, name: str) -> float:
     return number
 
 
+def optional_intercept(value: Any) -> float | None:
+    """The ``slice_intercept`` id: None (also ``"none"``/``"null"``: TIFF/PNG slices are rendered) or a finite number
+    (-32768, "-1024"), added to a slice's stored values to give HU."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "")):
+        return None
+    try:
+        number = float(value)
+        finite = not isinstance(value, bool) and math.isfinite(number)
+    except (TypeError, ValueError):
+        finite = False
+    if not finite:
+        raise OptionError(f"slice_intercept must be a number (HU = stored value + it) or none, got {value!r}")
+    return number
+
+
 def amp_choice(amp: Any) -> str | bool:
     """The ``amp`` id checked: a dtype's name (``AMP_WORDS``, lower case) or true/false; ``OptionError`` otherwise.
     ``scripts.engines.amp_dtype`` turns it into the dtype for a device."""

@@ -28,6 +28,7 @@ FLOAT_SLACK = 0.1  # float slices are windowed to [0, 1]; overshoot from resampl
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 JPEG_COMPRESSIONS = frozenset({7, 99, 33003, 33004, 33005, 33007, 34712, 34892})  # TIFF's JPEG and JPEG 2000 codes
 SEGMENT_HEAD = 4096  # bytes of a compressed tile or strip read for its codestream's frame header
+NARROW_SHARE = 1 / 8  # a 16-bit or wider slice whose values span less of its type's range holds CT numbers
 MAX_SLICE_MB = 64.0  # MiB per decoded slice as float32 (4096 x 4096): larger declared sizes are refused unread
 
 
@@ -172,11 +173,32 @@ def _scale_to_unit(pixels: np.ndarray) -> np.ndarray:
     raise ValueError(f"unsupported pixel type {pixels.dtype}")
 
 
-def read_slice(path: str | Path, max_slice_mb: float | None = None) -> np.ndarray:
-    """Read one 2-D slice as float32, (H, W) for grey or (H, W, 3) for colour.
+def _stored_ct_reason(pixels: np.ndarray) -> str:
+    """Why integer grey ``pixels`` are CT numbers as stored rather than a rendered slice, or ``""``: values below 0
+    (no image format stores grey below 0), or 16 bits or more whose values span under ``NARROW_SHARE`` of their
+    type's range above 255 (HU + 1024, or DeepLesion's HU + 32768; an 8-bit rendering kept in 16 bits stays)."""
+    if not np.issubdtype(pixels.dtype, np.integer) or pixels.ndim != 2:
+        return ""
+    low, high = int(pixels.min()), int(pixels.max())
+    info = np.iinfo(pixels.dtype)
+    if low < 0:
+        return f"{pixels.dtype} pixels span [{low}, {high}]: CT numbers (HU), not a rendered slice"
+    share = (high - low) / (int(info.max) - int(info.min))
+    if pixels.dtype.itemsize >= 2 and high > 255 and share < NARROW_SHARE:
+        return (
+            f"{pixels.dtype} pixels span [{low}, {high}], {share:.1%} of their type's range: CT numbers as stored "
+            "(HU plus an offset), not a rendered slice"
+        )
+    return ""
 
-    Raises ``ImageReadError`` naming the file for missing, unreadable, non-2-D or non-finite data, and
-    (before decoding) for a declared size over ``max_slice_mb`` (default ``MAX_SLICE_MB``).
+
+def read_slice(path: str | Path, max_slice_mb: float | None = None, stored_values: bool = False) -> np.ndarray:
+    """Read one 2-D slice as float32, (H, W) for grey or (H, W, 3) for colour: rendered, in [0, 1]; or with
+    ``stored_values`` a grey slice's values as stored (CT numbers, which ``stored_values`` says it holds).
+
+    Raises ``ImageReadError`` naming the file for missing, unreadable, non-2-D or non-finite data, a rendered slice
+    that holds CT numbers or a colour one said to, and (before decoding) for a declared size over ``max_slice_mb``
+    (default ``MAX_SLICE_MB``).
     """
     path = Path(path)
     if not path.is_file():
@@ -190,11 +212,21 @@ def read_slice(path: str | Path, max_slice_mb: float | None = None) -> np.ndarra
         raise ImageReadError(path, f"expected a 2-D grey or RGB slice, got array shape {pixels.shape}")
     if min(pixels.shape[:2]) < 8:
         raise ImageReadError(path, f"image too small ({pixels.shape[0]}x{pixels.shape[1]})")
-    if np.issubdtype(pixels.dtype, np.signedinteger) and pixels.min() < 0:  # no image format stores grey below 0
+    if stored_values:
+        if pixels.ndim != 2:
+            raise ImageReadError(path, "a colour slice, said to hold CT numbers (slice_intercept): it cannot")
+        if not np.issubdtype(pixels.dtype, np.number) or pixels.dtype.kind == "c":
+            raise ImageReadError(path, f"unsupported pixel type {pixels.dtype}")
+        stored = pixels.astype(np.float32)
+        if not np.isfinite(stored).all():
+            raise ImageReadError(path, "pixels contain NaN or Inf")
+        return stored
+    reason = _stored_ct_reason(pixels)
+    if reason:
         raise ImageReadError(
             path,
-            f"{pixels.dtype} pixels span [{pixels.min()}, {pixels.max()}]: CT numbers (HU), not a rendered slice; "
-            "give raw CT as DICOM or NIfTI, which are windowed from HU, or window it to [0, 1] first",
+            f"{reason}; give the offset with --slice_intercept (HU = value + intercept: -1024 for HU + 1024, "
+            "-32768 for DeepLesion's PNGs), or give raw CT as DICOM or NIfTI, or window it to [0, 1] first",
         )
     try:
         pixels = _scale_to_unit(pixels)

@@ -143,7 +143,9 @@ def test_metaimage_data_that_inflate_past_their_declared_volume_are_refused_earl
     path = tmp_path / "bomb.mha"
     path.write_bytes(METAIMAGE_HEADER.format(sizes="64 64 4", data=data).encode() + zeros)
     before, start = rss_mib(), time.perf_counter()
-    with pytest.raises(InputError, match="the compressed voxels of bomb.mha inflate to more than the 64 x 64 x 4 its header"):
+    with pytest.raises(
+        InputError, match="the compressed voxels of bomb.mha inflate to more than the 64 x 64 x 4 its header"
+    ):
         read_scored_slice(path, 0)
     assert time.perf_counter() - start < QUICK_S and rss_mib() - before < 200
 

@@ -901,8 +901,11 @@ def test_float_tiff_outside_the_unit_range_is_not_windowed(tmp_path: Path) -> No
     tifffile.imwrite(tmp_path / "hu_int16.tif", hu)
     with pytest.raises(InputError, match=r"int16 pixels span \[-1000, 40\]: CT numbers \(HU\), not a rendered slice"):
         read_scored_slice(tmp_path / "hu_int16.tif")
-    tifffile.imwrite(tmp_path / "grey_int16.tif", np.abs(hu))  # signed, yet no value below 0: grey levels
-    assert read_scored_slice(tmp_path / "grey_int16.tif").max() == pytest.approx(1000 / 65535 + 0.5, abs=1e-4)
+    tifffile.imwrite(tmp_path / "grey_int16.tif", np.abs(hu) * 30)  # signed, yet none below 0, over half the range
+    assert read_scored_slice(tmp_path / "grey_int16.tif").max() == pytest.approx(30000 / 65535 + 0.5, abs=1e-4)
+    tifffile.imwrite(tmp_path / "narrow_int16.tif", np.abs(hu))  # 40 to 1000 of 65536 values: CT numbers again
+    with pytest.raises(InputError, match=r"int16 pixels span \[40, 1000\], 1.5% of their type's range: CT numbers"):
+        read_scored_slice(tmp_path / "narrow_int16.tif")
 
 
 def test_nifti_with_tiny_axial_slices_is_refused(tmp_path: Path) -> None:

@@ -257,9 +257,9 @@ def compare_paths(
     num_workers: Any = "auto",
     **options: Any,
 ) -> dict[str, Any]:
-    """Score both sides with the checkpoint's network (``options``: ``amp``, ``channels_last``, ``compile``, as for
-    ``score``) and write ``pairs.csv`` and ``compare.json`` (returned) in ``output_dir``, locked before the network
-    loads (``OutputError``; a device this machine lacks fails before, ``OptionError``)."""
+    """Score both sides with the checkpoint's network (``options``: ``amp``, ``channels_last``, ``compile``,
+    ``slice_intercept``, as for ``score``) and write ``pairs.csv`` and ``compare.json`` (returned) in ``output_dir``,
+    locked before the network loads (``OutputError``; a device this machine lacks fails before, ``OptionError``)."""
     target = usable_device(device)
     with locked_output_dir(output_dir) as output:
         scorer = SliceScorer.from_checkpoint(ckpt, target, batch_size, num_workers, window, **options)
@@ -271,6 +271,7 @@ def compare_paths(
                 "first": _side(first, first_series, first_errors),
                 "second": _side(second, second_series, second_errors),
                 "window": [list(pair) for pair in scorer.window],
+                "slice_intercept": scorer.slice_intercept,
                 "model": model_record(ckpt, scorer.network),
                 **statistics,
             }

@@ -62,7 +62,7 @@ from scripts.engines import (
     wants_compile,
 )
 from scripts.handlers import figure_png, pyplot
-from scripts.options import LDCT_RANGE, as_bool, check_windows
+from scripts.options import LDCT_RANGE, as_bool, check_windows, optional_intercept
 from scripts.output_dir import (
     OutputError,
     check_free_space,
@@ -125,6 +125,7 @@ class SliceScorer:
         channels_last: Any = "auto",
         compile: Any = False,
         readers: SliceReaders | None = None,
+        slice_intercept: float | None = None,
     ) -> None:
         self.device = torch.device(device)
         use_cudnn_autotuner(self.device)
@@ -137,6 +138,7 @@ class SliceScorer:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.window = check_windows(window)
+        self.slice_intercept = optional_intercept(slice_intercept)  # as ``transform`` reads TIFF/PNG: for the plots
         processes = self.readers()  # a bad num_workers fails here, not at the first run
         self.reader_pool = readers or (SliceReaders(transform, processes, self.device) if processes else None)
 
@@ -152,7 +154,7 @@ class SliceScorer:
     ) -> SliceScorer:
         """The bundle's inference config with this checkpoint (and the settings recorded beside it: the network's,
         and the window it was trained with, which ``window`` replaces when given); ``options`` set its other ids
-        (``amp``, ``channels_last``, ``compile``)."""
+        (``amp``, ``channels_last``, ``compile``, ``slice_intercept``)."""
         overrides: dict[str, Any] = {"checkpoint": str(checkpoint)}
         if window is not None:
             windows = [list(pair) for pair in check_windows(window)]
@@ -202,7 +204,8 @@ class SliceScorer:
         window = parser.get_parsed_content("window")
         inferer = parser.get_parsed_content("inferer")
         prepare_batch = parser.get_parsed_content("prepare_batch")
-        options = {key: parser.get_parsed_content(key) for key in ("channels_last", "compile") if key in parser}
+        ids = ("channels_last", "compile", "slice_intercept")
+        options = {key: parser.get_parsed_content(key) for key in ids if key in parser}
         return cls(
             network,
             transform,
@@ -446,8 +449,9 @@ def downsample(pixels: np.ndarray, size: int = THUMBNAIL_SIZE) -> np.ndarray:
     return shrunk
 
 
-def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
-    """The score along the slice axis, with thumbnails of the best and the worst slice, as PNG bytes."""
+def series_png(entry: Series, window: Sequence[float] = HU_WINDOW, slice_intercept: float | None = None) -> bytes:
+    """The score along the slice axis, with thumbnails of the best and the worst slice (read as they were scored:
+    through ``window``, TIFF/PNG with ``slice_intercept``), as PNG bytes."""
     plt = pyplot()
     scores, indices = entry.scores, entry.slice_indices()
     best, worst = int(np.argmax(scores)), int(np.argmin(scores))
@@ -461,7 +465,7 @@ def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
     for column, (label, index) in enumerate((("best", best), ("worst", worst))):
         item = entry.items[index]
         thumbnail = figure.add_axes((0.62 + 0.19 * column, 0.16, 0.17, 0.72))
-        pixels = _thumbnail(item, window)
+        pixels = _thumbnail(item, window, slice_intercept)
         if pixels is None:
             thumbnail.text(0.5, 0.5, "no longer\nreadable", ha="center", va="center", transform=thumbnail.transAxes)
         else:
@@ -472,35 +476,38 @@ def series_png(entry: Series, window: Sequence[float] = HU_WINDOW) -> bytes:
 
 
 def series_pngs(
-    series: Sequence[Series], window: Sequence[float], processes: int | None = None
+    series: Sequence[Series],
+    window: Sequence[float],
+    processes: int | None = None,
+    slice_intercept: float | None = None,
 ) -> Generator[bytes, None, None]:
     """``series_png`` of each series, in order: drawn by ``processes`` forked processes (default: one per usable
     core) for ``PARALLEL_PLOTS`` series or more, so that an archive's plots do not add a tenth of a second per series
     after its scoring; here for fewer, or where processes cannot be forked, and for the rest if one dies."""
     processes = min(len(series), usable_cores() if processes is None else processes)
     if len(series) < PARALLEL_PLOTS or processes < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        yield from (series_png(entry, window) for entry in series)
+        yield from (series_png(entry, window, slice_intercept) for entry in series)
         return
     pyplot()  # imported once here, not in each process
     context = multiprocessing.get_context("fork")
     pool = ProcessPoolExecutor(processes, mp_context=context, initializer=torch.set_num_threads, initargs=(1,))
     done = 0
     try:
-        for png in pool.map(series_png, series, [window] * len(series)):
+        for png in pool.map(series_png, series, [window] * len(series), [slice_intercept] * len(series)):
             yield png
             done += 1
     except BrokenProcessPool:
         logger.warning("a plotting process died; drawing the other %d plots in this process", len(series) - done)
-        yield from (series_png(entry, window) for entry in series[done:])
+        yield from (series_png(entry, window, slice_intercept) for entry in series[done:])
     finally:  # also when the report stops early (a full disk): the plots not yet drawn are not drawn
         pool.shutdown(cancel_futures=True)
 
 
-def _thumbnail(item: dict, window: Sequence[float]) -> np.ndarray | None:
+def _thumbnail(item: dict, window: Sequence[float], slice_intercept: float | None = None) -> np.ndarray | None:
     """A scored slice shrunk for its series' plot, read again from its file; None, with a warning, when the file can
     no longer be read (moved, deleted or rewritten since it was scored): a plot never costs the report."""
     try:
-        return downsample(read_scored_slice(item["image"], item["frame"], window)[0])
+        return downsample(read_scored_slice(item["image"], item["frame"], window, 1, slice_intercept)[0])
     except Exception as error:  # read_scored_slice's InputError, or the OSError of a volume that is gone
         logger.warning("plot without its thumbnail of %s [slice %d]: %s", item["image"], item["frame"], error)
         return None
@@ -529,9 +536,11 @@ def write_report(
     extra: dict | None = None,
     plots: bool = True,
     plot_processes: int | None = None,
+    slice_intercept: float | None = None,
 ) -> dict:
-    """``scores.csv``, ``summary.json`` and a plot per series (``series_pngs``, by ``plot_processes``), replacing the
-    report in ``output_dir`` as a whole.
+    """``scores.csv``, ``summary.json`` and a plot per series (``series_pngs``, by ``plot_processes``; TIFF/PNG
+    thumbnails read with ``slice_intercept``, as they were scored), replacing the report in ``output_dir`` as a
+    whole.
 
     Written into a temporary folder inside ``output_dir``, then swapped in (``staged_report``: the caller holds
     the folder's lock); names that are not UTF-8 are written with ``\\xNN`` escapes. Returns the summary written.
@@ -541,7 +550,9 @@ def write_report(
     writer.writerow(["source", "series", "slice_index", "score", "score_sd", "warning"])
     summary: dict[str, Any] = {"series": {}, "errors": errors, **(extra or {})}
     named = [replace(entry, name=printable(entry.name)) for entry in series] if plots else []
-    pngs = series_pngs(named, window, plot_processes)  # closed with the report: plots not yet drawn are not drawn
+    pngs = series_pngs(
+        named, window, plot_processes, slice_intercept
+    )  # closed with the report: plots not yet drawn are not drawn
     with staged_report(Path(output_dir)) as staging, contextlib.closing(pngs):
         for number, entry in enumerate(series):
             plot = _plot_name(number, entry.name) if plots else None
@@ -715,7 +726,11 @@ def score_paths(
         windows = [list(pair) for pair in scorer.window]  # as the slices were windowed: the model's, or --window
         extra = {"processes": world, "slices_per_process": per_process, "window": windows}
         extra["model"] = model_record(ckpt, scorer.network)
-        return write_report(output, series, errors, scorer.window, extra, as_bool(plots, "plots"))
+        extra["slice_intercept"] = scorer.slice_intercept
+        plotted = as_bool(plots, "plots")
+        return write_report(
+            output, series, errors, scorer.window, extra, plotted, slice_intercept=scorer.slice_intercept
+        )
 
 
 @contextlib.contextmanager
