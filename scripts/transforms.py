@@ -177,14 +177,14 @@ def _stored_ct_reason(pixels: np.ndarray) -> str:
     """Why integer grey ``pixels`` are CT numbers as stored rather than a rendered slice, or ``""``: values below 0
     (no image format stores grey below 0), or 16 bits or more whose values span under ``NARROW_SHARE`` of their
     type's range above 255 (HU + 1024, or DeepLesion's HU + 32768; an 8-bit rendering kept in 16 bits stays)."""
-    if not np.issubdtype(pixels.dtype, np.integer) or pixels.ndim != 2:
+    if not np.issubdtype(pixels.dtype, np.integer) or pixels.dtype == np.uint8:  # uint8: rendered grey or colour
         return ""
     low, high = int(pixels.min()), int(pixels.max())
     info = np.iinfo(pixels.dtype)
     if low < 0:
         return f"{pixels.dtype} pixels span [{low}, {high}]: CT numbers (HU), not a rendered slice"
     share = (high - low) / (int(info.max) - int(info.min))
-    if pixels.dtype.itemsize >= 2 and high > 255 and share < NARROW_SHARE:
+    if pixels.ndim == 2 and pixels.dtype.itemsize >= 2 and high > 255 and share < NARROW_SHARE:
         return (
             f"{pixels.dtype} pixels span [{low}, {high}], {share:.1%} of their type's range: CT numbers as stored "
             "(HU plus an offset), not a rendered slice"
@@ -220,6 +220,12 @@ def read_slice(path: str | Path, max_slice_mb: float | None = None, stored_value
         stored = pixels.astype(np.float32)
         if not np.isfinite(stored).all():
             raise ImageReadError(path, "pixels contain NaN or Inf")
+        if pixels.dtype == np.uint8 or float(stored.max() - stored.min()) <= 1:
+            raise ImageReadError(
+                path,
+                f"{pixels.dtype} pixels span [{stored.min():.4g}, {stored.max():.4g}]: a rendered slice, not CT "
+                "numbers as slice_intercept says (score rendered slices without it)",
+            )
         return stored
     reason = _stored_ct_reason(pixels)
     if reason:

@@ -102,10 +102,19 @@ def test_rendered_slices_are_read_as_before(tmp_path: Path) -> None:
     assert read_scored_slice(tmp_path / "8bit_in_16.png").max() == pytest.approx(255 / 65535)
 
 
-def test_a_colour_slice_cannot_hold_ct_numbers(tmp_path: Path) -> None:
+def test_rendered_slices_cannot_hold_ct_numbers(tmp_path: Path) -> None:
+    """Colour, 8-bit grey levels and floats within [0, 1] (LDCTIQA's) read with an intercept would be air or flat."""
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "colour.png")
     with pytest.raises(InputError, match="a colour slice, said to hold CT numbers \\(slice_intercept\\): it cannot"):
         read_scored_slice(tmp_path / "colour.png", 0, WINDOW, 1, -1024.0)
+    Image.fromarray(np.arange(32 * 32).reshape(32, 32).astype(np.uint8)).save(tmp_path / "grey.png")
+    tifffile.imwrite(tmp_path / "ldctiqa.tif", np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32))
+    for name, span in [
+        ("grey.png", "uint8 pixels span \\[0, 255\\]"),
+        ("ldctiqa.tif", "float32 pixels span \\[0, 1\\]"),
+    ]:
+        with pytest.raises(InputError, match=f"{span}: a rendered slice, not CT numbers as slice_intercept says"):
+            read_scored_slice(tmp_path / name, 0, WINDOW, 1, 0.0)
 
 
 def test_a_reader_study_of_stored_slices_is_checked_with_the_intercept(stored_slices: dict, tmp_path: Path) -> None:
