@@ -1356,11 +1356,7 @@ def read_ct_slice(
 
 
 def read_scored_slice(
-    path: str | Path,
-    frame: int = 0,
-    window: Any = HU_WINDOW,
-    channels: int = 1,
-    slice_intercept: float | None = None,
+    path: str | Path, frame: int = 0, window: Any = HU_WINDOW, channels: int = 1, slice_intercept: float | None = None
 ) -> np.ndarray:
     """One slice as the network sees it before resizing: (channels, H, W) float32 in [0, 1].
 
