@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from scripts.clinical.compare import compare_paths
 from scripts.clinical.score import score_paths
 from scripts.ct_inputs import InputError, LoadCTSliced, index_inputs, read_scored_slice
 from scripts.ct_io import write_dicom_slice
@@ -90,6 +91,18 @@ def test_score_with_an_intercept_gives_the_dicoms_score_and_records_it(
             score, summary = scored(stored_slices[name], intercept)
             assert score == pytest.approx(reference, abs=1e-5) and summary["slice_intercept"] == intercept
     assert "thumbnail" not in caplog.text  # the plots read the slices as they were scored
+
+
+def test_compare_reads_both_sides_with_the_intercept(
+    tiny_checkpoint: Path, stored_slices: dict, tmp_path: Path
+) -> None:
+    """A DeepLesion PNG against the same HU in DICOM (which the intercept leaves alone): the same score."""
+    result = compare_paths(
+        str(stored_slices["png_-32768"]), str(stored_slices["dicom"]), tmp_path / "out", tiny_checkpoint,
+        device="cpu", num_workers=0, slice_intercept=-32768.0,
+    )  # fmt: skip
+    assert result["paired"]["n_pairs"] == 1 and result["paired"]["mean_difference"] == pytest.approx(0.0, abs=1e-5)
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["slice_intercept"] == -32768.0
 
 
 def test_rendered_slices_are_read_as_before(tmp_path: Path) -> None:
