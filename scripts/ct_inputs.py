@@ -36,6 +36,7 @@ import logging
 import math
 import multiprocessing
 import os
+import re
 import stat
 import warnings
 import zlib
@@ -270,8 +271,9 @@ def _is_volume(path: Path) -> bool:
     return path.name.lower().endswith(VOLUME_SUFFIXES)
 
 
-def _is_rendered(path: Path) -> bool:
-    return path.suffix.lower() in SLICE_SUFFIXES
+def is_slice_image(path: str | Path) -> bool:
+    """Whether ``path`` is a TIFF/PNG/JPEG/BMP slice image (by its suffix), not DICOM or a volume."""
+    return Path(path).suffix.lower() in SLICE_SUFFIXES
 
 
 # --- DICOM -------------------------------------------------------------------------------------
@@ -553,7 +555,7 @@ def slice_normal(path: str | Path, frame: int = 0) -> np.ndarray | None:
     ImageOrientationPatient's directions, along which positions run. None for volumes, rendered slices and
     headers without an orientation."""
     path = Path(path)
-    if _is_volume(path) or _is_rendered(path):
+    if _is_volume(path) or is_slice_image(path):
         return None
     ds = read_dicom_ct(path, header_only=True)
     orientation = _frame_orientation(ds, frame, frame_count(ds))
@@ -955,7 +957,7 @@ def acquisition(path: str | Path, frame: int = 0) -> dict[str, Any]:
     path = Path(path)
     found: dict[str, Any] = {}
     try:
-        if _is_rendered(path):
+        if is_slice_image(path):
             return found
         if _is_volume(path):
             pixel_mm = pixel_size_mm(path, frame)
@@ -1009,12 +1011,14 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
     if _is_volume(path):
         positions, in_plane = _volume_positions(path)
         return str(path), [{"position": position} for position in positions], thumbnail_warning(*in_plane)
-    if _is_rendered(path):
+    if is_slice_image(path):
         try:
             rows, columns = check_image_header(path)
         except ImageReadError as error:
             raise InputError(error.reason) from None
-        return str(path), [{"position": 0.0}], thumbnail_warning(rows, columns)
+        number = re.findall(r"[0-9]+", path.stem)  # 9.png before 10.png: slice images in their numbers' order
+        image = {"position": 0.0, "_instance": int(number[-1]) if number else None, "_shape": (rows, columns)}
+        return str(path.parent), [{**image, "_rendered": True}], thumbnail_warning(rows, columns)
     ds = read_dicom_ct(path, header_only=True)
     frames = _frame_geometry(ds, frame_count(ds))
     stored = stored_pixels(ds, path)
@@ -1171,7 +1175,9 @@ def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dic
     image, see ``_same_image``); another image under the same UID is scored with a warning, and its series split by
     folder (``<uid> (RxC <folder>)``: full-dose and low-dose folders of one series stay apart), as is a series whose
     folders hold slices at the same position (``_folders_overlap``). A series whose files
-    differ in size or (rounded) orientation is split into one series per kind, named ``<uid> (RxC[ plane])``.
+    differ in size or (rounded) orientation is split into one series per kind, named ``<uid> (RxC[ plane])``. The
+    TIFF/PNG slices of a folder are one series (named by the folder; split by size as DICOM is), in the order of the
+    last number in their names, then by name, at positions 0, 1, 2, ...
     """
     seen: dict[str, str] = {}
     same: dict[tuple[str, str], bool] = {}
@@ -1206,9 +1212,12 @@ def order_series(by_series: dict[str, list[dict]]) -> tuple[list[dict], list[dic
         for number, (label, part) in enumerate(zip(labels, parts.values(), strict=True)):
             label += "" if labels.count(label) == 1 else f" #{number + 1}"
             name = f"{series} ({label})" if len(parts) > 1 else series
+            ordered = sorted(part, key=_slice_order)
+            for index, item in enumerate(ordered):
+                if item.get("_rendered"):  # a folder's slice images lie one step apart, in their numbers' order
+                    item["position"] = float(index)
             items.extend(
-                {**{k: v for k, v in item.items() if not k.startswith("_")}, "series": name}
-                for item in sorted(part, key=_slice_order)
+                {**{k: v for k, v in item.items() if not k.startswith("_")}, "series": name} for item in ordered
             )
     return items, errors
 
@@ -1328,7 +1337,7 @@ def read_ct_slice(
     hu = _stored_hu(path, frame, stored, compact) if stored else None
     if hu is not None:
         return to_channels(hu, channels), True
-    if _is_rendered(path):
+    if is_slice_image(path):
         try:
             if slice_intercept is None:
                 return to_channels(read_slice(path), channels), False

@@ -284,3 +284,21 @@ def test_patients_in_parallel_folders_are_paired_by_folder(tiny_checkpoint: Path
         pairs = [(Path(row["first_source"]), Path(row["second_source"])) for row in csv.DictReader(stream)]
     assert len(pairs) == 4
     assert all(a.parent.name == b.parent.name and a.name == b.name for a, b in pairs)
+
+
+def test_two_folders_of_slice_images_pair_in_their_numbers_order(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Each folder is one series (``index_inputs``): the slices pair by their order in it, whatever their names."""
+    from PIL import Image
+    from scripts.clinical.compare import compare_paths
+
+    for side, names, noise in (("clean", ("1", "2", "10"), 2.0), ("noisy", ("001", "002", "003"), 40.0)):
+        (tmp_path / side).mkdir()
+        for k, name in enumerate(names):
+            grey = np.clip((_phantom(k, noise) + 1000.0) / 1400.0 * 255.0, 0, 255).astype(np.uint8)
+            Image.fromarray(grey).save(tmp_path / side / f"{name}.png")
+    result = compare_paths(str(tmp_path / "clean"), str(tmp_path / "noisy"), tmp_path / "out", tiny_checkpoint,
+                           device="cpu", num_workers=0)  # fmt: skip
+    assert result["paired"]["n_pairs"] == 3 and result["first"]["n_slices"] == result["second"]["n_slices"] == 3
+    with open(tmp_path / "out" / "pairs.csv", newline="") as stream:
+        pairs = [(Path(row["first_source"]).stem, Path(row["second_source"]).stem) for row in csv.DictReader(stream)]
+    assert pairs == [("1", "001"), ("2", "002"), ("10", "003")]

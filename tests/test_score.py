@@ -125,7 +125,7 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(tiny_checkpoint: Path, mixe
         series_uid["enhanced.dcm"]: 2,  # enhanced CT: two frames
         series_uid["ct_rle.dcm"]: 1,
         series_uid["ct_jpeg_lossless.dcm"]: 1,
-        str(mixed_folder / "slice.tif"): 1,
+        str(mixed_folder): 1,  # its slice images (slice.tif), a series named by the folder
         str(mixed_folder / "vol.nii.gz"): 5,
         str(mixed_folder / "vol_nan.nii"): 4,  # its slice 2 is reported
         str(mixed_folder / "vol.nrrd"): 3,
@@ -166,7 +166,7 @@ def test_mixed_folder_scores_ct_and_reports_the_rest(tiny_checkpoint: Path, mixe
         "pixel_mm": 0.388672,
     }
     assert summary["series"][str(mixed_folder / "vol.nii.gz")]["acquisition"] == {"pixel_mm": 1.0}
-    assert series["acquisition"] == summary["series"][str(mixed_folder / "slice.tif")]["acquisition"] == {}
+    assert series["acquisition"] == summary["series"][str(mixed_folder)]["acquisition"] == {}
 
 
 def test_acquisition_is_what_the_header_says_and_never_fails(tmp_path: Path) -> None:
@@ -888,6 +888,28 @@ def test_thumbnails_are_scored_with_a_warning_that_names_their_size(tiny_checkpo
         ("icon.png", f"32 x 40 {thumbnail}"),
         ("slice.tif", ""),
     }
+
+
+def test_the_slice_images_of_a_folder_are_one_series_in_their_numbers_order(tmp_path: Path) -> None:
+    """As DICOM slices of one series are: a plot and a summary for the folder (DeepLesion's series folders,
+    LDCTIQA's image folder), not for each file; split by size, as a DICOM series is."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    (tmp_path / "pngs" / "sub").mkdir(parents=True)
+    for name in ("10.png", "9.png", "1.png", "2.png", "sub/a.png"):
+        Image.fromarray(pixels).save(tmp_path / "pngs" / name)
+    Image.fromarray(np.zeros((80, 64), np.uint8)).save(tmp_path / "pngs" / "3.png")
+    items, errors = index_inputs([tmp_path / "pngs"])
+    folder = str(tmp_path / "pngs")
+    assert errors == [] and [(item["series"], Path(item["image"]).name, item["position"]) for item in items] == [
+        (f"{folder} (64x64)", "1.png", 0.0),
+        (f"{folder} (64x64)", "2.png", 1.0),
+        (f"{folder} (64x64)", "9.png", 2.0),
+        (f"{folder} (64x64)", "10.png", 3.0),
+        (f"{folder} (80x64)", "3.png", 0.0),
+        (f"{folder}/sub", "a.png", 0.0),
+    ]
 
 
 def test_float_tiff_outside_the_unit_range_is_not_windowed(tmp_path: Path) -> None:

@@ -68,13 +68,17 @@ def test_two_processes_write_the_report_one_process_writes(tiny_checkpoint: Path
     assert plots == sorted(path.name for path in (tmp_path / "one" / "series").iterdir()) and len(plots) == 4
 
 
-def test_series_are_shared_whole_largest_first() -> None:
-    items = [{"series": name} for name, count in (("a", 5), ("b", 3), ("c", 2), ("d", 4)) for _ in range(count)]
+def test_series_are_shared_whole_largest_first_and_slice_images_one_by_one() -> None:
+    counts = (("a", 5), ("b", 3), ("c", 2), ("d", 4))
+    items = [{"series": name, "image": f"{name}{k}.dcm"} for name, count in counts for k in range(count)]
     shares = share_series(items, 2)
     assert [len(share) for share in shares] == [7, 7]
     assert all(len({items[index]["series"] for index in share}) == 2 for share in shares)
     assert share_series(items, 1) == [list(range(14))]
     assert [len(share) for share in share_series(items, 5)] == [5, 4, 3, 2, 0]
+    images = [{"series": "/data/ldctiqa/image", "image": f"/data/ldctiqa/image/{k:04d}.tif"} for k in range(9)]
+    assert [len(share) for share in share_series(images, 2)] == [5, 4]  # a folder of independent slices, shared out
+    assert [len(share) for share in share_series(items + images, 2)] == [12, 11]
 
 
 def test_an_unusable_output_folder_stops_every_process(tiny_checkpoint: Path, tmp_path: Path) -> None:

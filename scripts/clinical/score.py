@@ -45,6 +45,7 @@ from scripts.ct_inputs import (
     acquisition,
     file_items,
     find_files,
+    is_slice_image,
     ordered_items,
     read_scored_slice,
     read_volume,
@@ -635,13 +636,14 @@ def _score_shares(
 
 
 def share_series(items: Sequence[dict], world: int) -> list[list[int]]:
-    """The item indices each of ``world`` processes scores: whole series (a series' plot and summary need all of
-    it in one place), largest first, each to the process with the fewest slices so far; one process: all."""
+    """The item indices each of ``world`` processes scores: whole series (a volume is read once, by one process),
+    largest first, each to the process with the fewest slices so far, and the slice images of a folder one by one,
+    as they are read; one process: all. Rank 0 puts the results of each series together."""
     if world == 1:
         return [list(range(len(items)))]
     by_series: dict[str, list[int]] = {}
     for index, item in enumerate(items):
-        by_series.setdefault(item["series"], []).append(index)
+        by_series.setdefault(item["image"] if is_slice_image(item["image"]) else item["series"], []).append(index)
     shares: list[list[int]] = [[] for _ in range(world)]
     for indices in sorted(by_series.values(), key=len, reverse=True):
         min(shares, key=len).extend(indices)
