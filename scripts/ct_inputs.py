@@ -1018,7 +1018,8 @@ def _index_file(path: Path) -> tuple[str, list[dict], str]:
             raise InputError(error.reason) from None
         number = re.findall(r"[0-9]+", path.stem)  # 9.png before 10.png: slice images in their numbers' order
         image = {"position": 0.0, "_instance": int(number[-1]) if number else None, "_shape": (rows, columns)}
-        return str(path.parent), [{**image, "_rendered": True}], thumbnail_warning(rows, columns)
+        folder = str(path.absolute().parent)  # a series of the folder's slice images; "." named where it is
+        return folder, [{**image, "_rendered": True}], thumbnail_warning(rows, columns)
     ds = read_dicom_ct(path, header_only=True)
     frames = _frame_geometry(ds, frame_count(ds))
     stored = stored_pixels(ds, path)

@@ -890,7 +890,9 @@ def test_thumbnails_are_scored_with_a_warning_that_names_their_size(tiny_checkpo
     }
 
 
-def test_the_slice_images_of_a_folder_are_one_series_in_their_numbers_order(tmp_path: Path) -> None:
+def test_the_slice_images_of_a_folder_are_one_series_in_their_numbers_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As DICOM slices of one series are: a plot and a summary for the folder (DeepLesion's series folders,
     LDCTIQA's image folder), not for each file; split by size, as a DICOM series is."""
     from PIL import Image
@@ -910,6 +912,8 @@ def test_the_slice_images_of_a_folder_are_one_series_in_their_numbers_order(tmp_
         (f"{folder} (80x64)", "3.png", 0.0),
         (f"{folder}/sub", "a.png", 0.0),
     ]
+    monkeypatch.chdir(tmp_path / "pngs" / "sub")  # a file named from its own folder: the series has the folder's name
+    assert [(item["series"], item["image"]) for item in index_inputs(["a.png"])[0]] == [(f"{folder}/sub", "a.png")]
 
 
 def test_float_tiff_outside_the_unit_range_is_not_windowed(tmp_path: Path) -> None:
