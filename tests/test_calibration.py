@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -193,3 +194,21 @@ def test_a_trained_model_is_calibrated_on_a_labelled_set_of_ones_own(
     assert after["mae"] < 0.8 * before["mae"] and after["rmse"] < before["rmse"]
     scale, shift = fit_line(raw.tolist(), labels.tolist())
     assert scale != 1.0 and [calibrated[n] for n in names] == pytest.approx(scale * raw + shift, abs=1e-4)
+
+
+def test_a_line_that_turns_the_outputs_round_is_said_in_the_log(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An epoch whose outputs rank the slices against their labels is saved with a negative line, and said."""
+    network = build_network(**TINY_NETWORKS).eval()
+    saver = BestCheckpointSaver(tmp_path, {"model": network})
+    engine = Engine(lambda engine, batch: None)
+    engine.state.key_metric_name = "aggregate"
+    for aggregate, scale, said in ((1.0, 0.5, False), (2.0, -0.5, True)):  # each one better: each saved
+        caplog.clear()
+        engine.state.metrics = {"aggregate": aggregate, SCALE_METRIC: scale, SHIFT_METRIC: 2.0}
+        with caplog.at_level(logging.WARNING, logger="scripts.calibration"):
+            saver(engine)
+        assert ("outputs run against the labels (line slope -0.5000)" in caplog.text) is said
+    state, _ = read_checkpoint(tmp_path / "model.pt")
+    assert float(state["calibration.scale"]) == -0.5
