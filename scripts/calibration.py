@@ -147,17 +147,17 @@ def calibrated_state(network: nn.Module, metrics: dict[str, Any]) -> dict[str, t
     state[prefix + "scale"] = (calibration.scale * scale).detach().clone()
     state[prefix + "shift"] = (calibration.shift * scale + shift).detach().clone()
     logger.info("calibration line fitted on the labelled slices: score = %.4f x output %+.4f", scale, shift)
-    stretch = abs(float(state[prefix + "scale"]))
-    if float(state[prefix + "scale"]) < 0:
+    slope = float(state[prefix + "scale"])
+    if slope < 0:
         logger.warning(
             "the model's outputs run against the labels (line slope %.4f): its scores are its outputs turned round, "
             "which holds only while it stays inverted; train it longer, or check that higher labels mean better",
-            float(state[prefix + "scale"]),
+            slope,
         )
-    if stretch > STEEP_LINE:
+    if abs(slope) > STEEP_LINE:
         logger.warning(
             "the model's outputs barely vary: its line stretches them %.1f times, and their rounding with them "
             "(bf16 and fp16 inference above all)",
-            stretch,
+            abs(slope),
         )
     return state
